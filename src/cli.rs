@@ -1,0 +1,506 @@
+//! Subcommands over the library: `train`, `eval`, `make-sample`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use quant_robust::attack::PgdConfig;
+use quant_robust::data::{self, batch::DeviceData, subset, DataSource};
+use quant_robust::device::{self, DeviceChoice};
+use quant_robust::eval::clean_accuracy;
+use quant_robust::model::checkpoint;
+use quant_robust::rng::Rng;
+use quant_robust::train::{Adversarial, EpochRecord, LrSchedule, Progress, TrainConfig, Trainer};
+
+const EXAMPLES: &str = "\
+Examples:
+  # natural training on the shipped data (../shared/data), 30 epochs, one-cycle SGD
+  quant-robust train --checkpoint runs/natural.safetensors
+  # a short CPU run on the embedded sample
+  quant-robust train --data embedded --epochs 2 --checkpoint runs/demo.safetensors
+  # PGD adversarial training (eps 8/255, step 2/255, 7 steps)
+  quant-robust train --adv pgd --checkpoint runs/robust.safetensors
+  # resume an interrupted run (and extend it to 40 epochs)
+  quant-robust train --resume runs/natural.safetensors --epochs 40
+  # clean accuracy of a checkpoint on the test set
+  quant-robust eval --checkpoint runs/natural.safetensors --out eval.json";
+
+/// quant-robust: does quantization make a network more or less robust to adversarial attacks?
+#[derive(Debug, Parser)]
+#[command(version, about, after_help = EXAMPLES)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train ResNet-20 (natural or PGD adversarial training), checkpointing every epoch.
+    #[command(after_help = EXAMPLES)]
+    Train(TrainArgs),
+    /// Clean accuracy of a checkpoint on a data set.
+    #[command(after_help = EXAMPLES)]
+    Eval(EvalArgs),
+    /// Write a small class-balanced sample of a cifar10-jpeg archive (original JPEG bytes).
+    MakeSample(MakeSampleArgs),
+}
+
+/// Options every data-reading command shares.
+#[derive(Debug, clap::Args)]
+pub struct DataArgs {
+    /// Data: a cifar10-jpeg .tar.gz, a cifar-10-batches-bin folder, an image-folder tree
+    /// (train/<class>/, test/<class>/), or `embedded` (the committed 2,000/1,000-image
+    /// sample). Default: ../shared/data/cifar10-jpeg.tar.gz where it exists, else embedded.
+    #[arg(long)]
+    pub data: Option<DataSource>,
+    /// Device: cpu, cuda, or auto (CUDA if built in and present).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    OneCycle,
+    Cosine,
+    Multistep,
+    Constant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AdvArg {
+    None,
+    Pgd,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Where to write the checkpoint (X.safetensors, X.json manifest, X.train.safetensors
+    /// resume point), after every epoch.
+    #[arg(long, default_value = "runs/train/model.safetensors")]
+    pub checkpoint: PathBuf,
+    /// Resume the run saved at this checkpoint (its configuration is used; --epochs may
+    /// extend it).
+    #[arg(long, conflicts_with = "config")]
+    pub resume: Option<PathBuf>,
+    /// A JSON training configuration (TrainConfig); flags given on the command line win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Epochs [default 30].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Batch size [default 128].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate [default 0.1].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Learning-rate schedule [default one-cycle].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleArg>,
+    /// SGD momentum [default 0.9].
+    #[arg(long)]
+    pub momentum: Option<f64>,
+    /// Weight decay [default 5e-4].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Plain (not Nesterov) momentum.
+    #[arg(long)]
+    pub no_nesterov: bool,
+    /// Seed of every random draw [default 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Adversarial training: none or pgd [default none].
+    #[arg(long, value_enum)]
+    pub adv: Option<AdvArg>,
+    /// PGD-AT radius, in pixel units (8/255 or 0.0314) [default 8/255].
+    #[arg(long, value_parser = parse_number)]
+    pub adv_eps: Option<f64>,
+    /// PGD-AT step size [default 2/255].
+    #[arg(long, value_parser = parse_number)]
+    pub adv_step: Option<f64>,
+    /// PGD-AT steps [default 7].
+    #[arg(long)]
+    pub adv_steps: Option<usize>,
+    /// Train on a stratified, seeded fraction of the training set, in (0, 1].
+    #[arg(long, conflicts_with = "train_count")]
+    pub fraction: Option<f64>,
+    /// Train on a stratified, seeded number of training images.
+    #[arg(long)]
+    pub train_count: Option<usize>,
+    /// Test images evaluated after each epoch [default all].
+    #[arg(long)]
+    pub eval_images: Option<usize>,
+    /// Write the JSON result here (default: stdout).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The checkpoint (safetensors) to evaluate.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Which split to evaluate.
+    #[arg(long, value_enum, default_value_t = SplitArg::Test)]
+    pub split: SplitArg,
+    /// Evaluate the first N images of the split [default all].
+    #[arg(long)]
+    pub n: Option<usize>,
+    /// Batch size.
+    #[arg(long, default_value_t = 500)]
+    pub batch_size: usize,
+    /// Write the JSON result here (default: stdout).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SplitArg {
+    Train,
+    Test,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MakeSampleArgs {
+    /// The cifar10-jpeg archive to sample from.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Training images (class-balanced).
+    #[arg(long, default_value_t = 2000)]
+    pub train: usize,
+    /// Test images (class-balanced).
+    #[arg(long, default_value_t = 1000)]
+    pub test: usize,
+    /// Seed of the draw.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output archive.
+    #[arg(long, default_value = "src/data/embedded/cifar10-jpeg-sample.tar.gz")]
+    pub out: PathBuf,
+}
+
+/// Parses `8/255`, `0.0314` or `1e-3`.
+pub fn parse_number(s: &str) -> std::result::Result<f64, String> {
+    let v = if let Some((a, b)) = s.split_once('/') {
+        let a: f64 = a.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+        let b: f64 = b.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+        if b == 0.0 {
+            return Err(format!("`{s}` divides by zero"));
+        }
+        a / b
+    } else {
+        s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?
+    };
+    if !v.is_finite() {
+        return Err(format!("`{s}` is not finite"));
+    }
+    Ok(v)
+}
+
+/// Sets up `tracing` on stderr.
+pub fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Runs a parsed command line.
+pub fn run(args: Args) -> Result<ExitCode> {
+    match args.command {
+        Command::Train(a) => train(a),
+        Command::Eval(a) => eval(a),
+        Command::MakeSample(a) => make_sample(a),
+    }
+}
+
+fn load_data(a: &DataArgs) -> Result<data::CifarData> {
+    let source = a.data.clone().unwrap_or_else(data::default_source);
+    let t = Instant::now();
+    let d = data::load(&source).with_context(|| format!("loading data from {source:?}"))?;
+    tracing::info!(
+        "data: {} ({}), {} train / {} test images, read in {:.1}s",
+        d.identity.name,
+        d.identity.path,
+        d.train.len(),
+        d.test.len(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(d)
+}
+
+fn write_result(out: Option<&Path>, value: &serde_json::Value) -> Result<()> {
+    match out {
+        Some(p) => quant_robust::io::write_json_atomic(p, value)
+            .with_context(|| format!("writing {}", p.display()))?,
+        None => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
+fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let mut cfg: TrainConfig = match &a.config {
+        Some(p) => quant_robust::io::read_json(p)?,
+        None => TrainConfig::default(),
+    };
+    if let Some(v) = a.epochs {
+        cfg.epochs = v;
+    }
+    if let Some(v) = a.batch_size {
+        cfg.batch_size = v;
+    }
+    if let Some(v) = a.lr {
+        cfg.lr = v;
+    }
+    if let Some(s) = a.schedule {
+        cfg.schedule = match s {
+            ScheduleArg::OneCycle => LrSchedule::one_cycle(),
+            ScheduleArg::Cosine => LrSchedule::Cosine,
+            ScheduleArg::Multistep => LrSchedule::multistep(),
+            ScheduleArg::Constant => LrSchedule::Constant,
+        };
+    }
+    if let Some(v) = a.momentum {
+        cfg.sgd.momentum = v;
+    }
+    if let Some(v) = a.weight_decay {
+        cfg.sgd.weight_decay = v;
+    }
+    if a.no_nesterov {
+        cfg.sgd.nesterov = false;
+    }
+    if let Some(v) = a.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = a.eval_images {
+        cfg.eval_images = Some(v);
+    }
+    let wants_pgd = a.adv == Some(AdvArg::Pgd)
+        || (a.adv.is_none() && matches!(cfg.adversarial, Adversarial::Pgd(_)));
+    if a.adv == Some(AdvArg::None) {
+        cfg.adversarial = Adversarial::None;
+    }
+    if wants_pgd {
+        let mut p = match (&cfg.adversarial, Adversarial::pgd_default()) {
+            (Adversarial::Pgd(p), _) => p.clone(),
+            (_, Adversarial::Pgd(d)) => d,
+            _ => PgdConfig::default(),
+        };
+        if let Some(v) = a.adv_eps {
+            p.eps = v;
+        }
+        if let Some(v) = a.adv_step {
+            p.step = v;
+        }
+        if let Some(v) = a.adv_steps {
+            p.steps = v;
+        }
+        cfg.adversarial = Adversarial::Pgd(p);
+    } else if a.adv_eps.is_some() || a.adv_step.is_some() || a.adv_steps.is_some() {
+        bail!("--adv-eps/--adv-step/--adv-steps need --adv pgd");
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// An indicatif bar per epoch.
+struct Bar {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress for Bar {
+    fn epoch_start(&mut self, epoch: usize, epochs: usize, steps: usize) {
+        let bar = ProgressBar::new(steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("epoch {epoch}/{epochs}"));
+        self.bar = Some(bar);
+    }
+    fn update(&mut self, done: usize, loss: f64, acc: f64, rate: f64) {
+        if let Some(b) = &self.bar {
+            b.set_position(done as u64);
+            b.set_message(format!(
+                "loss {loss:.4} acc {:.1}% {rate:.0} img/s",
+                100.0 * acc
+            ));
+        }
+    }
+    fn epoch_end(&mut self, r: &EpochRecord) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        let pgd = r
+            .test_pgd
+            .map(|p| format!(", test PGD-10 {:.2}%", p.percent()))
+            .unwrap_or_default();
+        tracing::info!(
+            "epoch {}: loss {:.4}, train acc {:.2}%, test acc {:.2}% ({}/{}){pgd}, {:.0} img/s, {:.1}s",
+            r.epoch,
+            r.train_loss,
+            100.0 * r.train_accuracy,
+            r.test.percent(),
+            r.test.correct,
+            r.test.total,
+            r.images_per_s,
+            r.wall_s
+        );
+    }
+}
+
+fn train(a: TrainArgs) -> Result<ExitCode> {
+    let dev = device::select(a.data.device)?;
+    let data = load_data(&a.data)?;
+    let (mut trainer, checkpoint_path) = match &a.resume {
+        Some(p) => {
+            let t = Trainer::resume(p, a.epochs, &dev)
+                .with_context(|| format!("resuming from {}", p.display()))?;
+            if t.state.data.train_sha256 != data.identity.train_sha256 && a.fraction.is_none() {
+                tracing::warn!("resuming on data that differs from the run's original data");
+            }
+            (t, p.clone())
+        }
+        None => {
+            let cfg = train_config(&a)?;
+            (Trainer::new(cfg, data.identity.clone(), 0, &dev)?, a.checkpoint.clone())
+        }
+    };
+    let seed = trainer.state.config.seed;
+    let train_set = match (a.fraction, a.train_count) {
+        (Some(f), _) => subset::stratified(
+            &data.train,
+            subset::SubsetSize::Fraction(f),
+            &mut Rng::new(seed, "train-subset"),
+        )?,
+        (None, Some(n)) => subset::stratified(
+            &data.train,
+            subset::SubsetSize::Count(n),
+            &mut Rng::new(seed, "train-subset"),
+        )?,
+        (None, None) => data.train.clone(),
+    };
+    if train_set.is_empty() {
+        bail!("the data set has no training images");
+    }
+    if trainer.state.n_train == 0 {
+        trainer.state.n_train = train_set.len();
+    }
+    let train_dev = DeviceData::new(&train_set, &dev)?;
+    let test_dev = DeviceData::new(&data.test, &dev)?;
+    tracing::info!(
+        "training on {} images, {} epochs, device {}",
+        train_set.len(),
+        trainer.state.config.epochs,
+        device::name(&dev)
+    );
+    let mut bar = Bar { bar: None };
+    trainer.fit(&train_dev, &test_dev, Some(&checkpoint_path), &mut bar)?;
+    let result = json!({
+        "checkpoint": checkpoint_path,
+        "manifest": trainer.manifest()?,
+        "history": trainer.state.history,
+    });
+    write_result(a.out.as_deref(), &result)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn eval(a: EvalArgs) -> Result<ExitCode> {
+    let dev = device::select(a.data.device)?;
+    let data = load_data(&a.data)?;
+    let model = checkpoint::load(&a.checkpoint, &dev, false)
+        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let split = match a.split {
+        SplitArg::Train => &data.train,
+        SplitArg::Test => &data.test,
+    };
+    if let Some(n) = a.n {
+        if n == 0 || n > split.len() {
+            bail!(
+                "--n {n}: the {:?} split has {} images",
+                a.split,
+                split.len()
+            );
+        }
+    }
+    if a.batch_size == 0 {
+        bail!("--batch-size must be ≥ 1");
+    }
+    let dd = DeviceData::new(split, &dev)?;
+    let t = Instant::now();
+    let acc = clean_accuracy(&model, &dd, a.n, a.batch_size)?;
+    device::synchronize(&dev)?;
+    let wall = t.elapsed().as_secs_f64();
+    let mut m = quant_robust::manifest::Manifest::new("eval", &dev);
+    m.data = Some(data.identity.clone());
+    m.config = json!({
+        "checkpoint": a.checkpoint,
+        "split": format!("{:?}", a.split).to_lowercase(),
+        "n": acc.total,
+        "batch_size": a.batch_size,
+    });
+    m.add_timing("eval", wall, &dev);
+    m.metrics.insert("accuracy".into(), acc.fraction());
+    let result = json!({
+        "checkpoint": a.checkpoint,
+        "accuracy": acc.fraction(),
+        "correct": acc.correct,
+        "total": acc.total,
+        "images_per_s": acc.total as f64 / wall.max(1e-9),
+        "checkpoint_manifest": checkpoint::load_manifest(&a.checkpoint)?,
+        "manifest": m,
+    });
+    tracing::info!(
+        "accuracy {:.2}% ({}/{}) in {:.1}s",
+        acc.percent(),
+        acc.correct,
+        acc.total,
+        wall
+    );
+    write_result(a.out.as_deref(), &result)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn make_sample(a: MakeSampleArgs) -> Result<ExitCode> {
+    let entries = data::archive::read_raw_entries(&a.from)?;
+    let mut rng = Rng::new(a.seed, "make-sample");
+    let mut out = Vec::new();
+    for (is_train, n) in [(true, a.train), (false, a.test)] {
+        let part: Vec<&(String, bool, u8, Vec<u8>)> =
+            entries.iter().filter(|e| e.1 == is_train).collect();
+        let labels: Vec<u8> = part.iter().map(|e| e.2).collect();
+        let idx = subset::stratified_indices(
+            &labels,
+            data::CIFAR10_CLASSES.len(),
+            subset::SubsetSize::Count(n),
+            &mut rng,
+        )?;
+        out.extend(idx.into_iter().map(|i| (part[i].0.clone(), part[i].3.clone())));
+    }
+    data::archive::write_archive(&a.out, &out)?;
+    tracing::info!("wrote {} images to {}", out.len(), a.out.display());
+    Ok(ExitCode::SUCCESS)
+}

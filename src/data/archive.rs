@@ -1,0 +1,129 @@
+//! The shipped `cifar10-jpeg.tar.gz`: gzip + tar + JPEG, read in one pass.
+//!
+//! Entries are `{train,test}/<class>/NNNN.jpg`; the JPEGs are decoded in parallel.
+//! A corrupt gzip stream, a truncated tar, an unknown class folder, an undecodable JPEG or
+//! an image that is not 32×32 is an error naming the archive and the entry.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use super::{assemble, class_label, parse_image_path, CifarData, DataIdentity, Format, RawImage};
+use crate::{Error, Result};
+
+/// Reads an archive file.
+pub fn read_archive(path: &Path) -> Result<CifarData> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    read_archive_bytes(&bytes, path)
+}
+
+/// Reads an archive already in memory; `path` is used in messages and the identity.
+pub fn read_archive_bytes(bytes: &[u8], path: &Path) -> Result<CifarData> {
+    let file_sha256 = {
+        use sha2::{Digest, Sha256};
+        super::hex(&Sha256::digest(bytes))
+    };
+    let gz = flate2::read::GzDecoder::new(bytes);
+    let mut tar = tar::Archive::new(gz);
+    let mut raw = Vec::new();
+    let entries = tar
+        .entries()
+        .map_err(|e| Error::bad_data(path, format!("not a tar.gz archive: {e}")))?;
+    for entry in entries {
+        let mut entry =
+            entry.map_err(|e| Error::bad_data(path, format!("corrupt or truncated archive: {e}")))?;
+        let rel: PathBuf = entry
+            .path()
+            .map_err(|e| Error::bad_data(path, format!("bad entry name: {e}")))?
+            .into_owned();
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let Some((split, class, name)) = parse_image_path(&rel) else {
+            continue;
+        };
+        let entry_path = path.join(&rel);
+        let label = class_label(&class, &entry_path)?;
+        let mut data = Vec::with_capacity(entry.size() as usize);
+        entry.read_to_end(&mut data).map_err(|e| {
+            Error::bad_data(&entry_path, format!("corrupt or truncated archive: {e}"))
+        })?;
+        raw.push(RawImage {
+            split,
+            label,
+            name,
+            path: entry_path,
+            bytes: data,
+        });
+    }
+    if raw.is_empty() {
+        return Err(Error::bad_data(
+            path,
+            "archive holds no train/<class>/*.jpg or test/<class>/*.jpg images",
+        ));
+    }
+    let (train, test) = assemble(raw)?;
+    Ok(CifarData {
+        identity: DataIdentity {
+            name: "cifar10-jpeg".into(),
+            format: Format::JpegArchive,
+            path: path.display().to_string(),
+            file_sha256: Some(file_sha256),
+            train_sha256: train.content_sha256(),
+            test_sha256: test.content_sha256(),
+            n_train: train.len(),
+            n_test: test.len(),
+        },
+        train,
+        test,
+    })
+}
+
+/// Writes a gzip'd tar with the given `(entry path, bytes)` pairs, atomically.
+/// Used by `make-sample` (the embedded sample keeps the original JPEG bytes).
+pub fn write_archive(path: &Path, entries: &[(String, Vec<u8>)]) -> Result<()> {
+    crate::io::write_atomic(path, |w| {
+        let gz = flate2::write::GzEncoder::new(w, flate2::Compression::best());
+        let mut b = tar::Builder::new(gz);
+        for (name, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_mtime(0);
+            h.set_cksum();
+            b.append_data(&mut h, name, data.as_slice())?;
+        }
+        b.into_inner()?.finish()?;
+        Ok(())
+    })
+}
+
+/// Reads the raw (undecoded) image entries of an archive: `(entry path, split, label, bytes)`,
+/// sorted by split, class and name.
+pub fn read_raw_entries(path: &Path) -> Result<Vec<(String, bool, u8, Vec<u8>)>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
+    let mut out = Vec::new();
+    for entry in tar
+        .entries()
+        .map_err(|e| Error::bad_data(path, format!("not a tar.gz archive: {e}")))?
+    {
+        let mut entry =
+            entry.map_err(|e| Error::bad_data(path, format!("corrupt or truncated archive: {e}")))?;
+        let rel = entry
+            .path()
+            .map_err(|e| Error::bad_data(path, format!("bad entry name: {e}")))?
+            .into_owned();
+        let Some((split, class, name)) = parse_image_path(&rel) else {
+            continue;
+        };
+        let label = class_label(&class, &path.join(&rel))?;
+        let mut data = Vec::new();
+        entry
+            .read_to_end(&mut data)
+            .map_err(|e| Error::bad_data(path.join(&rel), format!("truncated: {e}")))?;
+        let is_train = split == super::Split::Train;
+        out.push((format!("{}/{class}/{name}", if is_train { "train" } else { "test" }), is_train, label, data));
+    }
+    out.sort_by(|a, b| (!a.1, a.2, &a.0).cmp(&(!b.1, b.2, &b.0)));
+    Ok(out)
+}

@@ -1,0 +1,367 @@
+//! CIFAR-10 data: three on-disk formats, one in-memory [`Dataset`].
+//!
+//! - [`archive`]: the shipped `cifar10-jpeg.tar.gz` (`{train,test}/<class>/NNNN.jpg`), read
+//!   directly (gzip + tar + JPEG decode, decoded in parallel);
+//! - [`cifar_bin`]: the canonical `cifar-10-batches-bin` release;
+//! - [`folder`]: an image-folder tree `{train,test}/<class>/*.{png,jpg}`.
+//!
+//! Images are kept as `u8`, N×3×32×32 (CHW per image), labels as `u8` in CIFAR-10's own
+//! order ([`CIFAR10_CLASSES`]). Files are ordered by class, then by name, so every loader
+//! gives the same order for the same files. [`subset`] draws seeded, class-stratified
+//! subsets; [`augment`] and [`batch`] turn a data set into device batches.
+
+pub mod archive;
+pub mod augment;
+pub mod batch;
+pub mod cifar_bin;
+pub mod folder;
+pub mod subset;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// Image side in pixels.
+pub const SIDE: usize = 32;
+/// Colour channels.
+pub const CHANNELS: usize = 3;
+/// Bytes of one image (3×32×32).
+pub const IMAGE_BYTES: usize = CHANNELS * SIDE * SIDE;
+/// CIFAR-10's class names, label = index.
+pub const CIFAR10_CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
+
+/// The small sample committed with the code: 2,000 training and 1,000 test images of
+/// cifar10-jpeg (class-balanced, seeded; the original JPEG bytes, not re-encoded), so that
+/// the main command works on a fresh clone with no data anywhere. Made by
+/// `quant-robust make-sample` (README, "Data").
+pub const EMBEDDED_SAMPLE: &[u8] = include_bytes!("embedded/cifar10-jpeg-sample.tar.gz");
+
+/// One split of a data set, in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// N×3×32×32 bytes, CHW per image.
+    pub images: Vec<u8>,
+    /// N labels, each < `classes.len()`.
+    pub labels: Vec<u8>,
+    /// Class names, label = index.
+    pub classes: Vec<String>,
+}
+
+impl Dataset {
+    /// An empty split with CIFAR-10's classes.
+    pub fn empty() -> Self {
+        Dataset {
+            images: Vec::new(),
+            labels: Vec::new(),
+            classes: CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// True if there are no images.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The bytes of image `i` (CHW).
+    pub fn image(&self, i: usize) -> &[u8] {
+        &self.images[i * IMAGE_BYTES..(i + 1) * IMAGE_BYTES]
+    }
+
+    /// The images at `indices`, in that order.
+    pub fn select(&self, indices: &[usize]) -> Dataset {
+        let mut images = Vec::with_capacity(indices.len() * IMAGE_BYTES);
+        let mut labels = Vec::with_capacity(indices.len());
+        for &i in indices {
+            images.extend_from_slice(self.image(i));
+            labels.push(self.labels[i]);
+        }
+        Dataset {
+            images,
+            labels,
+            classes: self.classes.clone(),
+        }
+    }
+
+    /// The first `n` images (all if fewer).
+    pub fn take(&self, n: usize) -> Dataset {
+        let n = n.min(self.len());
+        Dataset {
+            images: self.images[..n * IMAGE_BYTES].to_vec(),
+            labels: self.labels[..n].to_vec(),
+            classes: self.classes.clone(),
+        }
+    }
+
+    /// Images per class.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.classes.len()];
+        for &l in &self.labels {
+            c[l as usize] += 1;
+        }
+        c
+    }
+
+    /// sha256 over labels and pixels: identifies the decoded content whatever the format.
+    pub fn content_sha256(&self) -> String {
+        let mut h = Sha256::new();
+        h.update((self.len() as u64).to_le_bytes());
+        h.update(&self.labels);
+        h.update(&self.images);
+        hex(&h.finalize())
+    }
+}
+
+/// Which format a data source was read as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// gzip'd tar of `{train,test}/<class>/*.jpg` (cifar10-jpeg).
+    JpegArchive,
+    /// The canonical binary batches.
+    CifarBinary,
+    /// An image-folder tree.
+    ImageFolder,
+}
+
+/// Where a data set came from: recorded in every manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataIdentity {
+    /// Data set name: `cifar10-jpeg`, `cifar10-jpeg-sample`, `cifar10`, or `folder`.
+    pub name: String,
+    pub format: Format,
+    /// The path read (`<embedded>` for the committed sample).
+    pub path: String,
+    /// sha256 of the archive file, where the source is one file.
+    pub file_sha256: Option<String>,
+    /// sha256 of the decoded training split (labels + pixels).
+    pub train_sha256: String,
+    /// sha256 of the decoded test split (labels + pixels).
+    pub test_sha256: String,
+    pub n_train: usize,
+    pub n_test: usize,
+}
+
+/// A loaded data set: both splits and where they came from.
+#[derive(Debug, Clone)]
+pub struct CifarData {
+    pub train: Dataset,
+    pub test: Dataset,
+    pub identity: DataIdentity,
+}
+
+/// What `--data` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataSource {
+    /// The committed sample (2,000 train / 1,000 test images).
+    Embedded,
+    /// A file or folder; the format is detected.
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for DataSource {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(if s == "embedded" {
+            DataSource::Embedded
+        } else {
+            DataSource::Path(PathBuf::from(s))
+        })
+    }
+}
+
+/// Where the shipped archive is looked for when `--data` is not given, relative to the
+/// working directory: the developers' and CI's checkouts have `../shared` beside them.
+pub const DEFAULT_ARCHIVE_CANDIDATES: [&str; 2] = [
+    "../shared/data/cifar10-jpeg.tar.gz",
+    "shared/data/cifar10-jpeg.tar.gz",
+];
+
+/// The default source: the shipped archive where it exists, else the embedded sample.
+pub fn default_source() -> DataSource {
+    for c in DEFAULT_ARCHIVE_CANDIDATES {
+        if Path::new(c).is_file() {
+            return DataSource::Path(PathBuf::from(c));
+        }
+    }
+    DataSource::Embedded
+}
+
+/// Loads both splits from a source, detecting the format.
+pub fn load(source: &DataSource) -> Result<CifarData> {
+    match source {
+        DataSource::Embedded => {
+            archive::read_archive_bytes(EMBEDDED_SAMPLE, Path::new("<embedded>")).map(|mut d| {
+                d.identity.name = "cifar10-jpeg-sample".into();
+                d
+            })
+        }
+        DataSource::Path(p) => load_path(p),
+    }
+}
+
+fn load_path(p: &Path) -> Result<CifarData> {
+    if !p.exists() {
+        return Err(Error::bad_data(
+            p,
+            "no such file or folder (give a cifar10-jpeg .tar.gz, a cifar-10-batches-bin \
+             folder, an image-folder tree, or `embedded`)",
+        ));
+    }
+    if p.is_file() {
+        return archive::read_archive(p);
+    }
+    let shipped = p.join("cifar10-jpeg.tar.gz");
+    if shipped.is_file() {
+        return archive::read_archive(&shipped);
+    }
+    for dir in [p.to_path_buf(), p.join("cifar-10-batches-bin")] {
+        if dir.join("data_batch_1.bin").exists() || dir.join("test_batch.bin").exists() {
+            return cifar_bin::read_dir(&dir);
+        }
+    }
+    if p.join("train").is_dir() || p.join("test").is_dir() {
+        return folder::read_folder(p);
+    }
+    Err(Error::bad_data(
+        p,
+        "not a recognized CIFAR-10 layout: expected cifar10-jpeg.tar.gz, \
+         data_batch_{1..5}.bin + test_batch.bin, or train/<class>/ and test/<class>/ folders",
+    ))
+}
+
+/// The label of a class folder name, or an error naming the file and the known classes.
+pub(crate) fn class_label(class: &str, path: &Path) -> Result<u8> {
+    CIFAR10_CLASSES
+        .iter()
+        .position(|c| *c == class)
+        .map(|i| i as u8)
+        .ok_or_else(|| {
+            Error::bad_data(
+                path,
+                format!(
+                    "unknown class folder `{class}` (CIFAR-10 classes: {})",
+                    CIFAR10_CLASSES.join(", ")
+                ),
+            )
+        })
+}
+
+/// Decodes a PNG or JPEG into 3×32×32 CHW bytes; any other size is an error.
+pub(crate) fn decode_image(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
+    let img = image::load_from_memory(bytes)
+        .map_err(|e| Error::bad_data(path, format!("cannot decode image: {e}")))?;
+    if img.width() as usize != SIDE || img.height() as usize != SIDE {
+        return Err(Error::bad_data(
+            path,
+            format!(
+                "image is {}x{}, expected {SIDE}x{SIDE}",
+                img.width(),
+                img.height()
+            ),
+        ));
+    }
+    let rgb = img.to_rgb8();
+    let hwc = rgb.as_raw();
+    let mut chw = vec![0u8; IMAGE_BYTES];
+    for (p, px) in hwc.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            chw[c * SIDE * SIDE + p] = px[c];
+        }
+    }
+    Ok(chw)
+}
+
+/// Lower-case hex of a digest.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a file, streamed.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
+    Ok(hex(&h.finalize()))
+}
+
+/// A named image file found in a tree or archive, before decoding.
+pub(crate) struct RawImage {
+    pub split: Split,
+    pub label: u8,
+    /// File name inside its class folder (the sort key after the label).
+    pub name: String,
+    pub path: PathBuf,
+    pub bytes: Vec<u8>,
+}
+
+/// Train or test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Split {
+    Train,
+    Test,
+}
+
+/// Sorts by (split, class, name), decodes in parallel, and builds both splits.
+/// Any undecodable image fails the whole load (nothing partial is returned).
+pub(crate) fn assemble(mut raw: Vec<RawImage>) -> Result<(Dataset, Dataset)> {
+    use rayon::prelude::*;
+    raw.sort_by(|a, b| (a.split, a.label, &a.name).cmp(&(b.split, b.label, &b.name)));
+    let decoded: Vec<Vec<u8>> = raw
+        .par_iter()
+        .map(|r| decode_image(&r.bytes, &r.path))
+        .collect::<Result<_>>()?;
+    let mut train = Dataset::empty();
+    let mut test = Dataset::empty();
+    for (r, img) in raw.iter().zip(decoded) {
+        let d = match r.split {
+            Split::Train => &mut train,
+            Split::Test => &mut test,
+        };
+        d.images.extend_from_slice(&img);
+        d.labels.push(r.label);
+    }
+    Ok((train, test))
+}
+
+/// Parses `split/class/file` (with an optional leading folder) into its parts.
+/// Returns `None` for entries that are not image files (folders, READMEs).
+pub(crate) fn parse_image_path(rel: &Path) -> Option<(Split, String, String)> {
+    let parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if parts.len() < 3 {
+        return None;
+    }
+    let n = parts.len();
+    let (split, class, name) = (&parts[n - 3], &parts[n - 2], &parts[n - 1]);
+    let lower = name.to_ascii_lowercase();
+    if !(lower.ends_with(".jpg") || lower.ends_with(".jpeg") || lower.ends_with(".png")) {
+        return None;
+    }
+    let split = match split.as_str() {
+        "train" => Split::Train,
+        "test" => Split::Test,
+        _ => return None,
+    };
+    Some((split, class.clone(), name.clone()))
+}

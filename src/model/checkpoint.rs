@@ -1,0 +1,99 @@
+//! ResNet-20 checkpoints: safetensors with PyTorch's names and layouts, plus a JSON
+//! manifest beside it (`X.safetensors` → `X.json`).
+//!
+//! Besides the float tensors the file holds each BatchNorm's `num_batches_tracked` (i64
+//! scalar), so PyTorch's strict `load_state_dict` takes it unchanged. Both files are
+//! written atomically; loading checks every name and shape and names what is wrong.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::resnet20::{bn_names, check_tensors, ResNet20};
+use crate::manifest::Manifest;
+use crate::{Error, Result};
+
+/// The format tag stored in the safetensors metadata.
+pub const FORMAT: &str = "quant-robust/resnet20/v1";
+
+/// The manifest path of a checkpoint: the same stem with `.json`.
+pub fn manifest_path(path: &Path) -> PathBuf {
+    path.with_extension("json")
+}
+
+/// The tensors of a model as a checkpoint holds them (floats + i64 counters).
+pub fn state_dict(model: &ResNet20) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (k, t) in model.tensors() {
+        out.insert(k.clone(), t.detach().to_device(&Device::Cpu)?.contiguous()?);
+    }
+    let nbt = Tensor::new(model.num_batches_tracked(), &Device::Cpu)?;
+    for bn in bn_names() {
+        out.insert(format!("{bn}.num_batches_tracked"), nbt.clone());
+    }
+    Ok(out)
+}
+
+/// Serializes named tensors to safetensors bytes with metadata.
+pub fn to_safetensors_bytes(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let data: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    safetensors::serialize(data, Some(metadata.clone()))
+        .map_err(|e| Error::config("safetensors", "serialize", e.to_string()))
+}
+
+/// Writes `model` to `path` (safetensors) and `manifest` beside it, both atomically.
+pub fn save(model: &ResNet20, path: &Path, manifest: &Manifest) -> Result<()> {
+    let sd = state_dict(model)?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), FORMAT.to_string());
+    meta.insert("seam".to_string(), model.seam().describe());
+    let bytes = to_safetensors_bytes(&sd, &meta)?;
+    crate::io::write_bytes_atomic(path, &bytes)?;
+    crate::io::write_json_atomic(&manifest_path(path), manifest)
+}
+
+/// Reads named tensors from a safetensors file onto the CPU.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+        Error::Checkpoint {
+            path: path.to_path_buf(),
+            problem: format!("not a readable safetensors file: {e}"),
+        }
+    })?;
+    Ok(map.into_iter().collect())
+}
+
+/// Loads a checkpoint into a model on `device` (`trainable`: as variables, for training).
+pub fn load(path: &Path, device: &Device, trainable: bool) -> Result<ResNet20> {
+    let mut map = read_safetensors(path)?;
+    let nbt = match map.get("bn1.num_batches_tracked") {
+        Some(t) => t
+            .to_dtype(DType::I64)
+            .and_then(|t| t.to_scalar::<i64>())
+            .map_err(|e| Error::Checkpoint {
+                path: path.to_path_buf(),
+                problem: format!("bn1.num_batches_tracked: {e}"),
+            })?,
+        None => 0,
+    };
+    map.retain(|k, _| !k.ends_with("num_batches_tracked"));
+    check_tensors(&map).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        problem: e.to_string(),
+    })?;
+    ResNet20::from_tensors(map, nbt, device, trainable)
+}
+
+/// Reads a checkpoint's manifest, if there is one.
+pub fn load_manifest(path: &Path) -> Result<Option<Manifest>> {
+    let m = manifest_path(path);
+    if !m.exists() {
+        return Ok(None);
+    }
+    crate::io::read_json(&m).map(Some)
+}

@@ -1,0 +1,56 @@
+//! Models: the [`Classifier`] interface every attack and evaluation uses, the quantizer
+//! seam ([`QuantSeam`]) a quantized model plugs in, ResNet-20 and its checkpoints.
+
+pub mod checkpoint;
+pub mod resnet20;
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+pub use resnet20::ResNet20;
+
+/// Anything that maps a batch of images in [0, 1] (B×3×32×32, f32) to logits (B×10).
+///
+/// `train = false` is evaluation mode (BatchNorm uses its running statistics); attacks
+/// always call it so.
+pub trait Classifier {
+    /// Logits for a batch.
+    fn forward_t(&self, x: &Tensor, train: bool) -> crate::Result<Tensor>;
+}
+
+/// Where quantizers plug into a model.
+///
+/// The model calls [`QuantSeam::weight`] on the weight of every conv and linear layer
+/// before using it, and [`QuantSeam::activation`] at every activation that feeds a conv or
+/// linear layer (in place of the ReLU: PACT replaces ReLU). The full-precision seam
+/// ([`FullPrecision`]) is the identity and ReLU. Site names are PyTorch module names
+/// (`layer2.0.conv1`) for weights and `<block>.relu1` / `<block>.relu2` / `relu` for
+/// activations, so quantizer settings can address layers by name.
+pub trait QuantSeam: Send + Sync {
+    /// The weight the layer `layer` uses, given its stored weight.
+    fn weight(&self, _layer: &str, w: &Tensor) -> crate::Result<Tensor> {
+        Ok(w.clone())
+    }
+
+    /// The activation at site `site` (FP: ReLU).
+    fn activation(&self, _site: &str, x: &Tensor) -> crate::Result<Tensor> {
+        Ok(x.relu()?)
+    }
+
+    /// A short description for manifests (`fp`, `ptq-pwlq-w4a8`, ...).
+    fn describe(&self) -> String;
+}
+
+/// The full-precision seam: weights as stored, ReLU activations.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FullPrecision;
+
+impl QuantSeam for FullPrecision {
+    fn describe(&self) -> String {
+        "fp".into()
+    }
+}
+
+/// A shared seam.
+pub type Seam = Arc<dyn QuantSeam>;

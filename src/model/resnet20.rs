@@ -1,0 +1,455 @@
+//! ResNet-20 for CIFAR-10 (He et al. 2016, §4.2): a 3×3 conv with 16 channels, three
+//! stages of three basic blocks (16, 32, 64 channels; stride 2 at the first block of
+//! stages 2 and 3), global average pooling, a linear layer to 10 classes.
+//!
+//! - Shortcuts are "option A": identity, and where the shape changes, every other pixel
+//!   with the new channels zero-padded (half on each side) — no parameters.
+//! - Per-channel normalization (CIFAR-10 mean and std) is the model's first operation, so
+//!   inputs are images in [0, 1] and ε is in pixel units.
+//! - 269,722 trainable parameters. Tensor names and layouts are those of the de-facto
+//!   PyTorch ResNet-20 (`conv1.weight`, `bn1.*`, `layer{1,2,3}.{0,1,2}.{conv1,bn1,conv2,bn2}.*`,
+//!   `linear.{weight,bias}`; OIHW convs, [out, in] linear), with BatchNorm buffers
+//!   `running_mean`, `running_var` and `num_batches_tracked`, so that PyTorch's
+//!   `load_state_dict` takes our safetensors file as it is.
+//! - BatchNorm: ε = 1e-5, momentum 0.1, biased batch variance for normalization and
+//!   unbiased for the running estimate (PyTorch's conventions).
+//! - Initialization as the PyTorch reference: Kaiming-normal (fan-in, gain √2) conv and
+//!   linear weights, linear bias uniform in ±1/√fan_in, BatchNorm weight 1 and bias 0 —
+//!   drawn from the project's seeded [`Rng`].
+//!
+//! # Shapes
+//! input B×3×32×32 → stem B×16×32×32 → layer1 B×16×32×32 → layer2 B×32×16×16 →
+//! layer3 B×64×8×8 → pool B×64 → logits B×10.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+
+use super::{Classifier, FullPrecision, Seam};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// CIFAR-10 per-channel mean (the model's normalization).
+pub const CIFAR10_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
+/// CIFAR-10 per-channel standard deviation.
+pub const CIFAR10_STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+/// Classes.
+pub const NUM_CLASSES: usize = 10;
+/// Trainable parameters of ResNet-20.
+pub const NUM_PARAMETERS: usize = 269_722;
+/// BatchNorm ε.
+pub const BN_EPS: f64 = 1e-5;
+/// BatchNorm running-statistics momentum.
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// One parameter or buffer of the architecture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub kind: TensorKind,
+}
+
+/// What a named tensor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorKind {
+    /// Conv weight (OIHW), trainable.
+    ConvWeight,
+    /// Linear weight ([out, in]), trainable.
+    LinearWeight,
+    /// Linear bias, trainable.
+    LinearBias,
+    /// BatchNorm γ, trainable.
+    BnWeight,
+    /// BatchNorm β, trainable.
+    BnBias,
+    /// BatchNorm running mean (buffer).
+    RunningMean,
+    /// BatchNorm running variance (buffer).
+    RunningVar,
+}
+
+impl TensorKind {
+    /// True for parameters the optimizer updates.
+    pub fn trainable(self) -> bool {
+        !matches!(self, TensorKind::RunningMean | TensorKind::RunningVar)
+    }
+}
+
+/// The residual blocks: (name, in channels, out channels, stride).
+pub fn blocks() -> Vec<(String, usize, usize, usize)> {
+    let mut v = Vec::new();
+    let mut in_planes = 16;
+    for (stage, planes) in [(1usize, 16usize), (2, 32), (3, 64)] {
+        for b in 0..3 {
+            let stride = if stage > 1 && b == 0 { 2 } else { 1 };
+            v.push((format!("layer{stage}.{b}"), in_planes, planes, stride));
+            in_planes = planes;
+        }
+    }
+    v
+}
+
+fn bn_specs(out: &mut Vec<TensorSpec>, name: &str, c: usize) {
+    for (suffix, kind) in [
+        ("weight", TensorKind::BnWeight),
+        ("bias", TensorKind::BnBias),
+        ("running_mean", TensorKind::RunningMean),
+        ("running_var", TensorKind::RunningVar),
+    ] {
+        out.push(TensorSpec {
+            name: format!("{name}.{suffix}"),
+            shape: vec![c],
+            kind,
+        });
+    }
+}
+
+fn conv_spec(out: &mut Vec<TensorSpec>, name: &str, o: usize, i: usize) {
+    out.push(TensorSpec {
+        name: format!("{name}.weight"),
+        shape: vec![o, i, 3, 3],
+        kind: TensorKind::ConvWeight,
+    });
+}
+
+/// Every tensor of ResNet-20 (parameters and float buffers) in a fixed order.
+/// `num_batches_tracked` counters are handled apart (they are i64 scalars).
+pub fn tensor_specs() -> Vec<TensorSpec> {
+    let mut v = Vec::new();
+    conv_spec(&mut v, "conv1", 16, 3);
+    bn_specs(&mut v, "bn1", 16);
+    for (name, i, o, _) in blocks() {
+        conv_spec(&mut v, &format!("{name}.conv1"), o, i);
+        bn_specs(&mut v, &format!("{name}.bn1"), o);
+        conv_spec(&mut v, &format!("{name}.conv2"), o, o);
+        bn_specs(&mut v, &format!("{name}.bn2"), o);
+    }
+    v.push(TensorSpec {
+        name: "linear.weight".into(),
+        shape: vec![NUM_CLASSES, 64],
+        kind: TensorKind::LinearWeight,
+    });
+    v.push(TensorSpec {
+        name: "linear.bias".into(),
+        shape: vec![NUM_CLASSES],
+        kind: TensorKind::LinearBias,
+    });
+    v
+}
+
+/// The BatchNorm layers' names (`bn1`, `layer1.0.bn1`, ...).
+pub fn bn_names() -> Vec<String> {
+    tensor_specs()
+        .into_iter()
+        .filter(|s| s.kind == TensorKind::RunningMean)
+        .map(|s| s.name.trim_end_matches(".running_mean").to_string())
+        .collect()
+}
+
+/// ResNet-20 with its tensors, on one device.
+///
+/// A trainable model holds its parameters and BatchNorm buffers as [`Var`]s (updated in
+/// place by the optimizer and by training-mode BatchNorm). [`ResNet20::frozen`] gives a
+/// view on the same storage whose tensors are not variables: attacks run on it, so a
+/// backward pass computes the input gradient only.
+pub struct ResNet20 {
+    tensors: BTreeMap<String, Tensor>,
+    vars: BTreeMap<String, Var>,
+    num_batches_tracked: Arc<AtomicI64>,
+    seam: Seam,
+    mean: Tensor,
+    std: Tensor,
+    device: Device,
+}
+
+impl ResNet20 {
+    /// A freshly initialized, trainable model (seeded).
+    pub fn init(rng: &mut Rng, device: &Device) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        for s in tensor_specs() {
+            let n: usize = s.shape.iter().product();
+            let data = match s.kind {
+                TensorKind::ConvWeight | TensorKind::LinearWeight => {
+                    let fan_in: usize = s.shape[1..].iter().product();
+                    rng.normal_vec(n, (2.0 / fan_in as f32).sqrt())
+                }
+                TensorKind::LinearBias => {
+                    let bound = 1.0 / (64f32).sqrt();
+                    rng.uniform_vec(n, -bound, bound)
+                }
+                TensorKind::BnWeight | TensorKind::RunningVar => vec![1.0; n],
+                TensorKind::BnBias | TensorKind::RunningMean => vec![0.0; n],
+            };
+            map.insert(s.name.clone(), Tensor::from_vec(data, s.shape, device)?);
+        }
+        Self::from_tensors(map, 0, device, true)
+    }
+
+    /// A model from named tensors (all of [`tensor_specs`], right shapes, f32).
+    /// `trainable`: hold them as variables.
+    pub fn from_tensors(
+        tensors: BTreeMap<String, Tensor>,
+        num_batches_tracked: i64,
+        device: &Device,
+        trainable: bool,
+    ) -> Result<Self> {
+        check_tensors(&tensors)?;
+        let mut vars = BTreeMap::new();
+        let mut held = BTreeMap::new();
+        for s in tensor_specs() {
+            let t = tensors[&s.name].to_device(device)?.to_dtype(DType::F32)?;
+            if trainable {
+                let v = Var::from_tensor(&t.contiguous()?.copy()?)?;
+                held.insert(s.name.clone(), v.as_tensor().clone());
+                vars.insert(s.name.clone(), v);
+            } else {
+                held.insert(s.name.clone(), t.detach());
+            }
+        }
+        Ok(ResNet20 {
+            tensors: held,
+            vars,
+            num_batches_tracked: Arc::new(AtomicI64::new(num_batches_tracked)),
+            seam: Arc::new(FullPrecision),
+            mean: Tensor::from_slice(&CIFAR10_MEAN, (1, 3, 1, 1), device)?,
+            std: Tensor::from_slice(&CIFAR10_STD, (1, 3, 1, 1), device)?,
+            device: device.clone(),
+        })
+    }
+
+    /// The same model with a different quantizer seam (shares the tensors).
+    pub fn with_seam(&self, seam: Seam) -> Self {
+        ResNet20 {
+            tensors: self.tensors.clone(),
+            vars: self.vars.clone(),
+            num_batches_tracked: self.num_batches_tracked.clone(),
+            seam,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            device: self.device.clone(),
+        }
+    }
+
+    /// A non-trainable view on the same storage: optimizer updates show through, but a
+    /// backward pass through it reaches no weight.
+    pub fn frozen(&self) -> Self {
+        ResNet20 {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|(k, t)| (k.clone(), t.detach()))
+                .collect(),
+            vars: BTreeMap::new(),
+            num_batches_tracked: self.num_batches_tracked.clone(),
+            seam: self.seam.clone(),
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            device: self.device.clone(),
+        }
+    }
+
+    /// The device the tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The quantizer seam in use.
+    pub fn seam(&self) -> &Seam {
+        &self.seam
+    }
+
+    /// A named tensor (parameter or buffer).
+    pub fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| {
+            Error::config("tensor", name, "ResNet-20 has no tensor of that name")
+        })
+    }
+
+    /// All named tensors (parameters and float buffers).
+    pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
+        &self.tensors
+    }
+
+    /// The trainable variables, by name (empty for a frozen model).
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        tensor_specs()
+            .into_iter()
+            .filter(|s| s.kind.trainable())
+            .filter_map(|s| self.vars.get(&s.name).map(|v| (s.name, v.clone())))
+            .collect()
+    }
+
+    /// The number of trainable parameters.
+    pub fn num_parameters(&self) -> usize {
+        tensor_specs()
+            .iter()
+            .filter(|s| s.kind.trainable())
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum()
+    }
+
+    /// BatchNorm's batch counter (PyTorch's `num_batches_tracked`).
+    pub fn num_batches_tracked(&self) -> i64 {
+        self.num_batches_tracked.load(Ordering::Relaxed)
+    }
+
+    /// Copies every tensor's values from `other` (same architecture) into this model's
+    /// storage, in place.
+    pub fn assign_from(&self, other: &BTreeMap<String, Tensor>) -> Result<()> {
+        check_tensors(other)?;
+        for (name, v) in &self.vars {
+            v.set(&other[name].to_device(&self.device)?.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    fn t(&self, name: &str) -> &Tensor {
+        // Names come from the fixed architecture; `check_tensors` guaranteed them.
+        &self.tensors[name]
+    }
+
+    fn conv(&self, x: &Tensor, layer: &str, stride: usize) -> Result<Tensor> {
+        let w = self.seam.weight(layer, self.t(&format!("{layer}.weight")))?;
+        Ok(x.conv2d(&w, 1, stride, 1, 1)?)
+    }
+
+    fn bn(&self, x: &Tensor, name: &str, train: bool) -> Result<Tensor> {
+        let gamma = self.t(&format!("{name}.weight"));
+        let beta = self.t(&format!("{name}.bias"));
+        let rm_name = format!("{name}.running_mean");
+        let rv_name = format!("{name}.running_var");
+        let c = gamma.dim(0)?;
+        let (mean, var) = if train {
+            let (b, _, h, w) = x.dims4()?;
+            let n = (b * h * w) as f64;
+            let mean = x.mean_keepdim((0, 2, 3))?;
+            let centered = x.broadcast_sub(&mean)?;
+            let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
+            if let (Some(rm), Some(rv)) = (self.vars.get(&rm_name), self.vars.get(&rv_name)) {
+                let m = BN_MOMENTUM;
+                let new_rm = ((rm.as_tensor().detach() * (1.0 - m))?
+                    + (mean.detach().flatten_all()? * m)?)?;
+                let unbiased = n / (n - 1.0).max(1.0);
+                let new_rv = ((rv.as_tensor().detach() * (1.0 - m))?
+                    + (var.detach().flatten_all()? * (m * unbiased))?)?;
+                rm.set(&new_rm)?;
+                rv.set(&new_rv)?;
+            }
+            (mean, var)
+        } else {
+            let rm = self.t(&rm_name).detach().reshape((1, c, 1, 1))?;
+            let rv = self.t(&rv_name).detach().reshape((1, c, 1, 1))?;
+            (rm, rv)
+        };
+        let inv = (var + BN_EPS)?.sqrt()?.recip()?;
+        let scale = inv.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?;
+        let shift = beta
+            .reshape((1, c, 1, 1))?
+            .broadcast_sub(&mean.broadcast_mul(&scale)?)?;
+        Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
+    }
+
+    fn block(
+        &self,
+        x: &Tensor,
+        name: &str,
+        in_planes: usize,
+        planes: usize,
+        stride: usize,
+        train: bool,
+    ) -> Result<Tensor> {
+        let out = self.conv(x, &format!("{name}.conv1"), stride)?;
+        let out = self.bn(&out, &format!("{name}.bn1"), train)?;
+        let out = self.seam.activation(&format!("{name}.relu1"), &out)?;
+        let out = self.conv(&out, &format!("{name}.conv2"), 1)?;
+        let out = self.bn(&out, &format!("{name}.bn2"), train)?;
+        let shortcut = if stride != 1 || in_planes != planes {
+            option_a_shortcut(x, planes)?
+        } else {
+            x.clone()
+        };
+        self.seam
+            .activation(&format!("{name}.relu2"), &(out + shortcut)?)
+    }
+
+    /// Logits; `train` selects BatchNorm's mode (batch statistics and running-statistics
+    /// update in training mode, running statistics in evaluation mode).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, c, h, w) = x.dims4()?;
+        if c != 3 || h != 32 || w != 32 {
+            return Err(Error::config(
+                "input shape",
+                format!("{:?}", x.dims()),
+                "ResNet-20 takes B×3×32×32 images in [0, 1]",
+            ));
+        }
+        if train && !self.vars.is_empty() {
+            self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+        }
+        let x = x.broadcast_sub(&self.mean)?.broadcast_div(&self.std)?;
+        let x = self.conv(&x, "conv1", 1)?;
+        let x = self.bn(&x, "bn1", train)?;
+        let mut x = self.seam.activation("relu", &x)?;
+        for (name, i, o, s) in blocks() {
+            x = self.block(&x, &name, i, o, s, train)?;
+        }
+        let pooled = x.mean((2, 3))?;
+        let w = self.seam.weight("linear", self.t("linear.weight"))?;
+        Ok(pooled
+            .matmul(&w.t()?)?
+            .broadcast_add(self.t("linear.bias"))?)
+    }
+}
+
+impl Classifier for ResNet20 {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward(x, train)
+    }
+}
+
+/// Option-A shortcut: every other pixel, new channels zero-padded half on each side.
+pub fn option_a_shortcut(x: &Tensor, planes: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let sub = x
+        .reshape((b, c, h / 2, 2, w / 2, 2))?
+        .i((.., .., .., 0, .., 0))?
+        .contiguous()?;
+    let extra = planes - c;
+    Ok(sub.pad_with_zeros(1, extra / 2, extra - extra / 2)?)
+}
+
+/// Checks that `tensors` holds every ResNet-20 tensor with its shape, and nothing else
+/// (`num_batches_tracked` entries are allowed).
+pub fn check_tensors(tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let specs = tensor_specs();
+    for s in &specs {
+        let t = tensors.get(&s.name).ok_or_else(|| {
+            Error::config("tensor", &s.name, "missing (not a ResNet-20 state)")
+        })?;
+        if t.dims() != s.shape.as_slice() {
+            return Err(Error::config(
+                "tensor",
+                &s.name,
+                format!("shape {:?}, expected {:?}", t.dims(), s.shape),
+            ));
+        }
+    }
+    for k in tensors.keys() {
+        if !k.ends_with("num_batches_tracked") && !specs.iter().any(|s| &s.name == k) {
+            return Err(Error::config(
+                "tensor",
+                k,
+                "unexpected (not a ResNet-20 tensor)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Predicted classes (argmax of logits) as u32.
+pub fn predict(logits: &Tensor) -> Result<Tensor> {
+    Ok(logits.argmax(D::Minus1)?)
+}
