@@ -155,9 +155,12 @@ pub struct EvalArgs {
     /// Which split to evaluate.
     #[arg(long, value_enum, default_value_t = SplitArg::Test)]
     pub split: SplitArg,
-    /// Evaluate the first N images of the split [default all].
+    /// Evaluate N images of the split (a seeded, class-stratified subset) [default all].
     #[arg(long)]
     pub n: Option<usize>,
+    /// Seed of the subset drawn by --n.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Batch size.
     #[arg(long, default_value_t = 500)]
     pub batch_size: usize,
@@ -194,14 +197,22 @@ pub struct MakeSampleArgs {
 /// Parses `8/255`, `0.0314` or `1e-3`.
 pub fn parse_number(s: &str) -> std::result::Result<f64, String> {
     let v = if let Some((a, b)) = s.split_once('/') {
-        let a: f64 = a.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
-        let b: f64 = b.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+        let a: f64 = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a number"))?;
+        let b: f64 = b
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a number"))?;
         if b == 0.0 {
             return Err(format!("`{s}` divides by zero"));
         }
         a / b
     } else {
-        s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?
+        s.trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a number"))?
     };
     if !v.is_finite() {
         return Err(format!("`{s}` is not finite"));
@@ -332,11 +343,9 @@ impl Progress for Bar {
     fn epoch_start(&mut self, epoch: usize, epochs: usize, steps: usize) {
         let bar = ProgressBar::new(steps as u64);
         bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         bar.set_prefix(format!("epoch {epoch}/{epochs}"));
         self.bar = Some(bar);
@@ -386,7 +395,10 @@ fn train(a: TrainArgs) -> Result<ExitCode> {
         }
         None => {
             let cfg = train_config(&a)?;
-            (Trainer::new(cfg, data.identity.clone(), 0, &dev)?, a.checkpoint.clone())
+            (
+                Trainer::new(cfg, data.identity.clone(), 0, &dev)?,
+                a.checkpoint.clone(),
+            )
         }
     };
     let seed = trainer.state.config.seed;
@@ -451,7 +463,8 @@ fn eval(a: EvalArgs) -> Result<ExitCode> {
     }
     let dd = DeviceData::new(split, &dev)?;
     let t = Instant::now();
-    let acc = clean_accuracy(&model, &dd, a.n, a.batch_size)?;
+    let idx = quant_robust::eval::eval_indices(&dd, a.n, a.seed)?;
+    let acc = clean_accuracy(&model, &dd, &idx, a.batch_size)?;
     device::synchronize(&dev)?;
     let wall = t.elapsed().as_secs_f64();
     let mut m = quant_robust::manifest::Manifest::new("eval", &dev);
@@ -460,6 +473,7 @@ fn eval(a: EvalArgs) -> Result<ExitCode> {
         "checkpoint": a.checkpoint,
         "split": format!("{:?}", a.split).to_lowercase(),
         "n": acc.total,
+        "subset_seed": a.n.map(|_| a.seed),
         "batch_size": a.batch_size,
     });
     m.add_timing("eval", wall, &dev);
@@ -498,7 +512,10 @@ fn make_sample(a: MakeSampleArgs) -> Result<ExitCode> {
             subset::SubsetSize::Count(n),
             &mut rng,
         )?;
-        out.extend(idx.into_iter().map(|i| (part[i].0.clone(), part[i].3.clone())));
+        out.extend(
+            idx.into_iter()
+                .map(|i| (part[i].0.clone(), part[i].3.clone())),
+        );
     }
     data::archive::write_archive(&a.out, &out)?;
     tracing::info!("wrote {} images to {}", out.len(), a.out.display());

@@ -48,7 +48,9 @@ fn open_cuda() -> crate::Result<Device> {
     std::panic::set_hook(prev);
     match r {
         Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => Err(crate::Error::Device(format!("cannot open CUDA device 0: {e}"))),
+        Ok(Err(e)) => Err(crate::Error::Device(format!(
+            "cannot open CUDA device 0: {e}"
+        ))),
         Err(_) => Err(crate::Error::Device(
             "cannot open CUDA device 0: the CUDA driver library (libcuda.so) could not be loaded"
                 .into(),

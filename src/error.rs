@@ -43,7 +43,11 @@ pub enum Error {
         "training diverged: loss is {loss} at epoch {epoch}, step {step}; \
          the last good checkpoint (if any) was kept"
     )]
-    Diverged { epoch: usize, step: usize, loss: f32 },
+    Diverged {
+        epoch: usize,
+        step: usize,
+        loss: f32,
+    },
 
     /// JSON (de)serialization failed.
     #[error("{path}: {source}")]

@@ -29,8 +29,8 @@ pub fn read_archive_bytes(bytes: &[u8], path: &Path) -> Result<CifarData> {
         .entries()
         .map_err(|e| Error::bad_data(path, format!("not a tar.gz archive: {e}")))?;
     for entry in entries {
-        let mut entry =
-            entry.map_err(|e| Error::bad_data(path, format!("corrupt or truncated archive: {e}")))?;
+        let mut entry = entry
+            .map_err(|e| Error::bad_data(path, format!("corrupt or truncated archive: {e}")))?;
         let rel: PathBuf = entry
             .path()
             .map_err(|e| Error::bad_data(path, format!("bad entry name: {e}")))?
@@ -107,8 +107,8 @@ pub fn read_raw_entries(path: &Path) -> Result<Vec<(String, bool, u8, Vec<u8>)>>
         .entries()
         .map_err(|e| Error::bad_data(path, format!("not a tar.gz archive: {e}")))?
     {
-        let mut entry =
-            entry.map_err(|e| Error::bad_data(path, format!("corrupt or truncated archive: {e}")))?;
+        let mut entry = entry
+            .map_err(|e| Error::bad_data(path, format!("corrupt or truncated archive: {e}")))?;
         let rel = entry
             .path()
             .map_err(|e| Error::bad_data(path, format!("bad entry name: {e}")))?
@@ -122,7 +122,12 @@ pub fn read_raw_entries(path: &Path) -> Result<Vec<(String, bool, u8, Vec<u8>)>>
             .read_to_end(&mut data)
             .map_err(|e| Error::bad_data(path.join(&rel), format!("truncated: {e}")))?;
         let is_train = split == super::Split::Train;
-        out.push((format!("{}/{class}/{name}", if is_train { "train" } else { "test" }), is_train, label, data));
+        out.push((
+            format!("{}/{class}/{name}", if is_train { "train" } else { "test" }),
+            is_train,
+            label,
+            data,
+        ));
     }
     out.sort_by(|a, b| (!a.1, a.2, &a.0).cmp(&(!b.1, b.2, &b.0)));
     Ok(out)

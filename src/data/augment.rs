@@ -87,5 +87,8 @@ pub fn apply(x: &Tensor, pad: usize, draw: &AugmentDraw) -> Result<Tensor> {
         .broadcast_as((b, c, h * w))?
         .contiguous()?;
     debug_assert_eq!(idx.dtype(), DType::U32);
-    Ok(padded.contiguous()?.gather(&idx, 2)?.reshape((b, c, h, w))?)
+    Ok(padded
+        .contiguous()?
+        .gather(&idx, 2)?
+        .reshape((b, c, h, w))?)
 }

@@ -47,25 +47,24 @@ impl DeviceData {
     /// The images at `idx` as f32 in [0, 1], and their labels.
     pub fn batch(&self, idx: &[u32]) -> Result<(Tensor, Tensor)> {
         let ids = Tensor::from_slice(idx, idx.len(), self.images.device())?;
-        let x = self
-            .images
-            .index_select(&ids, 0)?
-            .to_dtype(DType::F32)?
-            .affine(1.0 / 255.0, 0.0)?;
+        let x = to_unit(&self.images.index_select(&ids, 0)?)?;
         let y = self.labels.index_select(&ids, 0)?;
         Ok((x, y))
     }
 
     /// Images `start..start+len` in order (evaluation).
     pub fn range(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let x = self
-            .images
-            .narrow(0, start, len)?
-            .to_dtype(DType::F32)?
-            .affine(1.0 / 255.0, 0.0)?;
+        let x = to_unit(&self.images.narrow(0, start, len)?)?;
         let y = self.labels.narrow(0, start, len)?;
         Ok((x, y))
     }
+}
+
+/// u8 pixels to f32 in [0, 1], divided by 255 exactly as PyTorch's `ToTensor` (a
+/// multiplication by 1/255 differs in the last bit for some values).
+pub fn to_unit(x: &Tensor) -> Result<Tensor> {
+    let d = Tensor::new(255f32, x.device())?;
+    Ok(x.to_dtype(DType::F32)?.broadcast_div(&d)?)
 }
 
 /// The batches of one training epoch: a seeded permutation cut into `batch_size` pieces.

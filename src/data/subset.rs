@@ -95,11 +95,7 @@ pub fn stratified_indices(
 }
 
 /// A stratified subset of a data set.
-pub fn stratified(
-    ds: &super::Dataset,
-    size: SubsetSize,
-    rng: &mut Rng,
-) -> Result<super::Dataset> {
+pub fn stratified(ds: &super::Dataset, size: SubsetSize, rng: &mut Rng) -> Result<super::Dataset> {
     let idx = stratified_indices(&ds.labels, ds.classes.len(), size, rng)?;
     Ok(ds.select(&idx))
 }

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attack::{pgd_linf, PgdConfig};
 use crate::data::batch::DeviceData;
+use crate::data::subset::{stratified_indices, SubsetSize};
 use crate::model::Classifier;
 use crate::rng::Rng;
 use crate::Result;
@@ -41,51 +42,61 @@ pub fn count_correct(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         .sum_all()?)
 }
 
-/// Clean accuracy on the first `n` images (all if `None`), in batches.
-pub fn clean_accuracy<M: Classifier + ?Sized>(
-    model: &M,
-    data: &DeviceData,
-    n: Option<usize>,
-    batch_size: usize,
-) -> Result<Accuracy> {
-    let n = n.unwrap_or(data.len()).min(data.len());
+/// The images an evaluation uses: all of a split in order, or a seeded class-stratified
+/// subset of `n` (data sets are stored by class, so "the first n" would be one class).
+pub fn eval_indices(data: &DeviceData, n: Option<usize>, seed: u64) -> Result<Vec<u32>> {
+    match n {
+        Some(k) if k < data.len() => {
+            let idx = stratified_indices(
+                &data.host_labels,
+                crate::data::CIFAR10_CLASSES.len(),
+                SubsetSize::Count(k),
+                &mut Rng::new(seed, "eval-subset"),
+            )?;
+            Ok(idx.into_iter().map(|i| i as u32).collect())
+        }
+        _ => Ok((0..data.len() as u32).collect()),
+    }
+}
+
+fn accumulate<F>(data: &DeviceData, idx: &[u32], batch_size: usize, mut f: F) -> Result<Accuracy>
+where
+    F: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+{
     let mut correct = Tensor::zeros((), DType::F32, data.images.device())?;
-    let mut start = 0;
-    while start < n {
-        let len = batch_size.min(n - start);
-        let (x, y) = data.range(start, len)?;
-        let logits = model.forward_t(&x, false)?;
-        correct = (correct + count_correct(&logits, &y)?)?;
-        start += len;
+    for chunk in idx.chunks(batch_size.max(1)) {
+        let (x, y) = data.batch(chunk)?;
+        correct = (correct + f(&x, &y)?)?;
     }
     Ok(Accuracy {
         correct: correct.to_scalar::<f32>()? as usize,
-        total: n,
+        total: idx.len(),
     })
 }
 
-/// Robust accuracy under PGD L∞ on the first `n` images.
+/// Clean accuracy on the images `idx` of `data`, in batches.
+pub fn clean_accuracy<M: Classifier + ?Sized>(
+    model: &M,
+    data: &DeviceData,
+    idx: &[u32],
+    batch_size: usize,
+) -> Result<Accuracy> {
+    accumulate(data, idx, batch_size, |x, y| {
+        count_correct(&model.forward_t(x, false)?, y)
+    })
+}
+
+/// Robust accuracy under PGD L∞ on the images `idx` of `data`.
 pub fn pgd_accuracy<M: Classifier + ?Sized>(
     model: &M,
     data: &DeviceData,
-    n: Option<usize>,
+    idx: &[u32],
     batch_size: usize,
     cfg: &PgdConfig,
     rng: &mut Rng,
 ) -> Result<Accuracy> {
-    let n = n.unwrap_or(data.len()).min(data.len());
-    let mut correct = Tensor::zeros((), DType::F32, data.images.device())?;
-    let mut start = 0;
-    while start < n {
-        let len = batch_size.min(n - start);
-        let (x, y) = data.range(start, len)?;
-        let x_adv = pgd_linf(model, &x, &y, cfg, rng)?;
-        let logits = model.forward_t(&x_adv, false)?;
-        correct = (correct + count_correct(&logits, &y)?)?;
-        start += len;
-    }
-    Ok(Accuracy {
-        correct: correct.to_scalar::<f32>()? as usize,
-        total: n,
+    accumulate(data, idx, batch_size, |x, y| {
+        let x_adv = pgd_linf(model, x, y, cfg, rng)?;
+        count_correct(&model.forward_t(&x_adv, false)?, y)
     })
 }

@@ -263,9 +263,9 @@ impl ResNet20 {
 
     /// A named tensor (parameter or buffer).
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| {
-            Error::config("tensor", name, "ResNet-20 has no tensor of that name")
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::config("tensor", name, "ResNet-20 has no tensor of that name"))
     }
 
     /// All named tensors (parameters and float buffers).
@@ -312,7 +312,9 @@ impl ResNet20 {
     }
 
     fn conv(&self, x: &Tensor, layer: &str, stride: usize) -> Result<Tensor> {
-        let w = self.seam.weight(layer, self.t(&format!("{layer}.weight")))?;
+        let w = self
+            .seam
+            .weight(layer, self.t(&format!("{layer}.weight")))?;
         Ok(x.conv2d(&w, 1, stride, 1, 1)?)
     }
 
@@ -330,8 +332,8 @@ impl ResNet20 {
             let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
             if let (Some(rm), Some(rv)) = (self.vars.get(&rm_name), self.vars.get(&rv_name)) {
                 let m = BN_MOMENTUM;
-                let new_rm = ((rm.as_tensor().detach() * (1.0 - m))?
-                    + (mean.detach().flatten_all()? * m)?)?;
+                let new_rm =
+                    ((rm.as_tensor().detach() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
                 let unbiased = n / (n - 1.0).max(1.0);
                 let new_rv = ((rv.as_tensor().detach() * (1.0 - m))?
                     + (var.detach().flatten_all()? * (m * unbiased))?)?;
@@ -426,9 +428,9 @@ pub fn option_a_shortcut(x: &Tensor, planes: usize) -> Result<Tensor> {
 pub fn check_tensors(tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     let specs = tensor_specs();
     for s in &specs {
-        let t = tensors.get(&s.name).ok_or_else(|| {
-            Error::config("tensor", &s.name, "missing (not a ResNet-20 state)")
-        })?;
+        let t = tensors
+            .get(&s.name)
+            .ok_or_else(|| Error::config("tensor", &s.name, "missing (not a ResNet-20 state)"))?;
         if t.dims() != s.shape.as_slice() {
             return Err(Error::config(
                 "tensor",

@@ -25,7 +25,7 @@ use crate::attack::{cross_entropy, pgd_linf, PgdConfig};
 use crate::data::augment::{self, AugmentConfig, AugmentDraw};
 use crate::data::batch::{epoch_batches, DeviceData};
 use crate::data::DataIdentity;
-use crate::eval::{clean_accuracy, count_correct, pgd_accuracy, Accuracy};
+use crate::eval::{clean_accuracy, count_correct, eval_indices, pgd_accuracy, Accuracy};
 use crate::manifest::Manifest;
 use crate::model::{checkpoint, ResNet20};
 use crate::rng::{Rng, RngState};
@@ -80,7 +80,8 @@ pub struct TrainConfig {
     pub adversarial: Adversarial,
     /// The run's seed (init, shuffling, augmentation, PGD starts). Default 0.
     pub seed: u64,
-    /// Test images evaluated after each epoch (`None`: all). Default all.
+    /// Test images evaluated after each epoch (`None`: all; else a seeded stratified
+    /// subset). Default all.
     pub eval_images: Option<usize>,
     /// Test images attacked with PGD-10 after each epoch of adversarial training. Default 500.
     pub eval_adv_images: usize,
@@ -150,7 +151,7 @@ pub struct EpochRecord {
     /// Accuracy on the training batches as trained (adversarial batches under AT).
     pub train_accuracy: f64,
     pub test: Accuracy,
-    /// PGD-10 accuracy at ε 8/255 on the first `eval_adv_images` test images (AT only).
+    /// PGD-10 accuracy at ε 8/255 on `eval_adv_images` test images (AT only).
     pub test_pgd: Option<Accuracy>,
     pub images_per_s: f64,
     pub wall_s: f64,
@@ -222,7 +223,12 @@ pub struct Trainer {
 
 impl Trainer {
     /// A fresh run: the model initialized from the seed.
-    pub fn new(cfg: TrainConfig, data: DataIdentity, n_train: usize, device: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: TrainConfig,
+        data: DataIdentity,
+        n_train: usize,
+        device: &Device,
+    ) -> Result<Self> {
         cfg.validate()?;
         let model = ResNet20::init(&mut Rng::new(cfg.seed, "init"), device)?;
         Self::from_model(model, cfg, data, n_train, device)
@@ -264,7 +270,9 @@ impl Trainer {
         let paths = if weights.to_string_lossy().ends_with(".train.safetensors") {
             CheckpointPaths {
                 weights: PathBuf::from(
-                    weights.to_string_lossy().replace(".train.safetensors", ".safetensors"),
+                    weights
+                        .to_string_lossy()
+                        .replace(".train.safetensors", ".safetensors"),
                 ),
                 resume: weights.to_path_buf(),
             }
@@ -383,17 +391,23 @@ impl Trainer {
                     });
                 }
                 let rate = seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
-                progress.update(i + 1, loss_sum / seen as f64, correct_sum / seen as f64, rate);
+                progress.update(
+                    i + 1,
+                    loss_sum / seen as f64,
+                    correct_sum / seen as f64,
+                    rate,
+                );
             }
         }
         crate::device::synchronize(&self.device)?;
         let train_s = start.elapsed().as_secs_f64();
-        let test_acc = clean_accuracy(&frozen, test, cfg.eval_images, cfg.eval_batch_size)?;
+        let idx = eval_indices(test, cfg.eval_images, cfg.seed)?;
+        let test_acc = clean_accuracy(&frozen, test, &idx, cfg.eval_batch_size)?;
         let test_pgd = match &cfg.adversarial {
             Adversarial::Pgd(_) if cfg.eval_adv_images > 0 => Some(pgd_accuracy(
                 &frozen,
                 test,
-                Some(cfg.eval_adv_images),
+                &eval_indices(test, Some(cfg.eval_adv_images), cfg.seed)?,
                 cfg.eval_batch_size,
                 &PgdConfig::default(),
                 &mut Rng::new(cfg.seed, &format!("eval-pgd/{epoch}")),
@@ -426,14 +440,17 @@ impl Trainer {
         m.data = Some(self.state.data.clone());
         m.config = serde_json::to_value(&self.state.config).unwrap_or_default();
         m.add_timing("train", self.state.wall_s, &self.device);
-        m.metrics.insert("epochs_done".into(), self.state.epoch as f64);
+        m.metrics
+            .insert("epochs_done".into(), self.state.epoch as f64);
         m.metrics.insert("steps".into(), self.state.step as f64);
-        m.metrics.insert("num_parameters".into(), self.model.num_parameters() as f64);
+        m.metrics
+            .insert("num_parameters".into(), self.model.num_parameters() as f64);
         if let Some(r) = self.state.history.last() {
             m.metrics.insert("test_accuracy".into(), r.test.fraction());
             m.metrics.insert("test_images".into(), r.test.total as f64);
             m.metrics.insert("train_loss".into(), r.train_loss);
-            m.metrics.insert("train_images_per_s".into(), r.images_per_s);
+            m.metrics
+                .insert("train_images_per_s".into(), r.images_per_s);
             if let Some(p) = r.test_pgd {
                 m.metrics.insert("test_pgd10_accuracy".into(), p.fraction());
                 m.metrics.insert("test_pgd10_images".into(), p.total as f64);

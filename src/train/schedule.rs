@@ -71,7 +71,11 @@ impl LrSchedule {
                 final_div_factor,
             } => {
                 if !(*pct_start > 0.0 && *pct_start < 1.0) {
-                    return Err(Error::config("schedule.pct_start", pct_start, "must be in (0, 1)"));
+                    return Err(Error::config(
+                        "schedule.pct_start",
+                        pct_start,
+                        "must be in (0, 1)",
+                    ));
                 }
                 if !(*div_factor >= 1.0 && *final_div_factor >= 1.0) {
                     return Err(Error::config(

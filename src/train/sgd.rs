@@ -49,10 +49,18 @@ impl SgdConfig {
     /// Checks the settings.
     pub fn validate(&self) -> Result<()> {
         if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::config("sgd.momentum", self.momentum, "must be in [0, 1)"));
+            return Err(Error::config(
+                "sgd.momentum",
+                self.momentum,
+                "must be in [0, 1)",
+            ));
         }
         if !(0.0..=1.0).contains(&self.dampening) {
-            return Err(Error::config("sgd.dampening", self.dampening, "must be in [0, 1]"));
+            return Err(Error::config(
+                "sgd.dampening",
+                self.dampening,
+                "must be in [0, 1]",
+            ));
         }
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
             return Err(Error::config(
@@ -62,7 +70,11 @@ impl SgdConfig {
             ));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err(Error::config("sgd.weight_decay", self.weight_decay, "must be ≥ 0"));
+            return Err(Error::config(
+                "sgd.weight_decay",
+                self.weight_decay,
+                "must be ≥ 0",
+            ));
         }
         Ok(())
     }

@@ -1,0 +1,163 @@
+//! The command line: help, JSON output, and clear errors for bad input.
+
+use std::process::Command;
+
+use crate::common::tempdir;
+
+fn qr(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
+        .args(args)
+        .output()
+        .expect("run quant-robust");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_lists_commands_and_examples() {
+    let (ok, out, _) = qr(&["--help"]);
+    assert!(ok);
+    for w in ["train", "eval", "Examples:", "--adv pgd"] {
+        assert!(out.contains(w), "help lacks {w}: {out}");
+    }
+}
+
+#[test]
+fn bad_inputs_are_clear_errors_not_panics() {
+    let dir = tempdir();
+    let missing = dir.path().join("missing.tar.gz");
+    let (ok, _, err) = qr(&[
+        "eval",
+        "--checkpoint",
+        "x.safetensors",
+        "--device",
+        "cpu",
+        "--data",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("missing.tar.gz") && err.contains("no such file"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    let (ok, _, err) = qr(&[
+        "eval",
+        "--checkpoint",
+        "nope.safetensors",
+        "--device",
+        "cpu",
+        "--data",
+        "embedded",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("nope.safetensors"), "{err}");
+
+    let (ok, _, err) = qr(&["train", "--data", "embedded", "--adv-eps", "8/255"]);
+    assert!(!ok);
+    assert!(err.contains("--adv pgd"), "{err}");
+
+    let (ok, _, err) = qr(&[
+        "train",
+        "--data",
+        "embedded",
+        "--adv",
+        "pgd",
+        "--adv-eps",
+        "8",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("pgd.eps") && err.contains("8/255"), "{err}");
+
+    let (ok, _, err) = qr(&[
+        "train",
+        "--data",
+        "embedded",
+        "--fraction",
+        "1.5",
+        "--epochs",
+        "1",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("fraction") && err.contains("(0, 1]"), "{err}");
+
+    let (ok, _, err) = qr(&["train", "--adv", "pgd", "--adv-step", "2/0"]);
+    assert!(!ok);
+    assert!(err.contains("divides by zero"), "{err}");
+
+    let (ok, _, err) = qr(&["eval", "--device", "cuda", "--checkpoint", "x"]);
+    assert!(!ok);
+    assert!(err.contains("device") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn train_then_eval_writes_json_and_checkpoint() {
+    let dir = tempdir();
+    let ck = dir.path().join("m.safetensors");
+    let out = dir.path().join("train.json");
+    let (ok, _, err) = qr(&[
+        "train",
+        "--data",
+        "embedded",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--train-count",
+        "64",
+        "--batch-size",
+        "32",
+        "--eval-images",
+        "50",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["history"].as_array().unwrap().len(), 1);
+    assert_eq!(v["manifest"]["data"]["name"], "cifar10-jpeg-sample");
+    assert_eq!(v["manifest"]["seed"], 0);
+    assert!(ck.exists() && ck.with_extension("json").exists());
+
+    let (ok, stdout, err) = qr(&[
+        "eval",
+        "--data",
+        "embedded",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--n",
+        "100",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["total"], 100);
+    let acc = v["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert_eq!(v["manifest"]["config"]["subset_seed"], 0);
+
+    let (ok, _, err) = qr(&[
+        "eval",
+        "--data",
+        "embedded",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--n",
+        "5000",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("--n 5000") && err.contains("1000 images"),
+        "{err}"
+    );
+}

@@ -1,0 +1,267 @@
+//! ResNet-20: parameter count, PyTorch names and layouts, modes, checkpoints.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use quant_robust::manifest::Manifest;
+use quant_robust::model::resnet20::{check_tensors, option_a_shortcut, NUM_PARAMETERS};
+use quant_robust::model::{checkpoint, Classifier, ResNet20};
+use quant_robust::rng::Rng;
+use quant_robust::Error;
+
+use crate::common::tempdir;
+
+fn model(seed: u64) -> ResNet20 {
+    ResNet20::init(&mut Rng::new(seed, "init"), &Device::Cpu).unwrap()
+}
+
+fn batch(n: usize, seed: u64) -> Tensor {
+    let v = Rng::new(seed, "x").uniform_vec(n * 3072, 0.0, 1.0);
+    Tensor::from_vec(v, (n, 3, 32, 32), &Device::Cpu).unwrap()
+}
+
+/// The state-dict keys of the de-facto PyTorch ResNet-20 (akamaster's resnet.py), written
+/// out by hand rather than derived from our own code.
+fn pytorch_keys() -> Vec<String> {
+    let bn = |p: &str| {
+        [
+            "weight",
+            "bias",
+            "running_mean",
+            "running_var",
+            "num_batches_tracked",
+        ]
+        .iter()
+        .map(|s| format!("{p}.{s}"))
+        .collect::<Vec<_>>()
+    };
+    let mut k = vec!["conv1.weight".to_string()];
+    k.extend(bn("bn1"));
+    for l in 1..=3 {
+        for b in 0..3 {
+            k.push(format!("layer{l}.{b}.conv1.weight"));
+            k.extend(bn(&format!("layer{l}.{b}.bn1")));
+            k.push(format!("layer{l}.{b}.conv2.weight"));
+            k.extend(bn(&format!("layer{l}.{b}.bn2")));
+        }
+    }
+    k.push("linear.weight".into());
+    k.push("linear.bias".into());
+    k.sort();
+    k
+}
+
+#[test]
+fn parameter_count_names_and_layouts_are_pytorchs() {
+    let m = model(0);
+    assert_eq!(m.num_parameters(), 269_722);
+    assert_eq!(NUM_PARAMETERS, 269_722);
+    let trainable: usize = m.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum();
+    assert_eq!(trainable, 269_722);
+    let sd = checkpoint::state_dict(&m).unwrap();
+    let keys: Vec<String> = sd.keys().cloned().collect();
+    assert_eq!(keys, pytorch_keys());
+    assert_eq!(keys.len(), 116);
+    let shape = |k: &str| sd[k].dims().to_vec();
+    assert_eq!(shape("conv1.weight"), vec![16, 3, 3, 3]);
+    assert_eq!(shape("layer2.0.conv1.weight"), vec![32, 16, 3, 3]);
+    assert_eq!(shape("layer3.2.conv2.weight"), vec![64, 64, 3, 3]);
+    assert_eq!(shape("linear.weight"), vec![10, 64]);
+    assert_eq!(sd["bn1.num_batches_tracked"].dtype(), DType::I64);
+    assert_eq!(sd["bn1.num_batches_tracked"].rank(), 0);
+}
+
+#[test]
+fn init_is_seeded_and_kaiming_scaled() {
+    let a = model(7);
+    let b = model(7);
+    let c = model(8);
+    let w = |m: &ResNet20| {
+        m.tensor("layer3.1.conv1.weight")
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(w(&a), w(&b));
+    assert_ne!(w(&a), w(&c));
+    // Kaiming normal, fan-in 64·9: std = sqrt(2/576) ≈ 0.0589.
+    let v = w(&a);
+    let std = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+    assert!((std - 0.0589).abs() < 0.002, "std {std}");
+}
+
+#[test]
+fn forward_modes_and_batchnorm_statistics() {
+    let m = model(1);
+    let x = batch(4, 1);
+    let e1 = m.forward(&x, false).unwrap();
+    let e2 = m.forward(&x, false).unwrap();
+    assert_eq!(e1.dims(), &[4, 10]);
+    assert_eq!(
+        e1.to_vec2::<f32>().unwrap(),
+        e2.to_vec2::<f32>().unwrap(),
+        "eval mode is deterministic"
+    );
+    let rm0 = m
+        .tensor("bn1.running_mean")
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(rm0.iter().all(|&v| v == 0.0));
+    m.forward(&x, true).unwrap();
+    let rm1 = m
+        .tensor("bn1.running_mean")
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(
+        rm1.iter().any(|&v| v != 0.0),
+        "training mode updates running stats"
+    );
+    assert_eq!(m.num_batches_tracked(), 1);
+    // Eval mode does not.
+    m.forward(&x, false).unwrap();
+    assert_eq!(m.num_batches_tracked(), 1);
+    assert_eq!(
+        m.tensor("bn1.running_mean")
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        rm1
+    );
+    // A wrong input shape is a clear error.
+    let bad = Tensor::zeros((2, 3, 28, 28), DType::F32, &Device::Cpu).unwrap();
+    let msg = m.forward(&bad, false).unwrap_err().to_string();
+    assert!(msg.contains("3×32×32"), "{msg}");
+}
+
+#[test]
+fn frozen_view_gives_input_gradients_only_and_sees_updates() {
+    let m = model(2);
+    let f = m.frozen();
+    let x = Var::from_tensor(&batch(2, 2)).unwrap();
+    let loss = f
+        .forward_t(x.as_tensor(), false)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let g = loss.backward().unwrap();
+    assert!(g.get(x.as_tensor()).is_some());
+    for (name, v) in m.trainable_vars() {
+        assert!(g.get(v.as_tensor()).is_none(), "{name} got a gradient");
+    }
+    // An in-place update of the trainable model shows through the frozen view.
+    let (_, v) = m
+        .trainable_vars()
+        .into_iter()
+        .find(|(n, _)| n == "linear.bias")
+        .unwrap();
+    v.set(&Tensor::ones(10, DType::F32, &Device::Cpu).unwrap())
+        .unwrap();
+    let fb = f.tensor("linear.bias").unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(fb, vec![1.0; 10]);
+}
+
+#[test]
+fn option_a_shortcut_subsamples_and_zero_pads() {
+    let x = Tensor::arange(0f32, 2.0 * 16.0 * 4.0 * 4.0, &Device::Cpu)
+        .unwrap()
+        .reshape((2, 16, 4, 4))
+        .unwrap();
+    let y = option_a_shortcut(&x, 32).unwrap();
+    assert_eq!(y.dims(), &[2, 32, 2, 2]);
+    let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let at = |b: usize, c: usize, i: usize, j: usize| yv[((b * 32 + c) * 2 + i) * 2 + j];
+    // Channels 0..8 and 24..32 are zero; channel 8+c is input channel c at (2i, 2j).
+    for b in 0..2 {
+        for c in 0..32 {
+            for i in 0..2 {
+                for j in 0..2 {
+                    let expect = if (8..24).contains(&c) {
+                        (((b * 16 + (c - 8)) * 4 + 2 * i) * 4 + 2 * j) as f32
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(at(b, c, i, j), expect);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn checkpoint_round_trip_is_exact_and_atomic() {
+    let m = model(3);
+    m.forward(&batch(8, 3), true).unwrap();
+    let dir = tempdir();
+    let p = dir.path().join("sub/model.safetensors");
+    let mut man = Manifest::new("checkpoint", &Device::Cpu);
+    man.seed = Some(3);
+    checkpoint::save(&m, &p, &man).unwrap();
+    let names: Vec<String> = std::fs::read_dir(p.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+    let back = checkpoint::load(&p, &Device::Cpu, false).unwrap();
+    for (k, t) in m.tensors() {
+        let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = back
+            .tensor(k)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(a, b, "{k}");
+    }
+    assert_eq!(back.num_batches_tracked(), 1);
+    let x = batch(3, 4);
+    assert_eq!(
+        m.forward(&x, false).unwrap().to_vec2::<f32>().unwrap(),
+        back.forward(&x, false).unwrap().to_vec2::<f32>().unwrap()
+    );
+    let mb = checkpoint::load_manifest(&p).unwrap().unwrap();
+    assert_eq!(mb.seed, Some(3));
+    assert_eq!(mb.code.name, "quant-robust");
+}
+
+#[test]
+fn wrong_checkpoints_are_named_errors() {
+    let m = model(4);
+    let dir = tempdir();
+    let mut sd: BTreeMap<String, Tensor> = checkpoint::state_dict(&m).unwrap();
+    sd.insert(
+        "layer2.1.conv2.weight".into(),
+        Tensor::zeros((32, 16, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let p = dir.path().join("bad.safetensors");
+    let bytes = checkpoint::to_safetensors_bytes(&sd, &Default::default()).unwrap();
+    std::fs::write(&p, bytes).unwrap();
+    let e = checkpoint::load(&p, &Device::Cpu, false).err().unwrap();
+    assert!(matches!(e, Error::Checkpoint { .. }));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("layer2.1.conv2.weight") && msg.contains("[32, 16, 3, 3]"),
+        "{msg}"
+    );
+    let mut f = checkpoint::state_dict(&m).unwrap();
+    f.remove("linear.bias");
+    f.retain(|k, _| !k.ends_with("num_batches_tracked"));
+    let msg = check_tensors(&f).unwrap_err().to_string();
+    assert!(
+        msg.contains("linear.bias") && msg.contains("missing"),
+        "{msg}"
+    );
+    std::fs::write(&p, b"not safetensors").unwrap();
+    let msg = checkpoint::load(&p, &Device::Cpu, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("bad.safetensors") && msg.contains("safetensors"),
+        "{msg}"
+    );
+}

@@ -1,0 +1,12 @@
+//! The one integration-test binary; a module per area of the library.
+
+mod common;
+
+// CLI parsing and user-facing errors.
+mod cli;
+// Loaders (archive, binary batches, image folders), bad input, subsets, augmentation.
+mod data;
+// ResNet-20: parameter count, PyTorch names, shapes, checkpoints.
+mod model;
+// SGD update, schedules, training runs, resume, divergence.
+mod train;

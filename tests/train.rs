@@ -1,0 +1,278 @@
+//! Training: the SGD update against hand-computed values, schedules, a short run whose loss
+//! falls, resume equivalence (1 + 1 epochs = 2 epochs), PGD-AT, divergence.
+
+use candle_core::{Device, Tensor, Var};
+use quant_robust::attack::{pgd_linf, PgdConfig};
+use quant_robust::data::batch::DeviceData;
+use quant_robust::data::subset::{stratified, SubsetSize};
+use quant_robust::rng::Rng;
+use quant_robust::train::{Adversarial, LrSchedule, Sgd, SgdConfig, Silent, TrainConfig, Trainer};
+use quant_robust::Error;
+
+use crate::common::{sample, tempdir};
+
+/// Two SGD steps on p = 1 with the gradient of L = 0.5·p (always 0.5), lr 0.1.
+fn two_steps(cfg: SgdConfig) -> Vec<f32> {
+    let p = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+    let mut opt = Sgd::new(vec![("p".into(), p.clone())], cfg).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        let loss = (p.as_tensor() * 0.5).unwrap().sum_all().unwrap();
+        opt.step(&loss.backward().unwrap(), 0.1).unwrap();
+        out.push(p.as_tensor().to_vec1::<f32>().unwrap()[0]);
+    }
+    out
+}
+
+fn close(a: &[f32], b: &[f32]) {
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() < 1e-6, "{a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn sgd_matches_hand_computed_updates() {
+    // Nesterov, momentum 0.9, weight decay 0.1:
+    //   d1 = 0.5 + 0.1·1 = 0.6, buf = 0.6, d = 0.6 + 0.9·0.6 = 1.14, p = 1 - 0.114 = 0.886
+    //   d2 = 0.5 + 0.0886 = 0.5886, buf = 0.54 + 0.5886 = 1.1286,
+    //   d = 0.5886 + 0.9·1.1286 = 1.60434, p = 0.886 - 0.160434 = 0.725566
+    let nesterov = SgdConfig {
+        momentum: 0.9,
+        dampening: 0.0,
+        nesterov: true,
+        weight_decay: 0.1,
+    };
+    close(&two_steps(nesterov.clone()), &[0.886, 0.725566]);
+    // Plain momentum: p1 = 1 - 0.06 = 0.94; d2 = 0.594, buf = 1.134, p2 = 0.8266.
+    let heavy_ball = SgdConfig {
+        nesterov: false,
+        ..nesterov.clone()
+    };
+    close(&two_steps(heavy_ball), &[0.94, 0.8266]);
+    // Dampening 0.5 (plain momentum): buf2 = 0.54 + 0.5·0.594 = 0.837, p2 = 0.94 - 0.0837.
+    let damp = SgdConfig {
+        nesterov: false,
+        dampening: 0.5,
+        ..nesterov.clone()
+    };
+    close(&two_steps(damp), &[0.94, 0.8563]);
+    // No momentum, no decay: p = 1 - 0.05 - 0.05.
+    let plain = SgdConfig {
+        momentum: 0.0,
+        dampening: 0.0,
+        nesterov: false,
+        weight_decay: 0.0,
+    };
+    close(&two_steps(plain), &[0.95, 0.9]);
+    // Invalid settings are named.
+    let bad = SgdConfig {
+        momentum: 1.5,
+        ..SgdConfig::default()
+    };
+    let msg = bad.validate().unwrap_err().to_string();
+    assert!(msg.contains("sgd.momentum") && msg.contains("1.5"), "{msg}");
+}
+
+#[test]
+fn schedules_hit_their_defining_points() {
+    let oc = LrSchedule::one_cycle();
+    assert!((oc.lr(0.1, 0, 100) - 0.004).abs() < 1e-12);
+    assert!((oc.lr(0.1, 25, 100) - 0.1).abs() < 1e-12);
+    assert!((oc.lr(0.1, 100, 100) - 0.004 / 1e4).abs() < 1e-12);
+    let mid_up = oc.lr(0.1, 12, 100);
+    assert!(mid_up > 0.004 && mid_up < 0.1);
+    let c = LrSchedule::Cosine;
+    assert_eq!(c.lr(0.2, 0, 10), 0.2);
+    assert!((c.lr(0.2, 5, 10) - 0.1).abs() < 1e-12);
+    assert!(c.lr(0.2, 10, 10).abs() < 1e-12);
+    let ms = LrSchedule::multistep();
+    assert_eq!(ms.lr(0.1, 49, 100), 0.1);
+    assert!((ms.lr(0.1, 50, 100) - 0.01).abs() < 1e-12);
+    assert!((ms.lr(0.1, 80, 100) - 0.001).abs() < 1e-12);
+    assert_eq!(LrSchedule::Constant.lr(0.3, 7, 10), 0.3);
+    let bad = LrSchedule::MultiStep {
+        milestones: vec![1.5],
+        gamma: 0.1,
+    };
+    assert!(bad.validate().is_err());
+}
+
+fn tiny_config(epochs: usize, batch: usize) -> TrainConfig {
+    TrainConfig {
+        epochs,
+        batch_size: batch,
+        lr: 0.05,
+        schedule: LrSchedule::Constant,
+        eval_images: Some(50),
+        eval_batch_size: 50,
+        log_every: 2,
+        seed: 11,
+        ..TrainConfig::default()
+    }
+}
+
+fn tiny_data(n: usize) -> (DeviceData, DeviceData) {
+    let s = sample();
+    let train = stratified(&s.train, SubsetSize::Count(n), &mut Rng::new(5, "sub")).unwrap();
+    (
+        DeviceData::new(&train, &Device::Cpu).unwrap(),
+        DeviceData::new(&s.test, &Device::Cpu).unwrap(),
+    )
+}
+
+#[test]
+fn short_training_run_lowers_the_loss() {
+    let (train, test) = tiny_data(128);
+    let s = sample();
+    let mut t = Trainer::new(tiny_config(3, 32), s.identity.clone(), 128, &Device::Cpu).unwrap();
+    t.fit(&train, &test, None, &mut Silent).unwrap();
+    let h = &t.state.history;
+    assert_eq!(h.len(), 3);
+    assert!(
+        h[2].train_loss < h[0].train_loss - 0.1,
+        "loss did not fall: {:?}",
+        h.iter().map(|r| r.train_loss).collect::<Vec<_>>()
+    );
+    assert!(h
+        .iter()
+        .all(|r| r.train_loss.is_finite() && r.test.total == 50));
+    assert_eq!(t.state.step, 12);
+}
+
+#[test]
+fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
+    let (train, test) = tiny_data(64);
+    let s = sample();
+    let mut whole = Trainer::new(tiny_config(2, 32), s.identity.clone(), 64, &Device::Cpu).unwrap();
+    whole.fit(&train, &test, None, &mut Silent).unwrap();
+
+    let dir = tempdir();
+    let ck = dir.path().join("run.safetensors");
+    let mut first = Trainer::new(tiny_config(1, 32), s.identity.clone(), 64, &Device::Cpu).unwrap();
+    first.fit(&train, &test, Some(&ck), &mut Silent).unwrap();
+    drop(first);
+    let mut second = Trainer::resume(&ck, Some(2), &Device::Cpu).unwrap();
+    assert_eq!(second.state.epoch, 1);
+    second.fit(&train, &test, Some(&ck), &mut Silent).unwrap();
+    assert_eq!(second.state.step, whole.state.step);
+    for (k, a) in whole.model.tensors() {
+        let b = second.model.tensor(k).unwrap();
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(
+            d.to_scalar::<f32>().unwrap(),
+            0.0,
+            "{k} differs after resume"
+        );
+    }
+    assert_eq!(
+        whole.state.history[1].train_loss,
+        second.state.history[1].train_loss
+    );
+    // The checkpoint on disk is the final one, with its manifest.
+    let m = quant_robust::model::checkpoint::load_manifest(&ck)
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.metrics["epochs_done"], 2.0);
+    assert_eq!(m.data.unwrap().name, "cifar10-jpeg-sample");
+}
+
+#[test]
+fn divergence_stops_training_and_keeps_the_last_good_checkpoint() {
+    let (train, test) = tiny_data(64);
+    let s = sample();
+    let dir = tempdir();
+    let ck = dir.path().join("run.safetensors");
+    let mut t = Trainer::new(tiny_config(3, 32), s.identity.clone(), 64, &Device::Cpu).unwrap();
+    t.run_epoch(&train, &test, &mut Silent).unwrap();
+    t.save(&ck).unwrap();
+    let before = std::fs::read(&ck).unwrap();
+    t.state.config.lr = 1e30;
+    let e = t.fit(&train, &test, Some(&ck), &mut Silent).unwrap_err();
+    assert!(matches!(e, Error::Diverged { epoch: 2, .. }), "{e}");
+    assert!(e.to_string().contains("last good checkpoint"));
+    assert_eq!(
+        std::fs::read(&ck).unwrap(),
+        before,
+        "checkpoint was overwritten"
+    );
+    let r = Trainer::resume(&ck, None, &Device::Cpu).unwrap();
+    assert_eq!(r.state.epoch, 1);
+}
+
+#[test]
+fn pgd_adversarial_training_runs_and_pgd_stays_in_the_ball() {
+    let (train, test) = tiny_data(32);
+    let s = sample();
+    let cfg = TrainConfig {
+        adversarial: Adversarial::Pgd(PgdConfig {
+            steps: 2,
+            ..PgdConfig::default()
+        }),
+        eval_adv_images: 20,
+        eval_images: Some(20),
+        eval_batch_size: 20,
+        ..tiny_config(1, 16)
+    };
+    let mut t = Trainer::new(cfg, s.identity.clone(), 32, &Device::Cpu).unwrap();
+    let r = t.run_epoch(&train, &test, &mut Silent).unwrap();
+    let pgd = r.test_pgd.expect("AT reports PGD accuracy");
+    assert_eq!(pgd.total, 20);
+    assert!(pgd.correct <= r.test.total);
+
+    let (x, y) = test.batch(&[0, 150, 300, 450]).unwrap();
+    let cfg = PgdConfig::default();
+    let adv = pgd_linf(&t.model.frozen(), &x, &y, &cfg, &mut Rng::new(0, "pgd")).unwrap();
+    let d = (&adv - &x).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() <= (8.0 / 255.0) as f32 + 1e-6);
+    assert!(adv.min_all().unwrap().to_scalar::<f32>().unwrap() >= 0.0);
+    assert!(adv.max_all().unwrap().to_scalar::<f32>().unwrap() <= 1.0);
+    let zero = PgdConfig { eps: 0.0, ..cfg };
+    let same = pgd_linf(&t.model.frozen(), &x, &y, &zero, &mut Rng::new(0, "pgd")).unwrap();
+    let d0 = (&same - &x).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(d0.to_scalar::<f32>().unwrap(), 0.0);
+    let _ = Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu);
+}
+
+#[test]
+fn invalid_training_settings_are_named() {
+    let s = sample();
+    for (cfg, name) in [
+        (
+            TrainConfig {
+                epochs: 0,
+                ..TrainConfig::default()
+            },
+            "epochs",
+        ),
+        (
+            TrainConfig {
+                batch_size: 1,
+                ..TrainConfig::default()
+            },
+            "batch_size",
+        ),
+        (
+            TrainConfig {
+                lr: -1.0,
+                ..TrainConfig::default()
+            },
+            "lr",
+        ),
+        (
+            TrainConfig {
+                adversarial: Adversarial::Pgd(PgdConfig {
+                    eps: 8.0,
+                    ..PgdConfig::default()
+                }),
+                ..TrainConfig::default()
+            },
+            "pgd.eps",
+        ),
+    ] {
+        let msg = Trainer::new(cfg, s.identity.clone(), 10, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains(name), "{msg}");
+    }
+}
