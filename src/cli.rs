@@ -45,7 +45,7 @@ pub struct Args {
 pub enum Command {
     /// Train ResNet-20 (natural or PGD adversarial training), checkpointing every epoch.
     #[command(after_help = EXAMPLES)]
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Clean accuracy of a checkpoint on a data set.
     #[command(after_help = EXAMPLES)]
     Eval(EvalArgs),
@@ -239,7 +239,7 @@ pub fn init_logging(verbose: u8) {
 /// Runs a parsed command line.
 pub fn run(args: Args) -> Result<ExitCode> {
     match args.command {
-        Command::Train(a) => train(a),
+        Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),
         Command::MakeSample(a) => make_sample(a),
     }
@@ -503,9 +503,9 @@ fn make_sample(a: MakeSampleArgs) -> Result<ExitCode> {
     let mut rng = Rng::new(a.seed, "make-sample");
     let mut out = Vec::new();
     for (is_train, n) in [(true, a.train), (false, a.test)] {
-        let part: Vec<&(String, bool, u8, Vec<u8>)> =
-            entries.iter().filter(|e| e.1 == is_train).collect();
-        let labels: Vec<u8> = part.iter().map(|e| e.2).collect();
+        let part: Vec<&data::archive::RawEntry> =
+            entries.iter().filter(|e| e.train == is_train).collect();
+        let labels: Vec<u8> = part.iter().map(|e| e.label).collect();
         let idx = subset::stratified_indices(
             &labels,
             data::CIFAR10_CLASSES.len(),
@@ -514,7 +514,7 @@ fn make_sample(a: MakeSampleArgs) -> Result<ExitCode> {
         )?;
         out.extend(
             idx.into_iter()
-                .map(|i| (part[i].0.clone(), part[i].3.clone())),
+                .map(|i| (part[i].path.clone(), part[i].bytes.clone())),
         );
     }
     data::archive::write_archive(&a.out, &out)?;

@@ -97,9 +97,20 @@ pub fn write_archive(path: &Path, entries: &[(String, Vec<u8>)]) -> Result<()> {
     })
 }
 
-/// Reads the raw (undecoded) image entries of an archive: `(entry path, split, label, bytes)`,
-/// sorted by split, class and name.
-pub fn read_raw_entries(path: &Path) -> Result<Vec<(String, bool, u8, Vec<u8>)>> {
+/// One undecoded image entry of an archive.
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    /// `train/<class>/<name>` or `test/<class>/<name>`.
+    pub path: String,
+    pub train: bool,
+    pub label: u8,
+    /// The file's bytes (JPEG).
+    pub bytes: Vec<u8>,
+}
+
+/// Reads the raw (undecoded) image entries of an archive, sorted by split (train first),
+/// class and name.
+pub fn read_raw_entries(path: &Path) -> Result<Vec<RawEntry>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
     let mut out = Vec::new();
@@ -121,14 +132,15 @@ pub fn read_raw_entries(path: &Path) -> Result<Vec<(String, bool, u8, Vec<u8>)>>
         entry
             .read_to_end(&mut data)
             .map_err(|e| Error::bad_data(path.join(&rel), format!("truncated: {e}")))?;
-        let is_train = split == super::Split::Train;
-        out.push((
-            format!("{}/{class}/{name}", if is_train { "train" } else { "test" }),
-            is_train,
+        let train = split == super::Split::Train;
+        let dir = if train { "train" } else { "test" };
+        out.push(RawEntry {
+            path: format!("{dir}/{class}/{name}"),
+            train,
             label,
-            data,
-        ));
+            bytes: data,
+        });
     }
-    out.sort_by(|a, b| (!a.1, a.2, &a.0).cmp(&(!b.1, b.2, &b.0)));
+    out.sort_by(|a, b| (!a.train, a.label, &a.path).cmp(&(!b.train, b.label, &b.path)));
     Ok(out)
 }

@@ -35,19 +35,14 @@ pub use schedule::LrSchedule;
 pub use sgd::{Sgd, SgdConfig};
 
 /// Adversarial training inside the training loop.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Adversarial {
     /// Natural training on clean images.
+    #[default]
     None,
     /// PGD-AT: every batch replaced by its PGD adversarial examples.
     Pgd(PgdConfig),
-}
-
-impl Default for Adversarial {
-    fn default() -> Self {
-        Adversarial::None
-    }
 }
 
 impl Adversarial {
