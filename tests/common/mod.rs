@@ -5,13 +5,16 @@ use std::sync::OnceLock;
 
 use quant_robust::data::{self, CifarData, DataSource};
 
-/// The shipped archive beside the checkout (developers' machines and CI have it).
+/// The shipped archive beside the checkout (developers' machines and this workplace's CI
+/// have `../shared/data`). Where `../shared` exists the archive must be there; a checkout
+/// with no `../shared` at all (a public CI runner) skips these tests, saying so.
 pub fn shipped_archive() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/cifar10-jpeg.tar.gz");
+    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    let p = shared.join("data/cifar10-jpeg.tar.gz");
     if p.is_file() {
         Some(p)
-    } else if std::env::var_os("CI").is_some() {
-        panic!("CI must have ../shared/data/cifar10-jpeg.tar.gz beside the checkout");
+    } else if shared.is_dir() {
+        panic!("{} is missing", p.display());
     } else {
         eprintln!("skipping: ../shared/data/cifar10-jpeg.tar.gz not found");
         None

@@ -1,0 +1,49 @@
+//! CPU benchmarks of the operations that dominate the study: the evaluation forward pass,
+//! one attack step (forward + input gradient) and one training step, ResNet-20 at batch 128,
+//! reported as images/s (criterion's element throughput).
+//!
+//! `cargo bench` measures; `cargo bench -- --test` runs each once (the CI smoke run).
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use quant_robust::attack::{cross_entropy, input_gradient};
+use quant_robust::model::ResNet20;
+use quant_robust::rng::Rng;
+use quant_robust::train::{Sgd, SgdConfig};
+
+const BATCH: usize = 128;
+
+fn inputs(dev: &Device) -> (Tensor, Tensor) {
+    let mut rng = Rng::new(0, "bench");
+    let x = Tensor::from_vec(rng.uniform_vec(BATCH * 3072, 0.0, 1.0), (BATCH, 3, 32, 32), dev)
+        .expect("input");
+    let y: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
+    (x, Tensor::from_vec(y, BATCH, dev).expect("labels"))
+}
+
+fn cpu(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let model = ResNet20::init(&mut Rng::new(0, "init"), &dev).expect("model");
+    let frozen = model.frozen();
+    let (x, y) = inputs(&dev);
+    let mut g = c.benchmark_group("cpu");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("eval_forward_b128", |b| {
+        b.iter(|| frozen.forward(&x, false).expect("forward"))
+    });
+    g.bench_function("attack_step_b128", |b| {
+        b.iter(|| input_gradient(&frozen, &x, &y).expect("gradient"))
+    });
+    let mut opt = Sgd::new(model.trainable_vars(), SgdConfig::default()).expect("sgd");
+    g.bench_function("train_step_b128", |b| {
+        b.iter(|| {
+            let loss = cross_entropy(&model.forward(&x, true).expect("fwd"), &y).expect("loss");
+            opt.step(&loss.backward().expect("backward"), 0.01).expect("step");
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, cpu);
+criterion_main!(benches);
