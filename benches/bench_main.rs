@@ -15,8 +15,12 @@ const BATCH: usize = 128;
 
 fn inputs(dev: &Device) -> (Tensor, Tensor) {
     let mut rng = Rng::new(0, "bench");
-    let x = Tensor::from_vec(rng.uniform_vec(BATCH * 3072, 0.0, 1.0), (BATCH, 3, 32, 32), dev)
-        .expect("input");
+    let x = Tensor::from_vec(
+        rng.uniform_vec(BATCH * 3072, 0.0, 1.0),
+        (BATCH, 3, 32, 32),
+        dev,
+    )
+    .expect("input");
     let y: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
     (x, Tensor::from_vec(y, BATCH, dev).expect("labels"))
 }
@@ -39,7 +43,8 @@ fn cpu(c: &mut Criterion) {
     g.bench_function("train_step_b128", |b| {
         b.iter(|| {
             let loss = cross_entropy(&model.forward(&x, true).expect("fwd"), &y).expect("loss");
-            opt.step(&loss.backward().expect("backward"), 0.01).expect("step");
+            opt.step(&loss.backward().expect("backward"), 0.01)
+                .expect("step");
         })
     });
     g.finish();

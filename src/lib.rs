@@ -17,7 +17,8 @@
 //! - [`train`]: SGD (momentum, Nesterov, weight decay), schedules, natural and PGD
 //!   adversarial training, resumable;
 //! - [`manifest`], [`io`]: what produced a result; atomic writes;
-//! - [`device`]: CPU/CUDA selection.
+//! - [`device`]: CPU/CUDA selection;
+//! - [`kernels`]: fast CPU convolution (im2col + GEMM) with its gradients.
 
 pub mod attack;
 pub mod data;
@@ -25,6 +26,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod io;
+pub mod kernels;
 pub mod manifest;
 pub mod model;
 pub mod rng;

@@ -6,6 +6,8 @@ mod common;
 mod cli;
 // Loaders (archive, binary batches, image folders), bad input, subsets, augmentation.
 mod data;
+// CPU kernels equal candle's reference ops.
+mod kernels;
 // ResNet-20: parameter count, PyTorch names, shapes, checkpoints.
 mod model;
 // SGD update, schedules, training runs, resume, divergence.

@@ -43,6 +43,13 @@ fn sgd_matches_hand_computed_updates() {
         weight_decay: 0.1,
     };
     close(&two_steps(nesterov.clone()), &[0.886, 0.725566]);
+    // The momentum buffers hold values, not the graph that produced them (a graph kept
+    // alive per step grew memory without bound).
+    let p = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+    let mut opt = Sgd::new(vec![("p".into(), p.clone())], nesterov.clone()).unwrap();
+    let loss = (p.as_tensor() * 0.5).unwrap().sum_all().unwrap();
+    opt.step(&loss.backward().unwrap(), 0.1).unwrap();
+    assert!(opt.state().values().all(|b| !b.track_op()));
     // Plain momentum: p1 = 1 - 0.06 = 0.94; d2 = 0.594, buf = 1.134, p2 = 0.8266.
     let heavy_ball = SgdConfig {
         nesterov: false,

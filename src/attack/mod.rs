@@ -33,10 +33,10 @@ pub fn input_gradient<M: Classifier + ?Sized>(
     let n = x.dim(0)? as f64;
     let loss_sum = (loss * n)?;
     let grads = loss_sum.backward()?;
-    let g = grads
-        .get(xv.as_tensor())
-        .cloned()
-        .unwrap_or(xv.as_tensor().zeros_like()?);
+    let g = match grads.get(xv.as_tensor()) {
+        Some(g) => g.detach(),
+        None => xv.as_tensor().zeros_like()?,
+    };
     Ok((loss_sum.detach(), g))
 }
 

@@ -315,7 +315,7 @@ impl ResNet20 {
         let w = self
             .seam
             .weight(layer, self.t(&format!("{layer}.weight")))?;
-        Ok(x.conv2d(&w, 1, stride, 1, 1)?)
+        Ok(crate::kernels::conv2d(x, &w, 1, stride)?)
     }
 
     fn bn(&self, x: &Tensor, name: &str, train: bool) -> Result<Tensor> {

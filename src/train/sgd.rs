@@ -102,11 +102,14 @@ impl Sgd {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            // Gradients carry their own backprop graph (which references the forward
+            // pass); detached, the momentum buffer does not keep every step's graph alive.
+            let g = g.detach();
             let p = var.as_tensor().detach();
             let mut d = if c.weight_decay != 0.0 {
                 (g + (&p * c.weight_decay)?)?
             } else {
-                g.clone()
+                g
             };
             if c.momentum != 0.0 {
                 let b = match buf.take() {

@@ -1,0 +1,413 @@
+//! 2-D convolution (NCHW, f32, square kernel, zero padding, no groups or dilation) by
+//! im2col + GEMM, forward and both gradients, on the CPU.
+//!
+//! For one image with `C` input channels, kernel `k`, output `Ho×Wo`:
+//! `col` is the `(C·k·k) × (Ho·Wo)` patch matrix, and
+//! - forward:       `y = W · col`                 (`O × Ho·Wo`, `W` is `O × C·k·k`)
+//! - input grad:    `dcol = Wᵀ · dy`, scattered back by col2im
+//! - weight grad:   `dW = Σ_images dy · colᵀ`
+//!
+//! Work is split over the batch across rayon's threads; each GEMM runs single-threaded.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Geometry of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> candle_core::Result<Self> {
+        let (&[n, c, h, wd], &[o, ci, k, k2]) = (x, w) else {
+            candle_core::bail!("conv2d: expected 4-D input and kernel, got {x:?} and {w:?}")
+        };
+        if ci != c || k != k2 || stride == 0 || h + 2 * pad < k || wd + 2 * pad < k {
+            candle_core::bail!(
+                "conv2d: input {x:?} and kernel {w:?} (stride {stride}, pad {pad}) do not fit"
+            );
+        }
+        Ok(Geom {
+            n,
+            c,
+            h,
+            w: wd,
+            o,
+            k,
+            stride,
+            pad,
+            ho: (h + 2 * pad - k) / stride + 1,
+            wo: (wd + 2 * pad - k) / stride + 1,
+        })
+    }
+    fn ckk(&self) -> usize {
+        self.c * self.k * self.k
+    }
+    fn hw_out(&self) -> usize {
+        self.ho * self.wo
+    }
+    fn in_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+}
+
+/// The patch matrix of one image: `col[(c·k + ki)·k + kj][oh·Wo + ow]`.
+fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
+    let hw = g.hw_out();
+    for c in 0..g.c {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.k {
+            for kj in 0..g.k {
+                let row = &mut col[((c * g.k + ki) * g.k + kj) * hw..][..hw];
+                for oh in 0..g.ho {
+                    let ih = (oh * g.stride + ki) as isize - g.pad as isize;
+                    let out = &mut row[oh * g.wo..(oh + 1) * g.wo];
+                    if ih < 0 || ih >= g.h as isize {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    if g.stride == 1 {
+                        // iw = ow + kj - pad: a shifted copy with zero borders.
+                        let shift = kj as isize - g.pad as isize;
+                        for (ow, v) in out.iter_mut().enumerate() {
+                            let iw = ow as isize + shift;
+                            *v = if iw >= 0 && iw < g.w as isize {
+                                src[iw as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    } else {
+                        for (ow, v) in out.iter_mut().enumerate() {
+                            let iw = (ow * g.stride + kj) as isize - g.pad as isize;
+                            *v = if iw >= 0 && iw < g.w as isize {
+                                src[iw as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the patch-matrix gradient back onto the image gradient (the adjoint of im2col).
+fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
+    let hw = g.hw_out();
+    dx.fill(0.0);
+    for c in 0..g.c {
+        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.k {
+            for kj in 0..g.k {
+                let row = &col[((c * g.k + ki) * g.k + kj) * hw..][..hw];
+                for oh in 0..g.ho {
+                    let ih = (oh * g.stride + ki) as isize - g.pad as isize;
+                    if ih < 0 || ih >= g.h as isize {
+                        continue;
+                    }
+                    let dst = &mut plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    for ow in 0..g.wo {
+                        let iw = (ow * g.stride + kj) as isize - g.pad as isize;
+                        if iw >= 0 && iw < g.w as isize {
+                            dst[iw as usize] += row[oh * g.wo + ow];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst (m×n) = [dst +] a · b` for row-major matrices given by their strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    a: &[f32],
+    a_rs: isize,
+    a_cs: isize,
+    b: &[f32],
+    b_rs: isize,
+    b_cs: isize,
+) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: the slices cover every element addressed by the given sizes and strides
+    // (checked by the callers' shapes), and `dst` does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("conv2d: {what} must be contiguous"),
+    }
+}
+
+/// Images per parallel task: the batch split evenly over the threads.
+fn chunk(n: usize) -> usize {
+    n.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
+fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let (ckk, hw) = (g.ckk(), g.hw_out());
+    let mut y = vec![0f32; g.n * g.o * hw];
+    let per = chunk(g.n);
+    y.par_chunks_mut(per * g.o * hw)
+        .enumerate()
+        .for_each(|(t, ys)| {
+            let mut col = vec![0f32; ckk * hw];
+            for (i, yi) in ys.chunks_mut(g.o * hw).enumerate() {
+                let img = t * per + i;
+                im2col(g, &x[img * g.in_len()..(img + 1) * g.in_len()], &mut col);
+                matmul(
+                    g.o,
+                    hw,
+                    ckk,
+                    yi,
+                    false,
+                    w,
+                    ckk as isize,
+                    1,
+                    &col,
+                    hw as isize,
+                    1,
+                );
+            }
+        });
+    y
+}
+
+fn grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let (ckk, hw) = (g.ckk(), g.hw_out());
+    let mut dx = vec![0f32; g.n * g.in_len()];
+    let per = chunk(g.n);
+    dx.par_chunks_mut(per * g.in_len())
+        .enumerate()
+        .for_each(|(t, dxs)| {
+            let mut dcol = vec![0f32; ckk * hw];
+            for (i, dxi) in dxs.chunks_mut(g.in_len()).enumerate() {
+                let img = t * per + i;
+                let dyi = &dy[img * g.o * hw..(img + 1) * g.o * hw];
+                // dcol (ckk × hw) = Wᵀ (ckk × o) · dy (o × hw)
+                matmul(
+                    ckk,
+                    hw,
+                    g.o,
+                    &mut dcol,
+                    false,
+                    w,
+                    1,
+                    ckk as isize,
+                    dyi,
+                    hw as isize,
+                    1,
+                );
+                col2im(g, &dcol, dxi);
+            }
+        });
+    dx
+}
+
+fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (ckk, hw) = (g.ckk(), g.hw_out());
+    let per = chunk(g.n);
+    let tasks = g.n.div_ceil(per);
+    let partial: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let mut dw = vec![0f32; g.o * ckk];
+            let mut col = vec![0f32; ckk * hw];
+            for img in t * per..((t + 1) * per).min(g.n) {
+                im2col(g, &x[img * g.in_len()..(img + 1) * g.in_len()], &mut col);
+                let dyi = &dy[img * g.o * hw..(img + 1) * g.o * hw];
+                // dW (o × ckk) += dy (o × hw) · colᵀ (hw × ckk)
+                matmul(
+                    g.o,
+                    ckk,
+                    hw,
+                    &mut dw,
+                    true,
+                    dyi,
+                    hw as isize,
+                    1,
+                    &col,
+                    1,
+                    hw as isize,
+                );
+            }
+            dw
+        })
+        .collect();
+    let mut dw = vec![0f32; g.o * ckk];
+    for p in partial {
+        for (a, b) in dw.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+    dw
+}
+
+/// The forward op: `(x, w) -> y`.
+struct Conv2dOp {
+    stride: usize,
+    pad: usize,
+}
+
+/// `(dy, w) -> dx` for an input of shape `in_shape`.
+struct GradInputOp {
+    stride: usize,
+    pad: usize,
+    in_shape: [usize; 4],
+}
+
+/// `(x, dy) -> dw` for a kernel of shape `w_shape`.
+struct GradWeightOp {
+    stride: usize,
+    pad: usize,
+    w_shape: [usize; 4],
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "qr-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        let y = forward(&g, slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = if x.track_op() {
+            let d = x.dims();
+            let op = GradInputOp {
+                stride: self.stride,
+                pad: self.pad,
+                in_shape: [d[0], d[1], d[2], d[3]],
+            };
+            Some(grad.apply_op2_no_bwd(&w.contiguous()?, &op)?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let d = w.dims();
+            let op = GradWeightOp {
+                stride: self.stride,
+                pad: self.pad,
+                w_shape: [d[0], d[1], d[2], d[3]],
+            };
+            Some(x.contiguous()?.apply_op2_no_bwd(&grad, &op)?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+impl CustomOp2 for GradInputOp {
+    fn name(&self) -> &'static str {
+        "qr-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(&self.in_shape, l2.dims(), self.stride, self.pad)?;
+        if l1.dims() != [g.n, g.o, g.ho, g.wo] {
+            candle_core::bail!("conv2d grad: output gradient shape {:?}", l1.dims());
+        }
+        let dx = grad_input(&g, slice(s1, l1, "gradient")?, slice(s2, l2, "kernel")?);
+        Ok((CpuStorage::F32(dx), Shape::from(self.in_shape.to_vec())))
+    }
+}
+
+impl CustomOp2 for GradWeightOp {
+    fn name(&self) -> &'static str {
+        "qr-conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), &self.w_shape, self.stride, self.pad)?;
+        if l2.dims() != [g.n, g.o, g.ho, g.wo] {
+            candle_core::bail!("conv2d grad: output gradient shape {:?}", l2.dims());
+        }
+        let dw = grad_weight(&g, slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
+        Ok((CpuStorage::F32(dw), Shape::from(self.w_shape.to_vec())))
+    }
+}
+
+/// Convolution of `x` (N×C×H×W) with `w` (O×C×k×k), zero padding `pad`, stride `stride`.
+/// On the CPU with f32 tensors: im2col + GEMM with its own gradients; elsewhere (CUDA, other
+/// dtypes): candle's `conv2d`.
+pub fn conv2d(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype() {
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, Conv2dOp { stride, pad })
+    } else {
+        x.conv2d(w, pad, stride, 1, 1)
+    }
+}
