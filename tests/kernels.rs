@@ -37,6 +37,7 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// Forward, dx and dw of our op and candle's, for one geometry.
+#[allow(clippy::too_many_arguments)]
 fn compare(
     n: usize,
     c: usize,
@@ -115,5 +116,76 @@ proptest! {
         seed in 0u64..1000,
     ) {
         compare(n, c, o, hw, k, stride, pad, seed);
+    }
+}
+
+/// BatchNorm in training mode written with candle's own ops (the reference).
+fn bn_train_reference(x: &Tensor, g: &Tensor, b: &Tensor) -> Tensor {
+    let c = g.dim(0).unwrap();
+    let mean = x.mean_keepdim((0, 2, 3)).unwrap();
+    let centered = x.broadcast_sub(&mean).unwrap();
+    let var = centered.sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
+    let inv = (var + 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
+    centered
+        .broadcast_mul(&inv)
+        .unwrap()
+        .broadcast_mul(&g.reshape((1, c, 1, 1)).unwrap())
+        .unwrap()
+        .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
+        .unwrap()
+}
+
+fn grads_match(ours: Tensor, reference: Tensor, leaves: &[(&str, &Var)], seed: u64, tol: f32) {
+    assert!(max_rel_diff(&ours, &reference) < tol, "forward");
+    let r = rand(reference.dims(), seed);
+    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (reference * &r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (name, v) in leaves {
+        let d = max_rel_diff(
+            g1.get(v.as_tensor()).unwrap(),
+            g2.get(v.as_tensor()).unwrap(),
+        );
+        assert!(d < tol, "{name} gradient differs by {d}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+    #[test]
+    fn batch_norm_affine_and_relu_match_candle(
+        n in 2usize..5,
+        c in 1usize..5,
+        hw in 1usize..7,
+        seed in 0u64..1000,
+    ) {
+        use quant_robust::kernels::{batch_norm_train, channel_affine, channel_stats, relu};
+        let x = Var::from_tensor(&rand(&[n, c, hw, hw], seed)).unwrap();
+        let g = Var::from_tensor(&rand(&[c], seed + 1)).unwrap();
+        let b = Var::from_tensor(&rand(&[c], seed + 2)).unwrap();
+        let leaves = [("x", &x), ("gamma", &g), ("beta", &b)];
+        grads_match(
+            batch_norm_train(&x, &g, &b, 1e-5).unwrap(),
+            bn_train_reference(&x, &g, &b),
+            &leaves,
+            seed + 3,
+            1e-4,
+        );
+        let reference = x
+            .broadcast_mul(&g.reshape((1, c, 1, 1)).unwrap())
+            .unwrap()
+            .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
+            .unwrap();
+        grads_match(channel_affine(&x, &g, &b).unwrap(), reference, &leaves, seed + 4, 1e-5);
+        grads_match(relu(&x).unwrap(), x.relu().unwrap(), &leaves[..1], seed + 5, 1e-6);
+        let (mean, var) = channel_stats(&x).unwrap();
+        let m = x.mean_keepdim((0, 2, 3)).unwrap();
+        let v = x.broadcast_sub(&m).unwrap().sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
+        prop_assert!(max_rel_diff(&mean, &m.flatten_all().unwrap()) < 1e-5);
+        prop_assert!(max_rel_diff(&var, &v.flatten_all().unwrap()) < 1e-5);
     }
 }

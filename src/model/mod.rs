@@ -35,7 +35,7 @@ pub trait QuantSeam: Send + Sync {
 
     /// The activation at site `site` (FP: ReLU).
     fn activation(&self, _site: &str, x: &Tensor) -> crate::Result<Tensor> {
-        Ok(x.relu()?)
+        Ok(crate::kernels::relu(x)?)
     }
 
     /// A short description for manifests (`fp`, `ptq-pwlq-w4a8`, ...).

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 
 use super::{Classifier, FullPrecision, Seam};
+use crate::kernels;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
@@ -323,35 +324,27 @@ impl ResNet20 {
         let beta = self.t(&format!("{name}.bias"));
         let rm_name = format!("{name}.running_mean");
         let rv_name = format!("{name}.running_var");
-        let c = gamma.dim(0)?;
-        let (mean, var) = if train {
-            let (b, _, h, w) = x.dims4()?;
-            let n = (b * h * w) as f64;
-            let mean = x.mean_keepdim((0, 2, 3))?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
+        if train {
+            let y = kernels::batch_norm_train(x, gamma, beta, BN_EPS)?;
             if let (Some(rm), Some(rv)) = (self.vars.get(&rm_name), self.vars.get(&rv_name)) {
+                let (b, _, h, w) = x.dims4()?;
+                let n = (b * h * w) as f64;
+                let (mean, var) = kernels::channel_stats(x)?;
                 let m = BN_MOMENTUM;
-                let new_rm =
-                    ((rm.as_tensor().detach() * (1.0 - m))? + (mean.detach().flatten_all()? * m)?)?;
                 let unbiased = n / (n - 1.0).max(1.0);
-                let new_rv = ((rv.as_tensor().detach() * (1.0 - m))?
-                    + (var.detach().flatten_all()? * (m * unbiased))?)?;
+                let new_rm = ((rm.as_tensor().detach() * (1.0 - m))? + (mean * m)?)?;
+                let new_rv = ((rv.as_tensor().detach() * (1.0 - m))? + (var * (m * unbiased))?)?;
                 rm.set(&new_rm)?;
                 rv.set(&new_rv)?;
             }
-            (mean, var)
+            Ok(y)
         } else {
-            let rm = self.t(&rm_name).detach().reshape((1, c, 1, 1))?;
-            let rv = self.t(&rv_name).detach().reshape((1, c, 1, 1))?;
-            (rm, rv)
-        };
-        let inv = (var + BN_EPS)?.sqrt()?.recip()?;
-        let scale = inv.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?;
-        let shift = beta
-            .reshape((1, c, 1, 1))?
-            .broadcast_sub(&mean.broadcast_mul(&scale)?)?;
-        Ok(x.broadcast_mul(&scale)?.broadcast_add(&shift)?)
+            let rm = self.t(&rm_name).detach();
+            let rv = self.t(&rv_name).detach();
+            let scale = (rv + BN_EPS)?.sqrt()?.recip()?.mul(gamma)?;
+            let shift = beta.sub(&rm.mul(&scale)?)?;
+            Ok(kernels::channel_affine(x, &scale, &shift)?)
+        }
     }
 
     fn block(

@@ -1,0 +1,494 @@
+//! BatchNorm and ReLU on the CPU as fused custom ops (f32, NCHW), each with its backward.
+//!
+//! Written with candle's elementwise ops, BatchNorm in training mode takes a dozen passes
+//! over the activations and as many fresh allocations, with reductions over the batch and
+//! spatial dimensions on candle's generic strided path; here it is two passes forward and
+//! three backward.
+//!
+//! - [`batch_norm_train`]: `y = (x − μ_B)·γ/√(σ²_B + ε) + β` with batch statistics (biased
+//!   variance), gradients for x, γ and β:
+//!   `dx = γ·inv/M · (M·dy − Σdy − x̂·Σ(dy·x̂))`, `dγ = Σ(dy·x̂)`, `dβ = Σdy`
+//!   (M = N·H·W per channel, x̂ the normalized input).
+//! - [`channel_stats`]: per-channel mean and biased variance (for running statistics).
+//! - [`channel_affine`]: `y = x·a_c + b_c` (BatchNorm in evaluation mode), gradients for x,
+//!   and for a and b only when they are tracked.
+//! - [`relu`]: `max(x, 0)`, gradient `dy·[x > 0]`.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("batch-norm: {what} must be contiguous"),
+    }
+}
+
+/// (N, C, H·W) of an NCHW layout.
+fn nchw(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    match l.dims() {
+        &[n, c, h, w] => Ok((n, c, h * w)),
+        d => candle_core::bail!("batch-norm: expected N×C×H×W, got {d:?}"),
+    }
+}
+
+/// Per-channel sums of `f(x, dy)` over N and H·W, in f64.
+fn channel_sums<F>(n: usize, c: usize, hw: usize, f: F) -> Vec<f64>
+where
+    F: Fn(usize, usize) -> f64 + Sync,
+{
+    (0..c)
+        .into_par_iter()
+        .map(|ch| (0..n).map(|i| f(i * c + ch, hw)).sum())
+        .collect()
+}
+
+/// Mean and biased variance per channel (two-pass, f64 accumulation).
+fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    let m = (n * hw) as f64;
+    let mean: Vec<f64> = channel_sums(n, c, hw, |p, hw| {
+        x[p * hw..(p + 1) * hw].iter().map(|&v| v as f64).sum()
+    })
+    .into_iter()
+    .map(|s| s / m)
+    .collect();
+    let var: Vec<f64> = channel_sums(n, c, hw, |p, hw| {
+        let mu = mean[p % c];
+        x[p * hw..(p + 1) * hw]
+            .iter()
+            .map(|&v| (v as f64 - mu).powi(2))
+            .sum()
+    })
+    .into_iter()
+    .map(|s| s / m)
+    .collect();
+    (
+        mean.into_iter().map(|v| v as f32).collect(),
+        var.into_iter().map(|v| v as f32).collect(),
+    )
+}
+
+/// Per-channel mean and biased variance of an N×C×H×W tensor, as a 2×C tensor.
+struct StatsOp;
+
+impl CustomOp1 for StatsOp {
+    fn name(&self) -> &'static str {
+        "qr-channel-stats"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = nchw(l)?;
+        let (mut mean, var) = stats(slice(s, l, "input")?, n, c, hw);
+        mean.extend(var);
+        Ok((CpuStorage::F32(mean), Shape::from((2, c))))
+    }
+}
+
+/// Training-mode BatchNorm forward: (x, γ, β) → y.
+struct BnTrainOp {
+    eps: f64,
+}
+
+/// (x, γ, dy) → dx.
+struct BnTrainGradInput {
+    eps: f64,
+}
+
+/// (x, dy) → 2×C: [Σ dy·x̂ ; Σ dy].
+struct BnTrainGradParams {
+    eps: f64,
+}
+
+fn inv_std(var: &[f32], eps: f64) -> Vec<f32> {
+    var.iter()
+        .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+        .collect()
+}
+
+impl CustomOp3 for BnTrainOp {
+    fn name(&self) -> &'static str {
+        "qr-batch-norm-train"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = nchw(l1)?;
+        let x = slice(s1, l1, "input")?;
+        let (gamma, beta) = (slice(s2, l2, "weight")?, slice(s3, l3, "bias")?);
+        let (mean, var) = stats(x, n, c, hw);
+        let inv = inv_std(&var, self.eps);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
+            let ch = p % c;
+            let (a, b) = (
+                inv[ch] * gamma[ch],
+                beta[ch] - mean[ch] * inv[ch] * gamma[ch],
+            );
+            for (o, &v) in out.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
+                *o = v * a + b;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = if x.track_op() {
+            Some(x.apply_op3_no_bwd(gamma, &dy, &BnTrainGradInput { eps: self.eps })?)
+        } else {
+            None
+        };
+        let (dg, db) = if gamma.track_op() || beta.track_op() {
+            let p = x.apply_op2_no_bwd(&dy, &BnTrainGradParams { eps: self.eps })?;
+            (Some(p.get(0)?), Some(p.get(1)?))
+        } else {
+            (None, None)
+        };
+        Ok((dx, dg, db))
+    }
+}
+
+/// Σ dy and Σ dy·x̂ per channel.
+fn param_sums(
+    x: &[f32],
+    dy: &[f32],
+    mean: &[f32],
+    inv: &[f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut s, mut sx) = (0f64, 0f64);
+            for i in 0..n {
+                let p = i * c + ch;
+                for (&g, &v) in dy[p * hw..(p + 1) * hw]
+                    .iter()
+                    .zip(&x[p * hw..(p + 1) * hw])
+                {
+                    s += g as f64;
+                    sx += (g * (v - mean[ch]) * inv[ch]) as f64;
+                }
+            }
+            (s, sx)
+        })
+        .collect();
+    sums.into_iter().unzip()
+}
+
+impl CustomOp3 for BnTrainGradInput {
+    fn name(&self) -> &'static str {
+        "qr-batch-norm-train-grad-input"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = nchw(l1)?;
+        let x = slice(s1, l1, "input")?;
+        let gamma = slice(s2, l2, "weight")?;
+        let dy = slice(s3, l3, "gradient")?;
+        let (mean, var) = stats(x, n, c, hw);
+        let inv = inv_std(&var, self.eps);
+        let (sdy, sdyx) = param_sums(x, dy, &mean, &inv, n, c, hw);
+        let m = (n * hw) as f32;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
+            let ch = p % c;
+            let k = gamma[ch] * inv[ch] / m;
+            let (a, b) = (sdy[ch] as f32, sdyx[ch] as f32);
+            let xs = &x[p * hw..(p + 1) * hw];
+            let gs = &dy[p * hw..(p + 1) * hw];
+            for ((o, &v), &g) in out.iter_mut().zip(xs).zip(gs) {
+                let xhat = (v - mean[ch]) * inv[ch];
+                *o = k * (m * g - a - xhat * b);
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+impl CustomOp2 for BnTrainGradParams {
+    fn name(&self) -> &'static str {
+        "qr-batch-norm-train-grad-params"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = nchw(l1)?;
+        let x = slice(s1, l1, "input")?;
+        let dy = slice(s2, l2, "gradient")?;
+        let (mean, var) = stats(x, n, c, hw);
+        let inv = inv_std(&var, self.eps);
+        let (sdy, sdyx) = param_sums(x, dy, &mean, &inv, n, c, hw);
+        let mut out: Vec<f32> = sdyx.into_iter().map(|v| v as f32).collect();
+        out.extend(sdy.into_iter().map(|v| v as f32));
+        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    }
+}
+
+/// y = x·a_c + b_c.
+struct AffineOp;
+
+/// (x, dy) → 2×C: [Σ dy·x ; Σ dy].
+struct AffineGradParams;
+
+/// (dy, a) → dy·a_c.
+struct ScaleOp;
+
+fn scale_planes(x: &[f32], a: &[f32], b: Option<&[f32]>, c: usize, hw: usize) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
+        let ch = p % c;
+        let (s, t) = (a[ch], b.map_or(0.0, |b| b[ch]));
+        for (o, &v) in out.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
+            *o = v * s + t;
+        }
+    });
+    y
+}
+
+impl CustomOp3 for AffineOp {
+    fn name(&self) -> &'static str {
+        "qr-channel-affine"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = nchw(l1)?;
+        let x = slice(s1, l1, "input")?;
+        let y = scale_planes(
+            x,
+            slice(s2, l2, "scale")?,
+            Some(slice(s3, l3, "shift")?),
+            c,
+            hw,
+        );
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = if x.track_op() {
+            Some(dy.apply_op2_no_bwd(a, &ScaleOp)?)
+        } else {
+            None
+        };
+        let (da, db) = if a.track_op() || b.track_op() {
+            let p = x.apply_op2_no_bwd(&dy, &AffineGradParams)?;
+            (Some(p.get(0)?), Some(p.get(1)?))
+        } else {
+            (None, None)
+        };
+        Ok((dx, da, db))
+    }
+}
+
+impl CustomOp2 for ScaleOp {
+    fn name(&self) -> &'static str {
+        "qr-channel-scale"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = nchw(l1)?;
+        let y = scale_planes(
+            slice(s1, l1, "gradient")?,
+            slice(s2, l2, "scale")?,
+            None,
+            c,
+            hw,
+        );
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+impl CustomOp2 for AffineGradParams {
+    fn name(&self) -> &'static str {
+        "qr-channel-affine-grad-params"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, hw) = nchw(l1)?;
+        let (x, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut s, mut sx) = (0f64, 0f64);
+                for i in 0..n {
+                    let p = i * c + ch;
+                    for (&g, &v) in dy[p * hw..(p + 1) * hw]
+                        .iter()
+                        .zip(&x[p * hw..(p + 1) * hw])
+                    {
+                        s += g as f64;
+                        sx += (g * v) as f64;
+                    }
+                }
+                (sx, s)
+            })
+            .collect();
+        let (sx, s): (Vec<f64>, Vec<f64>) = sums.into_iter().unzip();
+        let mut out: Vec<f32> = sx.into_iter().map(|v| v as f32).collect();
+        out.extend(s.into_iter().map(|v| v as f32));
+        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    }
+}
+
+/// max(x, 0).
+struct ReluOp;
+
+/// (x, dy) → dy·[x > 0].
+struct ReluGrad;
+
+impl CustomOp1 for ReluOp {
+    fn name(&self) -> &'static str {
+        "qr-relu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "input")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(o, i)| {
+                for (o, &v) in o.iter_mut().zip(i) {
+                    *o = v.max(0.0);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &ReluGrad)?))
+    }
+}
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "qr-relu-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
+            .for_each(|(o, (xs, gs))| {
+                for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
+                    *o = if v > 0.0 { g } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// Per-channel (mean, biased variance) of an N×C×H×W tensor, detached (running statistics).
+pub fn channel_stats(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    if cpu_f32(x) {
+        let s = x.detach().contiguous()?.apply_op1_no_bwd(&StatsOp)?;
+        Ok((s.get(0)?, s.get(1)?))
+    } else {
+        let x = x.detach();
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+        Ok((mean.flatten_all()?, var.flatten_all()?))
+    }
+}
+
+/// Training-mode BatchNorm with batch statistics.
+pub fn batch_norm_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    if cpu_f32(x) {
+        return x.contiguous()?.apply_op3(
+            &gamma.contiguous()?,
+            &beta.contiguous()?,
+            BnTrainOp { eps },
+        );
+    }
+    let c = gamma.dim(0)?;
+    let mean = x.mean_keepdim((0, 2, 3))?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
+    let inv = (var + eps)?.sqrt()?.recip()?;
+    centered
+        .broadcast_mul(&inv.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?)?
+        .broadcast_add(&beta.reshape((1, c, 1, 1))?)
+}
+
+/// `x·a_c + b_c` for per-channel `a`, `b` of length C.
+pub fn channel_affine(x: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if cpu_f32(x) {
+        return x
+            .contiguous()?
+            .apply_op3(&a.contiguous()?, &b.contiguous()?, AffineOp);
+    }
+    let c = a.dim(0)?;
+    x.broadcast_mul(&a.reshape((1, c, 1, 1))?)?
+        .broadcast_add(&b.reshape((1, c, 1, 1))?)
+}
+
+/// ReLU.
+pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if cpu_f32(x) {
+        x.contiguous()?.apply_op1(ReluOp)
+    } else {
+        x.relu()
+    }
+}
