@@ -168,13 +168,28 @@ proptest! {
         let g = Var::from_tensor(&rand(&[c], seed + 1)).unwrap();
         let b = Var::from_tensor(&rand(&[c], seed + 2)).unwrap();
         let leaves = [("x", &x), ("gamma", &g), ("beta", &b)];
-        grads_match(
-            batch_norm_train(&x, &g, &b, 1e-5).unwrap(),
-            bn_train_reference(&x, &g, &b),
-            &leaves,
-            seed + 3,
-            1e-4,
-        );
+        // BatchNorm's input gradient is a difference of near-equal terms: candle's f32
+        // reference loses ~1e-4 there, so both are held against the reference in f64.
+        let f64var = |v: &Var| Var::from_tensor(&v.to_dtype(candle_core::DType::F64).unwrap()).unwrap();
+        let (xd, gd, bd) = (f64var(&x), f64var(&g), f64var(&b));
+        let r = rand(&[n, c, hw, hw], seed + 3);
+        let ours = batch_norm_train(&x, &g, &b, 1e-5).unwrap();
+        let reference = bn_train_reference(&xd, &gd, &bd);
+        let to64 = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        // Relative to the largest entry, with a floor: for two values per channel the true
+        // input gradient is ~0 and any rounding would be "relatively" large.
+        let rel = |a: &Tensor, b: &Tensor| {
+            let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(0.1);
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            d / scale
+        };
+        prop_assert!(rel(&to64(&ours), &reference) < 1e-5);
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (reference * to64(&r)).unwrap().sum_all().unwrap().backward().unwrap();
+        for ((name, v), vd) in leaves.iter().zip([&xd, &gd, &bd]) {
+            let d = rel(&to64(g1.get(v.as_tensor()).unwrap()), g2.get(vd.as_tensor()).unwrap());
+            prop_assert!(d < 2e-5, "{} gradient differs from f64 by {}", name, d);
+        }
         let reference = x
             .broadcast_mul(&g.reshape((1, c, 1, 1)).unwrap())
             .unwrap()

@@ -7,7 +7,7 @@
 //!
 //! - [`batch_norm_train`]: `y = (x − μ_B)·γ/√(σ²_B + ε) + β` with batch statistics (biased
 //!   variance), gradients for x, γ and β:
-//!   `dx = γ·inv/M · (M·dy − Σdy − x̂·Σ(dy·x̂))`, `dγ = Σ(dy·x̂)`, `dβ = Σdy`
+//!   `dx = γ·inv · (dy − Σdy/M − x̂·Σ(dy·x̂)/M)`, `dγ = Σ(dy·x̂)`, `dβ = Σdy`
 //!   (M = N·H·W per channel, x̂ the normalized input).
 //! - [`channel_stats`]: per-channel mean and biased variance (for running statistics).
 //! - [`channel_affine`]: `y = x·a_c + b_c` (BatchNorm in evaluation mode), gradients for x,
@@ -211,17 +211,19 @@ impl CustomOp3 for BnTrainGradInput {
         let (mean, var) = stats(x, n, c, hw);
         let inv = inv_std(&var, self.eps);
         let (sdy, sdyx) = param_sums(x, dy, &mean, &inv, n, c, hw);
-        let m = (n * hw) as f32;
+        let m = (n * hw) as f64;
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
             let ch = p % c;
-            let k = gamma[ch] * inv[ch] / m;
-            let (a, b) = (sdy[ch] as f32, sdyx[ch] as f32);
+            // dx = γ·inv·(dy − mean(dy) − x̂·mean(dy·x̂)): the means, not the sums, keep the
+            // f32 cancellation small.
+            let k = gamma[ch] * inv[ch];
+            let (a, b) = ((sdy[ch] / m) as f32, (sdyx[ch] / m) as f32);
             let xs = &x[p * hw..(p + 1) * hw];
             let gs = &dy[p * hw..(p + 1) * hw];
             for ((o, &v), &g) in out.iter_mut().zip(xs).zip(gs) {
                 let xhat = (v - mean[ch]) * inv[ch];
-                *o = k * (m * g - a - xhat * b);
+                *o = k * (g - a - xhat * b);
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))

@@ -62,6 +62,18 @@ impl Geom {
     }
 }
 
+/// The output columns `ow` whose input column `ow·stride + kj − pad` lies inside the image.
+fn valid_cols(g: &Geom, kj: usize) -> std::ops::Range<usize> {
+    // ow·s + kj ≥ pad  and  ow·s + kj − pad < w
+    let lo = g.pad.saturating_sub(kj).div_ceil(g.stride);
+    let hi = if g.w + g.pad > kj {
+        (g.w + g.pad - kj).div_ceil(g.stride).min(g.wo)
+    } else {
+        0
+    };
+    lo..hi.max(lo)
+}
+
 /// The patch matrix of one image: `col[(c·k + ki)·k + kj][oh·Wo + ow]`.
 fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
     let hw = g.hw_out();
@@ -70,33 +82,26 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
         for ki in 0..g.k {
             for kj in 0..g.k {
                 let row = &mut col[((c * g.k + ki) * g.k + kj) * hw..][..hw];
+                let cols = valid_cols(g, kj);
                 for oh in 0..g.ho {
                     let ih = (oh * g.stride + ki) as isize - g.pad as isize;
                     let out = &mut row[oh * g.wo..(oh + 1) * g.wo];
-                    if ih < 0 || ih >= g.h as isize {
+                    if ih < 0 || ih >= g.h as isize || cols.is_empty() {
                         out.fill(0.0);
                         continue;
                     }
                     let src = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    out[..cols.start].fill(0.0);
+                    out[cols.end..].fill(0.0);
+                    let first = cols.start * g.stride + kj - g.pad;
                     if g.stride == 1 {
-                        // iw = ow + kj - pad: a shifted copy with zero borders.
-                        let shift = kj as isize - g.pad as isize;
-                        for (ow, v) in out.iter_mut().enumerate() {
-                            let iw = ow as isize + shift;
-                            *v = if iw >= 0 && iw < g.w as isize {
-                                src[iw as usize]
-                            } else {
-                                0.0
-                            };
-                        }
+                        out[cols.clone()].copy_from_slice(&src[first..first + cols.len()]);
                     } else {
-                        for (ow, v) in out.iter_mut().enumerate() {
-                            let iw = (ow * g.stride + kj) as isize - g.pad as isize;
-                            *v = if iw >= 0 && iw < g.w as isize {
-                                src[iw as usize]
-                            } else {
-                                0.0
-                            };
+                        for (o, v) in out[cols.clone()]
+                            .iter_mut()
+                            .zip(src[first..].iter().step_by(g.stride))
+                        {
+                            *o = *v;
                         }
                     }
                 }
@@ -114,17 +119,20 @@ fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
         for ki in 0..g.k {
             for kj in 0..g.k {
                 let row = &col[((c * g.k + ki) * g.k + kj) * hw..][..hw];
+                let cols = valid_cols(g, kj);
+                if cols.is_empty() {
+                    continue;
+                }
+                let first = cols.start * g.stride + kj - g.pad;
                 for oh in 0..g.ho {
                     let ih = (oh * g.stride + ki) as isize - g.pad as isize;
                     if ih < 0 || ih >= g.h as isize {
                         continue;
                     }
                     let dst = &mut plane[ih as usize * g.w..(ih as usize + 1) * g.w];
-                    for ow in 0..g.wo {
-                        let iw = (ow * g.stride + kj) as isize - g.pad as isize;
-                        if iw >= 0 && iw < g.w as isize {
-                            dst[iw as usize] += row[oh * g.wo + ow];
-                        }
+                    let src = &row[oh * g.wo + cols.start..oh * g.wo + cols.end];
+                    for (d, v) in dst[first..].iter_mut().step_by(g.stride).zip(src) {
+                        *d += *v;
                     }
                 }
             }
