@@ -51,6 +51,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Write a small class-balanced sample of a cifar10-jpeg archive (original JPEG bytes).
     MakeSample(MakeSampleArgs),
+    /// Write a data set's decoded pixels in the canonical binary format
+    /// (data_batch_1..5.bin, test_batch.bin, batches.meta.txt), e.g. to compare decoders.
+    ExportBin(ExportBinArgs),
 }
 
 /// Options every data-reading command shares.
@@ -194,6 +197,15 @@ pub struct MakeSampleArgs {
     pub out: PathBuf,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct ExportBinArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
 /// Parses `8/255`, `0.0314` or `1e-3`.
 pub fn parse_number(s: &str) -> std::result::Result<f64, String> {
     let v = if let Some((a, b)) = s.split_once('/') {
@@ -242,6 +254,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),
         Command::MakeSample(a) => make_sample(a),
+        Command::ExportBin(a) => export_bin(a),
     }
 }
 
@@ -519,5 +532,20 @@ fn make_sample(a: MakeSampleArgs) -> Result<ExitCode> {
     }
     data::archive::write_archive(&a.out, &out)?;
     tracing::info!("wrote {} images to {}", out.len(), a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export_bin(a: ExportBinArgs) -> Result<ExitCode> {
+    use quant_robust::data::cifar_bin::{write_batch, TEST_FILE, TRAIN_FILES};
+    let d = load_data(&a.data)?;
+    let per = d.train.len().div_ceil(TRAIN_FILES.len());
+    for (k, f) in TRAIN_FILES.iter().enumerate() {
+        let idx: Vec<usize> = (k * per..((k + 1) * per).min(d.train.len())).collect();
+        write_batch(&a.out.join(f), &d.train.select(&idx))?;
+    }
+    write_batch(&a.out.join(TEST_FILE), &d.test)?;
+    let meta = a.out.join("batches.meta.txt");
+    quant_robust::io::write_bytes_atomic(&meta, (d.train.classes.join("\n") + "\n").as_bytes())?;
+    tracing::info!("wrote {} in the binary format", a.out.display());
     Ok(ExitCode::SUCCESS)
 }

@@ -26,6 +26,14 @@ fn shipped_archive_loads_whole_and_matches_its_checksum() {
     let sums = std::fs::read_to_string(p.with_file_name("SHA256SUMS")).unwrap();
     let expected = sums.split_whitespace().next().unwrap();
     assert_eq!(d.identity.file_sha256.as_deref(), Some(expected));
+    // The decoded test split equals PIL's (libjpeg-turbo) decode pixel for pixel: made by
+    // `python3 scripts/pil_split_sha256.py ../shared/data/cifar10-jpeg.tar.gz test`
+    // (Pillow 13.0, numpy 2.4). Another JPEG decoder (zune-jpeg, jpeg-decoder) differs by up
+    // to 4 levels and fails this.
+    assert_eq!(
+        d.identity.test_sha256,
+        "719d5deebd427efc214626d16c502be1b435680d6fa993a2b72f38201b1f3a88"
+    );
     // Decoding 60,000 JPEGs takes seconds, not minutes (2 cores).
     assert!(secs < 60.0, "loading took {secs:.1}s");
     // Pixel statistics of CIFAR-10 (mean ≈ 0.47): a decode in the wrong channel order or

@@ -265,22 +265,49 @@ pub(crate) fn class_label(class: &str, path: &Path) -> Result<u8> {
         })
 }
 
-/// Decodes a PNG or JPEG into 3×32×32 CHW bytes; any other size is an error.
+/// Decodes a JPEG with libjpeg-turbo's decoder (through the `mozjpeg` crate): the same
+/// pixels as PIL and torchvision, so the same file gives the same input here as in a PyTorch
+/// pipeline (zune-jpeg and jpeg-decoder differ from it by up to 4 levels). Returns HWC RGB.
+fn decode_jpeg(bytes: &[u8]) -> std::result::Result<(usize, usize, Vec<u8>), String> {
+    let run = || -> std::io::Result<(usize, usize, Vec<u8>)> {
+        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        let (w, h) = (d.width(), d.height());
+        let mut img = d.rgb()?;
+        let px: Vec<[u8; 3]> = img.read_scanlines()?;
+        img.finish()?;
+        Ok((w, h, px.into_iter().flatten().collect()))
+    };
+    // libjpeg reports fatal errors by unwinding (without the panic hook); catch them.
+    match std::panic::catch_unwind(run) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(payload) => Err(payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "libjpeg error".into())),
+    }
+}
+
+/// Decodes a JPEG or PNG into 3×32×32 CHW bytes; any other size is an error.
 pub(crate) fn decode_image(bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
-    let img = image::load_from_memory(bytes)
-        .map_err(|e| Error::bad_data(path, format!("cannot decode image: {e}")))?;
-    if img.width() as usize != SIDE || img.height() as usize != SIDE {
+    let cannot = |e: String| Error::bad_data(path, format!("cannot decode image: {e}"));
+    let (w, h, hwc) = if bytes.starts_with(&[0xFF, 0xD8]) {
+        decode_jpeg(bytes).map_err(cannot)?
+    } else {
+        let img = image::load_from_memory(bytes).map_err(|e| cannot(e.to_string()))?;
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        (w, h, img.to_rgb8().into_raw())
+    };
+    if w != SIDE || h != SIDE {
         return Err(Error::bad_data(
             path,
-            format!(
-                "image is {}x{}, expected {SIDE}x{SIDE}",
-                img.width(),
-                img.height()
-            ),
+            format!("image is {w}x{h}, expected {SIDE}x{SIDE}"),
         ));
     }
-    let rgb = img.to_rgb8();
-    let hwc = rgb.as_raw();
+    if hwc.len() != IMAGE_BYTES {
+        return Err(Error::bad_data(path, "decoded image has the wrong size"));
+    }
     let mut chw = vec![0u8; IMAGE_BYTES];
     for (p, px) in hwc.chunks_exact(3).enumerate() {
         for c in 0..3 {
