@@ -30,6 +30,18 @@ Examples:
   # clean accuracy of a checkpoint on the test set
   quant-robust eval --checkpoint runs/natural.safetensors --out eval.json";
 
+const ATTACK_EXAMPLES: &str = "\
+Examples:
+  # PGD-10 and FGSM over five L-inf radii on 1,000 stratified test images
+  quant-robust attack --checkpoint runs/natural.safetensors --attacks fgsm,pgd \\
+      --eps 1/255,2/255,4/255,8/255,16/255 --n 1000
+  # the strongest mix we run, with the worst case per example, and a picture
+  quant-robust attack --checkpoint runs/robust.safetensors \\
+      --attacks pgd,apgd-ce,apgd-dlr,square --eps 8/255 --save-examples adv.png
+  # L2, with examples transferred from another model
+  quant-robust attack --checkpoint q.safetensors --norm l2 --eps 0.25,0.5,1.0 \\
+      --attacks pgd,transfer:runs/natural.safetensors";
+
 /// quant-robust: does quantization make a network more or less robust to adversarial attacks?
 #[derive(Debug, Parser)]
 #[command(version, about, after_help = EXAMPLES)]
@@ -49,6 +61,10 @@ pub enum Command {
     /// Clean accuracy of a checkpoint on a data set.
     #[command(after_help = EXAMPLES)]
     Eval(EvalArgs),
+    /// Robust accuracy of a checkpoint under attacks and ε: per attack, the worst case,
+    /// masking diagnostics.
+    #[command(after_help = ATTACK_EXAMPLES)]
+    Attack(Box<AttackArgs>),
     /// Write a small class-balanced sample of a cifar10-jpeg archive (original JPEG bytes).
     MakeSample(MakeSampleArgs),
     /// Write a data set's decoded pixels in the canonical binary format
@@ -172,6 +188,54 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct AttackArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The checkpoint (safetensors) to attack.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Comma-separated attacks: fgsm, pgd, apgd-ce, apgd-dlr, square, transfer:SOURCE.
+    #[arg(long, default_value = "fgsm,pgd")]
+    pub attacks: String,
+    /// Norm of the threat model.
+    #[arg(long, value_enum, default_value_t = quant_robust::attack::Norm::Linf)]
+    pub norm: quant_robust::attack::Norm,
+    /// Comma-separated radii in pixel units (8/255 or 0.0314).
+    #[arg(long, default_value = "1/255,2/255,4/255,8/255,16/255")]
+    pub eps: String,
+    /// PGD steps (also the transfer attack's PGD on its source).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// PGD step size as a fraction of ε.
+    #[arg(long, default_value_t = 0.25)]
+    pub step_fraction: f64,
+    /// Random restarts of PGD and APGD.
+    #[arg(long, default_value_t = 1)]
+    pub restarts: usize,
+    /// APGD iterations.
+    #[arg(long, default_value_t = 100)]
+    pub apgd_iterations: usize,
+    /// Square attack query budget.
+    #[arg(long, default_value_t = 5000)]
+    pub square_queries: usize,
+    /// Test images (a seeded, class-stratified subset).
+    #[arg(long, default_value_t = 1000)]
+    pub n: usize,
+    /// Seed of the subset and of every random draw of the attacks.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Batch size.
+    #[arg(long, default_value_t = 250)]
+    pub batch_size: usize,
+    /// Write a PNG grid of 8 examples (the first attack at the largest ε).
+    #[arg(long)]
+    pub save_examples: Option<PathBuf>,
+    /// Write the JSON result here (default: stdout).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SplitArg {
     Train,
@@ -253,6 +317,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     match args.command {
         Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),
+        Command::Attack(a) => attack(*a),
         Command::MakeSample(a) => make_sample(a),
         Command::ExportBin(a) => export_bin(a),
     }
@@ -547,5 +612,185 @@ fn export_bin(a: ExportBinArgs) -> Result<ExitCode> {
     let meta = a.out.join("batches.meta.txt");
     quant_robust::io::write_bytes_atomic(&meta, (d.train.classes.join("\n") + "\n").as_bytes())?;
     tracing::info!("wrote {} in the binary format", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_list(s: &str) -> Result<Vec<f64>> {
+    s.split(',')
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| parse_number(t.trim()).map_err(|e| anyhow::anyhow!("--eps: {e}")))
+        .collect()
+}
+
+fn build_attacks(
+    a: &AttackArgs,
+    dev: &candle_core::Device,
+) -> Result<Vec<Box<dyn quant_robust::attack::Attack>>> {
+    use quant_robust::attack::{
+        apgd::Apgd, fgsm::Fgsm, pgd::Pgd, square::Square, transfer::Transfer,
+    };
+    let pgd = Pgd {
+        steps: a.steps,
+        step_fraction: a.step_fraction,
+        restarts: a.restarts,
+        random_start: true,
+    };
+    let mut out: Vec<Box<dyn quant_robust::attack::Attack>> = Vec::new();
+    for name in a
+        .attacks
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        let attack: Box<dyn quant_robust::attack::Attack> = match name {
+            "fgsm" => Box::new(Fgsm),
+            "pgd" => Box::new(pgd.clone()),
+            "apgd-ce" | "apgd-dlr" => Box::new(Apgd {
+                iterations: a.apgd_iterations,
+                restarts: a.restarts,
+                ..if name == "apgd-ce" { Apgd::default() } else { Apgd::dlr() }
+            }),
+            "square" => Box::new(Square {
+                queries: a.square_queries,
+                ..Square::default()
+            }),
+            t if t.starts_with("transfer:") => {
+                let src = PathBuf::from(&t["transfer:".len()..]);
+                let source = checkpoint::load(&src, dev, false)
+                    .with_context(|| format!("loading the transfer source {}", src.display()))?;
+                Box::new(Transfer {
+                    source: Box::new(source),
+                    source_name: src.display().to_string(),
+                    pgd: Pgd {
+                        restarts: 1,
+                        ..pgd.clone()
+                    },
+                })
+            }
+            other => bail!(
+                "unknown attack `{other}` (known: fgsm, pgd, apgd-ce, apgd-dlr, square, transfer:CHECKPOINT)"
+            ),
+        };
+        if !attack.supports(a.norm) {
+            bail!("attack `{name}` does not support the {} norm", a.norm);
+        }
+        out.push(attack);
+    }
+    if out.is_empty() {
+        bail!("--attacks names no attack");
+    }
+    Ok(out)
+}
+
+fn attack(a: AttackArgs) -> Result<ExitCode> {
+    use quant_robust::eval::robust::{self, RobustnessConfig};
+    let eps = parse_list(&a.eps)?;
+    for &e in &eps {
+        quant_robust::attack::check_eps(a.norm, e)?;
+    }
+    let dev = device::select(a.data.device)?;
+    let attacks = build_attacks(&a, &dev)?;
+    let data = load_data(&a.data)?;
+    if a.n == 0 || a.n > data.test.len() {
+        bail!("--n {}: the test split has {} images", a.n, data.test.len());
+    }
+    let model = checkpoint::load(&a.checkpoint, &dev, false)
+        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let dd = DeviceData::new(&data.test, &dev)?;
+    let idx = quant_robust::eval::eval_indices(&dd, Some(a.n), a.seed)?;
+    let cfg = RobustnessConfig {
+        norm: a.norm,
+        eps: eps.clone(),
+        batch_size: a.batch_size,
+        seed: a.seed,
+        ..RobustnessConfig::default()
+    };
+    let total = (attacks.len() * eps.len() * idx.len()) as u64;
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} images ({elapsed}<{eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut finished = 0u64;
+    let mut last = (String::new(), usize::MAX);
+    let t = Instant::now();
+    let report = robust::evaluate(
+        &model,
+        &dd,
+        &idx,
+        &attacks,
+        &cfg,
+        &mut |name, ei, done, n| {
+            if (name.to_string(), ei) != last {
+                if last.1 != usize::MAX {
+                    finished += n as u64;
+                }
+                last = (name.to_string(), ei);
+            }
+            bar.set_prefix(format!("{name} eps {:.4}", eps[ei]));
+            bar.set_position(finished + done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    let wall = t.elapsed().as_secs_f64();
+    for r in &report.attacks {
+        for e in &r.per_eps {
+            tracing::info!(
+                "{:>12} eps {:.4} ({:>5.2}/255): robust {:.2}% ({}/{})",
+                r.attack,
+                e.eps,
+                e.eps * 255.0,
+                100.0 * e.accuracy,
+                e.correct,
+                e.total
+            );
+        }
+    }
+    for e in &report.worst_case {
+        tracing::info!(
+            "  worst case eps {:.4}: robust {:.2}% ({}/{}), clean {:.2}%",
+            e.eps,
+            100.0 * e.accuracy,
+            e.correct,
+            e.total,
+            100.0 * report.clean.accuracy
+        );
+    }
+    if let Some(p) = &a.save_examples {
+        let k = idx.len().min(8);
+        let pick: Vec<u32> = (0..k).map(|i| idx[i * idx.len() / k]).collect();
+        let e = eps.iter().cloned().fold(0.0, f64::max);
+        let (x, x_adv, y, cp, ap) =
+            robust::examples(&model, &dd, &pick, attacks[0].as_ref(), a.norm, e, a.seed)?;
+        quant_robust::report::examples::write_grid(p, &x, &x_adv, e, &y, &cp, &ap)?;
+        tracing::info!("wrote {}", p.display());
+    }
+    let mut m = quant_robust::manifest::Manifest::new("attack", &dev);
+    m.seed = Some(a.seed);
+    m.data = Some(data.identity.clone());
+    m.config = json!({
+        "checkpoint": a.checkpoint,
+        "attacks": attacks.iter().map(|x| x.name()).collect::<Vec<_>>(),
+        "norm": a.norm,
+        "eps": eps,
+        "steps": a.steps,
+        "step_fraction": a.step_fraction,
+        "restarts": a.restarts,
+        "apgd_iterations": a.apgd_iterations,
+        "square_queries": a.square_queries,
+        "n": a.n,
+        "batch_size": a.batch_size,
+    });
+    m.add_timing("attack", wall, &dev);
+    m.metrics
+        .insert("clean_accuracy".into(), report.clean.accuracy);
+    let result = json!({
+        "checkpoint": a.checkpoint,
+        "report": report,
+        "manifest": m,
+        "checkpoint_manifest": checkpoint::load_manifest(&a.checkpoint)?,
+    });
+    write_result(a.out.as_deref(), &result)?;
     Ok(ExitCode::SUCCESS)
 }

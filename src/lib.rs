@@ -12,8 +12,9 @@
 //!   image folder; stratified subsets; on-device augmentation and batches;
 //! - [`model`]: the [`model::Classifier`] interface, the quantizer seam, ResNet-20 and its
 //!   PyTorch-compatible safetensors checkpoints;
-//! - [`attack`]: adversarial attacks (input gradients only);
-//! - [`eval`]: clean and robust accuracy;
+//! - [`attack`]: FGSM, PGD (L∞, L2), APGD-CE/DLR, Square, transfer (input gradients only);
+//! - [`eval`]: clean and robust accuracy, per-example worst case, masking diagnostics;
+//! - [`report`]: pictures of results (adversarial-example grids);
 //! - [`train`]: SGD (momentum, Nesterov, weight decay), schedules, natural and PGD
 //!   adversarial training, resumable;
 //! - [`manifest`], [`io`]: what produced a result; atomic writes;
@@ -29,6 +30,7 @@ pub mod io;
 pub mod kernels;
 pub mod manifest;
 pub mod model;
+pub mod report;
 pub mod rng;
 pub mod train;
 

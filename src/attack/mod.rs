@@ -1,27 +1,189 @@
 //! Adversarial attacks over any [`Classifier`], in evaluation mode, computing the input
 //! gradient only.
 //!
-//! Conventions (ANCHORS.md): images in [0, 1], ε in pixel units (8/255), random starts
-//! uniform in the ε-ball and then clipped to [0, 1], every output inside the ball and in
-//! [0, 1]. Random draws come from the caller's seeded [`crate::rng::Rng`].
+//! Conventions (ANCHORS.md): images in [0, 1]; ε in pixel units (8/255); random starts
+//! uniform in the ε-ball, then clipped to [0, 1]; every output inside the ball and in
+//! [0, 1]; random draws from the caller's seeded [`Rng`]. An attack returns adversarial
+//! images; success is judged by [`crate::eval::robust`], per example, so that the worst case
+//! over several attacks can be taken per example.
+//!
+//! - [`fgsm`]: FGSM (L∞) and its L2 analogue FGM;
+//! - [`pgd`]: PGD, L∞ and L2, random start, restarts;
+//! - [`apgd`]: APGD-CE and APGD-DLR (Croce & Hein 2020);
+//! - [`square`]: Square attack, L∞, gradient-free (Andriushchenko et al. 2020);
+//! - [`transfer`]: examples crafted on a source model, evaluated on the target.
 
+pub mod apgd;
+pub mod fgsm;
 pub mod pgd;
+pub mod square;
+pub mod transfer;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
 
 use crate::model::Classifier;
-use crate::Result;
+use crate::rng::Rng;
+use crate::{Error, Result};
 
 pub use pgd::{pgd_linf, PgdConfig};
+
+/// The threat model's norm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    /// L∞ (max-abs per pixel).
+    Linf,
+    /// L2 (Euclidean norm over the whole image).
+    L2,
+}
+
+impl std::fmt::Display for Norm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Norm::Linf => "linf",
+            Norm::L2 => "l2",
+        })
+    }
+}
+
+/// An attack: adversarial images for a batch, within `eps` of `x` in the attack's norm.
+pub trait Attack {
+    /// A name for results (`pgd-10`, `apgd-ce`, ...).
+    fn name(&self) -> String;
+    /// Norms this attack supports.
+    fn supports(&self, norm: Norm) -> bool;
+    /// True if the attack uses the model's gradients (white-box).
+    fn uses_gradients(&self) -> bool {
+        true
+    }
+    /// Adversarial images for `x` (B×3×32×32 in [0, 1]) with labels `y` (u32, B).
+    fn perturb(
+        &self,
+        model: &dyn Classifier,
+        x: &Tensor,
+        y: &Tensor,
+        norm: Norm,
+        eps: f64,
+        rng: &mut Rng,
+    ) -> Result<Tensor>;
+}
+
+/// Checks ε for a norm.
+pub fn check_eps(norm: Norm, eps: f64) -> Result<()> {
+    let max = match norm {
+        Norm::Linf => 1.0,
+        Norm::L2 => (3.0f64 * 32.0 * 32.0).sqrt(),
+    };
+    if !(eps >= 0.0 && eps <= max) {
+        return Err(Error::config(
+            "eps",
+            eps,
+            format!("must be in [0, {max:.1}] for {norm} (pixel units: write 8/255, not 8)"),
+        ));
+    }
+    Ok(())
+}
 
 /// Mean cross-entropy of logits against u32 labels.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::loss::cross_entropy(logits, labels)?)
 }
 
-/// The loss (summed over the batch, so each example's gradient is its own) and its
-/// gradient with respect to the input `x`. The model should hold no variables (a
-/// [`crate::model::ResNet20::frozen`] view), so that no weight gradient is computed.
+/// Per-example cross-entropy (B).
+pub fn cross_entropy_per_example(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let lsm = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    Ok(lsm.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?)
+}
+
+/// Per-example loss functions an attack maximizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Loss {
+    /// Cross-entropy.
+    Ce,
+    /// Difference of logits ratio (Croce & Hein 2020):
+    /// −(z_y − max_{i≠y} z_i) / (z_π1 − z_π3 + 1e-12), π the logits sorted decreasingly.
+    Dlr,
+}
+
+/// Indices, per example, of the largest logit other than `y`, and of the first and third
+/// largest logits (from the detached values; gathering at them is differentiable).
+fn logit_indices(logits: &Tensor, labels: &[u32]) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+    let z = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let (mut other, mut first, mut third) = (Vec::new(), Vec::new(), Vec::new());
+    for (row, &y) in z.iter().zip(labels) {
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        first.push(order[0] as u32);
+        third.push(order[2.min(order.len() - 1)] as u32);
+        let o = order.iter().find(|&&i| i as u32 != y).copied().unwrap_or(0);
+        other.push(o as u32);
+    }
+    Ok((other, first, third))
+}
+
+fn gather_at(logits: &Tensor, idx: Vec<u32>) -> Result<Tensor> {
+    let n = idx.len();
+    let idx = Tensor::from_vec(idx, (n, 1), logits.device())?;
+    Ok(logits.gather(&idx, 1)?.squeeze(1)?)
+}
+
+/// Per-example loss (B) of the given kind.
+pub fn loss_per_example(loss: Loss, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    match loss {
+        Loss::Ce => cross_entropy_per_example(logits, labels),
+        Loss::Dlr => {
+            let y = labels.to_vec1::<u32>()?;
+            let (other, first, third) = logit_indices(&logits.detach(), &y)?;
+            let zy = gather_at(logits, y)?;
+            let zo = gather_at(logits, other)?;
+            let z1 = gather_at(logits, first)?;
+            let z3 = gather_at(logits, third)?;
+            let denom = ((z1 - z3)? + 1e-12)?;
+            Ok((zo - zy)?.div(&denom)?)
+        }
+    }
+}
+
+/// Margin z_y − max_{i≠y} z_i per example (host), negative when misclassified.
+pub fn margins(logits: &Tensor, labels: &[u32]) -> Result<Vec<f32>> {
+    let z = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    Ok(z.iter()
+        .zip(labels)
+        .map(|(row, &y)| {
+            let other = row
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i as u32 != y)
+                .map(|(_, v)| *v)
+                .fold(f32::NEG_INFINITY, f32::max);
+            row[y as usize] - other
+        })
+        .collect())
+}
+
+/// Logits, per-example loss and the gradient of the summed loss with respect to `x` (so
+/// each example's gradient is its own). The model should hold no variables (a
+/// [`crate::model::ResNet20::frozen`] view), so no weight gradient is computed.
+pub fn loss_and_gradient(
+    model: &dyn Classifier,
+    x: &Tensor,
+    labels: &Tensor,
+    loss: Loss,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let xv = Var::from_tensor(&x.detach())?;
+    let logits = model.forward_t(xv.as_tensor(), false)?;
+    let per = loss_per_example(loss, &logits, labels)?;
+    let grads = per.sum_all()?.backward()?;
+    let g = match grads.get(xv.as_tensor()) {
+        Some(g) => g.detach(),
+        None => xv.as_tensor().zeros_like()?,
+    };
+    Ok((logits.detach(), per.detach(), g))
+}
+
+/// The summed cross-entropy and its input gradient.
 pub fn input_gradient<M: Classifier + ?Sized>(
     model: &M,
     x: &Tensor,
@@ -29,9 +191,8 @@ pub fn input_gradient<M: Classifier + ?Sized>(
 ) -> Result<(Tensor, Tensor)> {
     let xv = Var::from_tensor(&x.detach())?;
     let logits = model.forward_t(xv.as_tensor(), false)?;
-    let loss = candle_nn::loss::cross_entropy(&logits, labels)?;
-    let n = x.dim(0)? as f64;
-    let loss_sum = (loss * n)?;
+    let per = cross_entropy_per_example(&logits, labels)?;
+    let loss_sum = per.sum_all()?;
     let grads = loss_sum.backward()?;
     let g = match grads.get(xv.as_tensor()) {
         Some(g) => g.detach(),
@@ -40,9 +201,84 @@ pub fn input_gradient<M: Classifier + ?Sized>(
     Ok((loss_sum.detach(), g))
 }
 
+/// Per-example L2 norms over all but the first dimension, shaped B×1×1×1.
+pub fn l2_norms(t: &Tensor) -> Result<Tensor> {
+    let b = t.dim(0)?;
+    Ok(t.sqr()?
+        .flatten_from(1)?
+        .sum(1)?
+        .sqrt()?
+        .reshape((b, 1, 1, 1))?)
+}
+
+/// The ascent direction for a gradient: sign (L∞) or unit L2 direction per example.
+pub fn direction(g: &Tensor, norm: Norm) -> Result<Tensor> {
+    match norm {
+        Norm::Linf => Ok(g.sign()?),
+        Norm::L2 => Ok(g.broadcast_div(&(l2_norms(g)? + 1e-12)?)?),
+    }
+}
+
 /// Projects `x_adv` onto the L∞ ball of radius `eps` around `x`, intersected with [0, 1].
 pub fn project_linf(x_adv: &Tensor, x: &Tensor, eps: f64) -> Result<Tensor> {
     let lo = (x - eps)?.clamp(0f32, 1f32)?;
     let hi = (x + eps)?.clamp(0f32, 1f32)?;
     Ok(x_adv.maximum(&lo)?.minimum(&hi)?)
+}
+
+/// Projects onto the L2 ball of radius `eps` around `x`, then clips to [0, 1] (clipping
+/// moves every coordinate towards the box that holds `x`, so the result stays in the ball).
+pub fn project_l2(x_adv: &Tensor, x: &Tensor, eps: f64) -> Result<Tensor> {
+    let delta = (x_adv - x)?;
+    let n = l2_norms(&delta)?;
+    let factor = (n + 1e-12)?.recip()?.affine(eps, 0.0)?.clamp(0f32, 1f32)?;
+    Ok((x + delta.broadcast_mul(&factor)?)?.clamp(0f32, 1f32)?)
+}
+
+/// Projection for a norm.
+pub fn project(x_adv: &Tensor, x: &Tensor, norm: Norm, eps: f64) -> Result<Tensor> {
+    match norm {
+        Norm::Linf => project_linf(x_adv, x, eps),
+        Norm::L2 => project_l2(x_adv, x, eps),
+    }
+}
+
+/// A uniform random point of the ε-ball around `x`, clipped to [0, 1].
+/// L∞: each coordinate uniform in [−ε, ε]. L2: a Gaussian direction with radius ε·u^(1/d).
+pub fn random_start(x: &Tensor, norm: Norm, eps: f64, rng: &mut Rng) -> Result<Tensor> {
+    let n = x.elem_count();
+    let delta = match norm {
+        Norm::Linf => Tensor::from_vec(
+            rng.uniform_vec(n, -eps as f32, eps as f32),
+            x.shape(),
+            x.device(),
+        )?,
+        Norm::L2 => {
+            let b = x.dim(0)?;
+            let d = n / b.max(1);
+            let g = Tensor::from_vec(rng.normal_vec(n, 1.0), x.shape(), x.device())?;
+            let radii: Vec<f32> = (0..b)
+                .map(|_| (eps * (rng.uniform_f32() as f64).powf(1.0 / d as f64)) as f32)
+                .collect();
+            let radii = Tensor::from_vec(radii, (b, 1, 1, 1), x.device())?;
+            g.broadcast_div(&(l2_norms(&g)? + 1e-12)?)?
+                .broadcast_mul(&radii)?
+        }
+    };
+    Ok((x + delta)?.clamp(0f32, 1f32)?)
+}
+
+/// Chooses per example: `mask[i]` true → `a[i]`, else `b[i]` (B-long mask, any shapes B×…).
+pub fn select(mask: &[bool], a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let n = mask.len();
+    let m: Vec<u8> = mask.iter().map(|&v| u8::from(v)).collect();
+    let mut shape = vec![n];
+    shape.extend(std::iter::repeat_n(1, a.rank() - 1));
+    let m = Tensor::from_vec(m, shape, a.device())?.broadcast_as(a.shape())?;
+    Ok(m.where_cond(a, b)?)
+}
+
+/// Predicted classes on the host.
+pub fn predictions(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
 }

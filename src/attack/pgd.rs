@@ -1,16 +1,18 @@
-//! Projected gradient descent under the L∞ norm (Madry et al. 2018): an optional uniform
-//! random start in the ε-ball (clipped to [0, 1]), then `steps` signed-gradient ascent
-//! steps of size `step`, each followed by projection onto the ball ∩ [0, 1].
+//! Projected gradient descent (Madry et al. 2018), L∞ and L2: an optional random start
+//! uniform in the ε-ball (clipped to [0, 1]), then `steps` ascent steps on the
+//! cross-entropy — along the gradient's sign (L∞) or its unit L2 direction (L2) — each
+//! followed by projection onto the ball ∩ [0, 1]. With restarts, each example keeps the
+//! first restart's result that fools the model (else the last).
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{input_gradient, project_linf};
+use super::{direction, input_gradient, predictions, project, random_start, select, Attack, Norm};
 use crate::model::Classifier;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
-/// PGD settings (ε and step in [0, 1] pixel units).
+/// PGD settings with a fixed ε and step (adversarial training; ε and step in pixel units).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PgdConfig {
@@ -52,9 +54,34 @@ impl PgdConfig {
     }
 }
 
-/// Adversarial examples for `x` (B×3×32×32 in [0, 1]) with labels `y` (u32).
-pub fn pgd_linf<M: Classifier + ?Sized>(
-    model: &M,
+/// The PGD iterations for one start.
+fn run(
+    model: &dyn Classifier,
+    x: &Tensor,
+    y: &Tensor,
+    norm: Norm,
+    eps: f64,
+    step: f64,
+    steps: usize,
+    start: bool,
+    rng: &mut Rng,
+) -> Result<Tensor> {
+    let mut x_adv = if start {
+        random_start(x, norm, eps, rng)?
+    } else {
+        x.clone()
+    };
+    for _ in 0..steps {
+        let (_, g) = input_gradient(model, &x_adv, y)?;
+        let stepped = (x_adv + (direction(&g, norm)? * step)?)?;
+        x_adv = project(&stepped, x, norm, eps)?;
+    }
+    Ok(x_adv)
+}
+
+/// PGD L∞ with a fixed configuration (used by adversarial training and its evaluation).
+pub fn pgd_linf(
+    model: &dyn Classifier,
     x: &Tensor,
     y: &Tensor,
     cfg: &PgdConfig,
@@ -65,17 +92,114 @@ pub fn pgd_linf<M: Classifier + ?Sized>(
     if cfg.eps == 0.0 {
         return Ok(x);
     }
-    let mut x_adv = if cfg.random_start {
-        let noise = rng.uniform_vec(x.elem_count(), -cfg.eps as f32, cfg.eps as f32);
-        let noise = Tensor::from_vec(noise, x.shape(), x.device())?;
-        (&x + noise)?.clamp(0f32, 1f32)?
-    } else {
-        x.clone()
-    };
-    for _ in 0..cfg.steps {
-        let (_, g) = input_gradient(model, &x_adv, y)?;
-        let stepped = (x_adv + (g.sign()? * cfg.step)?)?;
-        x_adv = project_linf(&stepped, &x, cfg.eps)?;
+    run(
+        model,
+        &x,
+        y,
+        Norm::Linf,
+        cfg.eps,
+        cfg.step,
+        cfg.steps,
+        cfg.random_start,
+        rng,
+    )
+}
+
+/// PGD as an [`Attack`] over many ε: the step is `step_fraction`·ε.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pgd {
+    /// Steps. Default 10.
+    pub steps: usize,
+    /// Step size as a fraction of ε. Default 0.25 (STUDY.md: ε/4).
+    pub step_fraction: f64,
+    /// Random starts (≥ 1). Default 1.
+    pub restarts: usize,
+    /// Random start (if false, restarts > 1 are identical). Default true.
+    pub random_start: bool,
+}
+
+impl Default for Pgd {
+    fn default() -> Self {
+        Pgd {
+            steps: 10,
+            step_fraction: 0.25,
+            restarts: 1,
+            random_start: true,
+        }
     }
-    Ok(x_adv)
+}
+
+impl Attack for Pgd {
+    fn name(&self) -> String {
+        if self.restarts > 1 {
+            format!("pgd-{}x{}", self.steps, self.restarts)
+        } else {
+            format!("pgd-{}", self.steps)
+        }
+    }
+    fn supports(&self, _norm: Norm) -> bool {
+        true
+    }
+    fn perturb(
+        &self,
+        model: &dyn Classifier,
+        x: &Tensor,
+        y: &Tensor,
+        norm: Norm,
+        eps: f64,
+        rng: &mut Rng,
+    ) -> Result<Tensor> {
+        super::check_eps(norm, eps)?;
+        if self.restarts == 0 || !(self.step_fraction > 0.0) {
+            return Err(Error::config(
+                "pgd",
+                format!(
+                    "restarts {}, step_fraction {}",
+                    self.restarts, self.step_fraction
+                ),
+                "restarts must be ≥ 1 and step_fraction > 0",
+            ));
+        }
+        let x = x.detach();
+        if eps == 0.0 {
+            return Ok(x);
+        }
+        let labels = y.to_vec1::<u32>()?;
+        let step = self.step_fraction * eps;
+        let mut best = run(
+            model,
+            &x,
+            y,
+            norm,
+            eps,
+            step,
+            self.steps,
+            self.random_start,
+            rng,
+        )?;
+        for _ in 1..self.restarts {
+            let fooled: Vec<bool> = predictions(&model.forward_t(&best, false)?)?
+                .iter()
+                .zip(&labels)
+                .map(|(p, l)| p != l)
+                .collect();
+            if fooled.iter().all(|&f| f) {
+                break;
+            }
+            let next = run(
+                model,
+                &x,
+                y,
+                norm,
+                eps,
+                step,
+                self.steps,
+                self.random_start,
+                rng,
+            )?;
+            best = select(&fooled, &best, &next)?;
+        }
+        Ok(best)
+    }
 }

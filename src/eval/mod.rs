@@ -1,4 +1,7 @@
-//! Evaluation: clean accuracy, and robust accuracy under PGD, over a device-resident split.
+//! Evaluation: clean accuracy, robust accuracy under PGD, and ([`robust`]) the per-example
+//! success matrix of many attacks over many ε, their worst case, and masking diagnostics.
+
+pub mod robust;
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -31,6 +34,25 @@ impl Accuracy {
     pub fn percent(&self) -> f64 {
         100.0 * self.fraction()
     }
+
+    /// The Wilson score 95% interval of the fraction correct.
+    pub fn interval95(&self) -> (f64, f64) {
+        wilson95(self.correct, self.total)
+    }
+}
+
+/// Wilson score 95% interval for `k` successes of `n` trials ((0, 1) for n = 0).
+pub fn wilson95(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let z = 1.959_963_984_540_054;
+    let (k, n) = (k as f64, n as f64);
+    let p = k / n;
+    let denom = 1.0 + z * z / n;
+    let center = (p + z * z / (2.0 * n)) / denom;
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denom;
+    ((center - half).max(0.0), (center + half).min(1.0))
 }
 
 /// Number of predictions in `logits` equal to `labels` (on the device; one scalar read).
@@ -75,8 +97,8 @@ where
 }
 
 /// Clean accuracy on the images `idx` of `data`, in batches.
-pub fn clean_accuracy<M: Classifier + ?Sized>(
-    model: &M,
+pub fn clean_accuracy(
+    model: &dyn Classifier,
     data: &DeviceData,
     idx: &[u32],
     batch_size: usize,
@@ -87,8 +109,8 @@ pub fn clean_accuracy<M: Classifier + ?Sized>(
 }
 
 /// Robust accuracy under PGD L∞ on the images `idx` of `data`.
-pub fn pgd_accuracy<M: Classifier + ?Sized>(
-    model: &M,
+pub fn pgd_accuracy(
+    model: &dyn Classifier,
     data: &DeviceData,
     idx: &[u32],
     batch_size: usize,

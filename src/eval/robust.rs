@@ -1,0 +1,305 @@
+//! Robustness over many attacks and many ε: the per-example success matrix (ε × images) of
+//! each attack, the per-example worst case over all attacks run, and gradient-masking
+//! diagnostics.
+//!
+//! An example counts as *broken* by an attack at ε if the model misclassifies it clean or
+//! misclassifies the attack's output; robust accuracy is the fraction not broken, so it can
+//! never exceed clean accuracy, and ε = 0 gives clean accuracy exactly. The worst case
+//! breaks an example if any attack did. Every accuracy carries its Wilson 95% interval.
+//!
+//! Masking diagnostics: the fraction of (correctly classified) inputs whose input gradient
+//! is exactly zero, and, per ε, the examples that only a gradient-free or transfer attack
+//! broke. Many such examples mean the white-box attacks are blind: masking suspected.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::Accuracy;
+use crate::attack::{input_gradient, predictions, Attack, Norm};
+use crate::data::batch::DeviceData;
+use crate::model::Classifier;
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+/// Accuracy at one ε.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpsAccuracy {
+    pub eps: f64,
+    pub correct: usize,
+    pub total: usize,
+    pub accuracy: f64,
+    /// Wilson 95% interval.
+    pub ci95: (f64, f64),
+}
+
+impl EpsAccuracy {
+    fn new(eps: f64, broken: &[bool]) -> Self {
+        let a = Accuracy {
+            correct: broken.iter().filter(|&&b| !b).count(),
+            total: broken.len(),
+        };
+        EpsAccuracy {
+            eps,
+            correct: a.correct,
+            total: a.total,
+            accuracy: a.fraction(),
+            ci95: a.interval95(),
+        }
+    }
+}
+
+/// One attack's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttackResult {
+    pub attack: String,
+    /// True for attacks that use no gradient of the evaluated model (Square, transfer).
+    pub gradient_free: bool,
+    pub per_eps: Vec<EpsAccuracy>,
+    /// Per ε, one character per image: `1` broken, `0` robust.
+    pub broken: Vec<String>,
+    /// Images attacked per second (all ε together).
+    pub images_per_s: f64,
+    pub wall_s: f64,
+    /// Wall seconds on a GPU (0 on the CPU).
+    pub gpu_s: f64,
+}
+
+/// Masking diagnostics at one ε.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaskingAtEps {
+    pub eps: f64,
+    /// Robust accuracy under the strongest white-box attack alone.
+    pub white_box_best: Option<f64>,
+    /// Robust accuracy under the gradient-free and transfer attacks together.
+    pub gradient_free: Option<f64>,
+    /// Examples broken by a gradient-free or transfer attack but by no white-box attack.
+    pub broken_only_without_gradients: usize,
+    /// True when that count exceeds the threshold: the white-box attacks are blind.
+    pub masking_suspected: bool,
+}
+
+/// Gradient-masking diagnostics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Diagnostics {
+    /// Fraction of correctly classified inputs whose cross-entropy input gradient is all zero.
+    pub zero_gradient_fraction: f64,
+    /// The count threshold (fraction of images) above which masking is flagged.
+    pub masking_threshold: f64,
+    pub per_eps: Vec<MaskingAtEps>,
+}
+
+/// Everything a robustness evaluation found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RobustnessReport {
+    pub norm: Norm,
+    pub eps: Vec<f64>,
+    pub n: usize,
+    pub clean: EpsAccuracy,
+    pub attacks: Vec<AttackResult>,
+    /// Per-example worst case over all attacks.
+    pub worst_case: Vec<EpsAccuracy>,
+    pub diagnostics: Diagnostics,
+}
+
+/// Settings of a robustness evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RobustnessConfig {
+    pub norm: Norm,
+    /// Radii, in pixel units. Default 1, 2, 4, 8, 16 /255.
+    pub eps: Vec<f64>,
+    /// Batch size. Default 250.
+    pub batch_size: usize,
+    /// Seed of the attacks' random draws. Default 0.
+    pub seed: u64,
+    /// Masking is flagged when more than this fraction of the images is broken only by
+    /// gradient-free or transfer attacks. Default 0.01.
+    pub masking_threshold: f64,
+}
+
+impl Default for RobustnessConfig {
+    fn default() -> Self {
+        RobustnessConfig {
+            norm: Norm::Linf,
+            eps: [1.0, 2.0, 4.0, 8.0, 16.0]
+                .iter()
+                .map(|e| e / 255.0)
+                .collect(),
+            batch_size: 250,
+            seed: 0,
+            masking_threshold: 0.01,
+        }
+    }
+}
+
+fn bits(v: &[bool]) -> String {
+    v.iter().map(|&b| if b { '1' } else { '0' }).collect()
+}
+
+/// Per-batch progress: (attack, ε index, images done, images total).
+pub type OnBatch<'a> = dyn FnMut(&str, usize, usize, usize) + 'a;
+
+/// Runs every attack at every ε on the images `idx` of `data`.
+pub fn evaluate(
+    model: &dyn Classifier,
+    data: &DeviceData,
+    idx: &[u32],
+    attacks: &[Box<dyn Attack>],
+    cfg: &RobustnessConfig,
+    on_batch: &mut OnBatch<'_>,
+) -> Result<RobustnessReport> {
+    if cfg.eps.is_empty() {
+        return Err(Error::config("eps", "[]", "give at least one ε"));
+    }
+    for &e in &cfg.eps {
+        crate::attack::check_eps(cfg.norm, e)?;
+    }
+    if cfg.batch_size == 0 {
+        return Err(Error::config("batch_size", 0, "must be ≥ 1"));
+    }
+    for a in attacks {
+        if !a.supports(cfg.norm) {
+            return Err(Error::config(
+                "attack",
+                a.name(),
+                format!("does not support the {} norm", cfg.norm),
+            ));
+        }
+    }
+    let n = idx.len();
+    let device = data.images.device().clone();
+    // Clean predictions and zero-gradient diagnostics.
+    let mut clean_wrong = Vec::with_capacity(n);
+    let (mut zero_grad, mut correct_total) = (0usize, 0usize);
+    for chunk in idx.chunks(cfg.batch_size) {
+        let (x, y) = data.batch(chunk)?;
+        let labels = y.to_vec1::<u32>()?;
+        let preds = predictions(&model.forward_t(&x, false)?)?;
+        let (_, g) = input_gradient(model, &x, &y)?;
+        let gsum = g.abs()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()?;
+        for i in 0..chunk.len() {
+            let wrong = preds[i] != labels[i];
+            clean_wrong.push(wrong);
+            if !wrong {
+                correct_total += 1;
+                if gsum[i] == 0.0 {
+                    zero_grad += 1;
+                }
+            }
+        }
+    }
+    let clean = EpsAccuracy::new(0.0, &clean_wrong);
+    let mut results = Vec::new();
+    let mut broken_all: Vec<Vec<Vec<bool>>> = Vec::new();
+    for a in attacks {
+        let name = a.name();
+        let start = Instant::now();
+        let mut broken: Vec<Vec<bool>> = vec![Vec::with_capacity(n); cfg.eps.len()];
+        for (ei, &eps) in cfg.eps.iter().enumerate() {
+            let mut done = 0;
+            for chunk in idx.chunks(cfg.batch_size) {
+                let (x, y) = data.batch(chunk)?;
+                let labels = y.to_vec1::<u32>()?;
+                let mut rng = Rng::new(cfg.seed, &format!("attack/{name}/{eps}/{}", chunk[0]));
+                let x_adv = a.perturb(model, &x, &y, cfg.norm, eps, &mut rng)?;
+                let preds = predictions(&model.forward_t(&x_adv, false)?)?;
+                for i in 0..chunk.len() {
+                    broken[ei].push(clean_wrong[done + i] || preds[i] != labels[i]);
+                }
+                done += chunk.len();
+                on_batch(&name, ei, done, n);
+            }
+        }
+        crate::device::synchronize(&device)?;
+        let wall = start.elapsed().as_secs_f64();
+        results.push(AttackResult {
+            attack: name,
+            gradient_free: !a.uses_gradients(),
+            per_eps: cfg
+                .eps
+                .iter()
+                .zip(&broken)
+                .map(|(&e, b)| EpsAccuracy::new(e, b))
+                .collect(),
+            broken: broken.iter().map(|b| bits(b)).collect(),
+            images_per_s: (n * cfg.eps.len()) as f64 / wall.max(1e-9),
+            wall_s: wall,
+            gpu_s: if device.is_cuda() { wall } else { 0.0 },
+        });
+        broken_all.push(broken);
+    }
+    let worst_case: Vec<EpsAccuracy> = (0..cfg.eps.len())
+        .map(|ei| {
+            let b: Vec<bool> = (0..n)
+                .map(|i| clean_wrong[i] || broken_all.iter().any(|m| m[ei][i]))
+                .collect();
+            EpsAccuracy::new(cfg.eps[ei], &b)
+        })
+        .collect();
+    let per_eps = (0..cfg.eps.len())
+        .map(|ei| {
+            let (mut wb, mut gf) = (Vec::new(), Vec::new());
+            for (a, m) in attacks.iter().zip(&broken_all) {
+                if a.uses_gradients() {
+                    wb.push(&m[ei]);
+                } else {
+                    gf.push(&m[ei]);
+                }
+            }
+            let only = (0..n)
+                .filter(|&i| gf.iter().any(|m| m[i]) && !wb.iter().any(|m| m[i]) && !clean_wrong[i])
+                .count();
+            let acc = |ms: &[&Vec<bool>]| {
+                (!ms.is_empty()).then(|| {
+                    (0..n).filter(|&i| !ms.iter().any(|m| m[i])).count() as f64 / n.max(1) as f64
+                })
+            };
+            let best_wb = wb
+                .iter()
+                .map(|m| m.iter().filter(|&&b| !b).count() as f64 / n.max(1) as f64)
+                .fold(None, |acc: Option<f64>, v| {
+                    Some(acc.map_or(v, |a| a.min(v)))
+                });
+            MaskingAtEps {
+                eps: cfg.eps[ei],
+                white_box_best: best_wb,
+                gradient_free: acc(&gf),
+                broken_only_without_gradients: only,
+                masking_suspected: !wb.is_empty() && only as f64 > cfg.masking_threshold * n as f64,
+            }
+        })
+        .collect();
+    Ok(RobustnessReport {
+        norm: cfg.norm,
+        eps: cfg.eps.clone(),
+        n,
+        clean,
+        attacks: results,
+        worst_case,
+        diagnostics: Diagnostics {
+            zero_gradient_fraction: zero_grad as f64 / correct_total.max(1) as f64,
+            masking_threshold: cfg.masking_threshold,
+            per_eps,
+        },
+    })
+}
+
+/// Adversarial examples of one attack at one ε for a few images (for pictures).
+pub fn examples(
+    model: &dyn Classifier,
+    data: &DeviceData,
+    idx: &[u32],
+    attack: &dyn Attack,
+    norm: Norm,
+    eps: f64,
+    seed: u64,
+) -> Result<(Tensor, Tensor, Vec<u32>, Vec<u32>, Vec<u32>)> {
+    let (x, y) = data.batch(idx)?;
+    let mut rng = Rng::new(seed, &format!("examples/{}", attack.name()));
+    let x_adv = attack.perturb(model, &x, &y, norm, eps, &mut rng)?;
+    let clean = predictions(&model.forward_t(&x, false)?)?;
+    let adv = predictions(&model.forward_t(&x_adv, false)?)?;
+    Ok((x, x_adv, y.to_vec1::<u32>()?, clean, adv))
+}

@@ -1,0 +1,3 @@
+//! Pictures and reports drawn from results. For now: a PNG grid of adversarial examples.
+
+pub mod examples;
