@@ -761,9 +761,8 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
         let k = idx.len().min(8);
         let pick: Vec<u32> = (0..k).map(|i| idx[i * idx.len() / k]).collect();
         let e = eps.iter().cloned().fold(0.0, f64::max);
-        let (x, x_adv, y, cp, ap) =
-            robust::examples(&model, &dd, &pick, attacks[0].as_ref(), a.norm, e, a.seed)?;
-        quant_robust::report::examples::write_grid(p, &x, &x_adv, e, &y, &cp, &ap)?;
+        let ex = robust::examples(&model, &dd, &pick, attacks[0].as_ref(), a.norm, e, a.seed)?;
+        quant_robust::report::examples::write_grid(p, &ex, e)?;
         tracing::info!("wrote {}", p.display());
     }
     let mut m = quant_robust::manifest::Manifest::new("attack", &dev);

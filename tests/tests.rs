@@ -2,6 +2,8 @@
 
 mod common;
 
+// Attacks: known answers, ε-ball invariants, worst case, masking diagnostics.
+mod attack;
 // CLI parsing and user-facing errors.
 mod cli;
 // Loaders (archive, binary batches, image folders), bad input, subsets, augmentation.

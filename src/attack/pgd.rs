@@ -54,29 +54,31 @@ impl PgdConfig {
     }
 }
 
-/// The PGD iterations for one start.
-fn run(
-    model: &dyn Classifier,
-    x: &Tensor,
-    y: &Tensor,
+/// One PGD run's settings.
+#[derive(Debug, Clone, Copy)]
+struct Run {
     norm: Norm,
     eps: f64,
     step: f64,
     steps: usize,
-    start: bool,
-    rng: &mut Rng,
-) -> Result<Tensor> {
-    let mut x_adv = if start {
-        random_start(x, norm, eps, rng)?
-    } else {
-        x.clone()
-    };
-    for _ in 0..steps {
-        let (_, g) = input_gradient(model, &x_adv, y)?;
-        let stepped = (x_adv + (direction(&g, norm)? * step)?)?;
-        x_adv = project(&stepped, x, norm, eps)?;
+    random_start: bool,
+}
+
+impl Run {
+    /// The PGD iterations for one start.
+    fn run(&self, model: &dyn Classifier, x: &Tensor, y: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        let mut x_adv = if self.random_start {
+            random_start(x, self.norm, self.eps, rng)?
+        } else {
+            x.clone()
+        };
+        for _ in 0..self.steps {
+            let (_, g) = input_gradient(model, &x_adv, y)?;
+            let stepped = (x_adv + (direction(&g, self.norm)? * self.step)?)?;
+            x_adv = project(&stepped, x, self.norm, self.eps)?;
+        }
+        Ok(x_adv)
     }
-    Ok(x_adv)
 }
 
 /// PGD L∞ with a fixed configuration (used by adversarial training and its evaluation).
@@ -92,17 +94,14 @@ pub fn pgd_linf(
     if cfg.eps == 0.0 {
         return Ok(x);
     }
-    run(
-        model,
-        &x,
-        y,
-        Norm::Linf,
-        cfg.eps,
-        cfg.step,
-        cfg.steps,
-        cfg.random_start,
-        rng,
-    )
+    let run = Run {
+        norm: Norm::Linf,
+        eps: cfg.eps,
+        step: cfg.step,
+        steps: cfg.steps,
+        random_start: cfg.random_start,
+    };
+    run.run(model, &x, y, rng)
 }
 
 /// PGD as an [`Attack`] over many ε: the step is `step_fraction`·ε.
@@ -151,7 +150,7 @@ impl Attack for Pgd {
         rng: &mut Rng,
     ) -> Result<Tensor> {
         super::check_eps(norm, eps)?;
-        if self.restarts == 0 || !(self.step_fraction > 0.0) {
+        if self.restarts == 0 || self.step_fraction.is_nan() || self.step_fraction <= 0.0 {
             return Err(Error::config(
                 "pgd",
                 format!(
@@ -166,18 +165,14 @@ impl Attack for Pgd {
             return Ok(x);
         }
         let labels = y.to_vec1::<u32>()?;
-        let step = self.step_fraction * eps;
-        let mut best = run(
-            model,
-            &x,
-            y,
+        let run = Run {
             norm,
             eps,
-            step,
-            self.steps,
-            self.random_start,
-            rng,
-        )?;
+            step: self.step_fraction * eps,
+            steps: self.steps,
+            random_start: self.random_start,
+        };
+        let mut best = run.run(model, &x, y, rng)?;
         for _ in 1..self.restarts {
             let fooled: Vec<bool> = predictions(&model.forward_t(&best, false)?)?
                 .iter()
@@ -187,17 +182,7 @@ impl Attack for Pgd {
             if fooled.iter().all(|&f| f) {
                 break;
             }
-            let next = run(
-                model,
-                &x,
-                y,
-                norm,
-                eps,
-                step,
-                self.steps,
-                self.random_start,
-                rng,
-            )?;
+            let next = run.run(model, &x, y, rng)?;
             best = select(&fooled, &best, &next)?;
         }
         Ok(best)

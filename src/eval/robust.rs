@@ -286,6 +286,15 @@ pub fn evaluate(
     })
 }
 
+/// A few images with their adversarial versions, labels and predictions.
+pub struct Examples {
+    pub x: Tensor,
+    pub x_adv: Tensor,
+    pub labels: Vec<u32>,
+    pub clean_pred: Vec<u32>,
+    pub adv_pred: Vec<u32>,
+}
+
 /// Adversarial examples of one attack at one ε for a few images (for pictures).
 pub fn examples(
     model: &dyn Classifier,
@@ -295,11 +304,17 @@ pub fn examples(
     norm: Norm,
     eps: f64,
     seed: u64,
-) -> Result<(Tensor, Tensor, Vec<u32>, Vec<u32>, Vec<u32>)> {
+) -> Result<Examples> {
     let (x, y) = data.batch(idx)?;
     let mut rng = Rng::new(seed, &format!("examples/{}", attack.name()));
     let x_adv = attack.perturb(model, &x, &y, norm, eps, &mut rng)?;
     let clean = predictions(&model.forward_t(&x, false)?)?;
     let adv = predictions(&model.forward_t(&x_adv, false)?)?;
-    Ok((x, x_adv, y.to_vec1::<u32>()?, clean, adv))
+    Ok(Examples {
+        x,
+        x_adv,
+        labels: y.to_vec1::<u32>()?,
+        clean_pred: clean,
+        adv_pred: adv,
+    })
 }

@@ -6,9 +6,10 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use image::{Rgb, RgbImage};
 
+use crate::eval::robust::Examples;
 use crate::{Error, Result};
 
 const SCALE: u32 = 3;
@@ -61,17 +62,10 @@ fn put_image(img: &mut RgbImage, x0: u32, y0: u32, chw: &[f32], frame: Rgb<u8>) 
     }
 }
 
-/// Writes the grid for clean images `x`, adversarial `x_adv` (B×3×32×32), labels and the
-/// clean and adversarial predictions.
-pub fn write_grid(
-    path: &Path,
-    x: &Tensor,
-    x_adv: &Tensor,
-    eps: f64,
-    labels: &[u32],
-    clean_pred: &[u32],
-    adv_pred: &[u32],
-) -> Result<()> {
+/// Writes the grid of `ex` (attacked at radius `eps`) as a PNG.
+pub fn write_grid(path: &Path, ex: &Examples, eps: f64) -> Result<()> {
+    let (x, x_adv) = (&ex.x, &ex.x_adv);
+    let (labels, clean_pred, adv_pred) = (&ex.labels, &ex.clean_pred, &ex.adv_pred);
     let b = x.dim(0)?;
     let xs = x.to_dtype(DType::F32)?.flatten_from(1)?.to_vec2::<f32>()?;
     let advs = x_adv

@@ -1,0 +1,354 @@
+//! Attacks: known answers on a tiny linear model, the ε-ball and [0, 1] invariants for
+//! every attack, ε = 0, robust ≤ clean, APGD's schedule, DLR, Square, masking diagnostics.
+
+use candle_core::{DType, Device, Tensor, D};
+use proptest::prelude::*;
+use quant_robust::attack::apgd::Apgd;
+use quant_robust::attack::fgsm::Fgsm;
+use quant_robust::attack::pgd::Pgd;
+use quant_robust::attack::square::Square;
+use quant_robust::attack::transfer::Transfer;
+use quant_robust::attack::{loss_per_example, Attack, Loss, Norm};
+use quant_robust::data::batch::DeviceData;
+use quant_robust::eval::robust::{evaluate, RobustnessConfig};
+use quant_robust::model::{Classifier, ResNet20};
+use quant_robust::rng::Rng;
+
+use crate::common::sample;
+
+/// logits = W·q(x) + b over the flattened image; `quantize_input` rounds x to quarters first
+/// (a step function: zero input gradient everywhere, a masked model).
+struct Linear {
+    w: Tensor,
+    b: Tensor,
+    quantize_input: bool,
+}
+
+impl Linear {
+    fn new(seed: u64, quantize_input: bool) -> Self {
+        let mut rng = Rng::new(seed, "linear");
+        let w =
+            Tensor::from_vec(rng.normal_vec(10 * 3072, 0.02), (10, 3072), &Device::Cpu).unwrap();
+        let b = Tensor::from_vec(rng.normal_vec(10, 0.1), 10, &Device::Cpu).unwrap();
+        Linear {
+            w,
+            b,
+            quantize_input,
+        }
+    }
+}
+
+impl Classifier for Linear {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> quant_robust::Result<Tensor> {
+        let x = if self.quantize_input {
+            (x * 4.0)?.round()?.affine(0.25, 0.0)?
+        } else {
+            x.clone()
+        };
+        Ok(x.flatten_from(1)?
+            .matmul(&self.w.t()?)?
+            .broadcast_add(&self.b)?)
+    }
+}
+
+fn images(n: usize, seed: u64, lo: f32, hi: f32) -> Tensor {
+    let v = Rng::new(seed, "img").uniform_vec(n * 3072, lo, hi);
+    Tensor::from_vec(v, (n, 3, 32, 32), &Device::Cpu).unwrap()
+}
+
+fn labels(n: usize) -> Tensor {
+    Tensor::from_vec(
+        (0..n as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// The analytic input gradient of the cross-entropy of the linear model (f64, host).
+fn linear_ce_gradient(m: &Linear, x: &Tensor, y: &[u32]) -> Vec<Vec<f64>> {
+    let w = m.w.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
+    let logits = m
+        .forward_t(x, false)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    logits
+        .iter()
+        .zip(y)
+        .map(|(z, &yi)| {
+            let mx = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = z.iter().map(|v| (v - mx).exp()).collect();
+            let s: f64 = e.iter().sum();
+            (0..3072)
+                .map(|j| {
+                    (0..10)
+                        .map(|k| (e[k] / s - f64::from(u8::from(k as u32 == yi))) * w[k][j])
+                        .sum()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn fgsm_equals_the_analytic_step_on_a_linear_model() {
+    let m = Linear::new(1, false);
+    let x = images(3, 1, 0.2, 0.8);
+    let y = labels(3);
+    let eps = 4.0 / 255.0;
+    let adv = Fgsm
+        .perturb(&m, &x, &y, Norm::Linf, eps, &mut Rng::new(0, "a"))
+        .unwrap();
+    let g = linear_ce_gradient(&m, &x, &y.to_vec1().unwrap());
+    let xv = x.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+    let av = adv.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+    for i in 0..3 {
+        for j in 0..3072 {
+            let expect = xv[i][j] as f64 + eps * g[i][j].signum();
+            assert!((av[i][j] as f64 - expect).abs() < 1e-6, "({i},{j})");
+        }
+    }
+}
+
+#[test]
+fn one_pgd_l2_step_moves_eps_along_the_normalized_gradient() {
+    let m = Linear::new(2, false);
+    let x = images(2, 2, 0.4, 0.6);
+    let y = labels(2);
+    let eps = 0.3;
+    let one_step = Pgd {
+        steps: 1,
+        step_fraction: 1.0,
+        restarts: 1,
+        random_start: false,
+    };
+    let adv = one_step
+        .perturb(&m, &x, &y, Norm::L2, eps, &mut Rng::new(0, "a"))
+        .unwrap();
+    let g = linear_ce_gradient(&m, &x, &y.to_vec1().unwrap());
+    let xv = x.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+    let av = adv.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+    for i in 0..2 {
+        let norm = g[i].iter().map(|v| v * v).sum::<f64>().sqrt();
+        let mut dn = 0.0;
+        for j in 0..3072 {
+            let d = av[i][j] as f64 - xv[i][j] as f64;
+            dn += d * d;
+            assert!((d - eps * g[i][j] / norm).abs() < 1e-6, "({i},{j})");
+        }
+        assert!((dn.sqrt() - eps).abs() < 1e-4, "‖δ‖ = {}", dn.sqrt());
+    }
+}
+
+fn all_attacks() -> Vec<Box<dyn Attack>> {
+    vec![
+        Box::new(Fgsm),
+        Box::new(Pgd {
+            steps: 3,
+            restarts: 2,
+            ..Pgd::default()
+        }),
+        Box::new(Apgd {
+            iterations: 6,
+            ..Apgd::default()
+        }),
+        Box::new(Apgd {
+            iterations: 6,
+            ..Apgd::dlr()
+        }),
+        Box::new(Square {
+            queries: 30,
+            ..Square::default()
+        }),
+        Box::new(Transfer {
+            source: Box::new(Linear::new(9, false)),
+            source_name: "linear-9".into(),
+            pgd: Pgd {
+                steps: 2,
+                ..Pgd::default()
+            },
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    /// Every attack's output stays in [0, 1] and in the ε-ball: L∞ max-abs ≤ ε + 1e-6;
+    /// L2 norm ≤ ε·(1 + 1e-5) + 1e-6 (float rounding of the projection).
+    #[test]
+    fn outputs_stay_in_the_box_and_the_ball(
+        seed in 0u64..10_000,
+        eps_linf in 0.0f64..0.1,
+        eps_l2 in 0.0f64..2.0,
+        lo in 0.0f32..0.5,
+    ) {
+        let m = Linear::new(seed, false);
+        let x = images(4, seed, lo, lo + 0.5);
+        let y = labels(4);
+        for a in all_attacks() {
+            for (norm, eps) in [(Norm::Linf, eps_linf), (Norm::L2, eps_l2)] {
+                if !a.supports(norm) {
+                    continue;
+                }
+                let adv = a.perturb(&m, &x, &y, norm, eps, &mut Rng::new(seed, "p")).unwrap();
+                let lo_v = adv.min_all().unwrap().to_scalar::<f32>().unwrap();
+                let hi_v = adv.max_all().unwrap().to_scalar::<f32>().unwrap();
+                prop_assert!(lo_v >= 0.0 && hi_v <= 1.0, "{} left [0, 1]", a.name());
+                let d = (&adv - &x).unwrap();
+                match norm {
+                    Norm::Linf => {
+                        let m = d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                        prop_assert!(m as f64 <= eps + 1e-6, "{}: |δ|∞ = {} > {}", a.name(), m, eps);
+                    }
+                    Norm::L2 => {
+                        let n = d.sqr().unwrap().flatten_from(1).unwrap().sum(1).unwrap()
+                            .sqrt().unwrap().to_vec1::<f32>().unwrap();
+                        for v in n {
+                            prop_assert!(v as f64 <= eps * (1.0 + 1e-5) + 1e-6,
+                                "{}: |δ|₂ = {} > {}", a.name(), v, eps);
+                        }
+                    }
+                }
+                if eps == 0.0 {
+                    prop_assert_eq!(d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn eps_zero_is_clean_accuracy_and_robust_never_exceeds_clean() {
+    let s = sample();
+    let dd = DeviceData::new(&s.test, &Device::Cpu).unwrap();
+    let model = ResNet20::init(&mut Rng::new(3, "init"), &Device::Cpu).unwrap();
+    // A model that predicts something other than one class: a few steps of training.
+    let idx: Vec<u32> = (0..s.test.len() as u32).step_by(25).collect();
+    let cfg = RobustnessConfig {
+        eps: vec![0.0, 2.0 / 255.0, 8.0 / 255.0],
+        batch_size: 20,
+        ..RobustnessConfig::default()
+    };
+    let attacks: Vec<Box<dyn Attack>> = vec![
+        Box::new(Fgsm),
+        Box::new(Pgd {
+            steps: 3,
+            ..Pgd::default()
+        }),
+        Box::new(Square {
+            queries: 10,
+            ..Square::default()
+        }),
+    ];
+    let r = evaluate(&model, &dd, &idx, &attacks, &cfg, &mut |_, _, _, _| {}).unwrap();
+    let clean = quant_robust::eval::clean_accuracy(&model, &dd, &idx, 20).unwrap();
+    assert_eq!(r.clean.correct, clean.correct);
+    assert_eq!(r.n, 40);
+    for a in &r.attacks {
+        assert_eq!(a.per_eps[0].correct, clean.correct, "{} at ε = 0", a.attack);
+        for e in &a.per_eps {
+            assert!(e.correct <= clean.correct, "{}: robust > clean", a.attack);
+            assert!(e.ci95.0 <= e.accuracy && e.accuracy <= e.ci95.1);
+        }
+        assert_eq!(a.broken.len(), 3);
+        assert_eq!(a.broken[0].len(), 40);
+    }
+    for (ei, w) in r.worst_case.iter().enumerate() {
+        for a in &r.attacks {
+            assert!(
+                w.correct <= a.per_eps[ei].correct,
+                "worst case above {}",
+                a.attack
+            );
+        }
+    }
+}
+
+#[test]
+fn apgd_checkpoints_follow_the_paper() {
+    // p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 of N = 100 iterations.
+    assert_eq!(Apgd::checkpoints(100), vec![22, 41, 57, 70, 80, 87, 93, 99]);
+    assert_eq!(Apgd::checkpoints(10), vec![3, 5, 6, 7, 8, 9]);
+}
+
+#[test]
+fn dlr_loss_matches_its_definition() {
+    let z = Tensor::new(
+        &[[3.0f32, 1.0, 2.0, 0.0], [0.5, 4.0, 1.0, 3.0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let y = Tensor::new(&[0u32, 3], &Device::Cpu).unwrap();
+    let l = loss_per_example(Loss::Dlr, &z, &y)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    // Row 0: y = 0 (z_y = 3, max other 2, sorted 3 > 2 > 1): −(3 − 2)/(3 − 1) = −0.5.
+    // Row 1: y = 3 (z_y = 3, max other 4, sorted 4 > 3 > 1): −(3 − 4)/(4 − 1) = 1/3.
+    assert!(
+        (l[0] + 0.5).abs() < 1e-6 && (l[1] - 1.0 / 3.0).abs() < 1e-6,
+        "{l:?}"
+    );
+    let ce = loss_per_example(Loss::Ce, &z, &y)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let lse0 = (3f32.exp() + 1f32.exp() + 2f32.exp() + 1.0).ln();
+    assert!((ce[0] - (lse0 - 3.0)).abs() < 1e-5);
+    let _ = z.argmax(D::Minus1).unwrap();
+}
+
+#[test]
+fn square_schedule_halves_p_as_in_the_paper() {
+    let s = Square::default();
+    assert_eq!(s.p_at(0, 10_000), 0.8);
+    assert_eq!(s.p_at(11, 10_000), 0.4);
+    assert_eq!(s.p_at(600, 10_000), 0.05);
+    assert_eq!(s.p_at(9000, 10_000), 0.8 / 512.0);
+    // Rescaled to a 5,000-query budget: iteration 300 is 600 of 10,000.
+    assert_eq!(s.p_at(300, 5000), 0.05);
+}
+
+#[test]
+fn masking_is_flagged_when_gradients_are_zero() {
+    let s = sample();
+    let dd = DeviceData::new(&s.test, &Device::Cpu).unwrap();
+    let idx: Vec<u32> = (0..s.test.len() as u32).step_by(10).collect();
+    // Round the input to quarters: the gradient is zero everywhere.
+    let masked = Linear::new(4, true);
+    let cfg = RobustnessConfig {
+        eps: vec![0.25],
+        batch_size: 50,
+        ..RobustnessConfig::default()
+    };
+    let attacks: Vec<Box<dyn Attack>> = vec![
+        Box::new(Pgd {
+            steps: 5,
+            random_start: false,
+            ..Pgd::default()
+        }),
+        Box::new(Square {
+            queries: 100,
+            ..Square::default()
+        }),
+    ];
+    let r = evaluate(&masked, &dd, &idx, &attacks, &cfg, &mut |_, _, _, _| {}).unwrap();
+    assert_eq!(r.diagnostics.zero_gradient_fraction, 1.0);
+    let d = &r.diagnostics.per_eps[0];
+    assert!(d.masking_suspected, "{d:?}");
+    assert!(d.broken_only_without_gradients > 0);
+    // PGD without a random start cannot move: its robust accuracy is the clean accuracy.
+    assert_eq!(r.attacks[0].per_eps[0].correct, r.clean.correct);
+    // The same attacks on the unmasked model raise no flag from PGD's side being blind.
+    let plain = Linear::new(4, false);
+    let r = evaluate(&plain, &dd, &idx, &attacks, &cfg, &mut |_, _, _, _| {}).unwrap();
+    assert!(r.diagnostics.zero_gradient_fraction < 0.01);
+    assert!(
+        !r.diagnostics.per_eps[0].masking_suspected,
+        "{:?}",
+        r.diagnostics
+    );
+}
