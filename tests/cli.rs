@@ -161,3 +161,88 @@ fn train_then_eval_writes_json_and_checkpoint() {
         "{err}"
     );
 }
+
+#[test]
+fn attack_command_rejects_bad_input_clearly() {
+    let dir = tempdir();
+    let ck = dir.path().join("m.safetensors");
+    let (ok, _, err) = qr(&[
+        "train",
+        "--data",
+        "embedded",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--train-count",
+        "32",
+        "--batch-size",
+        "16",
+        "--eval-images",
+        "20",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--out",
+        dir.path().join("t.json").to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let ck = ck.to_str().unwrap();
+    let base = [
+        "attack",
+        "--data",
+        "embedded",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        ck,
+    ];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        qr(&args)
+    };
+    let (ok, _, err) = run(&["--eps=-1/255"]);
+    assert!(
+        !ok && err.contains("eps") && err.contains("-0.0039"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["--eps", "8"]);
+    assert!(!ok && err.contains("8/255"), "{err}");
+    let (ok, _, err) = run(&["--attacks", "pgd,deepfool"]);
+    assert!(!ok && err.contains("unknown attack `deepfool`"), "{err}");
+    let (ok, _, err) = run(&["--attacks", "square", "--norm", "l2", "--eps", "0.5"]);
+    assert!(!ok && err.contains("square") && err.contains("l2"), "{err}");
+    let (ok, _, err) = run(&["--n", "1001"]);
+    assert!(
+        !ok && err.contains("--n 1001") && err.contains("1000 images"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["--attacks", "transfer:missing.safetensors"]);
+    assert!(!ok && err.contains("missing.safetensors"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // A small valid run writes JSON with the worst case and a PNG.
+    let png = dir.path().join("adv.png");
+    let out = dir.path().join("a.json");
+    let (ok, _, err) = run(&[
+        "--attacks",
+        "fgsm,pgd",
+        "--steps",
+        "2",
+        "--eps",
+        "0,8/255",
+        "--n",
+        "20",
+        "--save-examples",
+        png.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let r = &v["report"];
+    assert_eq!(r["attacks"].as_array().unwrap().len(), 2);
+    assert_eq!(r["worst_case"][0]["correct"], r["clean"]["correct"]);
+    assert_eq!(r["attacks"][1]["broken"][1].as_str().unwrap().len(), 20);
+    assert!(image::open(&png).is_ok());
+}
