@@ -16,7 +16,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    direction, loss_and_gradient, predictions, project, random_start, select, Attack, Loss, Norm,
+    direction, loss_and_gradient, predictions, project, random_start, select, with_restarts,
+    Attack, Loss, Norm,
 };
 use crate::model::Classifier;
 use crate::rng::Rng;
@@ -217,20 +218,8 @@ impl Attack for Apgd {
         if eps == 0.0 {
             return Ok(x);
         }
-        let labels = y.to_vec1::<u32>()?;
-        let mut best = self.run(model, &x, y, norm, eps, rng)?;
-        for _ in 1..self.restarts {
-            let fooled: Vec<bool> = predictions(&model.forward_t(&best, false)?)?
-                .iter()
-                .zip(&labels)
-                .map(|(p, l)| p != l)
-                .collect();
-            if fooled.iter().all(|&f| f) {
-                break;
-            }
-            let next = self.run(model, &x, y, norm, eps, rng)?;
-            best = select(&fooled, &best, &next)?;
-        }
-        Ok(best)
+        with_restarts(model, &x, y, self.restarts, |xs, ys| {
+            self.run(model, xs, ys, norm, eps, rng)
+        })
     }
 }

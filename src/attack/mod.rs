@@ -282,3 +282,35 @@ pub fn select(mask: &[bool], a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn predictions(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
 }
+
+/// Restarts: runs `attack` again, `restarts − 1` times, on the examples the current result
+/// does not fool yet (only those, so restarts cost little once most examples are broken),
+/// replacing their result with the new one.
+pub fn with_restarts<F>(
+    model: &dyn Classifier,
+    x: &Tensor,
+    y: &Tensor,
+    restarts: usize,
+    mut attack: F,
+) -> Result<Tensor>
+where
+    F: FnMut(&Tensor, &Tensor) -> Result<Tensor>,
+{
+    let labels = y.to_vec1::<u32>()?;
+    let mut best = attack(x, y)?;
+    for _ in 1..restarts {
+        let preds = predictions(&model.forward_t(&best, false)?)?;
+        let todo: Vec<u32> = (0..labels.len())
+            .filter(|&i| preds[i] == labels[i])
+            .map(|i| i as u32)
+            .collect();
+        if todo.is_empty() {
+            break;
+        }
+        let ids = Tensor::from_vec(todo.clone(), todo.len(), x.device())?;
+        let next = attack(&x.index_select(&ids, 0)?, &y.index_select(&ids, 0)?)?;
+        let old = best.index_select(&ids, 0)?;
+        best = best.index_add(&ids, &(next - old)?, 0)?;
+    }
+    Ok(best)
+}

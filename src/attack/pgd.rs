@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{direction, input_gradient, predictions, project, random_start, select, Attack, Norm};
+use super::{direction, input_gradient, project, random_start, with_restarts, Attack, Norm};
 use crate::model::Classifier;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -164,7 +164,6 @@ impl Attack for Pgd {
         if eps == 0.0 {
             return Ok(x);
         }
-        let labels = y.to_vec1::<u32>()?;
         let run = Run {
             norm,
             eps,
@@ -172,19 +171,8 @@ impl Attack for Pgd {
             steps: self.steps,
             random_start: self.random_start,
         };
-        let mut best = run.run(model, &x, y, rng)?;
-        for _ in 1..self.restarts {
-            let fooled: Vec<bool> = predictions(&model.forward_t(&best, false)?)?
-                .iter()
-                .zip(&labels)
-                .map(|(p, l)| p != l)
-                .collect();
-            if fooled.iter().all(|&f| f) {
-                break;
-            }
-            let next = run.run(model, &x, y, rng)?;
-            best = select(&fooled, &best, &next)?;
-        }
-        Ok(best)
+        with_restarts(model, &x, y, self.restarts, |xs, ys| {
+            run.run(model, xs, ys, rng)
+        })
     }
 }
