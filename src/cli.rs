@@ -231,6 +231,16 @@ pub struct AttackArgs {
     /// Write a PNG grid of 8 examples (the first attack at the largest ε).
     #[arg(long)]
     pub save_examples: Option<PathBuf>,
+    /// Attack the checkpoint uniformly post-training-quantized to these bits, e.g. w4a4
+    /// (32 = full precision; first conv and last linear keep 8-bit weights).
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// Training images that calibrate the activation ranges of --quantize (seeded, stratified).
+    #[arg(long, default_value_t = 512)]
+    pub calib: usize,
+    /// Gradients through quantizers: ste (straight-through) or raw (the true, zero, gradient).
+    #[arg(long, value_enum, default_value_t = quant_robust::quant::GradientMode::Ste)]
+    pub gradient: quant_robust::quant::GradientMode,
     /// Write the JSON result here (default: stdout).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -694,8 +704,30 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
     if a.n == 0 || a.n > data.test.len() {
         bail!("--n {}: the test split has {} images", a.n, data.test.len());
     }
+    let quantize = a
+        .quantize
+        .as_deref()
+        .map(quant_robust::quant::seam::UniformConfig::parse)
+        .transpose()?;
     let model = checkpoint::load(&a.checkpoint, &dev, false)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let mut ranges = None;
+    let model = match &quantize {
+        None => model,
+        Some(q) => {
+            let calib = subset::stratified_indices(
+                &data.train.labels,
+                data::CIFAR10_CLASSES.len(),
+                subset::SubsetSize::Count(a.calib),
+                &mut Rng::new(a.seed, "calibration"),
+            )?;
+            let calib_set = DeviceData::new(&data.train.select(&calib), &dev)?;
+            let all: Vec<u32> = (0..calib_set.len() as u32).collect();
+            let r = quant_robust::quant::seam::calibrate(&model, &calib_set, &all, a.batch_size)?;
+            ranges = Some(r.clone());
+            quant_robust::quant::seam::uniform_ptq(&model, q.clone(), r, a.gradient)
+        }
+    };
     let dd = DeviceData::new(&data.test, &dev)?;
     let idx = quant_robust::eval::eval_indices(&dd, Some(a.n), a.seed)?;
     let cfg = RobustnessConfig {
@@ -780,6 +812,11 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
         "square_queries": a.square_queries,
         "n": a.n,
         "batch_size": a.batch_size,
+        "model": model.seam().describe(),
+        "quantize": quantize,
+        "calib": quantize.as_ref().map(|_| a.calib),
+        "activation_ranges": ranges,
+        "gradient": a.gradient,
     });
     m.add_timing("attack", wall, &dev);
     m.metrics

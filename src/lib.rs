@@ -12,6 +12,8 @@
 //!   image folder; stratified subsets; on-device augmentation and batches;
 //! - [`model`]: the [`model::Classifier`] interface, the quantizer seam, ResNet-20 and its
 //!   PyTorch-compatible safetensors checkpoints;
+//! - [`quant`]: round half to even, the uniform quantizer (STE or raw gradients), uniform
+//!   PTQ through the model's seam;
 //! - [`attack`]: FGSM, PGD (L∞, L2), APGD-CE/DLR, Square, transfer (input gradients only);
 //! - [`eval`]: clean and robust accuracy, per-example worst case, masking diagnostics;
 //! - [`report`]: pictures of results (adversarial-example grids);
@@ -30,6 +32,7 @@ pub mod io;
 pub mod kernels;
 pub mod manifest;
 pub mod model;
+pub mod quant;
 pub mod report;
 pub mod rng;
 pub mod train;

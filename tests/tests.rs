@@ -12,5 +12,7 @@ mod data;
 mod kernels;
 // ResNet-20: parameter count, PyTorch names, shapes, checkpoints.
 mod model;
+// Quantizers: invariants (proptest), gradients, uniform PTQ.
+mod quant;
 // SGD update, schedules, training runs, resume, divergence.
 mod train;

@@ -1,0 +1,29 @@
+//! Quantizers and the quantized model's seam.
+//!
+//! - [`round`]: round half to even (PyTorch's rounding; candle's `round` is half away from
+//!   zero);
+//! - [`uniform`]: the uniform fake quantizer (b bits, symmetric narrow-range or unsigned,
+//!   per tensor or per output channel) with a straight-through or a raw gradient;
+//! - [`seam`]: [`seam::UniformSeam`], uniform post-training quantization of ResNet-20's
+//!   weights and activations through [`crate::model::QuantSeam`], with calibration.
+//!
+//! Gradients through quantizers ([`GradientMode`]): attacks and QAT use the straight-through
+//! estimator by default (identity inside the clipping range, zero outside); `raw` keeps the
+//! true gradient of rounding, zero almost everywhere, to show gradient masking.
+
+pub mod round;
+pub mod seam;
+pub mod uniform;
+
+use serde::{Deserialize, Serialize};
+
+/// How gradients pass through a quantizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GradientMode {
+    /// Straight-through estimator: ∂q/∂x = 1 inside the clipping range, 0 outside.
+    #[default]
+    Ste,
+    /// The true gradient: zero almost everywhere (rounding is piecewise constant).
+    Raw,
+}

@@ -1,0 +1,182 @@
+//! Uniform post-training quantization of ResNet-20 through the model's quantizer seam.
+//!
+//! Weights: symmetric, per output channel, range max |w|; the first conv and the last
+//! linear layer keep `first_last_bits` (8 by default, PACT's convention). Activations: the
+//! ReLU outputs that feed every conv and linear layer, unsigned, each with a range
+//! calibrated as the maximum over a calibration set (the [`Calibration`] seam records them
+//! on a full-precision pass). `None` bits = full precision, so weights-only,
+//! activations-only and both are all expressible. PWLQ, PACT and DoReFa build on the same
+//! seam (the quantizer issue).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::uniform::{code_range, quantize_activation, quantize_weight, Signedness};
+use super::GradientMode;
+use crate::model::QuantSeam;
+use crate::{Error, Result};
+
+/// Bit widths of a uniformly quantized model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UniformConfig {
+    /// Weight bits (2..=16); `None` = full precision.
+    pub weight_bits: Option<u32>,
+    /// Activation bits (2..=16); `None` = full precision.
+    pub activation_bits: Option<u32>,
+    /// Weight bits of `conv1` and `linear` when weights are quantized. Default 8.
+    pub first_last_bits: u32,
+}
+
+impl Default for UniformConfig {
+    fn default() -> Self {
+        UniformConfig {
+            weight_bits: None,
+            activation_bits: None,
+            first_last_bits: 8,
+        }
+    }
+}
+
+impl UniformConfig {
+    /// Parses `W4A8`-style names (`32` = full precision): `w4a8`, `w32a4`, `w8a32`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::config(
+                "quantize",
+                s,
+                "expected WxAy, e.g. w4a8 (32 = full precision)",
+            )
+        };
+        let l = s.to_ascii_lowercase();
+        let rest = l.strip_prefix('w').ok_or_else(bad)?;
+        let (w, a) = rest.split_once('a').ok_or_else(bad)?;
+        let bits = |t: &str| -> Result<Option<u32>> {
+            let b: u32 = t.parse().map_err(|_| bad())?;
+            if b == 32 {
+                Ok(None)
+            } else {
+                code_range(b, Signedness::Unsigned)?;
+                Ok(Some(b))
+            }
+        };
+        Ok(UniformConfig {
+            weight_bits: bits(w)?,
+            activation_bits: bits(a)?,
+            ..UniformConfig::default()
+        })
+    }
+
+    /// `w4a8`-style name.
+    pub fn name(&self) -> String {
+        format!(
+            "w{}a{}",
+            self.weight_bits.unwrap_or(32),
+            self.activation_bits.unwrap_or(32)
+        )
+    }
+}
+
+/// Records, per activation site, the maximum ReLU output seen (full-precision pass).
+#[derive(Debug, Default)]
+pub struct Calibration {
+    ranges: Mutex<BTreeMap<String, f32>>,
+}
+
+impl Calibration {
+    /// The recorded ranges.
+    pub fn ranges(&self) -> BTreeMap<String, f32> {
+        self.ranges.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl QuantSeam for Calibration {
+    fn activation(&self, site: &str, x: &Tensor) -> Result<Tensor> {
+        let y = crate::kernels::relu(x)?;
+        let m = y.detach().max_all()?.to_scalar::<f32>()?;
+        if let Ok(mut r) = self.ranges.lock() {
+            let e = r.entry(site.to_string()).or_insert(0.0);
+            *e = e.max(m);
+        }
+        Ok(y)
+    }
+    fn describe(&self) -> String {
+        "calibration".into()
+    }
+}
+
+/// Uniformly quantized weights and activations.
+#[derive(Debug, Clone)]
+pub struct UniformSeam {
+    pub config: UniformConfig,
+    /// Calibrated activation ranges per site.
+    pub ranges: BTreeMap<String, f32>,
+    pub mode: GradientMode,
+}
+
+impl QuantSeam for UniformSeam {
+    fn weight(&self, layer: &str, w: &Tensor) -> Result<Tensor> {
+        match self.config.weight_bits {
+            None => Ok(w.clone()),
+            Some(b) => {
+                let bits = if layer == "conv1" || layer == "linear" {
+                    self.config.first_last_bits
+                } else {
+                    b
+                };
+                quantize_weight(w, bits, true, self.mode)
+            }
+        }
+    }
+
+    fn activation(&self, site: &str, x: &Tensor) -> Result<Tensor> {
+        let y = crate::kernels::relu(x)?;
+        match self.config.activation_bits {
+            None => Ok(y),
+            Some(b) => {
+                let range = *self.ranges.get(site).ok_or_else(|| {
+                    Error::config("activation site", site, "has no calibrated range")
+                })?;
+                quantize_activation(&y, b, range, self.mode)
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("uniform-{}-{:?}", self.config.name(), self.mode).to_lowercase()
+    }
+}
+
+/// Calibrates activation ranges: the maximum ReLU output per site over the images `idx`
+/// of `data`, the model in evaluation mode at full precision.
+pub fn calibrate(
+    model: &crate::model::ResNet20,
+    data: &crate::data::batch::DeviceData,
+    idx: &[u32],
+    batch_size: usize,
+) -> Result<BTreeMap<String, f32>> {
+    let cal = std::sync::Arc::new(Calibration::default());
+    let m = model.with_seam(cal.clone());
+    for chunk in idx.chunks(batch_size.max(1)) {
+        let (x, _) = data.batch(chunk)?;
+        m.forward(&x, false)?;
+    }
+    Ok(cal.ranges())
+}
+
+/// A uniformly quantized view of `model` (shares its weights).
+pub fn uniform_ptq(
+    model: &crate::model::ResNet20,
+    config: UniformConfig,
+    ranges: BTreeMap<String, f32>,
+    mode: GradientMode,
+) -> crate::model::ResNet20 {
+    model.with_seam(std::sync::Arc::new(UniformSeam {
+        config,
+        ranges,
+        mode,
+    }))
+}

@@ -1,0 +1,251 @@
+//! Quantizer invariants (proptest): rounding, codes, idempotence, error bound, monotonicity,
+//! oddness, zero, level count, no NaN, STE and raw gradients, per-channel = per-tensor loop;
+//! and the uniform PTQ seam on ResNet-20.
+
+use candle_core::{Device, Tensor, Var};
+use proptest::prelude::*;
+use quant_robust::quant::round::{round_half_even, round_half_even_tensor};
+use quant_robust::quant::seam::UniformConfig;
+use quant_robust::quant::uniform::{
+    code_range, codes, fake_quant, quantize_slice, quantize_weight, scale_for, Signedness,
+};
+use quant_robust::quant::GradientMode;
+
+fn t(v: &[f32]) -> Tensor {
+    Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn rounding_is_half_to_even_like_pytorch() {
+    let xs = [
+        0.5f32, 1.5, 2.5, -0.5, -1.5, -2.5, 127.5, 0.49, 0.51, -3.7, 4.0,
+    ];
+    let expect = [
+        0.0f32, 2.0, 2.0, -0.0, -2.0, -2.0, 128.0, 0.0, 1.0, -4.0, 4.0,
+    ];
+    for (x, e) in xs.iter().zip(expect) {
+        assert_eq!(round_half_even(*x), e, "{x}");
+    }
+    let r = round_half_even_tensor(&t(&xs))
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(r, expect.to_vec());
+}
+
+fn bits_and_sign() -> impl Strategy<Value = (u32, Signedness)> {
+    (2u32..=8, prop::bool::ANY).prop_map(|(b, s)| {
+        (
+            b,
+            if s {
+                Signedness::Symmetric
+            } else {
+                Signedness::Unsigned
+            },
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn tensor_rounding_equals_scalar(xs in prop::collection::vec(-300.0f32..300.0, 1..64),
+                                     ties in prop::collection::vec(-100i32..100, 0..16)) {
+        let mut v = xs.clone();
+        v.extend(ties.iter().map(|&k| k as f32 + 0.5));
+        let r = round_half_even_tensor(&t(&v)).unwrap().to_vec1::<f32>().unwrap();
+        for (x, y) in v.iter().zip(r) {
+            prop_assert_eq!(y, round_half_even(*x), "x = {}", x);
+        }
+    }
+
+    #[test]
+    fn uniform_quantizer_invariants(
+        (bits, sign) in bits_and_sign(),
+        range in 0.01f32..10.0,
+        xs in prop::collection::vec(-20.0f32..20.0, 1..128),
+    ) {
+        let (q_min, q_max) = code_range(bits, sign).unwrap();
+        let s = scale_for(range, q_max);
+        let q = quantize_slice(&xs, s, q_min, q_max);
+        let c = codes(&xs, s, q_min, q_max);
+        // Codes within [q_min, q_max]; at most 2^b levels (2^b − 1 for narrow symmetric).
+        prop_assert!(c.iter().all(|&k| k as f32 >= q_min && k as f32 <= q_max));
+        prop_assert!(q_max - q_min + 1.0 <= (1u32 << bits) as f32);
+        // Idempotence.
+        prop_assert_eq!(quantize_slice(&q, s, q_min, q_max), q.clone());
+        for (i, &x) in xs.iter().enumerate() {
+            // |Q(x) − x| ≤ s/2 inside the clipping range (plus float rounding).
+            if x >= q_min * s && x <= q_max * s {
+                prop_assert!((q[i] - x).abs() <= s / 2.0 * (1.0 + 1e-5) + 1e-6,
+                    "x {} q {} s {}", x, q[i], s);
+            }
+        }
+        // Monotonicity.
+        let mut pairs: Vec<(f32, f32)> = xs.iter().cloned().zip(q.iter().cloned()).collect();
+        pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        prop_assert!(pairs.windows(2).all(|w| w[0].1 <= w[1].1));
+        // Zero is exactly representable; symmetric narrow range is odd.
+        prop_assert_eq!(quantize_slice(&[0.0], s, q_min, q_max)[0], 0.0);
+        if sign == Signedness::Symmetric {
+            let neg: Vec<f32> = xs.iter().map(|x| -x).collect();
+            let qn = quantize_slice(&neg, s, q_min, q_max);
+            for (a, b) in q.iter().zip(qn) {
+                prop_assert_eq!(*a, -b);
+            }
+        }
+        // The tensor path equals the host reference.
+        let qt = fake_quant(&t(&xs), &Tensor::new(s, &Device::Cpu).unwrap(), q_min, q_max,
+            GradientMode::Ste).unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in qt.iter().zip(&q) {
+            prop_assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{} vs {}", a, b);
+        }
+    }
+
+    #[test]
+    fn ste_gradient_is_the_in_range_mask_and_raw_is_zero(
+        (bits, sign) in bits_and_sign(),
+        xs in prop::collection::vec(-3.0f32..3.0, 1..64),
+    ) {
+        let (q_min, q_max) = code_range(bits, sign).unwrap();
+        let s = scale_for(1.0, q_max);
+        let scale = Tensor::new(s, &Device::Cpu).unwrap();
+        let x = Var::from_tensor(&t(&xs)).unwrap();
+        let y = fake_quant(&x, &scale, q_min, q_max, GradientMode::Ste).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        for (xi, gi) in xs.iter().zip(g) {
+            let inside = *xi >= q_min * s && *xi <= q_max * s;
+            prop_assert_eq!(gi, if inside { 1.0 } else { 0.0 }, "x = {}", xi);
+        }
+        let y = fake_quant(&x, &scale, q_min, q_max, GradientMode::Raw).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let raw_total = g
+            .get(x.as_tensor())
+            .map(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+            .unwrap_or(0.0);
+        prop_assert_eq!(raw_total, 0.0);
+    }
+
+    #[test]
+    fn per_channel_equals_a_loop_of_per_tensor(
+        bits in 2u32..=8,
+        rows in 1usize..6,
+        cols in 1usize..20,
+        seed in 0u64..1000,
+    ) {
+        let v = quant_robust::rng::Rng::new(seed, "w").normal_vec(rows * cols, 1.0);
+        let w = Tensor::from_vec(v.clone(), (rows, cols), &Device::Cpu).unwrap();
+        let pc = quantize_weight(&w, bits, true, GradientMode::Ste).unwrap().to_vec2::<f32>().unwrap();
+        for r in 0..rows {
+            let row = Tensor::from_slice(&v[r * cols..(r + 1) * cols], cols, &Device::Cpu).unwrap();
+            let pt = quantize_weight(&row, bits, false, GradientMode::Ste).unwrap().to_vec1::<f32>().unwrap();
+            prop_assert_eq!(&pc[r], &pt);
+        }
+    }
+}
+
+#[test]
+fn no_nan_on_zero_or_constant_tensors() {
+    for v in [vec![0.0f32; 10], vec![3.0f32; 10]] {
+        let w = Tensor::from_vec(v.clone(), (2, 5), &Device::Cpu).unwrap();
+        for pc in [true, false] {
+            let q = quantize_weight(&w, 4, pc, GradientMode::Ste).unwrap();
+            let q = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(q.iter().all(|x| x.is_finite()), "{q:?}");
+            // max |w| maps to the top code: s·q_max = w up to float rounding of s.
+            for (a, b) in q.iter().zip(&v) {
+                assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bit_settings_parse_and_reject_clearly() {
+    let c = UniformConfig::parse("W4A8").unwrap();
+    assert_eq!((c.weight_bits, c.activation_bits), (Some(4), Some(8)));
+    let c = UniformConfig::parse("w32a4").unwrap();
+    assert_eq!((c.weight_bits, c.activation_bits), (None, Some(4)));
+    assert_eq!(c.name(), "w32a4");
+    for bad in ["w0a8", "w17a8", "w4", "4a4", "wxa8"] {
+        assert!(UniformConfig::parse(bad).is_err(), "{bad}");
+    }
+    let msg = UniformConfig::parse("w1a8").unwrap_err().to_string();
+    assert!(msg.contains("bits") && msg.contains("2 and 16"), "{msg}");
+}
+
+#[test]
+fn uniform_ptq_at_8_bits_keeps_the_model_and_raw_gradients_vanish() {
+    use quant_robust::data::batch::DeviceData;
+    use quant_robust::model::ResNet20;
+    use quant_robust::quant::seam::{calibrate, uniform_ptq};
+    use quant_robust::rng::Rng;
+    let s = crate::common::sample();
+    let model = ResNet20::init(&mut Rng::new(0, "init"), &Device::Cpu).unwrap();
+    // Running statistics from a few training-mode passes, so activations are not degenerate.
+    let train = DeviceData::new(&s.train.take(64), &Device::Cpu).unwrap();
+    let (x, y) = train.range(0, 64).unwrap();
+    for _ in 0..3 {
+        model.forward(&x, true).unwrap();
+    }
+    let all: Vec<u32> = (0..64).collect();
+    let ranges = calibrate(&model.frozen(), &train, &all, 32).unwrap();
+    assert_eq!(ranges.len(), 19, "stem + 2 per block × 9 blocks");
+    assert!(ranges.values().all(|&r| r > 0.0 && r.is_finite()));
+    let fp = model.frozen().forward(&x, false).unwrap();
+    let q8 = uniform_ptq(
+        &model.frozen(),
+        UniformConfig::parse("w8a8").unwrap(),
+        ranges.clone(),
+        GradientMode::Ste,
+    )
+    .forward(&x, false)
+    .unwrap();
+    let agree = fp
+        .argmax(1)
+        .unwrap()
+        .eq(&q8.argmax(1).unwrap())
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        agree >= 0.9,
+        "W8A8 changed {:.0}% of predictions",
+        100.0 * (1.0 - agree)
+    );
+    // Gradients: STE gives a non-zero input gradient, raw gives none.
+    let q4 = |mode| {
+        uniform_ptq(
+            &model.frozen(),
+            UniformConfig::parse("w32a4").unwrap(),
+            ranges.clone(),
+            mode,
+        )
+    };
+    let (_, g) = quant_robust::attack::input_gradient(&q4(GradientMode::Ste), &x, &y).unwrap();
+    assert!(
+        g.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
+    let (_, g) = quant_robust::attack::input_gradient(&q4(GradientMode::Raw), &x, &y).unwrap();
+    assert_eq!(
+        g.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+}
