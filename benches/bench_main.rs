@@ -1,13 +1,17 @@
 //! CPU benchmarks of the operations that dominate the study: the evaluation forward pass,
-//! one attack step (forward + input gradient) and one training step, ResNet-20 at batch 128,
-//! reported as images/s (criterion's element throughput).
+//! one attack step (forward + input gradient), one PGD step (with projection) and one
+//! training step, ResNet-20 at batch 128, reported as images/s (criterion's element
+//! throughput); and the quantizers, in elements/s.
 //!
 //! `cargo bench` measures; `cargo bench -- --test` runs each once (the CI smoke run).
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use quant_robust::attack::{cross_entropy, input_gradient};
+use quant_robust::attack::pgd::Pgd;
+use quant_robust::attack::{cross_entropy, input_gradient, Attack, Norm};
 use quant_robust::model::ResNet20;
+use quant_robust::quant::uniform::{quantize_activation, quantize_weight};
+use quant_robust::quant::GradientMode;
 use quant_robust::rng::Rng;
 use quant_robust::train::{Sgd, SgdConfig};
 
@@ -39,6 +43,25 @@ fn cpu(c: &mut Criterion) {
     g.bench_function("attack_step_b128", |b| {
         b.iter(|| input_gradient(&frozen, &x, &y).expect("gradient"))
     });
+    let one_step = Pgd {
+        steps: 1,
+        random_start: false,
+        ..Pgd::default()
+    };
+    g.bench_function("pgd_step_b128", |b| {
+        b.iter(|| {
+            one_step
+                .perturb(
+                    &frozen,
+                    &x,
+                    &y,
+                    Norm::Linf,
+                    8.0 / 255.0,
+                    &mut Rng::new(0, "b"),
+                )
+                .expect("pgd")
+        })
+    });
     let mut opt = Sgd::new(model.trainable_vars(), SgdConfig::default()).expect("sgd");
     g.bench_function("train_step_b128", |b| {
         b.iter(|| {
@@ -50,5 +73,30 @@ fn cpu(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, cpu);
+/// Quantizers, elements/s: per-channel 4-bit weights of a 64×64×3×3 conv, and 4-bit
+/// activations of a 128×16×32×32 batch.
+fn quantizers(c: &mut Criterion) {
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(1, "bench-quant");
+    let w = Tensor::from_vec(rng.normal_vec(64 * 64 * 9, 0.05), (64, 64, 3, 3), &dev).expect("w");
+    let a = Tensor::from_vec(
+        rng.uniform_vec(128 * 16 * 1024, 0.0, 4.0),
+        (128, 16, 32, 32),
+        &dev,
+    )
+    .expect("a");
+    let mut g = c.benchmark_group("quant");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(w.elem_count() as u64));
+    g.bench_function("uniform_w4_per_channel", |b| {
+        b.iter(|| quantize_weight(&w, 4, true, GradientMode::Ste).expect("q"))
+    });
+    g.throughput(Throughput::Elements(a.elem_count() as u64));
+    g.bench_function("uniform_a4", |b| {
+        b.iter(|| quantize_activation(&a, 4, 4.0, GradientMode::Ste).expect("q"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, cpu, quantizers);
 criterion_main!(benches);
