@@ -265,3 +265,54 @@ fn wrong_checkpoints_are_named_errors() {
         "{msg}"
     );
 }
+
+#[test]
+fn batchnorm_folding_equals_conv_then_batchnorm() {
+    use quant_robust::model::bn_fold::fold;
+    let m = model(5);
+    // Non-trivial running statistics and affine parameters.
+    for s in 0..3 {
+        m.forward(&batch(16, 10 + s), true).unwrap();
+    }
+    let x = batch(4, 20);
+    let r = |shape: &[usize], seed: u64, lo: f32, hi: f32| {
+        Tensor::from_vec(
+            Rng::new(seed, "bn").uniform_vec(shape.iter().product(), lo, hi),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let w = m.tensor("conv1.weight").unwrap();
+    let (gamma, beta) = (r(&[16], 1, 0.5, 1.5), r(&[16], 2, -0.5, 0.5));
+    let (mean, var) = (r(&[16], 3, -0.2, 0.2), r(&[16], 4, 0.05, 2.0));
+    let y = x.conv2d(w, 1, 1, 1, 1).unwrap();
+    let k = (&var + 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
+    let reference = y
+        .broadcast_sub(&mean.reshape((1, 16, 1, 1)).unwrap())
+        .unwrap()
+        .broadcast_mul(&k.mul(&gamma).unwrap().reshape((1, 16, 1, 1)).unwrap())
+        .unwrap()
+        .broadcast_add(&beta.reshape((1, 16, 1, 1)).unwrap())
+        .unwrap();
+    let (wf, bf) = fold(w, &gamma, &beta, &mean, &var, 1e-5).unwrap();
+    let folded = x
+        .conv2d(&wf, 1, 1, 1, 1)
+        .unwrap()
+        .broadcast_add(&bf.reshape((1, 16, 1, 1)).unwrap())
+        .unwrap();
+    let d = (folded - &reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    let scale = reference
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() <= 1e-5 * scale.max(1.0));
+}

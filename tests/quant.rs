@@ -249,3 +249,95 @@ fn uniform_ptq_at_8_bits_keeps_the_model_and_raw_gradients_vanish() {
         0.0
     );
 }
+
+fn laplace(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = quant_robust::rng::Rng::new(seed, "laplace");
+    (0..n)
+        .map(|_| {
+            let u = rng.uniform_f32() - 0.5;
+            let v = -(1.0 - 2.0 * u.abs()).max(1e-7).ln() * 0.05;
+            v.copysign(u)
+        })
+        .collect()
+}
+
+fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+    quant_robust::rng::Rng::new(seed, "gauss").normal_vec(n, 0.05)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pwlq_breakpoints_and_errors(seed in 0u64..10_000, bits in 2u32..=4, lap in prop::bool::ANY) {
+        use quant_robust::quant::pwlq::{breakpoint, quantize_channel, sse, Breakpoint};
+        // 576 weights: one output channel of a 64-channel 3×3 conv.
+        let w = if lap { laplace(576, seed) } else { gaussian(576, seed) };
+        let m = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let uniform = sse(&w, &quantize_channel(&w, m, bits));
+        let fit = if lap { Breakpoint::Laplace } else { Breakpoint::Gaussian };
+        let mut errs = Vec::new();
+        for kind in [Breakpoint::Gaussian, Breakpoint::Laplace, Breakpoint::Search] {
+            let p = breakpoint(&w, bits, kind).unwrap();
+            prop_assert!(p > 0.0 && p <= m, "{:?}: p = {}, m = {}", kind, p, m);
+            errs.push((kind, sse(&w, &quantize_channel(&w, p, bits))));
+        }
+        let err = |k| errs.iter().find(|(kk, _)| *kk == k).unwrap().1;
+        // The search is never worse than the closed forms or uniform (p = m).
+        prop_assert!(err(Breakpoint::Search) <= err(Breakpoint::Gaussian));
+        prop_assert!(err(Breakpoint::Search) <= err(Breakpoint::Laplace));
+        prop_assert!(err(Breakpoint::Search) <= uniform);
+        // The closed form fitted to the data's own shape beats uniform at 2-4 bits.
+        prop_assert!(err(fit) <= uniform, "{:?} {} > uniform {}", fit, err(fit), uniform);
+    }
+
+    #[test]
+    fn pwlq_with_p_equal_m_is_uniform_and_levels_are_bounded(
+        seed in 0u64..10_000, bits in 2u32..=8,
+    ) {
+        use quant_robust::quant::pwlq::{breakpoint, quantize_channel, Breakpoint};
+        let w = gaussian(300, seed);
+        let m = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let (q_min, q_max) = code_range(bits, Signedness::Symmetric).unwrap();
+        let uni = quantize_slice(&w, m / q_max, q_min, q_max);
+        let pw = quantize_channel(&w, m, bits);
+        for (a, b) in pw.iter().zip(&uni) {
+            prop_assert!((a - b).abs() <= 1e-7, "{} vs {}", a, b);
+        }
+        let p = breakpoint(&w, bits, Breakpoint::Search).unwrap();
+        let q = quantize_channel(&w, p, bits);
+        let mut levels: Vec<u32> = q.iter().map(|v| v.to_bits()).collect();
+        levels.sort();
+        levels.dedup();
+        prop_assert!(levels.len() <= (1usize << (bits + 1)), "{} levels", levels.len());
+        // Idempotent for the same breakpoint and range.
+        let again: Vec<f32> = q
+            .iter()
+            .map(|&v| quant_robust::quant::pwlq::quantize_value(v, p, m, bits))
+            .collect();
+        for (a, b) in again.iter().zip(&q) {
+            prop_assert!((a - b).abs() <= 1e-7 * m, "{} vs {}", a, b);
+        }
+    }
+}
+
+#[test]
+fn pwlq_bias_correction_restores_mean_and_std() {
+    use quant_robust::quant::pwlq::{bias_correct, breakpoint, quantize_channel, Breakpoint};
+    let w = laplace(576, 3);
+    let p = breakpoint(&w, 3, Breakpoint::Laplace).unwrap();
+    let q = bias_correct(&w, &quantize_channel(&w, p, 3));
+    let stats = |v: &[f32]| {
+        let n = v.len() as f64;
+        let m = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let s = (v.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / n).sqrt();
+        (m, s)
+    };
+    let ((mw, sw), (mq, sq)) = (stats(&w), stats(&q));
+    assert!(
+        (mw - mq).abs() < 1e-6 && (sw - sq).abs() / sw < 1e-5,
+        "{mw} {mq} {sw} {sq}"
+    );
+    assert!(breakpoint(&w, 1, Breakpoint::Search).is_err());
+    assert_eq!(breakpoint(&[0.0; 8], 4, Breakpoint::Search).unwrap(), 0.0);
+}

@@ -1,6 +1,7 @@
 //! Models: the [`Classifier`] interface every attack and evaluation uses, the quantizer
 //! seam ([`QuantSeam`]) a quantized model plugs in, ResNet-20 and its checkpoints.
 
+pub mod bn_fold;
 pub mod checkpoint;
 pub mod resnet20;
 

@@ -4,6 +4,8 @@
 //!   zero);
 //! - [`uniform`]: the uniform fake quantizer (b bits, symmetric narrow-range or unsigned,
 //!   per tensor or per output channel) with a straight-through or a raw gradient;
+//! - [`pwlq`]: piecewise linear quantization of weights (closed-form or searched
+//!   breakpoints, bias correction);
 //! - [`seam`]: [`seam::UniformSeam`], uniform post-training quantization of ResNet-20's
 //!   weights and activations through [`crate::model::QuantSeam`], with calibration.
 //!
@@ -11,6 +13,7 @@
 //! estimator by default (identity inside the clipping range, zero outside); `raw` keeps the
 //! true gradient of rounding, zero almost everywhere, to show gradient masking.
 
+pub mod pwlq;
 pub mod round;
 pub mod seam;
 pub mod uniform;
