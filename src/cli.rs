@@ -42,6 +42,13 @@ Examples:
   quant-robust attack --checkpoint q.safetensors --norm l2 --eps 0.25,0.5,1.0 \\
       --attacks pgd,transfer:runs/natural.safetensors";
 
+const PTQ_EXAMPLES: &str = "\
+Examples:
+  # PWLQ at 4-bit weights, 8-bit activations (first conv and last linear keep 8-bit weights)
+  quant-robust ptq --checkpoint runs/natural.safetensors --method pwlq --wbits 4 --abits 8
+  # uniform at the same bits, activations full precision
+  quant-robust ptq --checkpoint runs/natural.safetensors --method uniform --wbits 4 --abits 32";
+
 /// quant-robust: does quantization make a network more or less robust to adversarial attacks?
 #[derive(Debug, Parser)]
 #[command(version, about, after_help = EXAMPLES)]
@@ -65,6 +72,10 @@ pub enum Command {
     /// masking diagnostics.
     #[command(after_help = ATTACK_EXAMPLES)]
     Attack(Box<AttackArgs>),
+    /// Post-training quantization: fold BatchNorm, quantize weights (PWLQ or uniform) and
+    /// activations (uniform, calibrated); writes the quantized checkpoint, prints clean accuracy.
+    #[command(after_help = PTQ_EXAMPLES)]
+    Ptq(Box<PtqArgs>),
     /// Write a small class-balanced sample of a cifar10-jpeg archive (original JPEG bytes).
     MakeSample(MakeSampleArgs),
     /// Write a data set's decoded pixels in the canonical binary format
@@ -246,6 +257,48 @@ pub struct AttackArgs {
     pub out: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct PtqArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The full-precision checkpoint.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Weight quantizer.
+    #[arg(long, value_enum, default_value_t = quant_robust::quant::ptq::PtqMethod::Pwlq)]
+    pub method: quant_robust::quant::ptq::PtqMethod,
+    /// Weight bits (2-16; 32 = full precision).
+    #[arg(long, default_value_t = 8)]
+    pub wbits: u32,
+    /// Activation bits (2-16; 32 = full precision).
+    #[arg(long, default_value_t = 8)]
+    pub abits: u32,
+    /// Weight bits of the first conv and the last linear layer.
+    #[arg(long, default_value_t = 8)]
+    pub first_last_bits: u32,
+    /// PWLQ breakpoint.
+    #[arg(long, value_enum, default_value_t = quant_robust::quant::pwlq::Breakpoint::Search)]
+    pub breakpoint: quant_robust::quant::pwlq::Breakpoint,
+    /// PWLQ bias correction.
+    #[arg(long)]
+    pub bias_correction: bool,
+    /// Training images that calibrate the activation ranges (seeded, stratified).
+    #[arg(long, default_value_t = 512)]
+    pub calib: usize,
+    /// Seed of the calibration set and of the evaluation subset.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Test images for the clean accuracy (seeded, stratified) [default all].
+    #[arg(long)]
+    pub n: Option<usize>,
+    /// The quantized checkpoint [default: beside the input, named by method and bits].
+    #[arg(long)]
+    pub out_checkpoint: Option<PathBuf>,
+    /// Write the JSON result here (default: stdout).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SplitArg {
     Train,
@@ -328,6 +381,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Train(a) => train(*a),
         Command::Eval(a) => eval(a),
         Command::Attack(a) => attack(*a),
+        Command::Ptq(a) => ptq(*a),
         Command::MakeSample(a) => make_sample(a),
         Command::ExportBin(a) => export_bin(a),
     }
@@ -713,7 +767,7 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
     let mut ranges = None;
     let model = match &quantize {
-        None => model,
+        None => quant_robust::quant::seam::with_gradient_mode(&model, a.gradient),
         Some(q) => {
             let calib = subset::stratified_indices(
                 &data.train.labels,
@@ -826,6 +880,107 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
         "report": report,
         "manifest": m,
         "checkpoint_manifest": checkpoint::load_manifest(&a.checkpoint)?,
+    });
+    write_result(a.out.as_deref(), &result)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ptq(a: PtqArgs) -> Result<ExitCode> {
+    use quant_robust::quant::ptq::{quantize_weights, PtqConfig};
+    use quant_robust::quant::seam::{calibrate, uniform_ptq, UniformConfig};
+    let bits = UniformConfig::parse(&format!("w{}a{}", a.wbits, a.abits))?;
+    quant_robust::quant::uniform::code_range(
+        a.first_last_bits,
+        quant_robust::quant::uniform::Signedness::Symmetric,
+    )
+    .context("--first-last-bits")?;
+    let cfg = PtqConfig {
+        method: a.method,
+        bits: UniformConfig {
+            first_last_bits: a.first_last_bits,
+            ..bits
+        },
+        breakpoint: a.breakpoint,
+        bias_correction: a.bias_correction,
+        calib: a.calib,
+    };
+    let dev = device::select(a.data.device)?;
+    let data = load_data(&a.data)?;
+    if a.calib == 0 || a.calib > data.train.len() {
+        bail!(
+            "--calib {}: the training split has {} images",
+            a.calib,
+            data.train.len()
+        );
+    }
+    let fp = checkpoint::load(&a.checkpoint, &dev, false)
+        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    if fp.seam().persist().is_some() {
+        bail!(
+            "{} is already quantized; give a full-precision checkpoint",
+            a.checkpoint.display()
+        );
+    }
+    let t = Instant::now();
+    let (state, ratios) = quantize_weights(&fp, &cfg)?;
+    let wq =
+        quant_robust::model::ResNet20::from_tensors(state, fp.num_batches_tracked(), &dev, false)?;
+    let calib = subset::stratified_indices(
+        &data.train.labels,
+        data::CIFAR10_CLASSES.len(),
+        subset::SubsetSize::Count(a.calib),
+        &mut Rng::new(a.seed, "calibration"),
+    )?;
+    let calib_set = DeviceData::new(&data.train.select(&calib), &dev)?;
+    let all: Vec<u32> = (0..calib_set.len() as u32).collect();
+    let ranges = calibrate(&wq, &calib_set, &all, 256)?;
+    let act_only = UniformConfig {
+        weight_bits: None,
+        ..cfg.bits.clone()
+    };
+    let model = uniform_ptq(
+        &wq,
+        act_only,
+        ranges.clone(),
+        quant_robust::quant::GradientMode::Ste,
+    );
+    let quant_s = t.elapsed().as_secs_f64();
+    let dd = DeviceData::new(&data.test, &dev)?;
+    let idx = quant_robust::eval::eval_indices(&dd, a.n, a.seed)?;
+    let acc = clean_accuracy(&model, &dd, &idx, 500)?;
+    let fp_acc = clean_accuracy(&fp, &dd, &idx, 500)?;
+    let name = format!("ptq-{:?}-{}", a.method, cfg.bits.name()).to_lowercase();
+    let out_ck = a.out_checkpoint.clone().unwrap_or_else(|| {
+        let stem = a.checkpoint.with_extension("");
+        PathBuf::from(format!("{}-{name}.safetensors", stem.display()))
+    });
+    let mut m = quant_robust::manifest::Manifest::new("checkpoint", &dev);
+    m.seed = Some(a.seed);
+    m.data = Some(data.identity.clone());
+    m.config = json!({ "stage": "ptq", "source": a.checkpoint, "ptq": cfg });
+    m.add_timing("ptq", quant_s, &dev);
+    m.metrics.insert("test_accuracy".into(), acc.fraction());
+    m.metrics
+        .insert("fp_test_accuracy".into(), fp_acc.fraction());
+    m.metrics.insert("test_images".into(), acc.total as f64);
+    checkpoint::save(&model, &out_ck, &m)?;
+    tracing::info!(
+        "{name}: clean accuracy {:.2}% ({}/{}), full precision {:.2}%; wrote {}",
+        acc.percent(),
+        acc.correct,
+        acc.total,
+        fp_acc.percent(),
+        out_ck.display()
+    );
+    let result = json!({
+        "checkpoint": out_ck,
+        "accuracy": acc.fraction(),
+        "correct": acc.correct,
+        "total": acc.total,
+        "fp_accuracy": fp_acc.fraction(),
+        "breakpoint_ratio_p_over_m": ratios,
+        "activation_ranges": ranges,
+        "manifest": m,
     });
     write_result(a.out.as_deref(), &result)?;
     Ok(ExitCode::SUCCESS)

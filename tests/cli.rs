@@ -246,3 +246,26 @@ fn attack_command_rejects_bad_input_clearly() {
     assert_eq!(r["attacks"][1]["broken"][1].as_str().unwrap().len(), 20);
     assert!(image::open(&png).is_ok());
 }
+
+#[test]
+fn ptq_rejects_invalid_bits() {
+    for (w, a) in [("0", "8"), ("17", "8"), ("4", "1")] {
+        let (ok, _, err) = qr(&[
+            "ptq",
+            "--data",
+            "embedded",
+            "--device",
+            "cpu",
+            "--checkpoint",
+            "x.safetensors",
+            "--wbits",
+            w,
+            "--abits",
+            a,
+        ]);
+        assert!(
+            !ok && err.contains("bits") && err.contains("2 and 16"),
+            "{err}"
+        );
+    }
+}

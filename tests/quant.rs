@@ -341,3 +341,84 @@ fn pwlq_bias_correction_restores_mean_and_std() {
     assert!(breakpoint(&w, 1, Breakpoint::Search).is_err());
     assert_eq!(breakpoint(&[0.0; 8], 4, Breakpoint::Search).unwrap(), 0.0);
 }
+
+#[test]
+fn ptq_folding_keeps_the_function_and_quantized_checkpoints_reload_exactly() {
+    use quant_robust::data::batch::DeviceData;
+    use quant_robust::manifest::Manifest;
+    use quant_robust::model::{checkpoint, ResNet20};
+    use quant_robust::quant::ptq::{quantize_weights, PtqConfig, PtqMethod};
+    use quant_robust::quant::seam::{calibrate, uniform_ptq};
+    use quant_robust::rng::Rng;
+    let s = crate::common::sample();
+    let model = ResNet20::init(&mut Rng::new(1, "init"), &Device::Cpu).unwrap();
+    let train = DeviceData::new(&s.train.take(64), &Device::Cpu).unwrap();
+    let (x, _) = train.range(0, 64).unwrap();
+    for _ in 0..3 {
+        model.forward(&x, true).unwrap();
+    }
+    let fp = model.frozen();
+    // Folding alone (no bits) computes the same function.
+    let (state, _) = quantize_weights(&fp, &PtqConfig::default()).unwrap();
+    let folded = ResNet20::from_tensors(state, 0, &Device::Cpu, false).unwrap();
+    let (a, b) = (
+        fp.forward(&x, false).unwrap(),
+        folded.forward(&x, false).unwrap(),
+    );
+    let d = (&a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d <= 1e-4 * scale.max(1.0), "folding changed logits by {d}");
+    // W4A4 PWLQ: a checkpoint that reloads to the same logits, quantizers included.
+    let cfg = PtqConfig {
+        method: PtqMethod::Pwlq,
+        bits: UniformConfig::parse("w4a4").unwrap(),
+        ..PtqConfig::default()
+    };
+    let (state, ratios) = quantize_weights(&fp, &cfg).unwrap();
+    assert_eq!(ratios.len(), 20, "19 convs and the linear layer");
+    assert!(ratios.values().all(|&r| r > 0.0 && r <= 1.0));
+    let wq = ResNet20::from_tensors(state, 0, &Device::Cpu, false).unwrap();
+    let all: Vec<u32> = (0..64).collect();
+    let ranges = calibrate(&wq, &train, &all, 32).unwrap();
+    let act = UniformConfig {
+        weight_bits: None,
+        ..cfg.bits.clone()
+    };
+    let q = uniform_ptq(&wq, act, ranges, GradientMode::Ste);
+    let dir = crate::common::tempdir();
+    let p = dir.path().join("q.safetensors");
+    checkpoint::save(&q, &p, &Manifest::new("checkpoint", &Device::Cpu)).unwrap();
+    let back = checkpoint::load(&p, &Device::Cpu, false).unwrap();
+    assert_eq!(back.seam().describe(), q.seam().describe());
+    assert_eq!(
+        q.forward(&x, false).unwrap().to_vec2::<f32>().unwrap(),
+        back.forward(&x, false).unwrap().to_vec2::<f32>().unwrap()
+    );
+    // 4-bit per-channel weights: at most 2^(b+1) distinct values per output channel.
+    let w = back
+        .tensor("layer2.1.conv1.weight")
+        .unwrap()
+        .flatten_from(1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for row in w {
+        let mut v: Vec<u32> = row.iter().map(|x| x.to_bits()).collect();
+        v.sort();
+        v.dedup();
+        assert!(v.len() <= 32, "{} levels", v.len());
+    }
+}

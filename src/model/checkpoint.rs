@@ -51,6 +51,9 @@ pub fn save(model: &ResNet20, path: &Path, manifest: &Manifest) -> Result<()> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("seam".to_string(), model.seam().describe());
+    if let Some(q) = model.seam().persist() {
+        meta.insert("quant".to_string(), q);
+    }
     let bytes = to_safetensors_bytes(&sd, &meta)?;
     crate::io::write_bytes_atomic(path, &bytes)?;
     crate::io::write_json_atomic(&manifest_path(path), manifest)
@@ -86,7 +89,23 @@ pub fn load(path: &Path, device: &Device, trainable: bool) -> Result<ResNet20> {
         path: path.to_path_buf(),
         problem: e.to_string(),
     })?;
-    ResNet20::from_tensors(map, nbt, device, trainable)
+    let model = ResNet20::from_tensors(map, nbt, device, trainable)?;
+    // Quantizers stored with the weights (a PTQ or QAT checkpoint).
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let quant = safetensors::SafeTensors::read_metadata(&bytes)
+        .ok()
+        .and_then(|(_, m)| m.metadata().as_ref().and_then(|m| m.get("quant").cloned()));
+    match quant {
+        None => Ok(model),
+        Some(q) => {
+            let q: crate::quant::seam::PersistedQuant =
+                serde_json::from_str(&q).map_err(|e| Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    problem: format!("unreadable quantizer settings: {e}"),
+                })?;
+            Ok(model.with_seam(std::sync::Arc::new(q.seam())))
+        }
+    }
 }
 
 /// Reads a checkpoint's manifest, if there is one.

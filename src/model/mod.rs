@@ -41,6 +41,11 @@ pub trait QuantSeam: Send + Sync {
 
     /// A short description for manifests (`fp`, `ptq-pwlq-w4a8`, ...).
     fn describe(&self) -> String;
+
+    /// What a checkpoint must store to rebuild this seam (JSON), if anything.
+    fn persist(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The full-precision seam: weights as stored, ReLU activations.

@@ -6,6 +6,8 @@
 //!   per tensor or per output channel) with a straight-through or a raw gradient;
 //! - [`pwlq`]: piecewise linear quantization of weights (closed-form or searched
 //!   breakpoints, bias correction);
+//! - [`ptq`]: the paper's PTQ: BatchNorm folding, PWLQ (or uniform) weights, calibrated
+//!   uniform activations;
 //! - [`seam`]: [`seam::UniformSeam`], uniform post-training quantization of ResNet-20's
 //!   weights and activations through [`crate::model::QuantSeam`], with calibration.
 //!
@@ -13,6 +15,7 @@
 //! estimator by default (identity inside the clipping range, zero outside); `raw` keeps the
 //! true gradient of rounding, zero almost everywhere, to show gradient masking.
 
+pub mod ptq;
 pub mod pwlq;
 pub mod round;
 pub mod seam;

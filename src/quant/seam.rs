@@ -148,6 +148,32 @@ impl QuantSeam for UniformSeam {
     fn describe(&self) -> String {
         format!("uniform-{}-{:?}", self.config.name(), self.mode).to_lowercase()
     }
+
+    fn persist(&self) -> Option<String> {
+        serde_json::to_string(&PersistedQuant {
+            config: self.config.clone(),
+            ranges: self.ranges.clone(),
+        })
+        .ok()
+    }
+}
+
+/// The quantizers a checkpoint stores in its metadata (key `quant`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PersistedQuant {
+    pub config: UniformConfig,
+    pub ranges: BTreeMap<String, f32>,
+}
+
+impl PersistedQuant {
+    /// The seam these settings describe, with straight-through gradients.
+    pub fn seam(self) -> UniformSeam {
+        UniformSeam {
+            config: self.config,
+            ranges: self.ranges,
+            mode: GradientMode::Ste,
+        }
+    }
 }
 
 /// Calibrates activation ranges: the maximum ReLU output per site over the images `idx`
@@ -179,4 +205,20 @@ pub fn uniform_ptq(
         ranges,
         mode,
     }))
+}
+
+/// The same model with its stored quantizers' gradients set to `mode` (no change for a
+/// full-precision model).
+pub fn with_gradient_mode(
+    model: &crate::model::ResNet20,
+    mode: GradientMode,
+) -> crate::model::ResNet20 {
+    match model
+        .seam()
+        .persist()
+        .and_then(|p| serde_json::from_str::<PersistedQuant>(&p).ok())
+    {
+        Some(q) => model.with_seam(std::sync::Arc::new(UniformSeam { mode, ..q.seam() })),
+        None => model.with_seam(model.seam().clone()),
+    }
 }
