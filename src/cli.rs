@@ -49,6 +49,14 @@ Examples:
   # uniform at the same bits, activations full precision
   quant-robust ptq --checkpoint runs/natural.safetensors --method uniform --wbits 4 --abits 32";
 
+const QAT_EXAMPLES: &str = "\
+Examples:
+  # W4A4 from the natural model on 10% of the training data, 5 epochs
+  quant-robust qat --init natural:runs/natural.safetensors --wbits 4 --abits 4 \\
+      --fraction 0.1 --epochs 5 --checkpoint runs/qat-w4a4.safetensors
+  # the same with PGD adversarial training inside QAT, from the robust model
+  quant-robust qat --init robust:runs/robust.safetensors --wbits 4 --abits 4 --adv pgd";
+
 /// quant-robust: does quantization make a network more or less robust to adversarial attacks?
 #[derive(Debug, Parser)]
 #[command(version, about, after_help = EXAMPLES)]
@@ -76,6 +84,10 @@ pub enum Command {
     /// activations (uniform, calibrated); writes the quantized checkpoint, prints clean accuracy.
     #[command(after_help = PTQ_EXAMPLES)]
     Ptq(Box<PtqArgs>),
+    /// Quantization-aware training (PACT activations, DoReFa weights) from a random, natural
+    /// or robust initialization, optionally with PGD adversarial training.
+    #[command(after_help = QAT_EXAMPLES)]
+    Qat(Box<QatArgs>),
     /// Write a small class-balanced sample of a cifar10-jpeg archive (original JPEG bytes).
     MakeSample(MakeSampleArgs),
     /// Write a data set's decoded pixels in the canonical binary format
@@ -299,6 +311,28 @@ pub struct PtqArgs {
     pub out: Option<PathBuf>,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct QatArgs {
+    /// Initialization: random, natural:CHECKPOINT or robust:CHECKPOINT.
+    #[arg(long)]
+    pub init: String,
+    /// Weight bits (2-16; 32 = full precision).
+    #[arg(long, default_value_t = 4)]
+    pub wbits: u32,
+    /// Activation bits (2-16; 32 = full precision).
+    #[arg(long, default_value_t = 4)]
+    pub abits: u32,
+    /// Weight bits of the first conv and the last linear layer.
+    #[arg(long, default_value_t = 8)]
+    pub first_last_bits: u32,
+    /// Initial α: `calibrated` (the site's full-precision maximum) or a number.
+    #[arg(long, default_value = "calibrated")]
+    pub alpha_init: String,
+    /// Training options (epochs, lr, fraction, adversarial training, seed, device, data…).
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SplitArg {
     Train,
@@ -382,6 +416,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Eval(a) => eval(a),
         Command::Attack(a) => attack(*a),
         Command::Ptq(a) => ptq(*a),
+        Command::Qat(a) => qat(*a),
         Command::MakeSample(a) => make_sample(a),
         Command::ExportBin(a) => export_bin(a),
     }
@@ -984,4 +1019,148 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
     });
     write_result(a.out.as_deref(), &result)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn qat(a: QatArgs) -> Result<ExitCode> {
+    use quant_robust::quant::qat::{export, AlphaInit, PactSeam, QatConfig};
+    use quant_robust::quant::seam::{calibrate, UniformConfig};
+    let bits = UniformConfig::parse(&format!("w{}a{}", a.wbits, a.abits))?;
+    quant_robust::quant::uniform::code_range(
+        a.first_last_bits,
+        quant_robust::quant::uniform::Signedness::Symmetric,
+    )
+    .context("--first-last-bits")?;
+    let alpha_init = match a.alpha_init.as_str() {
+        "calibrated" => AlphaInit::Calibrated,
+        v => AlphaInit::Fixed(parse_number(v).map_err(|e| anyhow::anyhow!("--alpha-init: {e}"))?),
+    };
+    if a.train.resume.is_some() {
+        bail!("qat does not resume yet: start it again (its epochs are short)");
+    }
+    let qcfg = QatConfig {
+        bits: UniformConfig {
+            first_last_bits: a.first_last_bits,
+            ..bits
+        },
+        alpha_init,
+        ..QatConfig::default()
+    };
+    let mut tcfg = train_config(&a.train)?;
+    if a.train.epochs.is_none() {
+        tcfg.epochs = 5;
+    }
+    if a.train.lr.is_none() && a.init != "random" {
+        tcfg.lr = 0.01;
+    }
+    tcfg.validate()?;
+    let dev = device::select(a.train.data.device)?;
+    let data = load_data(&a.train.data)?;
+    let (init_kind, model) = match a.init.split_once(':') {
+        None if a.init == "random" => (
+            "random",
+            quant_robust::model::ResNet20::init(&mut Rng::new(tcfg.seed, "init"), &dev)?,
+        ),
+        Some((kind @ ("natural" | "robust"), path)) => (
+            kind,
+            checkpoint::load(Path::new(path), &dev, true)
+                .with_context(|| format!("loading the {kind} initialization {path}"))?,
+        ),
+        _ => bail!(
+            "--init {}: expected random, natural:CHECKPOINT or robust:CHECKPOINT",
+            a.init
+        ),
+    };
+    if model.seam().persist().is_some() {
+        bail!("--init must be a full-precision checkpoint");
+    }
+    // α from the full-precision activations of 512 seeded training images.
+    let calib = subset::stratified_indices(
+        &data.train.labels,
+        data::CIFAR10_CLASSES.len(),
+        subset::SubsetSize::Count(512.min(data.train.len())),
+        &mut Rng::new(tcfg.seed, "calibration"),
+    )?;
+    let calib_set = DeviceData::new(&data.train.select(&calib), &dev)?;
+    let all: Vec<u32> = (0..calib_set.len() as u32).collect();
+    let ranges = calibrate(&model.frozen(), &calib_set, &all, 256)?;
+    let seam = std::sync::Arc::new(PactSeam::new(qcfg.clone(), &ranges, &dev)?);
+    let qmodel = model.with_seam(seam.clone());
+    let train_set = match (a.train.fraction, a.train.train_count) {
+        (Some(f), _) => subset::stratified(
+            &data.train,
+            subset::SubsetSize::Fraction(f),
+            &mut Rng::new(tcfg.seed, "train-subset"),
+        )?,
+        (None, Some(n)) => subset::stratified(
+            &data.train,
+            subset::SubsetSize::Count(n),
+            &mut Rng::new(tcfg.seed, "train-subset"),
+        )?,
+        (None, None) => data.train.clone(),
+    };
+    let train_dev = DeviceData::new(&train_set, &dev)?;
+    let test_dev = DeviceData::new(&data.test, &dev)?;
+    let mut trainer = Trainer::from_model(
+        qmodel,
+        tcfg.clone(),
+        data.identity.clone(),
+        train_set.len(),
+        &dev,
+    )?;
+    tracing::info!(
+        "QAT {} from {init_kind} init on {} images, {} epochs, α {:?}",
+        qcfg.bits.name(),
+        train_set.len(),
+        tcfg.epochs,
+        alpha_summary(&seam.alpha_values()?)
+    );
+    let mut bar = Bar { bar: None };
+    let mut alpha_log = vec![seam.alpha_values()?];
+    let latent = a.train.checkpoint.with_extension("latent.safetensors");
+    while trainer.state.epoch < trainer.state.config.epochs {
+        trainer.run_epoch(&train_dev, &test_dev, &mut bar)?;
+        let alphas = seam.alpha_values()?;
+        tracing::info!(
+            "α after epoch {}: {:?}",
+            trainer.state.epoch,
+            alpha_summary(&alphas)
+        );
+        alpha_log.push(alphas);
+        trainer.save(&latent)?;
+    }
+    let exported = export(&trainer.model, &seam)?;
+    let idx = quant_robust::eval::eval_indices(&test_dev, tcfg.eval_images, tcfg.seed)?;
+    let acc = clean_accuracy(&exported, &test_dev, &idx, tcfg.eval_batch_size)?;
+    let mut m = trainer.manifest()?;
+    m.config = json!({ "stage": "qat", "init": a.init, "qat": qcfg, "train": tcfg });
+    m.metrics.insert("test_accuracy".into(), acc.fraction());
+    m.metrics.insert("test_images".into(), acc.total as f64);
+    checkpoint::save(&exported, &a.train.checkpoint, &m)?;
+    tracing::info!(
+        "QAT {}: clean accuracy {:.2}% ({}/{}); wrote {}",
+        qcfg.bits.name(),
+        acc.percent(),
+        acc.correct,
+        acc.total,
+        a.train.checkpoint.display()
+    );
+    let result = json!({
+        "checkpoint": a.train.checkpoint,
+        "latent_checkpoint": latent,
+        "accuracy": acc.fraction(),
+        "correct": acc.correct,
+        "total": acc.total,
+        "alpha_per_epoch": alpha_log,
+        "history": trainer.state.history,
+        "manifest": m,
+    });
+    write_result(a.train.out.as_deref(), &result)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn alpha_summary(a: &std::collections::BTreeMap<String, f32>) -> (f32, f32) {
+    a.values()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        })
 }

@@ -422,3 +422,148 @@ fn ptq_folding_keeps_the_function_and_quantized_checkpoints_reload_exactly() {
         assert!(v.len() <= 32, "{} levels", v.len());
     }
 }
+
+#[test]
+fn pact_gradients_are_exact_at_and_around_alpha() {
+    use quant_robust::quant::pact::pact;
+    let xs = [-1.0f32, 0.0, 0.3, 1.999, 2.0, 2.5, 7.0];
+    let x = Var::from_tensor(&t(&xs)).unwrap();
+    let alpha = Var::new(2.0f32, &Device::Cpu).unwrap();
+    let y = pact(&x, &alpha, 4, GradientMode::Ste).unwrap();
+    // Values: clip to [0, 2], then 15 levels of 2/15.
+    let v = y.to_vec1::<f32>().unwrap();
+    assert_eq!(v[0], 0.0);
+    assert_eq!(v[4], 2.0);
+    assert_eq!(v[6], 2.0);
+    assert!((v[2] - 2.0 / 15.0 * 2.0).abs() < 1e-6, "{}", v[2]);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let gx = g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    let ga = g
+        .get(alpha.as_tensor())
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    // ∂/∂x = 1 on 0 ≤ x < α; ∂/∂α = 1 for each x ≥ α (x = α counts fully, not half).
+    assert_eq!(gx, vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]);
+    assert_eq!(ga, 3.0);
+    // Raw mode: no gradient reaches x or α.
+    let y = pact(&x, &alpha, 4, GradientMode::Raw).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(x.as_tensor()).is_none() && g.get(alpha.as_tensor()).is_none());
+}
+
+#[test]
+fn dorefa_values_and_straight_through_gradient() {
+    use quant_robust::quant::pact::dorefa;
+    let ws = [-2.0f32, -0.3, 0.0, 0.1, 0.7, 2.0];
+    let w = Var::from_tensor(&t(&ws)).unwrap();
+    let q = dorefa(&w, 2, GradientMode::Ste).unwrap();
+    let v = q.to_vec1::<f32>().unwrap();
+    // 2 bits: values in {−1, −1/3, 1/3, 1}; extremes map to ±1.
+    for x in &v {
+        assert!(
+            [-1.0f32, -1.0 / 3.0, 1.0 / 3.0, 1.0]
+                .iter()
+                .any(|l| (l - x).abs() < 1e-6),
+            "{x}"
+        );
+    }
+    assert_eq!((v[0], v[5]), (-1.0, 1.0));
+    // The gradient is that of the un-rounded transform 2·(tanh(w)/(2·max|tanh|) + 0.5) − 1.
+    let g = q.sum_all().unwrap().backward().unwrap();
+    let gq = g.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    let u = w.tanh().unwrap();
+    let m = u.abs().unwrap().max_all().unwrap();
+    let smooth = u.broadcast_div(&m).unwrap();
+    let gs = smooth.sum_all().unwrap().backward().unwrap();
+    let gr = gs.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    for (a, b) in gq.iter().zip(&gr) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn qat_trains_alpha_stays_bounded_and_exports_the_same_model() {
+    use quant_robust::data::batch::DeviceData;
+    use quant_robust::model::ResNet20;
+    use quant_robust::quant::qat::{export, PactSeam, QatConfig};
+    use quant_robust::quant::seam::calibrate;
+    use quant_robust::rng::Rng;
+    use quant_robust::train::{LrSchedule, Silent, TrainConfig, Trainer};
+    let s = crate::common::sample();
+    let train = DeviceData::new(&s.train.take(64), &Device::Cpu).unwrap();
+    let test = DeviceData::new(&s.test.take(40), &Device::Cpu).unwrap();
+    let model = ResNet20::init(&mut Rng::new(2, "init"), &Device::Cpu).unwrap();
+    let (x, _) = train.range(0, 64).unwrap();
+    model.forward(&x, true).unwrap();
+    let all: Vec<u32> = (0..64).collect();
+    let ranges = calibrate(&model.frozen(), &train, &all, 32).unwrap();
+    let cfg = QatConfig {
+        bits: UniformConfig::parse("w4a4").unwrap(),
+        alpha_bounds: (0.01, 3.0),
+        ..QatConfig::default()
+    };
+    let seam = std::sync::Arc::new(PactSeam::new(cfg, &ranges, &Device::Cpu).unwrap());
+    let before = seam.alpha_values().unwrap();
+    assert!(
+        before.values().all(|&a| (0.01..=3.0).contains(&a)),
+        "initial α clamped"
+    );
+    let tcfg = TrainConfig {
+        epochs: 3,
+        batch_size: 32,
+        lr: 0.05,
+        schedule: LrSchedule::Constant,
+        eval_images: Some(40),
+        eval_batch_size: 40,
+        log_every: 1,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::from_model(
+        model.with_seam(seam.clone()),
+        tcfg,
+        s.identity.clone(),
+        64,
+        &Device::Cpu,
+    )
+    .unwrap();
+    t.fit(&train, &test, None, &mut Silent).unwrap();
+    let h = &t.state.history;
+    assert!(
+        h[2].train_loss < h[0].train_loss,
+        "{:?}",
+        h.iter().map(|r| r.train_loss).collect::<Vec<_>>()
+    );
+    let after = seam.alpha_values().unwrap();
+    assert!(
+        after
+            .values()
+            .all(|&a| a.is_finite() && (0.01..=3.0).contains(&a)),
+        "{after:?}"
+    );
+    assert!(
+        before.iter().any(|(k, v)| (after[k] - v).abs() > 1e-6),
+        "α did not move"
+    );
+    // The exported model computes what the trained model computes.
+    let e = export(&t.model, &seam).unwrap();
+    let (xt, _) = test.range(0, 40).unwrap();
+    let a = t.model.frozen().forward(&xt, false).unwrap();
+    let b = e.forward(&xt, false).unwrap();
+    let same = a
+        .argmax(1)
+        .unwrap()
+        .eq(&b.argmax(1).unwrap())
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        same >= 0.95,
+        "export changed {:.0}% of predictions",
+        100.0 * (1.0 - same)
+    );
+}

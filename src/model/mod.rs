@@ -46,6 +46,16 @@ pub trait QuantSeam: Send + Sync {
     fn persist(&self) -> Option<String> {
         None
     }
+
+    /// Learnable quantizer parameters (PACT's α) with their weight decay.
+    fn trainable(&self) -> Vec<(String, candle_core::Var, f64)> {
+        Vec::new()
+    }
+
+    /// Called after every optimizer step (PACT keeps α positive and bounded).
+    fn after_step(&self) -> crate::Result<()> {
+        Ok(())
+    }
 }
 
 /// The full-precision seam: weights as stored, ReLU activations.

@@ -6,8 +6,11 @@
 //!   per tensor or per output channel) with a straight-through or a raw gradient;
 //! - [`pwlq`]: piecewise linear quantization of weights (closed-form or searched
 //!   breakpoints, bias correction);
+//! - [`pact`]: PACT activations (learnable α, exact gradients) and DoReFa weights;
 //! - [`ptq`]: the paper's PTQ: BatchNorm folding, PWLQ (or uniform) weights, calibrated
 //!   uniform activations;
+//! - [`qat`]: the paper's QAT: PACT + DoReFa through the seam, α bounded, export to a plain
+//!   quantized checkpoint;
 //! - [`seam`]: [`seam::UniformSeam`], uniform post-training quantization of ResNet-20's
 //!   weights and activations through [`crate::model::QuantSeam`], with calibration.
 //!
@@ -15,8 +18,10 @@
 //! estimator by default (identity inside the clipping range, zero outside); `raw` keeps the
 //! true gradient of rounding, zero almost everywhere, to show gradient masking.
 
+pub mod pact;
 pub mod ptq;
 pub mod pwlq;
+pub mod qat;
 pub mod round;
 pub mod seam;
 pub mod uniform;

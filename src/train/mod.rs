@@ -238,7 +238,10 @@ impl Trainer {
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
-        let sgd = Sgd::new(model.trainable_vars(), cfg.sgd.clone())?;
+        let mut sgd = Sgd::new(model.trainable_vars(), cfg.sgd.clone())?;
+        for (name, var, wd) in model.seam().trainable() {
+            sgd.add_var(name, var, wd);
+        }
         let rng = Rng::new(cfg.seed, "train");
         let state = TrainState {
             config: cfg,
@@ -369,6 +372,7 @@ impl Trainer {
             let grads = loss.backward()?;
             lr = cfg.schedule.lr(cfg.lr, self.state.step, total);
             self.sgd.step(&grads, lr)?;
+            self.model.seam().after_step()?;
             self.state.step += 1;
             let b = idx.len() as f64;
             loss_acc = (loss_acc + (loss.detach() * b)?)?;

@@ -84,6 +84,8 @@ impl SgdConfig {
 pub struct Sgd {
     vars: Vec<(String, Var)>,
     buffers: Vec<Option<Tensor>>,
+    /// Weight decay per variable (the configured one unless overridden).
+    decays: Vec<f64>,
     cfg: SgdConfig,
 }
 
@@ -92,13 +94,31 @@ impl Sgd {
     pub fn new(vars: Vec<(String, Var)>, cfg: SgdConfig) -> Result<Self> {
         cfg.validate()?;
         let buffers = vec![None; vars.len()];
-        Ok(Sgd { vars, buffers, cfg })
+        let decays = vec![cfg.weight_decay; vars.len()];
+        Ok(Sgd {
+            vars,
+            buffers,
+            decays,
+            cfg,
+        })
+    }
+
+    /// Adds a variable with its own weight decay (PACT's α and its L2 penalty).
+    pub fn add_var(&mut self, name: String, var: Var, weight_decay: f64) {
+        self.vars.push((name, var));
+        self.buffers.push(None);
+        self.decays.push(weight_decay);
     }
 
     /// One update with learning rate `lr`. Variables without a gradient are left alone.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let c = &self.cfg;
-        for ((_, var), buf) in self.vars.iter().zip(self.buffers.iter_mut()) {
+        for (((_, var), buf), &wd) in self
+            .vars
+            .iter()
+            .zip(self.buffers.iter_mut())
+            .zip(&self.decays)
+        {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
@@ -106,11 +126,7 @@ impl Sgd {
             // pass); detached, the momentum buffer does not keep every step's graph alive.
             let g = g.detach();
             let p = var.as_tensor().detach();
-            let mut d = if c.weight_decay != 0.0 {
-                (g + (&p * c.weight_decay)?)?
-            } else {
-                g
-            };
+            let mut d = if wd != 0.0 { (g + (&p * wd)?)? } else { g };
             if c.momentum != 0.0 {
                 let b = match buf.take() {
                     None => d.clone(),
