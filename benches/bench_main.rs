@@ -95,6 +95,20 @@ fn quantizers(c: &mut Criterion) {
     g.bench_function("uniform_a4", |b| {
         b.iter(|| quantize_activation(&a, 4, 4.0, GradientMode::Ste).expect("q"))
     });
+    // PWLQ's breakpoint search for one layer: 64 output channels of 64·3·3 weights.
+    let rows: Vec<Vec<f32>> = (0..64).map(|_| rng.normal_vec(576, 0.05)).collect();
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("pwlq_search_layer_64x576", |b| {
+        b.iter(|| {
+            quant_robust::quant::pwlq::quantize_rows(
+                &rows,
+                4,
+                quant_robust::quant::pwlq::Breakpoint::Search,
+                false,
+            )
+            .expect("pwlq")
+        })
+    });
     g.finish();
 }
 

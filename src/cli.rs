@@ -297,6 +297,9 @@ pub struct PtqArgs {
     /// Training images that calibrate the activation ranges (seeded, stratified).
     #[arg(long, default_value_t = 512)]
     pub calib: usize,
+    /// Activation range: `max`, or a percentile such as `99.99`.
+    #[arg(long, default_value = "max")]
+    pub calib_range: String,
     /// Seed of the calibration set and of the evaluation subset.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -922,14 +925,21 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
 
 fn ptq(a: PtqArgs) -> Result<ExitCode> {
     use quant_robust::quant::ptq::{quantize_weights, PtqConfig};
-    use quant_robust::quant::seam::{calibrate, uniform_ptq, UniformConfig};
+    use quant_robust::quant::seam::{calibrate_with, uniform_ptq, CalibMethod, UniformConfig};
     let bits = UniformConfig::parse(&format!("w{}a{}", a.wbits, a.abits))?;
     quant_robust::quant::uniform::code_range(
         a.first_last_bits,
         quant_robust::quant::uniform::Signedness::Symmetric,
     )
     .context("--first-last-bits")?;
+    let calib_range = match a.calib_range.as_str() {
+        "max" => CalibMethod::Max,
+        p => CalibMethod::Percentile(
+            parse_number(p).map_err(|e| anyhow::anyhow!("--calib-range: {e}"))?,
+        ),
+    };
     let cfg = PtqConfig {
+        calib_range,
         method: a.method,
         bits: UniformConfig {
             first_last_bits: a.first_last_bits,
@@ -958,6 +968,7 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
     }
     let t = Instant::now();
     let (state, ratios) = quantize_weights(&fp, &cfg)?;
+    // (calibration below uses the model with quantized weights)
     let wq =
         quant_robust::model::ResNet20::from_tensors(state, fp.num_batches_tracked(), &dev, false)?;
     let calib = subset::stratified_indices(
@@ -968,7 +979,7 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
     )?;
     let calib_set = DeviceData::new(&data.train.select(&calib), &dev)?;
     let all: Vec<u32> = (0..calib_set.len() as u32).collect();
-    let ranges = calibrate(&wq, &calib_set, &all, 256)?;
+    let ranges = calibrate_with(&wq, &calib_set, &all, 256, cfg.calib_range)?;
     let act_only = UniformConfig {
         weight_bits: None,
         ..cfg.bits.clone()

@@ -567,3 +567,47 @@ fn qat_trains_alpha_stays_bounded_and_exports_the_same_model() {
         100.0 * (1.0 - same)
     );
 }
+
+#[test]
+fn percentile_calibration_is_below_max_and_validated() {
+    use quant_robust::data::batch::DeviceData;
+    use quant_robust::model::ResNet20;
+    use quant_robust::quant::seam::{calibrate_with, percentile, CalibMethod};
+    use quant_robust::rng::Rng;
+    assert_eq!(percentile(vec![3.0, 1.0, 2.0, 4.0, 5.0], 50.0), 3.0);
+    assert_eq!(percentile(vec![3.0, 1.0, 2.0], 100.0), 3.0);
+    let s = crate::common::sample();
+    let model = ResNet20::init(&mut Rng::new(5, "init"), &Device::Cpu).unwrap();
+    let data = DeviceData::new(&s.train.take(32), &Device::Cpu).unwrap();
+    let all: Vec<u32> = (0..32).collect();
+    let max = calibrate_with(&model, &data, &all, 16, CalibMethod::Max).unwrap();
+    let p = calibrate_with(&model, &data, &all, 16, CalibMethod::Percentile(99.0)).unwrap();
+    for (k, v) in &p {
+        assert!(*v <= max[k] && *v > 0.0, "{k}: {v} vs {}", max[k]);
+    }
+    assert!(calibrate_with(&model, &data, &all, 16, CalibMethod::Percentile(0.0)).is_err());
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cpu_and_cuda_quantizers_agree_exactly() {
+    // Runs only in a CUDA build on a machine with a GPU (scripts/gpu-run.sh's test binary).
+    let Ok(gpu) = Device::new_cuda(0) else {
+        eprintln!("skipping: no CUDA device");
+        return;
+    };
+    let v = quant_robust::rng::Rng::new(0, "cuda-q").normal_vec(64 * 64 * 9, 0.05);
+    let w = Tensor::from_vec(v, (64, 64, 3, 3), &Device::Cpu).unwrap();
+    for bits in [2, 4, 8] {
+        let a = quantize_weight(&w, bits, true, GradientMode::Ste).unwrap();
+        let b = quantize_weight(&w.to_device(&gpu).unwrap(), bits, true, GradientMode::Ste)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap();
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{bits} bits"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::pwlq::{quantize_rows, Breakpoint};
-use super::seam::UniformConfig;
+use super::seam::{CalibMethod, UniformConfig};
 use crate::model::bn_fold::fold;
 use crate::model::resnet20::{blocks, ResNet20, BN_EPS};
 use crate::{Error, Result};
@@ -43,6 +43,8 @@ pub struct PtqConfig {
     pub bias_correction: bool,
     /// Calibration images (seeded, stratified, from the training set). Default 512.
     pub calib: usize,
+    /// Activation range: the maximum (default) or a percentile.
+    pub calib_range: CalibMethod,
 }
 
 impl Default for PtqConfig {
@@ -53,6 +55,7 @@ impl Default for PtqConfig {
             breakpoint: Breakpoint::Search,
             bias_correction: false,
             calib: 512,
+            calib_range: CalibMethod::Max,
         }
     }
 }

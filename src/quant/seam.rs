@@ -80,26 +80,74 @@ impl UniformConfig {
     }
 }
 
-/// Records, per activation site, the maximum ReLU output seen (full-precision pass).
+/// How an activation range is calibrated.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CalibMethod {
+    /// The maximum over the calibration set.
+    #[default]
+    Max,
+    /// The given percentile (e.g. 99.99) of each batch's values, averaged over batches.
+    Percentile(f64),
+}
+
+/// Records, per activation site, the range of the ReLU output (full-precision pass).
 #[derive(Debug, Default)]
 pub struct Calibration {
-    ranges: Mutex<BTreeMap<String, f32>>,
+    method: CalibMethod,
+    /// Per site: (max so far, sum of per-batch percentiles, batches).
+    seen: Mutex<BTreeMap<String, (f32, f64, usize)>>,
 }
 
 impl Calibration {
+    /// A calibration with the given method.
+    pub fn new(method: CalibMethod) -> Self {
+        Calibration {
+            method,
+            seen: Mutex::new(BTreeMap::new()),
+        }
+    }
+
     /// The recorded ranges.
     pub fn ranges(&self) -> BTreeMap<String, f32> {
-        self.ranges.lock().map(|r| r.clone()).unwrap_or_default()
+        let seen = self.seen.lock().map(|r| r.clone()).unwrap_or_default();
+        seen.into_iter()
+            .map(|(k, (max, sum, n))| {
+                let r = match self.method {
+                    CalibMethod::Max => max,
+                    CalibMethod::Percentile(_) => (sum / n.max(1) as f64) as f32,
+                };
+                (k, r)
+            })
+            .collect()
     }
+}
+
+/// The `p`-th percentile (0-100) of values, by sorting (nearest rank).
+pub fn percentile(mut v: Vec<f32>, p: f64) -> f32 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f32::total_cmp);
+    let rank = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[rank.min(v.len() - 1)]
 }
 
 impl QuantSeam for Calibration {
     fn activation(&self, site: &str, x: &Tensor) -> Result<Tensor> {
         let y = crate::kernels::relu(x)?;
         let m = y.detach().max_all()?.to_scalar::<f32>()?;
-        if let Ok(mut r) = self.ranges.lock() {
-            let e = r.entry(site.to_string()).or_insert(0.0);
-            *e = e.max(m);
+        let pct = match self.method {
+            CalibMethod::Max => 0.0,
+            CalibMethod::Percentile(p) => {
+                percentile(y.detach().flatten_all()?.to_vec1::<f32>()?, p) as f64
+            }
+        };
+        if let Ok(mut r) = self.seen.lock() {
+            let e = r.entry(site.to_string()).or_insert((0.0, 0.0, 0));
+            e.0 = e.0.max(m);
+            e.1 += pct;
+            e.2 += 1;
         }
         Ok(y)
     }
@@ -184,7 +232,23 @@ pub fn calibrate(
     idx: &[u32],
     batch_size: usize,
 ) -> Result<BTreeMap<String, f32>> {
-    let cal = std::sync::Arc::new(Calibration::default());
+    calibrate_with(model, data, idx, batch_size, CalibMethod::Max)
+}
+
+/// Calibrates activation ranges with a given method.
+pub fn calibrate_with(
+    model: &crate::model::ResNet20,
+    data: &crate::data::batch::DeviceData,
+    idx: &[u32],
+    batch_size: usize,
+    method: CalibMethod,
+) -> Result<BTreeMap<String, f32>> {
+    if let CalibMethod::Percentile(p) = method {
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(Error::config("percentile", p, "must be in (0, 100]"));
+        }
+    }
+    let cal = std::sync::Arc::new(Calibration::new(method));
     let m = model.with_seam(cal.clone());
     for chunk in idx.chunks(batch_size.max(1)) {
         let (x, _) = data.batch(chunk)?;
