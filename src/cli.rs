@@ -582,19 +582,7 @@ fn train(a: TrainArgs) -> Result<ExitCode> {
         }
     };
     let seed = trainer.state.config.seed;
-    let train_set = match (a.fraction, a.train_count) {
-        (Some(f), _) => subset::stratified(
-            &data.train,
-            subset::SubsetSize::Fraction(f),
-            &mut Rng::new(seed, "train-subset"),
-        )?,
-        (None, Some(n)) => subset::stratified(
-            &data.train,
-            subset::SubsetSize::Count(n),
-            &mut Rng::new(seed, "train-subset"),
-        )?,
-        (None, None) => data.train.clone(),
-    };
+    let train_set = train_subset(&data, a.fraction, a.train_count, seed)?;
     if train_set.is_empty() {
         bail!("the data set has no training images");
     }
@@ -807,13 +795,7 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
     let model = match &quantize {
         None => quant_robust::quant::seam::with_gradient_mode(&model, a.gradient),
         Some(q) => {
-            let calib = subset::stratified_indices(
-                &data.train.labels,
-                data::CIFAR10_CLASSES.len(),
-                subset::SubsetSize::Count(a.calib),
-                &mut Rng::new(a.seed, "calibration"),
-            )?;
-            let calib_set = DeviceData::new(&data.train.select(&calib), &dev)?;
+            let calib_set = calibration_set(&data, a.calib, a.seed, &dev)?;
             let all: Vec<u32> = (0..calib_set.len() as u32).collect();
             let r = quant_robust::quant::seam::calibrate(&model, &calib_set, &all, a.batch_size)?;
             ranges = Some(r.clone());
@@ -926,12 +908,7 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
 fn ptq(a: PtqArgs) -> Result<ExitCode> {
     use quant_robust::quant::ptq::{quantize_weights, PtqConfig};
     use quant_robust::quant::seam::{calibrate_with, uniform_ptq, CalibMethod, UniformConfig};
-    let bits = UniformConfig::parse(&format!("w{}a{}", a.wbits, a.abits))?;
-    quant_robust::quant::uniform::code_range(
-        a.first_last_bits,
-        quant_robust::quant::uniform::Signedness::Symmetric,
-    )
-    .context("--first-last-bits")?;
+    let bits = parse_bits(a.wbits, a.abits, a.first_last_bits)?;
     let calib_range = match a.calib_range.as_str() {
         "max" => CalibMethod::Max,
         p => CalibMethod::Percentile(
@@ -941,10 +918,7 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
     let cfg = PtqConfig {
         calib_range,
         method: a.method,
-        bits: UniformConfig {
-            first_last_bits: a.first_last_bits,
-            ..bits
-        },
+        bits,
         breakpoint: a.breakpoint,
         bias_correction: a.bias_correction,
         calib: a.calib,
@@ -971,13 +945,7 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
     // (calibration below uses the model with quantized weights)
     let wq =
         quant_robust::model::ResNet20::from_tensors(state, fp.num_batches_tracked(), &dev, false)?;
-    let calib = subset::stratified_indices(
-        &data.train.labels,
-        data::CIFAR10_CLASSES.len(),
-        subset::SubsetSize::Count(a.calib),
-        &mut Rng::new(a.seed, "calibration"),
-    )?;
-    let calib_set = DeviceData::new(&data.train.select(&calib), &dev)?;
+    let calib_set = calibration_set(&data, a.calib, a.seed, &dev)?;
     let all: Vec<u32> = (0..calib_set.len() as u32).collect();
     let ranges = calibrate_with(&wq, &calib_set, &all, 256, cfg.calib_range)?;
     let act_only = UniformConfig {
@@ -1034,13 +1002,8 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
 
 fn qat(a: QatArgs) -> Result<ExitCode> {
     use quant_robust::quant::qat::{export, AlphaInit, PactSeam, QatConfig};
-    use quant_robust::quant::seam::{calibrate, UniformConfig};
-    let bits = UniformConfig::parse(&format!("w{}a{}", a.wbits, a.abits))?;
-    quant_robust::quant::uniform::code_range(
-        a.first_last_bits,
-        quant_robust::quant::uniform::Signedness::Symmetric,
-    )
-    .context("--first-last-bits")?;
+    use quant_robust::quant::seam::calibrate;
+    let bits = parse_bits(a.wbits, a.abits, a.first_last_bits)?;
     let alpha_init = match a.alpha_init.as_str() {
         "calibrated" => AlphaInit::Calibrated,
         v => AlphaInit::Fixed(parse_number(v).map_err(|e| anyhow::anyhow!("--alpha-init: {e}"))?),
@@ -1049,10 +1012,7 @@ fn qat(a: QatArgs) -> Result<ExitCode> {
         bail!("qat does not resume yet: start it again (its epochs are short)");
     }
     let qcfg = QatConfig {
-        bits: UniformConfig {
-            first_last_bits: a.first_last_bits,
-            ..bits
-        },
+        bits,
         alpha_init,
         ..QatConfig::default()
     };
@@ -1085,30 +1045,12 @@ fn qat(a: QatArgs) -> Result<ExitCode> {
         bail!("--init must be a full-precision checkpoint");
     }
     // α from the full-precision activations of 512 seeded training images.
-    let calib = subset::stratified_indices(
-        &data.train.labels,
-        data::CIFAR10_CLASSES.len(),
-        subset::SubsetSize::Count(512.min(data.train.len())),
-        &mut Rng::new(tcfg.seed, "calibration"),
-    )?;
-    let calib_set = DeviceData::new(&data.train.select(&calib), &dev)?;
+    let calib_set = calibration_set(&data, 512.min(data.train.len()), tcfg.seed, &dev)?;
     let all: Vec<u32> = (0..calib_set.len() as u32).collect();
     let ranges = calibrate(&model.frozen(), &calib_set, &all, 256)?;
     let seam = std::sync::Arc::new(PactSeam::new(qcfg.clone(), &ranges, &dev)?);
     let qmodel = model.with_seam(seam.clone());
-    let train_set = match (a.train.fraction, a.train.train_count) {
-        (Some(f), _) => subset::stratified(
-            &data.train,
-            subset::SubsetSize::Fraction(f),
-            &mut Rng::new(tcfg.seed, "train-subset"),
-        )?,
-        (None, Some(n)) => subset::stratified(
-            &data.train,
-            subset::SubsetSize::Count(n),
-            &mut Rng::new(tcfg.seed, "train-subset"),
-        )?,
-        (None, None) => data.train.clone(),
-    };
+    let train_set = train_subset(&data, a.train.fraction, a.train.train_count, tcfg.seed)?;
     let train_dev = DeviceData::new(&train_set, &dev)?;
     let test_dev = DeviceData::new(&data.test, &dev)?;
     let mut trainer = Trainer::from_model(
@@ -1174,4 +1116,57 @@ fn alpha_summary(a: &std::collections::BTreeMap<String, f32>) -> (f32, f32) {
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
             (lo.min(v), hi.max(v))
         })
+}
+
+/// A seeded, class-stratified calibration set of `n` training images, on the device.
+fn calibration_set(
+    data: &data::CifarData,
+    n: usize,
+    seed: u64,
+    dev: &candle_core::Device,
+) -> Result<DeviceData> {
+    let idx = subset::stratified_indices(
+        &data.train.labels,
+        data::CIFAR10_CLASSES.len(),
+        subset::SubsetSize::Count(n),
+        &mut Rng::new(seed, "calibration"),
+    )?;
+    Ok(DeviceData::new(&data.train.select(&idx), dev)?)
+}
+
+/// The training images of a run: a seeded, stratified fraction or count, or all.
+fn train_subset(
+    data: &data::CifarData,
+    fraction: Option<f64>,
+    count: Option<usize>,
+    seed: u64,
+) -> Result<data::Dataset> {
+    let size = match (fraction, count) {
+        (Some(f), _) => subset::SubsetSize::Fraction(f),
+        (None, Some(n)) => subset::SubsetSize::Count(n),
+        (None, None) => return Ok(data.train.clone()),
+    };
+    Ok(subset::stratified(
+        &data.train,
+        size,
+        &mut Rng::new(seed, "train-subset"),
+    )?)
+}
+
+/// Weight and activation bits (32 = full precision) and the first/last layers' weight bits.
+fn parse_bits(
+    wbits: u32,
+    abits: u32,
+    first_last: u32,
+) -> Result<quant_robust::quant::seam::UniformConfig> {
+    let bits = quant_robust::quant::seam::UniformConfig::parse(&format!("w{wbits}a{abits}"))?;
+    quant_robust::quant::uniform::code_range(
+        first_last,
+        quant_robust::quant::uniform::Signedness::Symmetric,
+    )
+    .context("--first-last-bits")?;
+    Ok(quant_robust::quant::seam::UniformConfig {
+        first_last_bits: first_last,
+        ..bits
+    })
 }
