@@ -17,13 +17,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("batch-norm: {what} must be contiguous"),
-    }
-}
+use super::slice;
 
 /// (N, C, H·W) of an NCHW layout.
 fn nchw(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {

@@ -14,3 +14,16 @@ pub mod conv2d;
 
 pub use batch_norm::{batch_norm_train, channel_affine, channel_stats, relu};
 pub use conv2d::conv2d;
+
+/// The contiguous f32 data of a CPU storage, or an error naming the operand.
+pub(crate) fn slice<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("kernel: {what} must be contiguous"),
+    }
+}
