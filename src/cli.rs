@@ -562,6 +562,7 @@ impl Progress for Bar {
 }
 
 fn train(a: TrainArgs) -> Result<ExitCode> {
+    check_out_path(a.out.as_deref(), a.resume.as_ref().unwrap_or(&a.checkpoint))?;
     let dev = device::select(a.data.device)?;
     let data = load_data(&a.data)?;
     let (mut trainer, checkpoint_path) = match &a.resume {
@@ -652,7 +653,7 @@ fn eval(a: EvalArgs) -> Result<ExitCode> {
         "correct": acc.correct,
         "total": acc.total,
         "images_per_s": acc.total as f64 / wall.max(1e-9),
-        "checkpoint_manifest": checkpoint::load_manifest(&a.checkpoint)?,
+        "checkpoint_manifest": side_manifest(&a.checkpoint),
         "manifest": m,
     });
     tracing::info!(
@@ -899,7 +900,7 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
         "checkpoint": a.checkpoint,
         "report": report,
         "manifest": m,
-        "checkpoint_manifest": checkpoint::load_manifest(&a.checkpoint)?,
+        "checkpoint_manifest": side_manifest(&a.checkpoint),
     });
     write_result(a.out.as_deref(), &result)?;
     Ok(ExitCode::SUCCESS)
@@ -923,6 +924,9 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
         bias_correction: a.bias_correction,
         calib: a.calib,
     };
+    if let Some(ck) = &a.out_checkpoint {
+        check_out_path(a.out.as_deref(), ck)?;
+    }
     let dev = device::select(a.data.device)?;
     let data = load_data(&a.data)?;
     if a.calib == 0 || a.calib > data.train.len() {
@@ -968,6 +972,7 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
         let stem = a.checkpoint.with_extension("");
         PathBuf::from(format!("{}-{name}.safetensors", stem.display()))
     });
+    check_out_path(a.out.as_deref(), &out_ck)?;
     let mut m = quant_robust::manifest::Manifest::new("checkpoint", &dev);
     m.seed = Some(a.seed);
     m.data = Some(data.identity.clone());
@@ -1011,6 +1016,7 @@ fn qat(a: QatArgs) -> Result<ExitCode> {
     if a.train.resume.is_some() {
         bail!("qat does not resume yet: start it again (its epochs are short)");
     }
+    check_out_path(a.train.out.as_deref(), &a.train.checkpoint)?;
     let qcfg = QatConfig {
         bits,
         alpha_init,
@@ -1169,4 +1175,29 @@ fn parse_bits(
         first_last_bits: first_last,
         ..bits
     })
+}
+
+/// The manifest beside a checkpoint for a result file; an unreadable one is reported in the
+/// log and left out (it describes the input, it is not needed to compute the result).
+fn side_manifest(ck: &Path) -> Option<quant_robust::manifest::Manifest> {
+    match checkpoint::load_manifest(ck) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("ignoring the checkpoint's manifest: {e}");
+            None
+        }
+    }
+}
+
+/// Refuses a result path that would overwrite the checkpoint's own manifest.
+fn check_out_path(out: Option<&Path>, ck: &Path) -> Result<()> {
+    if let Some(o) = out {
+        if o == checkpoint::manifest_path(ck) {
+            bail!(
+                "--out {} is the manifest of the checkpoint being written; choose another path",
+                o.display()
+            );
+        }
+    }
+    Ok(())
 }

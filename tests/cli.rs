@@ -269,3 +269,23 @@ fn ptq_rejects_invalid_bits() {
         );
     }
 }
+
+#[test]
+fn a_result_file_may_not_overwrite_the_checkpoint_manifest() {
+    let dir = tempdir();
+    let ck = dir.path().join("m.safetensors");
+    let (ok, _, err) = qr(&[
+        "train",
+        "--data",
+        "embedded",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--out",
+        dir.path().join("m.json").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("manifest of the checkpoint"), "{err}");
+}
