@@ -183,22 +183,14 @@ pub fn loss_and_gradient(
     Ok((logits.detach(), per.detach(), g))
 }
 
-/// The summed cross-entropy and its input gradient.
-pub fn input_gradient<M: Classifier + ?Sized>(
-    model: &M,
+/// The summed cross-entropy and its input gradient ([`loss_and_gradient`] with [`Loss::Ce`]).
+pub fn input_gradient(
+    model: &dyn Classifier,
     x: &Tensor,
     labels: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let xv = Var::from_tensor(&x.detach())?;
-    let logits = model.forward_t(xv.as_tensor(), false)?;
-    let per = cross_entropy_per_example(&logits, labels)?;
-    let loss_sum = per.sum_all()?;
-    let grads = loss_sum.backward()?;
-    let g = match grads.get(xv.as_tensor()) {
-        Some(g) => g.detach(),
-        None => xv.as_tensor().zeros_like()?,
-    };
-    Ok((loss_sum.detach(), g))
+    let (_, per, g) = loss_and_gradient(model, x, labels, Loss::Ce)?;
+    Ok((per.sum_all()?, g))
 }
 
 /// Per-example L2 norms over all but the first dimension, shaped B×1×1×1.

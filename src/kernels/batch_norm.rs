@@ -352,24 +352,8 @@ impl CustomOp2 for AffineGradParams {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, hw) = nchw(l1)?;
         let (x, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mut s, mut sx) = (0f64, 0f64);
-                for i in 0..n {
-                    let p = i * c + ch;
-                    for (&g, &v) in dy[p * hw..(p + 1) * hw]
-                        .iter()
-                        .zip(&x[p * hw..(p + 1) * hw])
-                    {
-                        s += g as f64;
-                        sx += (g * v) as f64;
-                    }
-                }
-                (sx, s)
-            })
-            .collect();
-        let (sx, s): (Vec<f64>, Vec<f64>) = sums.into_iter().unzip();
+        // Σ dy·x and Σ dy: BatchNorm's parameter sums with mean 0 and scale 1.
+        let (s, sx) = param_sums(x, dy, &vec![0.0; c], &vec![1.0; c], n, c, hw);
         let mut out: Vec<f32> = sx.into_iter().map(|v| v as f32).collect();
         out.extend(s.into_iter().map(|v| v as f32));
         Ok((CpuStorage::F32(out), Shape::from((2, c))))

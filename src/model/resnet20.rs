@@ -297,16 +297,6 @@ impl ResNet20 {
         self.num_batches_tracked.load(Ordering::Relaxed)
     }
 
-    /// Copies every tensor's values from `other` (same architecture) into this model's
-    /// storage, in place.
-    pub fn assign_from(&self, other: &BTreeMap<String, Tensor>) -> Result<()> {
-        check_tensors(other)?;
-        for (name, v) in &self.vars {
-            v.set(&other[name].to_device(&self.device)?.to_dtype(DType::F32)?)?;
-        }
-        Ok(())
-    }
-
     fn t(&self, name: &str) -> &Tensor {
         // Names come from the fixed architecture; `check_tensors` guaranteed them.
         &self.tensors[name]
