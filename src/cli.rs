@@ -907,8 +907,8 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
 }
 
 fn ptq(a: PtqArgs) -> Result<ExitCode> {
-    use quant_robust::quant::ptq::{quantize_weights, PtqConfig};
-    use quant_robust::quant::seam::{calibrate_with, uniform_ptq, CalibMethod, UniformConfig};
+    use quant_robust::quant::ptq::{post_training_quantize, PtqConfig, PtqOutcome};
+    use quant_robust::quant::seam::CalibMethod;
     let bits = parse_bits(a.wbits, a.abits, a.first_last_bits)?;
     let calib_range = match a.calib_range.as_str() {
         "max" => CalibMethod::Max,
@@ -945,23 +945,12 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
         );
     }
     let t = Instant::now();
-    let (state, ratios) = quantize_weights(&fp, &cfg)?;
-    // (calibration below uses the model with quantized weights)
-    let wq =
-        quant_robust::model::ResNet20::from_tensors(state, fp.num_batches_tracked(), &dev, false)?;
     let calib_set = calibration_set(&data, a.calib, a.seed, &dev)?;
-    let all: Vec<u32> = (0..calib_set.len() as u32).collect();
-    let ranges = calibrate_with(&wq, &calib_set, &all, 256, cfg.calib_range)?;
-    let act_only = UniformConfig {
-        weight_bits: None,
-        ..cfg.bits.clone()
-    };
-    let model = uniform_ptq(
-        &wq,
-        act_only,
-        ranges.clone(),
-        quant_robust::quant::GradientMode::Ste,
-    );
+    let PtqOutcome {
+        model,
+        breakpoint_ratios: ratios,
+        activation_ranges: ranges,
+    } = post_training_quantize(&fp, &cfg, &calib_set)?;
     let quant_s = t.elapsed().as_secs_f64();
     let dd = DeviceData::new(&data.test, &dev)?;
     let idx = quant_robust::eval::eval_indices(&dd, a.n, a.seed)?;
@@ -1006,8 +995,7 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
 }
 
 fn qat(a: QatArgs) -> Result<ExitCode> {
-    use quant_robust::quant::qat::{export, AlphaInit, PactSeam, QatConfig};
-    use quant_robust::quant::seam::calibrate;
+    use quant_robust::quant::qat::{AlphaInit, QatConfig};
     let bits = parse_bits(a.wbits, a.abits, a.first_last_bits)?;
     let alpha_init = match a.alpha_init.as_str() {
         "calibrated" => AlphaInit::Calibrated,
@@ -1052,45 +1040,31 @@ fn qat(a: QatArgs) -> Result<ExitCode> {
     }
     // α from the full-precision activations of 512 seeded training images.
     let calib_set = calibration_set(&data, 512.min(data.train.len()), tcfg.seed, &dev)?;
-    let all: Vec<u32> = (0..calib_set.len() as u32).collect();
-    let ranges = calibrate(&model.frozen(), &calib_set, &all, 256)?;
-    let seam = std::sync::Arc::new(PactSeam::new(qcfg.clone(), &ranges, &dev)?);
-    let qmodel = model.with_seam(seam.clone());
     let train_set = train_subset(&data, a.train.fraction, a.train.train_count, tcfg.seed)?;
     let train_dev = DeviceData::new(&train_set, &dev)?;
     let test_dev = DeviceData::new(&data.test, &dev)?;
-    let mut trainer = Trainer::from_model(
-        qmodel,
-        tcfg.clone(),
-        data.identity.clone(),
-        train_set.len(),
-        &dev,
-    )?;
     tracing::info!(
-        "QAT {} from {init_kind} init on {} images, {} epochs, α {:?}",
+        "QAT {} from {init_kind} init on {} images, {} epochs",
         qcfg.bits.name(),
         train_set.len(),
         tcfg.epochs,
-        alpha_summary(&seam.alpha_values()?)
     );
     let mut bar = Bar { bar: None };
-    let mut alpha_log = vec![seam.alpha_values()?];
     let latent = a.train.checkpoint.with_extension("latent.safetensors");
-    while trainer.state.epoch < trainer.state.config.epochs {
-        trainer.run_epoch(&train_dev, &test_dev, &mut bar)?;
-        let alphas = seam.alpha_values()?;
-        tracing::info!(
-            "α after epoch {}: {:?}",
-            trainer.state.epoch,
-            alpha_summary(&alphas)
-        );
-        alpha_log.push(alphas);
-        trainer.save(&latent)?;
-    }
-    let exported = export(&trainer.model, &seam)?;
-    let idx = quant_robust::eval::eval_indices(&test_dev, tcfg.eval_images, tcfg.seed)?;
-    let acc = clean_accuracy(&exported, &test_dev, &idx, tcfg.eval_batch_size)?;
-    let mut m = trainer.manifest()?;
+    let out = quant_robust::train::qat::fine_tune(
+        &model,
+        &qcfg,
+        tcfg.clone(),
+        &calib_set,
+        &train_dev,
+        &test_dev,
+        data.identity.clone(),
+        Some(&latent),
+        &mut bar,
+        &dev,
+    )?;
+    let (exported, acc, alpha_log) = (out.model, out.test, out.alpha_per_epoch);
+    let mut m = out.manifest;
     m.config = json!({ "stage": "qat", "init": a.init, "qat": qcfg, "train": tcfg });
     m.metrics.insert("test_accuracy".into(), acc.fraction());
     m.metrics.insert("test_images".into(), acc.total as f64);
@@ -1110,18 +1084,11 @@ fn qat(a: QatArgs) -> Result<ExitCode> {
         "correct": acc.correct,
         "total": acc.total,
         "alpha_per_epoch": alpha_log,
-        "history": trainer.state.history,
+        "history": out.history,
         "manifest": m,
     });
     write_result(a.train.out.as_deref(), &result)?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn alpha_summary(a: &std::collections::BTreeMap<String, f32>) -> (f32, f32) {
-    a.values()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v), hi.max(v))
-        })
 }
 
 /// A seeded, class-stratified calibration set of `n` training images, on the device.
@@ -1131,13 +1098,7 @@ fn calibration_set(
     seed: u64,
     dev: &candle_core::Device,
 ) -> Result<DeviceData> {
-    let idx = subset::stratified_indices(
-        &data.train.labels,
-        data::CIFAR10_CLASSES.len(),
-        subset::SubsetSize::Count(n),
-        &mut Rng::new(seed, "calibration"),
-    )?;
-    Ok(DeviceData::new(&data.train.select(&idx), dev)?)
+    Ok(DeviceData::new(&subset::calibration(&data.train, n, seed)?, dev)?)
 }
 
 /// The training images of a run: a seeded, stratified fraction or count, or all.
@@ -1148,15 +1109,11 @@ fn train_subset(
     seed: u64,
 ) -> Result<data::Dataset> {
     let size = match (fraction, count) {
-        (Some(f), _) => subset::SubsetSize::Fraction(f),
-        (None, Some(n)) => subset::SubsetSize::Count(n),
-        (None, None) => return Ok(data.train.clone()),
+        (Some(f), _) => Some(subset::SubsetSize::Fraction(f)),
+        (None, Some(n)) => Some(subset::SubsetSize::Count(n)),
+        (None, None) => None,
     };
-    Ok(subset::stratified(
-        &data.train,
-        size,
-        &mut Rng::new(seed, "train-subset"),
-    )?)
+    Ok(subset::training(&data.train, size, seed)?)
 }
 
 /// Weight and activation bits (32 = full precision) and the first/last layers' weight bits.

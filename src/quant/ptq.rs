@@ -179,3 +179,48 @@ pub fn quantize_weights(
     }
     Ok((out, ratios))
 }
+
+/// A post-training-quantized model and what its calibration found.
+pub struct PtqOutcome {
+    /// The quantized model (weights folded and quantized, activation quantizers attached).
+    pub model: ResNet20,
+    /// Per layer, the mean breakpoint ratio p/m (1 for uniform).
+    pub breakpoint_ratios: BTreeMap<String, f32>,
+    /// Per activation site, the calibrated range.
+    pub activation_ranges: BTreeMap<String, f32>,
+}
+
+/// The whole PTQ stage: weights folded and quantized, then activation ranges calibrated on
+/// `calib` (all of it) with the quantized weights in place.
+pub fn post_training_quantize(
+    fp: &ResNet20,
+    cfg: &PtqConfig,
+    calib: &crate::data::batch::DeviceData,
+) -> Result<PtqOutcome> {
+    if fp.seam().persist().is_some() {
+        return Err(Error::config(
+            "ptq",
+            "quantized model",
+            "PTQ needs a full-precision model",
+        ));
+    }
+    let (state, breakpoint_ratios) = quantize_weights(fp, cfg)?;
+    let wq = ResNet20::from_tensors(state, fp.num_batches_tracked(), fp.device(), false)?;
+    let all: Vec<u32> = (0..calib.len() as u32).collect();
+    let activation_ranges = super::seam::calibrate_with(&wq, calib, &all, 256, cfg.calib_range)?;
+    let act_only = UniformConfig {
+        weight_bits: None,
+        ..cfg.bits.clone()
+    };
+    let model = super::seam::uniform_ptq(
+        &wq,
+        act_only,
+        activation_ranges.clone(),
+        super::GradientMode::Ste,
+    );
+    Ok(PtqOutcome {
+        model,
+        breakpoint_ratios,
+        activation_ranges,
+    })
+}

@@ -11,6 +11,7 @@
 //! position) saved beside the checkpoint and continues as if never stopped: 1 + 1 epochs
 //! give the same weights as 2.
 
+pub mod qat;
 pub mod schedule;
 pub mod sgd;
 
