@@ -370,30 +370,9 @@ pub struct ExportBinArgs {
     pub out: PathBuf,
 }
 
-/// Parses `8/255`, `0.0314` or `1e-3`.
+/// Parses `8/255`, `0.0314` or `1e-3` (clap's value parser).
 pub fn parse_number(s: &str) -> std::result::Result<f64, String> {
-    let v = if let Some((a, b)) = s.split_once('/') {
-        let a: f64 = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{s}` is not a number"))?;
-        let b: f64 = b
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{s}` is not a number"))?;
-        if b == 0.0 {
-            return Err(format!("`{s}` divides by zero"));
-        }
-        a / b
-    } else {
-        s.trim()
-            .parse()
-            .map_err(|_| format!("`{s}` is not a number"))?
-    };
-    if !v.is_finite() {
-        return Err(format!("`{s}` is not finite"));
-    }
-    Ok(v)
+    quant_robust::attack::parse_fraction(s)
 }
 
 /// Sets up `tracing` on stderr.
@@ -717,14 +696,13 @@ fn build_attacks(
     a: &AttackArgs,
     dev: &candle_core::Device,
 ) -> Result<Vec<Box<dyn quant_robust::attack::Attack>>> {
-    use quant_robust::attack::{
-        apgd::Apgd, fgsm::Fgsm, pgd::Pgd, square::Square, transfer::Transfer,
-    };
-    let pgd = Pgd {
-        steps: a.steps,
-        step_fraction: a.step_fraction,
+    use quant_robust::attack::{pgd::Pgd, transfer::Transfer, AttackSettings};
+    let settings = AttackSettings {
+        pgd_steps: a.steps,
+        pgd_step_fraction: a.step_fraction,
         restarts: a.restarts,
-        random_start: true,
+        apgd_iterations: a.apgd_iterations,
+        square_queries: a.square_queries,
     };
     let mut out: Vec<Box<dyn quant_robust::attack::Attack>> = Vec::new();
     for name in a
@@ -733,20 +711,9 @@ fn build_attacks(
         .map(str::trim)
         .filter(|t| !t.is_empty())
     {
-        let attack: Box<dyn quant_robust::attack::Attack> = match name {
-            "fgsm" => Box::new(Fgsm),
-            "pgd" => Box::new(pgd.clone()),
-            "apgd-ce" | "apgd-dlr" => Box::new(Apgd {
-                iterations: a.apgd_iterations,
-                restarts: a.restarts,
-                ..if name == "apgd-ce" { Apgd::default() } else { Apgd::dlr() }
-            }),
-            "square" => Box::new(Square {
-                queries: a.square_queries,
-                ..Square::default()
-            }),
-            t if t.starts_with("transfer:") => {
-                let src = PathBuf::from(&t["transfer:".len()..]);
+        let attack: Box<dyn quant_robust::attack::Attack> =
+            if let Some(src) = name.strip_prefix("transfer:") {
+                let src = PathBuf::from(src);
                 let source = checkpoint::load(&src, dev, false)
                     .with_context(|| format!("loading the transfer source {}", src.display()))?;
                 Box::new(Transfer {
@@ -754,14 +721,13 @@ fn build_attacks(
                     source_name: src.display().to_string(),
                     pgd: Pgd {
                         restarts: 1,
-                        ..pgd.clone()
+                        ..settings.pgd()
                     },
                 })
-            }
-            other => bail!(
-                "unknown attack `{other}` (known: fgsm, pgd, apgd-ce, apgd-dlr, square, transfer:CHECKPOINT)"
-            ),
-        };
+            } else {
+                quant_robust::attack::build(name, &settings, a.norm)
+                    .with_context(|| "--attacks (transfer is written transfer:CHECKPOINT)")?
+            };
         if !attack.supports(a.norm) {
             bail!("attack `{name}` does not support the {} norm", a.norm);
         }

@@ -35,6 +35,7 @@ pub mod model;
 pub mod quant;
 pub mod report;
 pub mod rng;
+pub mod study;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -306,3 +306,110 @@ where
     }
     Ok(best)
 }
+
+/// The settings of the attacks that are built by name ([`build`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttackSettings {
+    /// PGD steps (also the transfer attack's PGD on its source). Default 10.
+    pub pgd_steps: usize,
+    /// PGD step as a fraction of ε. Default 0.25.
+    pub pgd_step_fraction: f64,
+    /// Random restarts of PGD and APGD. Default 1.
+    pub restarts: usize,
+    /// APGD iterations. Default 100.
+    pub apgd_iterations: usize,
+    /// Square attack queries per image. Default 5,000.
+    pub square_queries: usize,
+}
+
+impl Default for AttackSettings {
+    fn default() -> Self {
+        AttackSettings {
+            pgd_steps: 10,
+            pgd_step_fraction: 0.25,
+            restarts: 1,
+            apgd_iterations: 100,
+            square_queries: 5000,
+        }
+    }
+}
+
+impl AttackSettings {
+    /// The PGD attack these settings describe.
+    pub fn pgd(&self) -> pgd::Pgd {
+        pgd::Pgd {
+            steps: self.pgd_steps,
+            step_fraction: self.pgd_step_fraction,
+            restarts: self.restarts,
+            random_start: true,
+        }
+    }
+}
+
+/// The attack names [`build`] knows.
+pub const ATTACK_NAMES: [&str; 5] = ["fgsm", "pgd", "apgd-ce", "apgd-dlr", "square"];
+
+/// Builds a white-box or score-based attack by name (`fgsm`, `pgd`, `apgd-ce`, `apgd-dlr`,
+/// `square`), checking that it supports `norm`. Transfer attacks need a source model and
+/// are built with [`transfer::Transfer`].
+pub fn build(name: &str, s: &AttackSettings, norm: Norm) -> Result<Box<dyn Attack>> {
+    let attack: Box<dyn Attack> = match name {
+        "fgsm" => Box::new(fgsm::Fgsm),
+        "pgd" => Box::new(s.pgd()),
+        "apgd-ce" | "apgd-dlr" => Box::new(apgd::Apgd {
+            iterations: s.apgd_iterations,
+            restarts: s.restarts,
+            ..if name == "apgd-ce" {
+                apgd::Apgd::default()
+            } else {
+                apgd::Apgd::dlr()
+            }
+        }),
+        "square" => Box::new(square::Square {
+            queries: s.square_queries,
+            ..square::Square::default()
+        }),
+        other => {
+            return Err(Error::config(
+                "attack",
+                other,
+                "unknown (known: fgsm, pgd, apgd-ce, apgd-dlr, square, transfer)",
+            ))
+        }
+    };
+    if !attack.supports(norm) {
+        return Err(Error::config(
+            "attack",
+            name,
+            format!("does not support the {norm} norm"),
+        ));
+    }
+    Ok(attack)
+}
+
+/// Parses `8/255`, `0.0314` or `1e-3`.
+pub fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
+    let v = if let Some((a, b)) = s.split_once('/') {
+        let a: f64 = a
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a number"))?;
+        let b: f64 = b
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a number"))?;
+        if b == 0.0 {
+            return Err(format!("`{s}` divides by zero"));
+        }
+        a / b
+    } else {
+        s.trim()
+            .parse()
+            .map_err(|_| format!("`{s}` is not a number"))?
+    };
+    if !v.is_finite() {
+        return Err(format!("`{s}` is not finite"));
+    }
+    Ok(v)
+}

@@ -1,0 +1,769 @@
+//! The study's configuration: a JSON document (serde; every field has a documented default,
+//! so a file may name only what it changes) and its three presets.
+//!
+//! ```text
+//! StudyConfig
+//! ├── data, seeds
+//! ├── natural, robust        the full-precision stages (FpStage: training images + TrainConfig)
+//! ├── ptq                    PTQ settings shared by every PTQ cell (PtqStage)
+//! ├── qat                    QAT settings shared by every QAT cell (QatStage)
+//! ├── grid                   which cells exist (Grid: the paper's tables and figures)
+//! ├── eval                   how every model is evaluated (EvalStage)
+//! └── findings               the thresholds of the verdicts (FindingsConfig)
+//! ```
+//!
+//! ε values may be written as numbers (0.0314) or as `"8/255"`.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::attack::{AttackSettings, PgdConfig, ATTACK_NAMES};
+use crate::quant::ptq::PtqMethod;
+use crate::quant::pwlq::Breakpoint;
+use crate::quant::qat::AlphaInit;
+use crate::quant::seam::{CalibMethod, UniformConfig};
+use crate::train::{Adversarial, LrSchedule, TrainConfig};
+use crate::{Error, Result};
+
+/// The whole study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StudyConfig {
+    /// Written into the results. Default `custom`.
+    pub name: String,
+    /// `default` (the shipped archive `../shared/data/cifar10-jpeg.tar.gz` when present, else
+    /// the embedded sample), `embedded`, or a path (archive, binary batches, image folder).
+    /// Default `default`.
+    pub data: String,
+    /// Seeds; every model of the study is made once per seed. Default [0].
+    pub seeds: Vec<u64>,
+    /// The natural ("non-robust") full-precision model.
+    pub natural: FpStage,
+    /// The robust full-precision model (PGD-AT).
+    pub robust: FpStage,
+    pub ptq: PtqStage,
+    pub qat: QatStage,
+    pub grid: Grid,
+    pub eval: EvalStage,
+    pub findings: FindingsConfig,
+}
+
+impl Default for StudyConfig {
+    fn default() -> Self {
+        StudyConfig {
+            name: "custom".into(),
+            data: "default".into(),
+            seeds: vec![0],
+            natural: FpStage::default(),
+            robust: FpStage::robust_default(),
+            ptq: PtqStage::default(),
+            qat: QatStage::default(),
+            grid: Grid::default(),
+            eval: EvalStage::default(),
+            findings: FindingsConfig::default(),
+        }
+    }
+}
+
+/// A full-precision training stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FpStage {
+    /// Training images (a seeded stratified subset); `null` = the whole training split.
+    /// Default null.
+    pub train_count: Option<usize>,
+    /// The recipe (natural: [`TrainConfig::default`]; robust: the same with PGD-AT, ε 8/255,
+    /// step 2/255, 7 steps).
+    pub train: TrainConfig,
+}
+
+impl Default for FpStage {
+    fn default() -> Self {
+        FpStage {
+            train_count: None,
+            train: TrainConfig::default(),
+        }
+    }
+}
+
+impl FpStage {
+    /// The robust stage's default: the natural recipe with PGD-AT.
+    pub fn robust_default() -> Self {
+        FpStage {
+            train_count: None,
+            train: TrainConfig {
+                adversarial: Adversarial::pgd_default(),
+                ..TrainConfig::default()
+            },
+        }
+    }
+}
+
+/// Settings of every PTQ cell (the bits come from the cell).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PtqStage {
+    /// Weight quantizer. Default pwlq.
+    pub method: PtqMethod,
+    /// PWLQ breakpoint rule. Default search.
+    pub breakpoint: Breakpoint,
+    /// PWLQ bias correction. Default false.
+    pub bias_correction: bool,
+    /// Calibration images (seeded, stratified, from the training split). Default 512.
+    pub calib: usize,
+    /// Activation range rule. Default max.
+    pub calib_range: CalibMethod,
+    /// Weight bits of the first conv and last linear. Default 8.
+    pub first_last_bits: u32,
+}
+
+impl Default for PtqStage {
+    fn default() -> Self {
+        PtqStage {
+            method: PtqMethod::Pwlq,
+            breakpoint: Breakpoint::Search,
+            bias_correction: false,
+            calib: 512,
+            calib_range: CalibMethod::Max,
+            first_last_bits: 8,
+        }
+    }
+}
+
+/// Settings of every QAT cell (bits, init, data fraction and AT come from the cell).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QatStage {
+    /// Fine-tuning recipe from a trained (natural or robust) model. Default: 5 epochs,
+    /// peak lr 0.01, otherwise [`TrainConfig::default`]. Its `adversarial` must be `none`:
+    /// the cell decides AT.
+    pub finetune: TrainConfig,
+    /// Recipe from random initialization (training from scratch). Default: 10 epochs,
+    /// peak lr 0.1.
+    pub from_random: TrainConfig,
+    /// The PGD inner loop of AT cells. Default ε 8/255, step 2/255, 7 steps, random start.
+    pub adversarial: PgdConfig,
+    /// α's start. Default calibrated (max activation on `calib` images).
+    pub alpha_init: AlphaInit,
+    /// L2 penalty on α. Default 2e-4.
+    pub alpha_decay: f64,
+    /// Calibration images for α's start. Default 512.
+    pub calib: usize,
+    /// Weight bits of the first conv and last linear. Default 8.
+    pub first_last_bits: u32,
+}
+
+impl Default for QatStage {
+    fn default() -> Self {
+        let pgd = match Adversarial::pgd_default() {
+            Adversarial::Pgd(p) => p,
+            Adversarial::None => PgdConfig::default(),
+        };
+        QatStage {
+            finetune: TrainConfig {
+                epochs: 5,
+                lr: 0.01,
+                ..TrainConfig::default()
+            },
+            from_random: TrainConfig {
+                epochs: 10,
+                ..TrainConfig::default()
+            },
+            adversarial: pgd,
+            alpha_init: AlphaInit::Calibrated,
+            alpha_decay: 2e-4,
+            calib: 512,
+            first_last_bits: 8,
+        }
+    }
+}
+
+/// Where a quantization stage starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    Random,
+    Natural,
+    Robust,
+}
+
+impl std::fmt::Display for Init {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Init::Random => "random",
+            Init::Natural => "natural",
+            Init::Robust => "robust",
+        })
+    }
+}
+
+/// The cells of the study: the union of the tables and figures below (a cell that two of
+/// them share is made once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Grid {
+    pub ptq_table: PtqTable,
+    pub qat_table: QatTable,
+    pub bits_sweep: BitsSweep,
+    pub data_curve: DataCurve,
+}
+
+impl Default for Grid {
+    fn default() -> Self {
+        Grid {
+            ptq_table: PtqTable::default(),
+            qat_table: QatTable::default(),
+            bits_sweep: BitsSweep::default(),
+            data_curve: DataCurve::default(),
+        }
+    }
+}
+
+/// PTQ of the natural and robust models at several bit widths.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PtqTable {
+    /// Default [natural, robust] (PTQ needs a trained model: no random).
+    pub inits: Vec<Init>,
+    /// `wXaY` names (32 = full precision). Default w8a8, w6a6, w4a8, w4a4, w3a8, w2a8.
+    pub bits: Vec<String>,
+}
+
+impl Default for PtqTable {
+    fn default() -> Self {
+        PtqTable {
+            inits: vec![Init::Natural, Init::Robust],
+            bits: ["w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+/// QAT from each init, with and without AT inside.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QatTable {
+    /// Default [random, natural, robust].
+    pub inits: Vec<Init>,
+    /// AT inside QAT: default [false, true].
+    pub adversarial: Vec<bool>,
+    /// Default w4a4, w8a8.
+    pub bits: Vec<String>,
+    /// Fraction of the training split fine-tuned on. Default 1.
+    pub fraction: f64,
+}
+
+impl Default for QatTable {
+    fn default() -> Self {
+        QatTable {
+            inits: vec![Init::Random, Init::Natural, Init::Robust],
+            adversarial: vec![false, true],
+            bits: vec!["w4a4".into(), "w8a8".into()],
+            fraction: 1.0,
+        }
+    }
+}
+
+/// The paper's Figure 2 analog: QAT with only activations (W32Ab) or only weights (WbA32)
+/// quantized, at each b.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BitsSweep {
+    /// Default natural.
+    pub init: Init,
+    /// AT inside QAT. Default false.
+    pub adversarial: bool,
+    /// Default [2, 3, 4, 8].
+    pub bits: Vec<u32>,
+    /// Default 1.
+    pub fraction: f64,
+}
+
+impl Default for BitsSweep {
+    fn default() -> Self {
+        BitsSweep {
+            init: Init::Natural,
+            adversarial: false,
+            bits: vec![2, 3, 4, 8],
+            fraction: 1.0,
+        }
+    }
+}
+
+/// Robustness against the fraction of training data used by QAT, per init.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataCurve {
+    /// Default [random, natural, robust].
+    pub inits: Vec<Init>,
+    /// AT inside QAT. Default true.
+    pub adversarial: bool,
+    /// Default w4a4.
+    pub bits: String,
+    /// Default 0.01, 0.05, 0.1, 0.25, 0.5, 1.
+    pub fractions: Vec<f64>,
+}
+
+impl Default for DataCurve {
+    fn default() -> Self {
+        DataCurve {
+            inits: vec![Init::Random, Init::Natural, Init::Robust],
+            adversarial: true,
+            bits: "w4a4".into(),
+            fractions: vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0],
+        }
+    }
+}
+
+/// How every model is evaluated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalStage {
+    /// Test images (seeded, stratified); `null` = all. Default null.
+    pub n: Option<usize>,
+    /// Radii (L∞, pixel units). Default 2/255, 8/255.
+    #[serde(deserialize_with = "de_eps_list")]
+    pub eps: Vec<f64>,
+    /// Attacks with straight-through gradients through quantizers. Default fgsm, pgd,
+    /// apgd-ce, square.
+    pub attacks: Vec<String>,
+    pub settings: AttackSettings,
+    /// Transfer attack from the full-precision model (quantized models only). Default true.
+    pub transfer: bool,
+    /// PGD with raw (true, zero almost everywhere) gradients too (quantized models only),
+    /// to show masking. Default true.
+    pub raw_gradients: bool,
+    /// Batch size. Default 250.
+    pub batch_size: usize,
+    /// Seed of the subset and the attacks' draws (offset by the model's seed). Default 0.
+    pub seed: u64,
+}
+
+impl Default for EvalStage {
+    fn default() -> Self {
+        EvalStage {
+            n: None,
+            eps: vec![2.0 / 255.0, 8.0 / 255.0],
+            attacks: ["fgsm", "pgd", "apgd-ce", "square"]
+                .map(String::from)
+                .to_vec(),
+            settings: AttackSettings::default(),
+            transfer: true,
+            raw_gradients: true,
+            batch_size: 250,
+            seed: 0,
+        }
+    }
+}
+
+/// Thresholds of the findings' verdicts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FindingsConfig {
+    /// ε of F2-F6. Default 8/255.
+    #[serde(deserialize_with = "de_eps")]
+    pub eps: f64,
+    /// ε of F1 (natural-init QAT has no robustness left at 8/255). Default 2/255.
+    #[serde(deserialize_with = "de_eps")]
+    pub f1_eps: f64,
+    /// F3: the AT-QAT / QAT cost ratio that counts as "large". Default 2.
+    pub f3_min_cost_ratio: f64,
+    /// F4: fractions up to this are "partial data". Default 0.25.
+    pub f4_partial_max: f64,
+}
+
+impl Default for FindingsConfig {
+    fn default() -> Self {
+        FindingsConfig {
+            eps: 8.0 / 255.0,
+            f1_eps: 2.0 / 255.0,
+            f3_min_cost_ratio: 2.0,
+            f4_partial_max: 0.25,
+        }
+    }
+}
+
+/// A radius: a number or a `"k/255"` string.
+fn parse_eps_value(v: &serde_json::Value) -> std::result::Result<f64, String> {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64().ok_or_else(|| format!("bad number {n}")),
+        serde_json::Value::String(s) => crate::attack::parse_fraction(s),
+        other => Err(format!("expected a number or \"k/255\", got {other}")),
+    }
+}
+
+fn de_eps<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    parse_eps_value(&v).map_err(serde::de::Error::custom)
+}
+
+fn de_eps_list<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<f64>, D::Error> {
+    let v = Vec::<serde_json::Value>::deserialize(d)?;
+    v.iter()
+        .map(|x| parse_eps_value(x).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+fn check_bits(name: &str) -> Result<UniformConfig> {
+    UniformConfig::parse(name)
+}
+
+fn check_fraction(what: &'static str, f: f64) -> Result<()> {
+    if !(f > 0.0 && f <= 1.0) {
+        return Err(Error::config(what, f, "must be in (0, 1]"));
+    }
+    Ok(())
+}
+
+impl StudyConfig {
+    /// Checks every setting, naming the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        if self.seeds.is_empty() {
+            return Err(Error::config("seeds", "[]", "give at least one seed"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &self.seeds {
+            if !seen.insert(s) {
+                return Err(Error::config("seeds", s, "listed twice"));
+            }
+        }
+        self.natural.train.validate()?;
+        self.robust.train.validate()?;
+        if !matches!(self.robust.train.adversarial, Adversarial::Pgd(_)) {
+            return Err(Error::config(
+                "robust.train.adversarial",
+                "none",
+                "the robust model is adversarially trained: give {\"kind\": \"pgd\", ...}",
+            ));
+        }
+        if matches!(self.natural.train.adversarial, Adversarial::Pgd(_)) {
+            return Err(Error::config(
+                "natural.train.adversarial",
+                "pgd",
+                "the natural model is trained on clean data",
+            ));
+        }
+        for (what, n) in [
+            ("natural.train_count", self.natural.train_count),
+            ("robust.train_count", self.robust.train_count),
+            ("eval.n", self.eval.n),
+        ] {
+            if n == Some(0) {
+                return Err(Error::config(what, 0, "must be ≥ 1 (or null for all)"));
+            }
+        }
+        if self.ptq.calib == 0 || self.qat.calib == 0 {
+            return Err(Error::config("calib", 0, "must be ≥ 1"));
+        }
+        for (what, cfg) in [
+            ("qat.finetune", &self.qat.finetune),
+            ("qat.from_random", &self.qat.from_random),
+        ] {
+            cfg.validate()?;
+            if cfg.adversarial != Adversarial::None {
+                return Err(Error::config(
+                    what,
+                    "adversarial",
+                    "must be none: each cell decides AT (grid), with qat.adversarial's PGD",
+                ));
+            }
+        }
+        self.qat.adversarial.validate()?;
+        for b in [self.ptq.first_last_bits, self.qat.first_last_bits] {
+            crate::quant::uniform::code_range(b, crate::quant::uniform::Signedness::Symmetric)?;
+        }
+        let g = &self.grid;
+        for b in g.ptq_table.bits.iter().chain(&g.qat_table.bits) {
+            check_bits(b)?;
+        }
+        check_bits(&g.data_curve.bits)?;
+        if g.ptq_table.inits.contains(&Init::Random) {
+            return Err(Error::config(
+                "grid.ptq_table.inits",
+                "random",
+                "PTQ quantizes a trained model: use natural or robust",
+            ));
+        }
+        for &b in &g.bits_sweep.bits {
+            check_bits(&format!("w{b}a{b}"))?;
+        }
+        check_fraction("grid.qat_table.fraction", g.qat_table.fraction)?;
+        check_fraction("grid.bits_sweep.fraction", g.bits_sweep.fraction)?;
+        for &f in &g.data_curve.fractions {
+            check_fraction("grid.data_curve.fractions", f)?;
+        }
+        let e = &self.eval;
+        if e.eps.is_empty() {
+            return Err(Error::config("eval.eps", "[]", "give at least one ε"));
+        }
+        for &x in &e.eps {
+            crate::attack::check_eps(crate::attack::Norm::Linf, x)?;
+        }
+        for a in &e.attacks {
+            if !ATTACK_NAMES.contains(&a.as_str()) {
+                return Err(Error::config(
+                    "eval.attacks",
+                    a,
+                    format!(
+                        "unknown (known: {}; transfer and raw gradients are eval.transfer and eval.raw_gradients)",
+                        ATTACK_NAMES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if e.batch_size == 0 {
+            return Err(Error::config("eval.batch_size", 0, "must be ≥ 1"));
+        }
+        let s = &e.settings;
+        if s.pgd_steps == 0 || s.restarts == 0 || s.apgd_iterations == 0 || s.square_queries == 0 {
+            return Err(Error::config(
+                "eval.settings",
+                format!(
+                    "steps {} restarts {} apgd {} square {}",
+                    s.pgd_steps, s.restarts, s.apgd_iterations, s.square_queries
+                ),
+                "every count must be ≥ 1",
+            ));
+        }
+        let f = &self.findings;
+        for (what, x) in [("findings.eps", f.eps), ("findings.f1_eps", f.f1_eps)] {
+            if !e.eps.iter().any(|&v| (v - x).abs() < 1e-9) {
+                return Err(Error::config(
+                    what,
+                    format!("{:.4} ({:.2}/255)", x, x * 255.0),
+                    "must be one of eval.eps",
+                ));
+            }
+        }
+        check_fraction("findings.f4_partial_max", f.f4_partial_max)?;
+        Ok(())
+    }
+
+    /// Reads a configuration file (JSON; unknown fields are errors) and validates it.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let c: StudyConfig = crate::io::read_json(path)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// A preset by name: `smoke`, `fast` or `full`.
+    pub fn preset(name: &str) -> Result<Self> {
+        let c = match name {
+            "smoke" => smoke(),
+            "fast" => fast(),
+            "full" => full(),
+            other => {
+                return Err(Error::config(
+                    "preset",
+                    other,
+                    "unknown (known: smoke, fast, full)",
+                ))
+            }
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// The preset names.
+pub const PRESETS: [&str; 3] = ["smoke", "fast", "full"];
+
+/// `smoke`: the whole pipeline on the embedded sample in a few CPU minutes. Its numbers
+/// mean nothing (tiny models); it proves the code path end to end.
+pub fn smoke() -> StudyConfig {
+    let short = |epochs, lr| TrainConfig {
+        epochs,
+        lr,
+        batch_size: 64,
+        eval_images: Some(200),
+        eval_adv_images: 50,
+        ..TrainConfig::default()
+    };
+    let pgd2 = PgdConfig {
+        eps: 8.0 / 255.0,
+        step: 4.0 / 255.0,
+        steps: 2,
+        random_start: true,
+    };
+    StudyConfig {
+        name: "smoke".into(),
+        data: "embedded".into(),
+        seeds: vec![0],
+        natural: FpStage {
+            train_count: Some(1000),
+            train: short(4, 0.1),
+        },
+        robust: FpStage {
+            train_count: Some(1000),
+            train: TrainConfig {
+                adversarial: Adversarial::Pgd(pgd2.clone()),
+                ..short(3, 0.1)
+            },
+        },
+        ptq: PtqStage {
+            calib: 128,
+            ..PtqStage::default()
+        },
+        qat: QatStage {
+            finetune: short(1, 0.01),
+            from_random: short(1, 0.1),
+            adversarial: pgd2,
+            calib: 128,
+            ..QatStage::default()
+        },
+        grid: Grid {
+            ptq_table: PtqTable {
+                inits: vec![Init::Natural, Init::Robust],
+                bits: vec!["w8a8".into(), "w4a4".into()],
+            },
+            qat_table: QatTable {
+                inits: vec![Init::Random, Init::Natural, Init::Robust],
+                adversarial: vec![false, true],
+                bits: vec!["w4a4".into()],
+                fraction: 0.25,
+            },
+            bits_sweep: BitsSweep {
+                init: Init::Natural,
+                adversarial: false,
+                bits: vec![2, 4],
+                fraction: 0.25,
+            },
+            data_curve: DataCurve {
+                inits: vec![Init::Random, Init::Natural, Init::Robust],
+                adversarial: true,
+                bits: "w4a4".into(),
+                fractions: vec![0.05, 0.25],
+            },
+        },
+        eval: EvalStage {
+            n: Some(64),
+            eps: vec![2.0 / 255.0, 8.0 / 255.0],
+            attacks: ["fgsm", "pgd", "apgd-ce", "square"]
+                .map(String::from)
+                .to_vec(),
+            settings: AttackSettings {
+                pgd_steps: 5,
+                apgd_iterations: 5,
+                square_queries: 20,
+                ..AttackSettings::default()
+            },
+            transfer: true,
+            raw_gradients: true,
+            batch_size: 64,
+            seed: 0,
+        },
+        findings: FindingsConfig::default(),
+    }
+}
+
+/// `fast`: every table and finding on the full data at reduced epochs (the GPU run of the
+/// study issue; on 2 CPU cores it takes days).
+pub fn fast() -> StudyConfig {
+    let fp = |epochs| TrainConfig {
+        epochs,
+        eval_images: Some(2000),
+        ..TrainConfig::default()
+    };
+    StudyConfig {
+        name: "fast".into(),
+        data: "default".into(),
+        seeds: vec![0],
+        natural: FpStage {
+            train_count: None,
+            train: fp(30),
+        },
+        robust: FpStage {
+            train_count: None,
+            train: TrainConfig {
+                adversarial: Adversarial::Pgd(PgdConfig {
+                    eps: 8.0 / 255.0,
+                    step: 2.0 / 255.0,
+                    steps: 5,
+                    random_start: true,
+                }),
+                ..fp(15)
+            },
+        },
+        ptq: PtqStage::default(),
+        qat: QatStage {
+            finetune: TrainConfig {
+                epochs: 3,
+                lr: 0.01,
+                schedule: LrSchedule::Cosine,
+                ..fp(3)
+            },
+            from_random: fp(10),
+            adversarial: PgdConfig {
+                eps: 8.0 / 255.0,
+                step: 2.5 / 255.0,
+                steps: 3,
+                random_start: true,
+            },
+            ..QatStage::default()
+        },
+        grid: Grid {
+            data_curve: DataCurve {
+                fractions: vec![0.01, 0.05, 0.1, 0.25, 1.0],
+                ..DataCurve::default()
+            },
+            ..Grid::default()
+        },
+        eval: EvalStage {
+            n: Some(1000),
+            settings: AttackSettings {
+                pgd_steps: 10,
+                apgd_iterations: 50,
+                square_queries: 1000,
+                ..AttackSettings::default()
+            },
+            ..EvalStage::default()
+        },
+        findings: FindingsConfig::default(),
+    }
+}
+
+/// `full`: the study's recipes at full length, three seeds, all test images.
+pub fn full() -> StudyConfig {
+    StudyConfig {
+        name: "full".into(),
+        seeds: vec![0, 1, 2],
+        natural: FpStage {
+            train_count: None,
+            train: TrainConfig {
+                epochs: 80,
+                ..TrainConfig::default()
+            },
+        },
+        robust: FpStage {
+            train_count: None,
+            train: TrainConfig {
+                epochs: 40,
+                adversarial: Adversarial::Pgd(PgdConfig {
+                    eps: 8.0 / 255.0,
+                    step: 2.0 / 255.0,
+                    steps: 10,
+                    random_start: true,
+                }),
+                ..TrainConfig::default()
+            },
+        },
+        qat: QatStage {
+            finetune: TrainConfig {
+                epochs: 10,
+                lr: 0.01,
+                ..TrainConfig::default()
+            },
+            from_random: TrainConfig {
+                epochs: 40,
+                ..TrainConfig::default()
+            },
+            ..QatStage::default()
+        },
+        eval: EvalStage {
+            n: None,
+            eps: [1.0, 2.0, 4.0, 8.0, 16.0].map(|e| e / 255.0).to_vec(),
+            ..EvalStage::default()
+        },
+        ..StudyConfig::default()
+    }
+}

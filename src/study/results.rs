@@ -1,0 +1,307 @@
+//! The study's results document: per model, clean and robust accuracy (each with its
+//! Wilson 95% interval over test images), the masking diagnostics and the cost; across seeds,
+//! the mean and a t-interval where there are several; the findings' verdicts; and the
+//! manifest (configuration, data, code, device, timings).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::StudyConfig;
+use super::findings::{self, Verdict};
+use super::plan::ModelSpec;
+use super::run::{read_record, EvalRecord, Keys, ModelRecord};
+use crate::data::DataIdentity;
+use crate::eval::robust::EpsAccuracy;
+use crate::manifest::Manifest;
+use crate::{Error, Result};
+
+/// One attack's accuracy per ε.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttackAccuracy {
+    pub attack: String,
+    pub gradient_free: bool,
+    pub per_eps: Vec<EpsAccuracy>,
+}
+
+/// Everything measured about one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelResult {
+    pub id: String,
+    pub spec: ModelSpec,
+    /// The checkpoint, relative to the study directory.
+    pub checkpoint: String,
+    pub clean: EpsAccuracy,
+    /// Straight-through-gradient, gradient-free and transfer attacks.
+    pub attacks: Vec<AttackAccuracy>,
+    /// Per-example worst case over `attacks`.
+    pub worst_case: Vec<EpsAccuracy>,
+    /// PGD with raw gradients through the quantizers (quantized models).
+    pub raw_pgd: Option<Vec<EpsAccuracy>>,
+    /// Fraction of correctly classified inputs with an all-zero input gradient (STE, raw).
+    pub zero_gradient_fraction: f64,
+    pub raw_zero_gradient_fraction: Option<f64>,
+    /// Per ε: examples only Square or the transfer attack broke, and the masking flag.
+    pub masking: Vec<crate::eval::robust::MaskingAtEps>,
+    pub cost: Cost,
+}
+
+/// Seconds spent on a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cost {
+    /// The stage that made it (training, PTQ or QAT).
+    pub stage_wall_s: f64,
+    pub stage_gpu_s: f64,
+    /// Its evaluation.
+    pub eval_wall_s: f64,
+    pub eval_gpu_s: f64,
+    /// Images the stage trained on (calibration images for PTQ).
+    pub stage_images: usize,
+}
+
+impl ModelResult {
+    /// Worst-case accuracy at `eps` (the robust accuracy of the findings).
+    pub fn worst_at(&self, eps: f64) -> Option<&EpsAccuracy> {
+        at_eps(&self.worst_case, eps)
+    }
+
+    /// An attack's accuracy at `eps` (`pgd` matches `pgd-10` etc.).
+    pub fn attack_at(&self, attack: &str, eps: f64) -> Option<&EpsAccuracy> {
+        self.attacks
+            .iter()
+            .find(|a| a.attack == attack || a.attack.starts_with(&format!("{attack}-")))
+            .and_then(|a| at_eps(&a.per_eps, eps))
+    }
+
+    /// The worst case over the white-box attacks alone, Square and transfer left out, is
+    /// not stored; this is the raw-gradient PGD at `eps`.
+    pub fn raw_at(&self, eps: f64) -> Option<&EpsAccuracy> {
+        self.raw_pgd.as_ref().and_then(|v| at_eps(v, eps))
+    }
+}
+
+/// The entry of `v` at `eps` (to 1e-9).
+pub fn at_eps(v: &[EpsAccuracy], eps: f64) -> Option<&EpsAccuracy> {
+    v.iter().find(|e| (e.eps - eps).abs() < 1e-9)
+}
+
+/// A model's numbers across seeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeedSummary {
+    /// The model's id without the seed.
+    pub id: String,
+    pub seeds: Vec<u64>,
+    pub clean_mean: f64,
+    /// Student-t 95% interval of the mean across seeds.
+    pub clean_ci95: (f64, f64),
+    /// Per ε, the worst-case accuracy's mean and interval across seeds.
+    pub worst_case: Vec<(f64, f64, (f64, f64))>,
+}
+
+/// The study's results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyResults {
+    pub config: StudyConfig,
+    pub data: DataIdentity,
+    pub models: Vec<ModelResult>,
+    /// Only when the study has several seeds.
+    pub across_seeds: Vec<SeedSummary>,
+    pub findings: Vec<Verdict>,
+    /// Totals and provenance: kind `study`; timings per stage kind.
+    pub manifest: Manifest,
+}
+
+impl StudyResults {
+    pub fn model(&self, spec: &ModelSpec) -> Option<&ModelResult> {
+        self.models.iter().find(|m| m.spec == *spec)
+    }
+}
+
+/// Two-sided 97.5% Student-t quantiles for 1..=30 degrees of freedom (then 1.96).
+fn t975(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
+    if df == 0 {
+        f64::INFINITY
+    } else {
+        T.get(df - 1).copied().unwrap_or(1.96)
+    }
+}
+
+/// Mean and Student-t 95% interval of `xs` (at least two values).
+pub fn mean_ci95(xs: &[f64]) -> (f64, (f64, f64)) {
+    let n = xs.len();
+    let mean = xs.iter().sum::<f64>() / n.max(1) as f64;
+    if n < 2 {
+        return (mean, (mean, mean));
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let h = t975(n - 1) * (var / n as f64).sqrt();
+    (mean, (mean - h, mean + h))
+}
+
+fn seed_summaries(cfg: &StudyConfig, models: &[ModelResult]) -> Vec<SeedSummary> {
+    if cfg.seeds.len() < 2 {
+        return Vec::new();
+    }
+    let mut ids: Vec<String> = Vec::new();
+    for m in models {
+        let id = m.spec.id_without_seed();
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    ids.into_iter()
+        .map(|id| {
+            let ms: Vec<&ModelResult> = models
+                .iter()
+                .filter(|m| m.spec.id_without_seed() == id)
+                .collect();
+            let (clean_mean, clean_ci95) =
+                mean_ci95(&ms.iter().map(|m| m.clean.accuracy).collect::<Vec<_>>());
+            let worst_case = cfg
+                .eval
+                .eps
+                .iter()
+                .map(|&e| {
+                    let v: Vec<f64> = ms
+                        .iter()
+                        .filter_map(|m| m.worst_at(e).map(|a| a.accuracy))
+                        .collect();
+                    let (mean, ci) = mean_ci95(&v);
+                    (e, mean, ci)
+                })
+                .collect();
+            SeedSummary {
+                id,
+                seeds: ms.iter().map(|m| m.spec.seed()).collect(),
+                clean_mean,
+                clean_ci95,
+                worst_case,
+            }
+        })
+        .collect()
+}
+
+/// Builds the results from the cache; every stage must be there (else the error names the
+/// missing ones: run `reproduce` again, or merge the missing shards).
+pub fn collect(
+    cfg: &StudyConfig,
+    data: &DataIdentity,
+    out: &Path,
+    device: &candle_core::Device,
+) -> Result<StudyResults> {
+    let keys = Keys::new(cfg, data);
+    let mut models = Vec::new();
+    let mut missing = Vec::new();
+    let mut timings: std::collections::BTreeMap<&str, (f64, f64)> = Default::default();
+    for (spec, key) in &keys.models {
+        let ek = keys.eval(cfg, spec, data)?;
+        let (Some(m), Some(e)) = (
+            read_record::<ModelRecord>(out, key)?,
+            read_record::<EvalRecord>(out, &ek)?,
+        ) else {
+            missing.push(spec.id());
+            continue;
+        };
+        let stage = match spec {
+            ModelSpec::Fp { .. } => "train",
+            ModelSpec::Ptq { .. } => "ptq",
+            ModelSpec::Qat { .. } => "qat",
+        };
+        for (k, w, g) in [(stage, m.wall_s, m.gpu_s), ("eval", e.wall_s, e.gpu_s)] {
+            let t = timings.entry(k).or_default();
+            t.0 += w;
+            t.1 += g;
+        }
+        let r = &e.report;
+        models.push(ModelResult {
+            id: spec.id(),
+            spec: spec.clone(),
+            checkpoint: m.checkpoint.clone(),
+            clean: r.clean.clone(),
+            attacks: r
+                .attacks
+                .iter()
+                .map(|a| AttackAccuracy {
+                    attack: if a.attack.starts_with("transfer") {
+                        "transfer".into()
+                    } else {
+                        a.attack.clone()
+                    },
+                    gradient_free: a.gradient_free,
+                    per_eps: a.per_eps.clone(),
+                })
+                .collect(),
+            worst_case: r.worst_case.clone(),
+            raw_pgd: e
+                .raw
+                .as_ref()
+                .and_then(|raw| raw.attacks.first().map(|a| a.per_eps.clone())),
+            zero_gradient_fraction: r.diagnostics.zero_gradient_fraction,
+            raw_zero_gradient_fraction: e.raw.as_ref().map(|x| x.diagnostics.zero_gradient_fraction),
+            masking: r.diagnostics.per_eps.clone(),
+            cost: Cost {
+                stage_wall_s: m.wall_s,
+                stage_gpu_s: m.gpu_s,
+                eval_wall_s: e.wall_s,
+                eval_gpu_s: e.gpu_s,
+                stage_images: m.images,
+            },
+        });
+    }
+    if !missing.is_empty() {
+        return Err(Error::config(
+            "results",
+            format!("{} missing", missing.len()),
+            format!(
+                "these models are not finished in {}: {} (run `reproduce` again, or merge the other shards)",
+                out.display(),
+                missing.join(", ")
+            ),
+        ));
+    }
+    let mut manifest = Manifest::new("study", device);
+    manifest.seed = cfg.seeds.first().copied();
+    manifest.data = Some(data.clone());
+    manifest.config = serde_json::to_value(cfg).unwrap_or_default();
+    for (k, (w, g)) in &timings {
+        manifest.timings.push(crate::manifest::StageTiming {
+            stage: (*k).into(),
+            wall_s: *w,
+            gpu_s: *g,
+        });
+    }
+    manifest
+        .metrics
+        .insert("models".into(), models.len() as f64);
+    let mut res = StudyResults {
+        config: cfg.clone(),
+        data: data.clone(),
+        across_seeds: seed_summaries(cfg, &models),
+        models,
+        findings: Vec::new(),
+        manifest,
+    };
+    res.findings = findings::all(&res);
+    Ok(res)
+}
+
+/// Writes `results.json` and one `cells/<id>.json` per model (its full records).
+pub fn write(res: &StudyResults, out: &Path) -> Result<()> {
+    crate::io::write_json_atomic(&out.join("results.json"), res)?;
+    let keys = Keys::new(&res.config, &res.data);
+    for (spec, key) in &keys.models {
+        let ek = keys.eval(&res.config, spec, &res.data)?;
+        let m: Option<ModelRecord> = read_record(out, key)?;
+        let e: Option<EvalRecord> = read_record(out, &ek)?;
+        crate::io::write_json_atomic(
+            &out.join("cells").join(format!("{}.json", spec.id())),
+            &serde_json::json!({ "model": m, "evaluation": e }),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,656 @@
+//! Running the stage graph with a content-addressed cache.
+//!
+//! Layout of a study directory:
+//! ```text
+//! DIR/study.json                      the configuration (all defaults written out)
+//! DIR/cache/<model key>/model.safetensors (+ model.json manifest, model.train.safetensors
+//!                                     resume point of FP training), record.json
+//! DIR/cache/<eval key>/record.json    a model's evaluation
+//! DIR/results.json, DIR/cells/*.json, DIR/report.md, DIR/plots/   (written by `finish`)
+//! ```
+//! A stage is done when its `record.json` exists (written atomically, last). FP training
+//! saves a resume point after every epoch, so an interrupted run continues mid-stage; the
+//! other stages are short and restart.
+//!
+//! Sharding: the jobs (a model and its evaluation) are numbered in plan order and shard
+//! K of N runs those with index ≡ K-1 (mod N). A shard makes the full-precision models it
+//! needs itself when they are not in its cache (deterministic: the same bits on the same
+//! device), so shards can run anywhere; `merge` copies the shards' caches together.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use super::config::{Init, StudyConfig};
+use super::plan::{self, ModelSpec};
+use crate::attack::{pgd::Pgd, transfer::Transfer, Attack, Norm};
+use crate::data::batch::DeviceData;
+use crate::data::{self, subset, CifarData, DataSource};
+use crate::eval::robust::{evaluate, RobustnessConfig, RobustnessReport};
+use crate::manifest::Manifest;
+use crate::model::{checkpoint, ResNet20};
+use crate::quant::ptq::{post_training_quantize, PtqConfig};
+use crate::quant::qat::QatConfig;
+use crate::quant::seam::{with_gradient_mode, UniformConfig};
+use crate::quant::GradientMode;
+use crate::rng::Rng;
+use crate::train::{Silent, Trainer};
+use crate::{Error, Result};
+
+/// What a finished model stage recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub id: String,
+    pub key: String,
+    pub spec: ModelSpec,
+    /// The checkpoint, relative to the study directory.
+    pub checkpoint: String,
+    /// Wall and GPU seconds of the stage (training or quantization).
+    pub wall_s: f64,
+    pub gpu_s: f64,
+    /// Training images the stage used (calibration images for PTQ).
+    pub images: usize,
+    /// Stage-specific details: training history, α per epoch, breakpoints, ranges.
+    pub details: serde_json::Value,
+    pub manifest: Manifest,
+}
+
+/// What a finished evaluation recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub id: String,
+    pub key: String,
+    pub model_key: String,
+    /// Attacks with straight-through gradients, the gradient-free attack and the transfer
+    /// attack; the worst case is over all of them.
+    pub report: RobustnessReport,
+    /// PGD with raw gradients through the quantizers (quantized models, when configured).
+    pub raw: Option<RobustnessReport>,
+    pub wall_s: f64,
+    pub gpu_s: f64,
+    pub manifest: Manifest,
+}
+
+/// How a run stops early.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Shard `k` of `n` (1-based).
+    pub shard: Option<(usize, usize)>,
+    /// Stop (cleanly, resumable) after computing this many stages.
+    pub max_stages: Option<usize>,
+    /// Stop (cleanly, resumable) once this instant has passed: checked between stages and
+    /// between training epochs.
+    pub deadline: Option<Instant>,
+    /// Draw a progress bar.
+    pub progress: bool,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunStatus {
+    /// Every stage of the run (or of the shard) is in the cache.
+    Complete { computed: usize, cached: usize },
+    /// Stopped by `max_stages` or `deadline`; run again to continue.
+    Interrupted { computed: usize, remaining: usize },
+}
+
+/// The data source a configuration names.
+pub fn data_source(cfg: &StudyConfig) -> DataSource {
+    match cfg.data.as_str() {
+        "default" => data::default_source(),
+        other => other.parse().unwrap_or(DataSource::Embedded),
+    }
+}
+
+/// The cache directory of a stage.
+pub fn cache_dir(out: &Path, key: &str) -> PathBuf {
+    out.join("cache").join(key)
+}
+
+/// Reads a stage's record if the stage is done.
+pub fn read_record<T: serde::de::DeserializeOwned>(out: &Path, key: &str) -> Result<Option<T>> {
+    let p = cache_dir(out, key).join("record.json");
+    if p.is_file() {
+        Ok(Some(crate::io::read_json(&p)?))
+    } else {
+        Ok(None)
+    }
+}
+
+/// The keys of every stage, computed from the configuration and the data.
+pub struct Keys {
+    pub models: Vec<(ModelSpec, String)>,
+}
+
+impl Keys {
+    pub fn new(cfg: &StudyConfig, data: &data::DataIdentity) -> Self {
+        let mut models: Vec<(ModelSpec, String)> = Vec::new();
+        for spec in plan::models(cfg) {
+            let parent_key = spec.parent().map(|p| {
+                models
+                    .iter()
+                    .find(|(s, _)| *s == p)
+                    .map(|(_, k)| k.clone())
+                    .unwrap_or_default()
+            });
+            let key = plan::model_key(cfg, &spec, data, parent_key.as_deref());
+            models.push((spec, key));
+        }
+        Keys { models }
+    }
+
+    pub fn model(&self, spec: &ModelSpec) -> Result<&str> {
+        self.models
+            .iter()
+            .find(|(s, _)| s == spec)
+            .map(|(_, k)| k.as_str())
+            .ok_or_else(|| Error::config("model", spec.id(), "not in the study's plan"))
+    }
+
+    pub fn eval(
+        &self,
+        cfg: &StudyConfig,
+        spec: &ModelSpec,
+        data: &data::DataIdentity,
+    ) -> Result<String> {
+        let mk = self.model(spec)?;
+        let rk = spec.reference().map(|r| self.model(&r)).transpose()?;
+        Ok(plan::eval_key(cfg, spec, mk, rk, data))
+    }
+}
+
+/// A study run in progress.
+struct Runner<'a> {
+    cfg: &'a StudyConfig,
+    out: &'a Path,
+    data: CifarData,
+    test: DeviceData,
+    keys: Keys,
+    dev: Device,
+    opts: &'a RunOptions,
+    computed: usize,
+    bar: ProgressBar,
+}
+
+/// Stops the run cleanly (not an error to the caller).
+struct Stop;
+
+enum Outcome<T> {
+    Done(T),
+    Stopped,
+}
+
+impl Runner<'_> {
+    fn should_stop(&self) -> bool {
+        self.opts.max_stages.is_some_and(|m| self.computed >= m)
+            || self.opts.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    fn model_path(&self, key: &str) -> PathBuf {
+        cache_dir(self.out, key).join("model.safetensors")
+    }
+
+    fn load(&self, spec: &ModelSpec, trainable: bool) -> Result<ResNet20> {
+        let key = self.keys.model(spec)?;
+        checkpoint::load(&self.model_path(key), &self.dev, trainable)
+    }
+
+    /// Makes sure the model is in the cache (computing its dependencies first).
+    fn ensure_model(&mut self, spec: &ModelSpec) -> Result<Outcome<ModelRecord>> {
+        let key = self.keys.model(spec)?.to_string();
+        if let Some(r) = read_record::<ModelRecord>(self.out, &key)? {
+            return Ok(Outcome::Done(r));
+        }
+        for dep in spec.needs() {
+            if let Outcome::Stopped = self.ensure_model(&dep)? {
+                return Ok(Outcome::Stopped);
+            }
+        }
+        if self.should_stop() {
+            return Ok(Outcome::Stopped);
+        }
+        self.bar.set_message(format!("making {}", spec.id()));
+        let record = match spec {
+            ModelSpec::Fp { init, seed } => match self.train_fp(spec, *init, *seed, &key)? {
+                Ok(r) => r,
+                Err(Stop) => return Ok(Outcome::Stopped),
+            },
+            ModelSpec::Ptq { .. } => self.ptq(spec, &key)?,
+            ModelSpec::Qat { .. } => self.qat(spec, &key)?,
+        };
+        crate::io::write_json_atomic(&cache_dir(self.out, &key).join("record.json"), &record)?;
+        self.computed += 1;
+        tracing::info!(
+            "made {} in {:.1}s: {}",
+            spec.id(),
+            record.wall_s,
+            record
+                .manifest
+                .metrics
+                .get("test_accuracy")
+                .map(|a| format!("clean {:.2}% (training-time check)", 100.0 * a))
+                .unwrap_or_default()
+        );
+        Ok(Outcome::Done(record))
+    }
+
+    fn train_fp(
+        &mut self,
+        spec: &ModelSpec,
+        init: Init,
+        seed: u64,
+        key: &str,
+    ) -> Result<std::result::Result<ModelRecord, Stop>> {
+        let tcfg = plan::fp_train_config(self.cfg, init, seed);
+        let count = if init == Init::Robust {
+            self.cfg.robust.train_count
+        } else {
+            self.cfg.natural.train_count
+        };
+        let train_set = subset::training(
+            &self.data.train,
+            count.map(subset::SubsetSize::Count),
+            seed,
+        )?;
+        let train = DeviceData::new(&train_set, &self.dev)?;
+        let path = self.model_path(key);
+        let resume = crate::train::CheckpointPaths::new(&path).resume;
+        let mut trainer = if resume.is_file() {
+            tracing::info!("{}: resuming from {}", spec.id(), resume.display());
+            Trainer::resume(&path, None, &self.dev)?
+        } else {
+            Trainer::new(tcfg, self.data.identity.clone(), train.len(), &self.dev)?
+        };
+        while trainer.state.epoch < trainer.state.config.epochs {
+            if self.should_stop() {
+                return Ok(Err(Stop));
+            }
+            let r = trainer.run_epoch(&train, &self.test, &mut Silent)?;
+            trainer.save(&path)?;
+            tracing::info!(
+                "{} epoch {}/{}: loss {:.4}, test {:.2}%",
+                spec.id(),
+                r.epoch,
+                trainer.state.config.epochs,
+                r.train_loss,
+                r.test.percent()
+            );
+        }
+        let m = trainer.manifest()?;
+        Ok(Ok(ModelRecord {
+            id: spec.id(),
+            key: key.into(),
+            spec: spec.clone(),
+            checkpoint: format!("cache/{key}/model.safetensors"),
+            wall_s: trainer.state.wall_s,
+            gpu_s: if self.dev.is_cuda() {
+                trainer.state.wall_s
+            } else {
+                0.0
+            },
+            images: train.len(),
+            details: serde_json::json!({ "history": trainer.state.history }),
+            manifest: m,
+        }))
+    }
+
+    fn bits(&self, spec: &ModelSpec, first_last_bits: u32) -> Result<UniformConfig> {
+        Ok(UniformConfig {
+            first_last_bits,
+            ..UniformConfig::parse(&spec.bits())?
+        })
+    }
+
+    fn ptq(&mut self, spec: &ModelSpec, key: &str) -> Result<ModelRecord> {
+        let parent = spec
+            .parent()
+            .ok_or_else(|| Error::config("ptq", spec.id(), "needs a trained model"))?;
+        let fp = self.load(&parent, false)?;
+        let p = &self.cfg.ptq;
+        let cfg = PtqConfig {
+            method: p.method,
+            bits: self.bits(spec, p.first_last_bits)?,
+            breakpoint: p.breakpoint,
+            bias_correction: p.bias_correction,
+            calib: p.calib,
+            calib_range: p.calib_range,
+        };
+        let t = Instant::now();
+        let calib = subset::calibration(
+            &self.data.train,
+            p.calib.min(self.data.train.len()),
+            spec.seed(),
+        )?;
+        let calib = DeviceData::new(&calib, &self.dev)?;
+        let q = post_training_quantize(&fp, &cfg, &calib)?;
+        crate::device::synchronize(&self.dev)?;
+        let wall = t.elapsed().as_secs_f64();
+        let mut m = Manifest::new("checkpoint", &self.dev);
+        m.seed = Some(spec.seed());
+        m.data = Some(self.data.identity.clone());
+        m.config = serde_json::json!({ "stage": "ptq", "spec": spec, "ptq": cfg, "parent": self.keys.model(&parent)? });
+        m.add_timing("ptq", wall, &self.dev);
+        let path = self.model_path(key);
+        checkpoint::save(&q.model, &path, &m)?;
+        Ok(ModelRecord {
+            id: spec.id(),
+            key: key.into(),
+            spec: spec.clone(),
+            checkpoint: format!("cache/{key}/model.safetensors"),
+            wall_s: wall,
+            gpu_s: if self.dev.is_cuda() { wall } else { 0.0 },
+            images: calib.len(),
+            details: serde_json::json!({
+                "breakpoint_ratio_p_over_m": q.breakpoint_ratios,
+                "activation_ranges": q.activation_ranges,
+            }),
+            manifest: m,
+        })
+    }
+
+    fn qat(&mut self, spec: &ModelSpec, key: &str) -> Result<ModelRecord> {
+        let ModelSpec::Qat { fraction, .. } = spec else {
+            return Err(Error::config("qat", spec.id(), "not a QAT cell"));
+        };
+        let init = match spec.parent() {
+            Some(p) => self.load(&p, true)?,
+            None => ResNet20::init(&mut Rng::new(spec.seed(), "init"), &self.dev)?,
+        };
+        let q = &self.cfg.qat;
+        let qcfg = QatConfig {
+            bits: self.bits(spec, q.first_last_bits)?,
+            alpha_init: q.alpha_init,
+            alpha_decay: q.alpha_decay,
+            ..QatConfig::default()
+        };
+        let tcfg = plan::qat_train_config(self.cfg, spec);
+        let calib = subset::calibration(
+            &self.data.train,
+            q.calib.min(self.data.train.len()),
+            spec.seed(),
+        )?;
+        let calib = DeviceData::new(&calib, &self.dev)?;
+        let train_set = subset::training(
+            &self.data.train,
+            Some(subset::SubsetSize::Fraction(*fraction)),
+            spec.seed(),
+        )?;
+        let train = DeviceData::new(&train_set, &self.dev)?;
+        let out = crate::train::qat::fine_tune(
+            &init,
+            &qcfg,
+            tcfg.clone(),
+            &calib,
+            &train,
+            &self.test,
+            self.data.identity.clone(),
+            None,
+            &mut Silent,
+            &self.dev,
+        )?;
+        let mut m = out.manifest;
+        m.config = serde_json::json!({
+            "stage": "qat",
+            "spec": spec,
+            "qat": qcfg,
+            "train": tcfg,
+            "parent": spec.parent().map(|p| self.keys.model(&p).map(String::from)).transpose()?,
+        });
+        m.timings.clear();
+        m.add_timing("qat", out.wall_s, &self.dev);
+        m.metrics
+            .insert("test_accuracy".into(), out.test.fraction());
+        m.metrics.insert("test_images".into(), out.test.total as f64);
+        checkpoint::save(&out.model, &self.model_path(key), &m)?;
+        Ok(ModelRecord {
+            id: spec.id(),
+            key: key.into(),
+            spec: spec.clone(),
+            checkpoint: format!("cache/{key}/model.safetensors"),
+            wall_s: out.wall_s,
+            gpu_s: if self.dev.is_cuda() { out.wall_s } else { 0.0 },
+            images: train.len(),
+            details: serde_json::json!({
+                "history": out.history,
+                "alpha_per_epoch": out.alpha_per_epoch,
+            }),
+            manifest: m,
+        })
+    }
+
+    /// Makes sure the model's evaluation is in the cache.
+    fn ensure_eval(&mut self, spec: &ModelSpec) -> Result<Outcome<EvalRecord>> {
+        let key = self.keys.eval(self.cfg, spec, &self.data.identity)?;
+        if let Some(r) = read_record::<EvalRecord>(self.out, &key)? {
+            return Ok(Outcome::Done(r));
+        }
+        if let Outcome::Stopped = self.ensure_model(spec)? {
+            return Ok(Outcome::Stopped);
+        }
+        for dep in spec.needs() {
+            if let Outcome::Stopped = self.ensure_model(&dep)? {
+                return Ok(Outcome::Stopped);
+            }
+        }
+        if self.should_stop() {
+            return Ok(Outcome::Stopped);
+        }
+        self.bar.set_message(format!("attacking {}", spec.id()));
+        let record = self.evaluate(spec, &key)?;
+        crate::io::write_json_atomic(&cache_dir(self.out, &key).join("record.json"), &record)?;
+        self.computed += 1;
+        let e8 = record
+            .report
+            .worst_case
+            .iter()
+            .map(|e| format!("{:.2}/255: {:.1}%", e.eps * 255.0, 100.0 * e.accuracy))
+            .collect::<Vec<_>>()
+            .join(", ");
+        tracing::info!(
+            "evaluated {} in {:.1}s: clean {:.1}%, worst case {e8}",
+            spec.id(),
+            record.wall_s,
+            100.0 * record.report.clean.accuracy
+        );
+        Ok(Outcome::Done(record))
+    }
+
+    fn evaluate(&mut self, spec: &ModelSpec, key: &str) -> Result<EvalRecord> {
+        let e = &self.cfg.eval;
+        let model = self.load(spec, false)?;
+        let mut attacks: Vec<Box<dyn Attack>> = e
+            .attacks
+            .iter()
+            .map(|a| crate::attack::build(a, &e.settings, Norm::Linf))
+            .collect::<Result<_>>()?;
+        if let (true, Some(r)) = (e.transfer, spec.reference()) {
+            attacks.push(Box::new(Transfer {
+                source: Box::new(self.load(&r, false)?),
+                source_name: r.id(),
+                pgd: Pgd {
+                    restarts: 1,
+                    ..e.settings.pgd()
+                },
+            }));
+        }
+        let idx = crate::eval::eval_indices(&self.test, e.n, e.seed)?;
+        let rcfg = RobustnessConfig {
+            norm: Norm::Linf,
+            eps: e.eps.clone(),
+            batch_size: e.batch_size,
+            seed: e.seed.wrapping_add(spec.seed()),
+            ..RobustnessConfig::default()
+        };
+        let t = Instant::now();
+        let report = evaluate(&model, &self.test, &idx, &attacks, &rcfg, &mut |_, _, _, _| {})?;
+        let raw = if e.raw_gradients && spec.is_quantized() {
+            let raw_model = with_gradient_mode(&model, GradientMode::Raw);
+            let pgd: Vec<Box<dyn Attack>> = vec![Box::new(e.settings.pgd())];
+            Some(evaluate(
+                &raw_model,
+                &self.test,
+                &idx,
+                &pgd,
+                &rcfg,
+                &mut |_, _, _, _| {},
+            )?)
+        } else {
+            None
+        };
+        crate::device::synchronize(&self.dev)?;
+        let wall = t.elapsed().as_secs_f64();
+        let mut m = Manifest::new("evaluation", &self.dev);
+        m.seed = Some(rcfg.seed);
+        m.data = Some(self.data.identity.clone());
+        m.config = serde_json::json!({
+            "eval": e,
+            "model": self.keys.model(spec)?,
+            "reference": spec.reference().map(|r| self.keys.model(&r).map(String::from)).transpose()?,
+        });
+        m.add_timing("eval", wall, &self.dev);
+        Ok(EvalRecord {
+            id: spec.id(),
+            key: key.into(),
+            model_key: self.keys.model(spec)?.into(),
+            report,
+            raw,
+            wall_s: wall,
+            gpu_s: if self.dev.is_cuda() { wall } else { 0.0 },
+            manifest: m,
+        })
+    }
+}
+
+/// Loads the configuration's data (once per run).
+pub fn load_data(cfg: &StudyConfig) -> Result<CifarData> {
+    let source = data_source(cfg);
+    data::load(&source)
+}
+
+/// Runs the study's stages (or one shard's) into `out`, reading what is cached.
+pub fn run(
+    cfg: &StudyConfig,
+    data: &CifarData,
+    out: &Path,
+    dev: &Device,
+    opts: &RunOptions,
+) -> Result<RunStatus> {
+    cfg.validate()?;
+    if let Some((k, n)) = opts.shard {
+        if n == 0 || k == 0 || k > n {
+            return Err(Error::config(
+                "shard",
+                format!("{k}/{n}"),
+                "expected K/N with 1 ≤ K ≤ N",
+            ));
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    crate::io::write_json_atomic(&out.join("study.json"), cfg)?;
+    let keys = Keys::new(cfg, &data.identity);
+    let specs: Vec<ModelSpec> = keys.models.iter().map(|(s, _)| s.clone()).collect();
+    let mine: Vec<&ModelSpec> = specs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| opts.shard.is_none_or(|(k, n)| i % n == k - 1))
+        .map(|(_, s)| s)
+        .collect();
+    let bar = if opts.progress {
+        ProgressBar::new(mine.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("study [{bar:30}] {pos}/{len} models {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut r = Runner {
+        cfg,
+        out,
+        test: DeviceData::new(&data.test, dev)?,
+        data: data.clone(),
+        keys,
+        dev: dev.clone(),
+        opts,
+        computed: 0,
+        bar,
+    };
+    let mut cached = 0;
+    for (i, spec) in mine.iter().enumerate() {
+        let before = r.computed;
+        if let Outcome::Stopped = r.ensure_eval(spec)? {
+            r.bar.finish_and_clear();
+            return Ok(RunStatus::Interrupted {
+                computed: r.computed,
+                remaining: mine.len() - i,
+            });
+        }
+        if r.computed == before {
+            cached += 1;
+        }
+        r.bar.inc(1);
+    }
+    r.bar.finish_and_clear();
+    Ok(RunStatus::Complete {
+        computed: r.computed,
+        cached,
+    })
+}
+
+/// Copies the caches of shard directories into `out` (entries already there are kept).
+/// The shards must have run the same configuration.
+pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<StudyConfig> {
+    let mut cfg: Option<StudyConfig> = None;
+    for s in shards {
+        let c: StudyConfig = crate::io::read_json(&s.join("study.json"))?;
+        match &cfg {
+            None => cfg = Some(c),
+            Some(first) if *first != c => {
+                return Err(Error::config(
+                    "merge",
+                    s.display(),
+                    "ran a different configuration than the first shard",
+                ))
+            }
+            _ => {}
+        }
+    }
+    let cfg = cfg.ok_or_else(|| Error::config("merge", "[]", "give at least one shard"))?;
+    std::fs::create_dir_all(out.join("cache")).map_err(|e| Error::io(out, e))?;
+    crate::io::write_json_atomic(&out.join("study.json"), &cfg)?;
+    for s in shards {
+        let cache = s.join("cache");
+        let entries = match std::fs::read_dir(&cache) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(&cache, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&cache, e))?;
+            let src = entry.path();
+            let dst = out.join("cache").join(entry.file_name());
+            // Only finished stages travel; a stage is finished when its record exists.
+            if !src.join("record.json").is_file() || dst.join("record.json").is_file() {
+                continue;
+            }
+            std::fs::create_dir_all(&dst).map_err(|e| Error::io(&dst, e))?;
+            for f in std::fs::read_dir(&src).map_err(|e| Error::io(&src, e))? {
+                let f = f.map_err(|e| Error::io(&src, e))?;
+                let name = f.file_name();
+                if name == "record.json" {
+                    continue;
+                }
+                let bytes = std::fs::read(f.path()).map_err(|e| Error::io(f.path(), e))?;
+                crate::io::write_bytes_atomic(&dst.join(&name), &bytes)?;
+            }
+            let rec = std::fs::read(src.join("record.json"))
+                .map_err(|e| Error::io(src.join("record.json"), e))?;
+            crate::io::write_bytes_atomic(&dst.join("record.json"), &rec)?;
+        }
+    }
+    Ok(cfg)
+}
