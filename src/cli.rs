@@ -57,6 +57,20 @@ Examples:
   # the same with PGD adversarial training inside QAT, from the robust model
   quant-robust qat --init robust:runs/robust.safetensors --wbits 4 --abits 4 --adv pgd";
 
+const STUDY_EXAMPLES: &str = "\
+Examples:
+  # the whole pipeline on the CPU in a few minutes (numbers meaningless; proves the code path)
+  quant-robust reproduce --preset smoke --out runs/study-smoke
+  # the study at reduced epochs (GPU); stop cleanly after 9 minutes, run again to continue
+  quant-robust reproduce --preset fast --out runs/study-fast --time-budget 540
+  # split the cells over 4 machines, then merge the shards and write the report
+  quant-robust reproduce --preset fast --out shard1 --shard 1/4   # ... up to 4/4
+  quant-robust merge --out runs/study-fast shard1 shard2 shard3 shard4
+  # every setting of a preset, to edit and pass back with --config
+  quant-robust reproduce --preset fast --print-config > my-study.json
+  # redraw report.md and the plots from results.json only
+  quant-robust report runs/study-fast";
+
 /// quant-robust: does quantization make a network more or less robust to adversarial attacks?
 #[derive(Debug, Parser)]
 #[command(version, about, after_help = EXAMPLES)]
@@ -88,11 +102,69 @@ pub enum Command {
     /// or robust initialization, optionally with PGD adversarial training.
     #[command(after_help = QAT_EXAMPLES)]
     Qat(Box<QatArgs>),
+    /// Run the study (presets smoke, fast, full, or a configuration file): every stage is
+    /// cached by the hash of its configuration and inputs, so a re-run computes only what
+    /// changed and an interrupted run resumes; writes results.json, report.md and plots.
+    #[command(after_help = STUDY_EXAMPLES)]
+    Reproduce(ReproduceArgs),
+    /// Merge the caches of sharded runs (`reproduce --shard K/N`) and write the results and
+    /// the report.
+    #[command(after_help = STUDY_EXAMPLES)]
+    Merge(MergeArgs),
+    /// Redraw report.md and the plots of a study directory from its results.json.
+    #[command(after_help = STUDY_EXAMPLES)]
+    Report(ReportArgs),
     /// Write a small class-balanced sample of a cifar10-jpeg archive (original JPEG bytes).
     MakeSample(MakeSampleArgs),
     /// Write a data set's decoded pixels in the canonical binary format
     /// (data_batch_1..5.bin, test_batch.bin, batches.meta.txt), e.g. to compare decoders.
     ExportBin(ExportBinArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReproduceArgs {
+    /// A preset: smoke (CPU, minutes), fast (reduced epochs, GPU), full (3 seeds).
+    #[arg(long, default_value = "smoke")]
+    pub preset: String,
+    /// A study configuration file (JSON; fields left out take their defaults). Overrides
+    /// --preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The study directory (cache, results, report). Default runs/study-<name>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Run only shard K of N (e.g. 2/4) of the models; merge the shards with `merge`.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Stop cleanly (resumable) once this many seconds have passed: checked between stages
+    /// and between training epochs. Exit status 75 means "stopped early, run again".
+    #[arg(long)]
+    pub time_budget: Option<f64>,
+    /// Stop cleanly (resumable) after computing this many stages.
+    #[arg(long)]
+    pub max_stages: Option<usize>,
+    /// Print the full configuration (every default written out) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Device: cpu, cuda, or auto (CUDA if built in and present).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MergeArgs {
+    /// The merged study directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The shards' study directories.
+    #[arg(required = true)]
+    pub shards: Vec<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// A study directory with results.json.
+    pub dir: PathBuf,
 }
 
 /// Options every data-reading command shares.
@@ -399,6 +471,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Attack(a) => attack(*a),
         Command::Ptq(a) => ptq(*a),
         Command::Qat(a) => qat(*a),
+        Command::Reproduce(a) => reproduce(a),
+        Command::Merge(a) => merge(a),
+        Command::Report(a) => report(a),
         Command::MakeSample(a) => make_sample(a),
         Command::ExportBin(a) => export_bin(a),
     }
@@ -643,6 +718,136 @@ fn eval(a: EvalArgs) -> Result<ExitCode> {
         wall
     );
     write_result(a.out.as_deref(), &result)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit status of a run stopped early by --time-budget or --max-stages (BSD EX_TEMPFAIL).
+pub const EXIT_STOPPED_EARLY: u8 = 75;
+
+fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
+    use quant_robust::study::{run, StudyConfig};
+    let cfg = match &a.config {
+        Some(p) => StudyConfig::from_file(p)
+            .with_context(|| format!("reading the study configuration {}", p.display()))?,
+        None => StudyConfig::preset(&a.preset)?,
+    };
+    if a.print_config {
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let shard = a
+        .shard
+        .as_deref()
+        .map(|s| -> Result<(usize, usize)> {
+            let (k, n) = s
+                .split_once('/')
+                .with_context(|| format!("--shard {s}: expected K/N, e.g. 2/4"))?;
+            let k: usize = k.trim().parse().with_context(|| format!("--shard {s}"))?;
+            let n: usize = n.trim().parse().with_context(|| format!("--shard {s}"))?;
+            if k == 0 || n == 0 || k > n {
+                bail!("--shard {s}: expected K/N with 1 ≤ K ≤ N");
+            }
+            Ok((k, n))
+        })
+        .transpose()?;
+    if let Some(t) = a.time_budget {
+        if !(t > 0.0 && t.is_finite()) {
+            bail!("--time-budget {t}: must be a positive number of seconds");
+        }
+    }
+    let out = a
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("runs/study-{}", cfg.name)));
+    let dev = device::select(a.device)?;
+    let t = Instant::now();
+    let data = run::load_data(&cfg).context("loading the study's data")?;
+    tracing::info!(
+        "study `{}`: data {} ({} train / {} test), {} models, device {}, directory {}",
+        cfg.name,
+        data.identity.name,
+        data.train.len(),
+        data.test.len(),
+        quant_robust::study::plan::models(&cfg).len(),
+        device::name(&dev),
+        out.display()
+    );
+    let opts = run::RunOptions {
+        shard,
+        max_stages: a.max_stages,
+        deadline: a
+            .time_budget
+            .map(|s| t + std::time::Duration::from_secs_f64(s)),
+        progress: true,
+    };
+    match run::run(&cfg, &data, &out, &dev, &opts)? {
+        run::RunStatus::Interrupted {
+            computed,
+            remaining,
+        } => {
+            tracing::warn!(
+                "stopped early after {computed} new stages ({remaining} models left, {:.0}s); run the same command again to continue",
+                t.elapsed().as_secs_f64()
+            );
+            return Ok(ExitCode::from(EXIT_STOPPED_EARLY));
+        }
+        run::RunStatus::Complete { computed, cached } => {
+            tracing::info!(
+                "{computed} stages computed, {cached} models read from the cache, {:.0}s",
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    if let Some((k, n)) = shard {
+        tracing::info!("shard {k}/{n} done; `quant-robust merge --out DIR SHARD_DIRS...` when all are");
+        return Ok(ExitCode::SUCCESS);
+    }
+    finish(&cfg, &data.identity, &out, &dev)
+}
+
+/// Collects the results from the cache, writes them and the report, logs the verdicts.
+fn finish(
+    cfg: &quant_robust::study::StudyConfig,
+    data: &data::DataIdentity,
+    out: &Path,
+    dev: &candle_core::Device,
+) -> Result<ExitCode> {
+    use quant_robust::study::results;
+    let res = results::collect(cfg, data, out, dev)?;
+    results::write(&res, out)?;
+    quant_robust::report::study::write(&res, out)?;
+    for v in &res.findings {
+        tracing::info!(
+            "{} {}: {}{}",
+            v.id,
+            v.status,
+            v.claim,
+            v.margin
+                .map(|m| format!(" (margin {:+.1} pp)", 100.0 * m))
+                .unwrap_or_default()
+        );
+    }
+    tracing::info!(
+        "wrote {}, {} and {}",
+        out.join("results.json").display(),
+        out.join("report.md").display(),
+        out.join("plots").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn merge(a: MergeArgs) -> Result<ExitCode> {
+    let cfg = quant_robust::study::run::merge(&a.out, &a.shards)?;
+    let data = quant_robust::study::run::load_data(&cfg).context("loading the study's data")?;
+    finish(&cfg, &data.identity, &a.out, &candle_core::Device::Cpu)
+}
+
+fn report(a: ReportArgs) -> Result<ExitCode> {
+    let p = a.dir.join("results.json");
+    let res: quant_robust::study::StudyResults = quant_robust::io::read_json(&p)
+        .with_context(|| format!("reading {} (run `reproduce` first)", p.display()))?;
+    quant_robust::report::study::write(&res, &a.dir)?;
+    tracing::info!("wrote {}", a.dir.join("report.md").display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -591,13 +591,13 @@ pub fn smoke() -> StudyConfig {
         seeds: vec![0],
         natural: FpStage {
             train_count: Some(1000),
-            train: short(4, 0.1),
+            train: short(3, 0.1),
         },
         robust: FpStage {
             train_count: Some(1000),
             train: TrainConfig {
                 adversarial: Adversarial::Pgd(pgd2.clone()),
-                ..short(3, 0.1)
+                ..short(2, 0.1)
             },
         },
         ptq: PtqStage {
@@ -620,36 +620,36 @@ pub fn smoke() -> StudyConfig {
                 inits: vec![Init::Random, Init::Natural, Init::Robust],
                 adversarial: vec![false, true],
                 bits: vec!["w4a4".into()],
-                fraction: 0.25,
+                fraction: 0.1,
             },
             bits_sweep: BitsSweep {
                 init: Init::Natural,
                 adversarial: false,
-                bits: vec![2, 4],
-                fraction: 0.25,
+                bits: vec![4],
+                fraction: 0.1,
             },
             data_curve: DataCurve {
                 inits: vec![Init::Random, Init::Natural, Init::Robust],
                 adversarial: true,
                 bits: "w4a4".into(),
-                fractions: vec![0.05, 0.25],
+                fractions: vec![0.05, 0.1],
             },
         },
         eval: EvalStage {
-            n: Some(64),
+            n: Some(32),
             eps: vec![2.0 / 255.0, 8.0 / 255.0],
             attacks: ["fgsm", "pgd", "apgd-ce", "square"]
                 .map(String::from)
                 .to_vec(),
             settings: AttackSettings {
-                pgd_steps: 5,
-                apgd_iterations: 5,
-                square_queries: 20,
+                pgd_steps: 3,
+                apgd_iterations: 3,
+                square_queries: 10,
                 ..AttackSettings::default()
             },
             transfer: true,
             raw_gradients: true,
-            batch_size: 64,
+            batch_size: 32,
             seed: 0,
         },
         findings: FindingsConfig::default(),

@@ -1,0 +1,569 @@
+//! `report.md` and its plots, drawn from a [`StudyResults`] only (so `quant-robust report
+//! DIR` can redraw them without running anything).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::plots::{LinePlot, Series};
+use crate::eval::robust::EpsAccuracy;
+use crate::study::config::Init;
+use crate::study::findings::{effect, Status};
+use crate::study::plan::{canonical_bits, ModelSpec};
+use crate::study::results::{ModelResult, StudyResults};
+use crate::Result;
+
+fn pct(a: &EpsAccuracy) -> String {
+    format!(
+        "{:.1} ({:.1}–{:.1})",
+        100.0 * a.accuracy,
+        100.0 * a.ci95.0,
+        100.0 * a.ci95.1
+    )
+}
+
+fn opt_pct(a: Option<&EpsAccuracy>) -> String {
+    a.map(pct).unwrap_or_else(|| "–".into())
+}
+
+fn eps_name(eps: f64) -> String {
+    let v = eps * 255.0;
+    if (v - v.round()).abs() < 1e-6 {
+        format!("{}/255", v.round())
+    } else {
+        format!("{eps:.4}")
+    }
+}
+
+/// A markdown table.
+fn table(head: &[String], rows: &[Vec<String>]) -> String {
+    let mut s = format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
+    for r in rows {
+        let _ = writeln!(s, "| {} |", r.join(" | "));
+    }
+    s
+}
+
+fn worst_cols(res: &StudyResults) -> Vec<String> {
+    res.config
+        .eval
+        .eps
+        .iter()
+        .map(|&e| format!("robust {} (worst case)", eps_name(e)))
+        .collect()
+}
+
+fn model_row(res: &StudyResults, m: &ModelResult, lead: Vec<String>) -> Vec<String> {
+    let mut row = lead;
+    row.push(pct(&m.clean));
+    for &e in &res.config.eval.eps {
+        row.push(opt_pct(m.worst_at(e)));
+    }
+    row
+}
+
+/// The report's markdown.
+pub fn markdown(res: &StudyResults) -> String {
+    let c = &res.config;
+    let man = &res.manifest;
+    let mut s = String::new();
+    let _ = writeln!(s, "# quant-robust study `{}`\n", c.name);
+    if c.name == "smoke" {
+        s.push_str(
+            "> **Smoke run.** Tiny models trained for seconds on the embedded 2,000-image sample and \
+             evaluated on a few dozen images: the numbers and verdicts below mean nothing about the paper. \
+             This run only proves that the whole pipeline works end to end.\n\n",
+        );
+    }
+    let _ = writeln!(
+        s,
+        "Data `{}` ({} train / {} test images, test split sha256 `{}`); device `{}`; code {} {} (commit {}{}); seeds {:?}; {} models.\n",
+        res.data.name,
+        res.data.n_train,
+        res.data.n_test,
+        &res.data.test_sha256[..res.data.test_sha256.len().min(16)],
+        man.device,
+        man.code.name,
+        man.code.version,
+        man.code.git_commit,
+        if man.code.git_dirty { ", dirty tree" } else { "" },
+        c.seeds,
+        res.models.len()
+    );
+    let n_eval = res.models.first().map(|m| m.clean.total).unwrap_or(0);
+    let _ = writeln!(
+        s,
+        "Every accuracy is in % over {n_eval} test images (seeded, class-stratified) with its Wilson 95% interval. \
+         \"Worst case\" is per example over the attacks {:?} with straight-through gradients, plus the transfer attack \
+         from the full-precision reference model. Attacks: PGD {} steps (step ε/4), APGD {} iterations, Square {} queries.\n",
+        c.eval.attacks,
+        c.eval.settings.pgd_steps,
+        c.eval.settings.apgd_iterations,
+        c.eval.settings.square_queries,
+    );
+
+    // Findings.
+    s.push_str("## Findings\n\n");
+    let rows: Vec<Vec<String>> = res
+        .findings
+        .iter()
+        .map(|v| {
+            let verdict = match v.status {
+                Status::Holds => "**holds**".to_string(),
+                Status::DoesNotHold => "**does not hold**".to_string(),
+                other => other.to_string(),
+            };
+            let margin = match (v.margin, v.margin_ci95) {
+                (Some(m), Some(ci)) => format!(
+                    "{:+.1} pp ({:+.1} to {:+.1})",
+                    100.0 * m,
+                    100.0 * ci.0,
+                    100.0 * ci.1
+                ),
+                _ => "–".into(),
+            };
+            vec![
+                v.id.clone(),
+                v.claim.clone(),
+                verdict,
+                margin,
+                format!("{} {}", v.measure, v.note).trim().to_string(),
+            ]
+        })
+        .collect();
+    s.push_str(&table(
+        &["id", "claim", "verdict", "margin (95% CI)", "measured as"].map(String::from),
+        &rows,
+    ));
+    s.push_str("\nThe numbers behind each verdict are in `results.json` (`findings[].numbers`).\n\n");
+
+    // Full-precision models.
+    s.push_str("## Full-precision models\n\n");
+    let mut head = vec!["model".to_string(), "clean".into()];
+    head.extend(worst_cols(res));
+    let rows: Vec<Vec<String>> = res
+        .models
+        .iter()
+        .filter(|m| !m.spec.is_quantized())
+        .map(|m| model_row(res, m, vec![m.id.clone()]))
+        .collect();
+    s.push_str(&table(&head, &rows));
+
+    // PTQ table.
+    s.push_str("\n## PTQ (PWLQ weights, calibrated uniform activations)\n\n");
+    let mut head = vec!["init".to_string(), "bits".into(), "seed".into(), "clean".into()];
+    head.extend(worst_cols(res));
+    let rows: Vec<Vec<String>> = res
+        .models
+        .iter()
+        .filter(|m| matches!(m.spec, ModelSpec::Ptq { .. }))
+        .map(|m| {
+            model_row(
+                res,
+                m,
+                vec![
+                    m.spec.init().to_string(),
+                    m.spec.bits(),
+                    m.spec.seed().to_string(),
+                ],
+            )
+        })
+        .collect();
+    s.push_str(&table(&head, &rows));
+
+    // QAT table.
+    let t = &c.grid.qat_table;
+    let _ = writeln!(
+        s,
+        "\n## QAT (PACT activations, DoReFa weights), fraction {}\n",
+        t.fraction
+    );
+    let mut head = vec![
+        "init".to_string(),
+        "AT".into(),
+        "bits".into(),
+        "seed".into(),
+        "clean".into(),
+    ];
+    head.extend(worst_cols(res));
+    let mut rows = Vec::new();
+    for &seed in &c.seeds {
+        for &init in &t.inits {
+            for &adversarial in &t.adversarial {
+                for bits in &t.bits {
+                    let spec = ModelSpec::Qat {
+                        init,
+                        bits: canonical_bits(bits),
+                        adversarial,
+                        fraction: t.fraction,
+                        seed,
+                    };
+                    if let Some(m) = res.model(&spec) {
+                        rows.push(model_row(
+                            res,
+                            m,
+                            vec![
+                                init.to_string(),
+                                if adversarial { "yes" } else { "no" }.into(),
+                                m.spec.bits(),
+                                seed.to_string(),
+                            ],
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    s.push_str(&table(&head, &rows));
+
+    // Figure 2 analog.
+    let b = &c.grid.bits_sweep;
+    let e1 = c.findings.f1_eps;
+    let _ = writeln!(
+        s,
+        "\n## Activations-only vs weights-only quantization (the paper's Figure 2 analog)\n\n\
+         QAT from {} init{}, fraction {}; robust accuracy at ε {} per attack. Plot: `plots/bits.svg`.\n",
+        b.init,
+        if b.adversarial { " with AT" } else { "" },
+        b.fraction,
+        eps_name(e1)
+    );
+    let attacks: Vec<String> = res
+        .models
+        .iter()
+        .find(|m| m.spec.is_quantized())
+        .map(|m| m.attacks.iter().map(|a| a.attack.clone()).collect())
+        .unwrap_or_default();
+    let mut head = vec!["bits".to_string(), "quantized".into(), "clean".into()];
+    head.extend(attacks.iter().cloned());
+    head.push("worst case".into());
+    let mut rows = Vec::new();
+    for &seed in &c.seeds {
+        for &bits in &b.bits {
+            for (what, name) in [
+                ("activations", format!("w32a{bits}")),
+                ("weights", format!("w{bits}a32")),
+            ] {
+                let spec = ModelSpec::Qat {
+                    init: b.init,
+                    bits: name,
+                    adversarial: b.adversarial,
+                    fraction: b.fraction,
+                    seed,
+                };
+                if let Some(m) = res.model(&spec) {
+                    let mut row = vec![bits.to_string(), what.into(), pct(&m.clean)];
+                    for a in &attacks {
+                        row.push(opt_pct(m.attack_at(a, e1)));
+                    }
+                    row.push(opt_pct(m.worst_at(e1)));
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    s.push_str(&table(&head, &rows));
+
+    // Data curve.
+    let d = &c.grid.data_curve;
+    let e = c.findings.eps;
+    let _ = writeln!(
+        s,
+        "\n## Robustness vs training-data fraction (QAT{} {})\n\nWorst-case robust accuracy at ε {} (clean in brackets). Plot: `plots/fraction.svg`.\n",
+        if d.adversarial { "+AT" } else { "" },
+        d.bits,
+        eps_name(e)
+    );
+    let mut head = vec!["fraction".to_string()];
+    head.extend(d.inits.iter().map(|i| format!("{i} init")));
+    let mut rows = Vec::new();
+    for &seed in &c.seeds {
+        for &f in &d.fractions {
+            let mut row = vec![if c.seeds.len() > 1 {
+                format!("{f} (seed {seed})")
+            } else {
+                f.to_string()
+            }];
+            for &init in &d.inits {
+                let spec = ModelSpec::Qat {
+                    init,
+                    bits: canonical_bits(&d.bits),
+                    adversarial: d.adversarial,
+                    fraction: f,
+                    seed,
+                };
+                row.push(
+                    res.model(&spec)
+                        .map(|m| {
+                            format!(
+                                "{} [{:.1}]",
+                                opt_pct(m.worst_at(e)),
+                                100.0 * m.clean.accuracy
+                            )
+                        })
+                        .unwrap_or_else(|| "–".into()),
+                );
+            }
+            rows.push(row);
+        }
+    }
+    s.push_str(&table(&head, &rows));
+
+    // Cost.
+    let gpu = res.models.iter().any(|m| m.cost.stage_gpu_s > 0.0);
+    let unit = if gpu { "GPU-s" } else { "CPU wall s" };
+    let _ = writeln!(
+        s,
+        "\n## Cost ({unit})\n\nStage = training (FP), calibration + quantization (PTQ) or fine-tuning (QAT).\n"
+    );
+    let head = [
+        "model",
+        "stage images",
+        "stage",
+        "evaluation",
+        "AT-QAT / QAT",
+    ]
+    .map(String::from);
+    let rows: Vec<Vec<String>> = res
+        .models
+        .iter()
+        .map(|m| {
+            let cost = |w: f64, g: f64| if gpu { g } else { w };
+            let ratio = match &m.spec {
+                ModelSpec::Qat {
+                    init,
+                    bits,
+                    adversarial: true,
+                    fraction,
+                    seed,
+                } => res
+                    .model(&ModelSpec::Qat {
+                        init: *init,
+                        bits: bits.clone(),
+                        adversarial: false,
+                        fraction: *fraction,
+                        seed: *seed,
+                    })
+                    .map(|n| {
+                        format!(
+                            "{:.2}x",
+                            cost(m.cost.stage_wall_s, m.cost.stage_gpu_s)
+                                / cost(n.cost.stage_wall_s, n.cost.stage_gpu_s).max(1e-9)
+                        )
+                    })
+                    .unwrap_or_else(|| "–".into()),
+                _ => "–".into(),
+            };
+            vec![
+                m.id.clone(),
+                m.cost.stage_images.to_string(),
+                format!("{:.1}", cost(m.cost.stage_wall_s, m.cost.stage_gpu_s)),
+                format!("{:.1}", cost(m.cost.eval_wall_s, m.cost.eval_gpu_s)),
+                ratio,
+            ]
+        })
+        .collect();
+    s.push_str(&table(&head, &rows));
+
+    // Masking.
+    let _ = writeln!(
+        s,
+        "\n## Gradient masking (ε {})\n\nPer quantized model: PGD through the quantizers with straight-through (STE) and with raw (true, almost everywhere zero) gradients, \
+         the gradient-free Square attack, and the transfer attack from the full-precision reference. A raw-gradient accuracy far above the others is masking, not robustness. \
+         \"Effect\" compares the worst case with the FP reference's.\n",
+        eps_name(e)
+    );
+    let head = [
+        "model",
+        "clean",
+        "PGD (STE)",
+        "PGD (raw)",
+        "Square",
+        "transfer",
+        "worst case",
+        "zero-grad (STE/raw)",
+        "only gradient-free broke",
+        "effect vs FP",
+    ]
+    .map(String::from);
+    let rows: Vec<Vec<String>> = res
+        .models
+        .iter()
+        .filter(|m| m.spec.is_quantized())
+        .map(|m| {
+            let mask = m.masking.iter().find(|x| (x.eps - e).abs() < 1e-9);
+            vec![
+                m.id.clone(),
+                pct(&m.clean),
+                opt_pct(m.attack_at("pgd", e)),
+                opt_pct(m.raw_at(e)),
+                opt_pct(m.attack_at("square", e)),
+                opt_pct(m.attack_at("transfer", e)),
+                opt_pct(m.worst_at(e)),
+                format!(
+                    "{:.2} / {}",
+                    m.zero_gradient_fraction,
+                    m.raw_zero_gradient_fraction
+                        .map(|z| format!("{z:.2}"))
+                        .unwrap_or_else(|| "–".into())
+                ),
+                mask.map(|x| {
+                    format!(
+                        "{}{}",
+                        x.broken_only_without_gradients,
+                        if x.masking_suspected { " (flag)" } else { "" }
+                    )
+                })
+                .unwrap_or_else(|| "–".into()),
+                effect(res, m, e)
+                    .map(|(ef, d, _)| format!("{ef:?} ({:+.1} pp)", 100.0 * d))
+                    .unwrap_or_else(|| "–".into()),
+            ]
+        })
+        .collect();
+    s.push_str(&table(&head, &rows));
+
+    if !res.across_seeds.is_empty() {
+        s.push_str("\n## Across seeds (mean and Student-t 95% interval)\n\n");
+        let mut head = vec!["model".to_string(), "seeds".into(), "clean".into()];
+        head.extend(worst_cols(res));
+        let rows: Vec<Vec<String>> = res
+            .across_seeds
+            .iter()
+            .map(|a| {
+                let f = |m: f64, ci: (f64, f64)| {
+                    format!("{:.1} ({:.1}–{:.1})", 100.0 * m, 100.0 * ci.0, 100.0 * ci.1)
+                };
+                let mut row = vec![
+                    a.id.clone(),
+                    format!("{:?}", a.seeds),
+                    f(a.clean_mean, a.clean_ci95),
+                ];
+                row.extend(a.worst_case.iter().map(|(_, m, ci)| f(*m, *ci)));
+                row
+            })
+            .collect();
+        s.push_str(&table(&head, &rows));
+    }
+    s.push_str(
+        "\n## Plots\n\n![robust accuracy vs eps](plots/eps.svg)\n\n![robust accuracy vs bits](plots/bits.svg)\n\n![robust accuracy vs data fraction](plots/fraction.svg)\n",
+    );
+    s
+}
+
+/// The three plots.
+pub fn plots(res: &StudyResults) -> Vec<(&'static str, LinePlot)> {
+    let c = &res.config;
+    let seed = c.seeds[0];
+    // vs ε: the FP models and the QAT table's cells of the first bit width.
+    let mut eps_series = Vec::new();
+    let series_of = |m: &ModelResult| {
+        let mut pts = vec![(0.0, m.clean.accuracy)];
+        pts.extend(m.worst_case.iter().map(|e| (e.eps * 255.0, e.accuracy)));
+        Series {
+            name: m.id.clone(),
+            points: pts,
+        }
+    };
+    for m in res.models.iter().filter(|m| m.spec.seed() == seed) {
+        let first_bits = c.grid.qat_table.bits.first().map(|b| canonical_bits(b));
+        let in_table = match &m.spec {
+            ModelSpec::Fp { .. } => true,
+            ModelSpec::Qat {
+                bits, fraction, ..
+            } => Some(bits) == first_bits.as_ref() && *fraction == c.grid.qat_table.fraction,
+            ModelSpec::Ptq { .. } => false,
+        };
+        if in_table && eps_series.len() < 8 {
+            eps_series.push(series_of(m));
+        }
+    }
+    let eps_plot = LinePlot {
+        title: "Worst-case robust accuracy vs ε".into(),
+        x_label: "ε (×1/255; 0 = clean)".into(),
+        y_label: "accuracy (%)".into(),
+        x_log: false,
+        series: eps_series,
+    };
+    // vs bits (Figure 2 analog).
+    let b = &c.grid.bits_sweep;
+    let bits_series = [("activations only (W32Ab)", true), ("weights only (WbA32)", false)]
+        .iter()
+        .map(|(name, acts)| Series {
+            name: format!("{name}, ε {}", eps_name(c.findings.f1_eps)),
+            points: b
+                .bits
+                .iter()
+                .filter_map(|&k| {
+                    let bits = if *acts {
+                        format!("w32a{k}")
+                    } else {
+                        format!("w{k}a32")
+                    };
+                    let m = res.model(&ModelSpec::Qat {
+                        init: b.init,
+                        bits,
+                        adversarial: b.adversarial,
+                        fraction: b.fraction,
+                        seed,
+                    })?;
+                    Some((k as f64, m.worst_at(c.findings.f1_eps)?.accuracy))
+                })
+                .collect(),
+        })
+        .collect();
+    let bits_plot = LinePlot {
+        title: format!("QAT from {} init: robustness vs bits", b.init),
+        x_label: "bits".into(),
+        y_label: "worst-case robust accuracy (%)".into(),
+        x_log: false,
+        series: bits_series,
+    };
+    // vs data fraction.
+    let d = &c.grid.data_curve;
+    let frac_series = d
+        .inits
+        .iter()
+        .map(|&init: &Init| Series {
+            name: format!("{init} init"),
+            points: d
+                .fractions
+                .iter()
+                .filter_map(|&f| {
+                    let m = res.model(&ModelSpec::Qat {
+                        init,
+                        bits: canonical_bits(&d.bits),
+                        adversarial: d.adversarial,
+                        fraction: f,
+                        seed,
+                    })?;
+                    Some((f, m.worst_at(c.findings.eps)?.accuracy))
+                })
+                .collect(),
+        })
+        .collect();
+    let frac_plot = LinePlot {
+        title: format!(
+            "QAT{} {}: robustness at ε {} vs data fraction",
+            if d.adversarial { "+AT" } else { "" },
+            d.bits,
+            eps_name(c.findings.eps)
+        ),
+        x_label: "fraction of the training split (log)".into(),
+        y_label: "worst-case robust accuracy (%)".into(),
+        x_log: true,
+        series: frac_series,
+    };
+    vec![
+        ("eps.svg", eps_plot),
+        ("bits.svg", bits_plot),
+        ("fraction.svg", frac_plot),
+    ]
+}
+
+/// Writes `report.md` and `plots/*.svg` into `out`.
+pub fn write(res: &StudyResults, out: &Path) -> Result<()> {
+    for (name, p) in plots(res) {
+        p.write_svg(&out.join("plots").join(name))?;
+    }
+    crate::io::write_bytes_atomic(&out.join("report.md"), markdown(res).as_bytes())
+}
