@@ -204,3 +204,41 @@ proptest! {
         prop_assert!(max_rel_diff(&var, &v.flatten_all().unwrap()) < 1e-5);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// The fused activation fake quantizer equals the composed candle ops exactly: values,
+    /// straight-through gradients and raw (zero) gradients, ties and range ends included.
+    #[test]
+    fn fused_fake_quant_equals_composed(bits in 2u32..9, range in 0.1f32..8.0, seed in 0u64..1000) {
+        use quant_robust::kernels::fake_quant::{fake_quant_scalar, FakeQuant};
+        use quant_robust::quant::uniform::{code_range, fake_quant, scale_for, Signedness};
+        use quant_robust::quant::GradientMode;
+        let (q_min, q_max) = code_range(bits, Signedness::Unsigned).unwrap();
+        let s = scale_for(range, q_max);
+        let mut v = Rng::new(seed, "fq").uniform_vec(2000, -0.5 * range, 1.5 * range);
+        // Exact ties (k + 1/2)·s and the range ends.
+        for k in 0..20 {
+            v[k] = (k as f32 + 0.5) * s;
+        }
+        v[20] = q_max * s;
+        v[21] = 0.0;
+        let x = Var::from_tensor(&Tensor::from_vec(v, (4, 500), &Device::Cpu).unwrap()).unwrap();
+        let scale = Tensor::new(s, &Device::Cpu).unwrap();
+        for mode in [GradientMode::Ste, GradientMode::Raw] {
+            let op = FakeQuant { scale: s, q_min, q_max, ste: mode == GradientMode::Ste };
+            let fused = fake_quant_scalar(x.as_tensor(), op).unwrap().unwrap();
+            let composed = fake_quant(x.as_tensor(), &scale, q_min, q_max, mode).unwrap();
+            let a: Vec<f32> = fused.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = composed.flatten_all().unwrap().to_vec1().unwrap();
+            prop_assert_eq!(a, b);
+            let w = rand(&[4, 500], seed + 1);
+            let ga = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (&composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let ga: Vec<f32> = ga.get(&x).map(|g| g.flatten_all().unwrap().to_vec1().unwrap()).unwrap_or_else(|| vec![0.0; 2000]);
+            let gb: Vec<f32> = gb.get(&x).map(|g| g.flatten_all().unwrap().to_vec1().unwrap()).unwrap_or_else(|| vec![0.0; 2000]);
+            prop_assert_eq!(ga, gb);
+        }
+    }
+}

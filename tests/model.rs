@@ -316,3 +316,40 @@ fn batchnorm_folding_equals_conv_then_batchnorm() {
         .unwrap();
     assert!(d.to_scalar::<f32>().unwrap() <= 1e-5 * scale.max(1.0));
 }
+
+#[test]
+fn batch_norm_reestimation_averages_batch_statistics_and_forgets_the_old_ones() {
+    use quant_robust::data::batch::DeviceData;
+    let d = DeviceData::new(&crate::common::sample().train.take(96), &Device::Cpu).unwrap();
+    let (a, _) = d.range(0, 48).unwrap();
+    let (b, _) = d.range(48, 48).unwrap();
+    let stats = |m: &ResNet20| -> Vec<f32> {
+        ["bn1.running_mean", "layer2.0.bn2.running_var", "layer3.2.bn1.running_mean"]
+            .iter()
+            .flat_map(|n| m.tensor(n).unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    };
+    let fresh = || ResNet20::init(&mut Rng::new(5, "init"), &Device::Cpu).unwrap();
+    // Old statistics do not matter: a model trained one step first ends equal.
+    let m1 = fresh();
+    let m2 = fresh();
+    m2.forward(&b, true).unwrap();
+    m1.reestimate_batch_norm(&[a.clone(), b.clone()]).unwrap();
+    m2.reestimate_batch_norm(&[a.clone(), b.clone()]).unwrap();
+    let (s1, s2) = (stats(&m1), stats(&m2));
+    for (x, y) in s1.iter().zip(&s2) {
+        assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "{x} vs {y}");
+    }
+    // Two batches: the average of each batch's statistics.
+    let ma = fresh();
+    ma.reestimate_batch_norm(std::slice::from_ref(&a)).unwrap();
+    let mb = fresh();
+    mb.reestimate_batch_norm(std::slice::from_ref(&b)).unwrap();
+    for ((x, ya), yb) in s1.iter().zip(stats(&ma)).zip(stats(&mb)) {
+        let avg = 0.5 * (ya + yb);
+        assert!((x - avg).abs() <= 1e-4 * (1.0 + avg.abs()), "{x} vs {avg}");
+    }
+    // A frozen (non-trainable) model is refused with a clear error.
+    let e = fresh().frozen().reestimate_batch_norm(&[a]).unwrap_err().to_string();
+    assert!(e.contains("not trainable"), "{e}");
+}

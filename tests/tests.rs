@@ -14,5 +14,7 @@ mod kernels;
 mod model;
 // Quantizers: invariants (proptest), gradients, uniform PTQ.
 mod quant;
+// The study: configuration, plan and keys, cache, resume, shards, findings, report.
+mod study;
 // SGD update, schedules, training runs, resume, divergence.
 mod train;

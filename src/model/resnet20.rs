@@ -292,6 +292,54 @@ impl ResNet20 {
             .sum()
     }
 
+    /// Re-estimates the BatchNorm running statistics as the exact average of the batch
+    /// statistics over `batches` (training-mode forward passes, no gradients; PyTorch's
+    /// `momentum=None`). Used after QAT, whose quantized weights change the scale of every
+    /// conv output faster than momentum 0.1 tracks in a short fine-tuning. Needs a trainable
+    /// model (its running statistics are variables); a no-op for an empty slice.
+    pub fn reestimate_batch_norm(&self, batches: &[Tensor]) -> Result<()> {
+        let names = bn_names();
+        let get = |n: &str| -> Result<Var> {
+            self.vars.get(n).cloned().ok_or_else(|| {
+                crate::Error::config("reestimate_batch_norm", n, "the model is not trainable")
+            })
+        };
+        let mut sums: Vec<Option<(Tensor, Tensor)>> = vec![None; names.len()];
+        for x in batches {
+            let before: Vec<(Tensor, Tensor)> = names
+                .iter()
+                .map(|n| {
+                    Ok((
+                        get(&format!("{n}.running_mean"))?.as_tensor().copy()?,
+                        get(&format!("{n}.running_var"))?.as_tensor().copy()?,
+                    ))
+                })
+                .collect::<Result<_>>()?;
+            self.forward(&x.detach(), true)?;
+            // new = (1 − m)·old + m·batch, so batch = (new − (1 − m)·old) / m.
+            for (i, n) in names.iter().enumerate() {
+                let m = BN_MOMENTUM;
+                let batch = |var: &str, old: &Tensor| -> Result<Tensor> {
+                    let new = get(&format!("{n}.{var}"))?.as_tensor().copy()?;
+                    Ok(((new - (old * (1.0 - m))?)? / m)?)
+                };
+                let (bm, bv) = (batch("running_mean", &before[i].0)?, batch("running_var", &before[i].1)?);
+                sums[i] = Some(match sums[i].take() {
+                    None => (bm, bv),
+                    Some((a, b)) => ((a + bm)?, (b + bv)?),
+                });
+            }
+        }
+        let k = batches.len() as f64;
+        for (i, n) in names.iter().enumerate() {
+            if let Some((a, b)) = &sums[i] {
+                get(&format!("{n}.running_mean"))?.set(&(a / k)?)?;
+                get(&format!("{n}.running_var"))?.set(&(b / k)?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// BatchNorm's batch counter (PyTorch's `num_batches_tracked`).
     pub fn num_batches_tracked(&self) -> i64 {
         self.num_batches_tracked.load(Ordering::Relaxed)

@@ -46,6 +46,12 @@ pub struct QatConfig {
     pub alpha_decay: f64,
     /// α is clamped to this range after every step. Default [0.01, 100].
     pub alpha_bounds: (f64, f64),
+    /// After training, BatchNorm's running statistics are re-estimated as the average over
+    /// this many training batches (no augmentation) with the final quantized weights; 0
+    /// keeps the momentum estimate. Short fine-tunings need it: DoReFa rescales every conv
+    /// output, and momentum 0.1 forgets the full-precision statistics only after ~30 steps.
+    /// Default 16.
+    pub bn_reestimate_batches: usize,
 }
 
 impl Default for QatConfig {
@@ -55,6 +61,7 @@ impl Default for QatConfig {
             alpha_init: AlphaInit::Calibrated,
             alpha_decay: 2e-4,
             alpha_bounds: (0.01, 100.0),
+            bn_reestimate_batches: 16,
         }
     }
 }

@@ -132,6 +132,16 @@ pub fn quantize_activation(
     mode: GradientMode,
 ) -> Result<Tensor> {
     let (q_min, q_max) = code_range(bits, Signedness::Unsigned)?;
-    let scale = Tensor::new(scale_for(range, q_max), x.device())?;
+    let s = scale_for(range, q_max);
+    let fused = crate::kernels::fake_quant::FakeQuant {
+        scale: s,
+        q_min,
+        q_max,
+        ste: mode == GradientMode::Ste,
+    };
+    if let Some(y) = crate::kernels::fake_quant::fake_quant_scalar(x, fused)? {
+        return Ok(y);
+    }
+    let scale = Tensor::new(s, x.device())?;
     fake_quant(x, &scale, q_min, q_max, mode)
 }

@@ -89,6 +89,17 @@ pub fn fine_tune(
             trainer.save(p)?;
         }
     }
+    if qcfg.bn_reestimate_batches > 0 {
+        let mut rng = crate::rng::Rng::new(tcfg.seed, "bn-reestimate");
+        let order = rng.permutation(train.len());
+        let batches: Vec<candle_core::Tensor> = order
+            .chunks(tcfg.batch_size)
+            .filter(|c| c.len() > 1)
+            .take(qcfg.bn_reestimate_batches)
+            .map(|c| train.batch(c).map(|(x, _)| x))
+            .collect::<Result<_>>()?;
+        trainer.model.reestimate_batch_norm(&batches)?;
+    }
     let model = export(&trainer.model, &seam)?;
     let idx = eval_indices(test, tcfg.eval_images, tcfg.seed)?;
     let acc = clean_accuracy(&model, test, &idx, tcfg.eval_batch_size)?;

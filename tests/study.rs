@@ -1,0 +1,648 @@
+//! The study: configuration errors, presets and their grids, content keys, cache hits,
+//! resume after interruption, shard + merge, findings on hand-made results, the report.
+
+use std::path::Path;
+
+use candle_core::Device;
+use quant_robust::eval::robust::{EpsAccuracy, MaskingAtEps};
+use quant_robust::eval::wilson95;
+use quant_robust::study::config::{self, Init, StudyConfig};
+use quant_robust::study::findings::{self, Status};
+use quant_robust::study::plan::{self, ModelSpec};
+use quant_robust::study::results::{self, AttackAccuracy, Cost, ModelResult, StudyResults};
+use quant_robust::study::run::{self, RunOptions, RunStatus};
+use quant_robust::train::TrainConfig;
+
+use crate::common::{sample, tempdir};
+
+fn err_of(json: &str) -> String {
+    let dir = tempdir();
+    let p = dir.path().join("study.json");
+    std::fs::write(&p, json).unwrap();
+    match StudyConfig::from_file(&p) {
+        Ok(_) => panic!("{json} was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn config_errors_name_the_setting() {
+    let e = err_of(r#"{"nmae": "x"}"#);
+    assert!(e.contains("nmae"), "{e}");
+    let e = err_of(r#"{"eval": {"eps": ["8/255", "big"]}}"#);
+    assert!(e.contains("big"), "{e}");
+    let e = err_of(r#"{"eval": {"eps": ["8/255"]}}"#);
+    assert!(e.contains("findings.f1_eps") && e.contains("eval.eps"), "{e}");
+    let e = err_of(r#"{"grid": {"ptq_table": {"inits": ["random"]}}}"#);
+    assert!(e.contains("ptq_table") && e.contains("random"), "{e}");
+    let e = err_of(r#"{"eval": {"attacks": ["pgd", "deepfool"]}}"#);
+    assert!(e.contains("deepfool") && e.contains("unknown"), "{e}");
+    let e = err_of(r#"{"seeds": []}"#);
+    assert!(e.contains("seeds"), "{e}");
+    let e = err_of(r#"{"grid": {"data_curve": {"fractions": [0.1, 1.5]}}}"#);
+    assert!(e.contains("fractions") && e.contains("1.5"), "{e}");
+    let e = err_of(r#"{"robust": {"train": {"epochs": 3}}}"#);
+    assert!(e.contains("robust.train.adversarial"), "{e}");
+    let e = err_of(r#"{"grid": {"qat_table": {"bits": ["w4b4"]}}}"#);
+    assert!(e.contains("w4b4"), "{e}");
+    let e = err_of(r#"{"eval": {"n": 0}}"#);
+    assert!(e.contains("eval.n"), "{e}");
+    let e = StudyConfig::preset("huge").unwrap_err().to_string();
+    assert!(e.contains("huge") && e.contains("smoke"), "{e}");
+    // ε written either way; fields left out take their defaults.
+    let dir = tempdir();
+    let p = dir.path().join("s.json");
+    std::fs::write(&p, r#"{"eval": {"eps": [0.00784313725490196, "8/255"]}}"#).unwrap();
+    let c = StudyConfig::from_file(&p).unwrap();
+    assert!((c.eval.eps[1] - 8.0 / 255.0).abs() < 1e-12);
+    assert_eq!(c.grid, config::Grid::default());
+}
+
+#[test]
+fn presets_are_valid_and_cover_the_papers_tables() {
+    for name in config::PRESETS {
+        let c = StudyConfig::preset(name).unwrap();
+        assert_eq!(c.name, name);
+        let models = plan::models(&c);
+        let ids: std::collections::BTreeSet<String> = models.iter().map(|m| m.id()).collect();
+        assert_eq!(ids.len(), models.len(), "{name}: duplicate cells");
+        for m in &models {
+            for need in m.needs() {
+                assert!(models.contains(&need), "{name}: {} needs {}", m.id(), need.id());
+            }
+        }
+    }
+    let fast = StudyConfig::preset("fast").unwrap();
+    let models = plan::models(&fast);
+    let count = |f: &dyn Fn(&ModelSpec) -> bool| models.iter().filter(|m| f(m)).count();
+    assert_eq!(count(&|m| !m.is_quantized()), 2);
+    // PTQ: natural and robust × 6 bit widths.
+    assert_eq!(count(&|m| matches!(m, ModelSpec::Ptq { .. })), 12);
+    // QAT table 3 inits × AT no/yes × 2 bit widths = 12; the Figure 2 sweep 4 bits × 2 = 8;
+    // the data curve 3 inits × 5 fractions = 15, of which the 3 at fraction 1 are table cells.
+    assert_eq!(count(&|m| matches!(m, ModelSpec::Qat { .. })), 12 + 8 + 15 - 3);
+    for init in [Init::Random, Init::Natural, Init::Robust] {
+        for adversarial in [false, true] {
+            assert!(models.contains(&ModelSpec::Qat {
+                init,
+                bits: "w4a4".into(),
+                adversarial,
+                fraction: 1.0,
+                seed: 0
+            }));
+        }
+    }
+    for b in [2, 3, 4, 8] {
+        for bits in [format!("w32a{b}"), format!("w{b}a32")] {
+            assert!(models.iter().any(|m| m.bits() == bits), "{bits}");
+        }
+    }
+    assert_eq!(StudyConfig::preset("full").unwrap().seeds, vec![0, 1, 2]);
+}
+
+#[test]
+fn keys_change_with_exactly_what_a_stage_reads() {
+    let data = &sample().identity;
+    let base = config::smoke();
+    let keys = |c: &StudyConfig| {
+        let k = run::Keys::new(c, data);
+        k.models
+            .iter()
+            .map(|(s, key)| (s.id(), key.clone(), k.eval(c, s, data).unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let k0 = keys(&base);
+    assert_eq!(k0, keys(&base.clone()), "keys are deterministic");
+
+    let mut c = base.clone();
+    c.eval.settings.pgd_steps += 1;
+    for (a, b) in k0.iter().zip(keys(&c)) {
+        assert_eq!(a.1, b.1, "{}: model key moved with eval settings", a.0);
+        assert_ne!(a.2, b.2, "{}: eval key did not move", a.0);
+    }
+
+    let mut c = base.clone();
+    c.natural.train.epochs += 1;
+    for (a, b) in k0.iter().zip(keys(&c)) {
+        let depends = a.0.contains("natural");
+        assert_eq!(a.1 != b.1, depends, "{}: model key", a.0);
+        // Every evaluation whose model or reference depends on the natural model moves.
+        let spec = plan::models(&base)
+            .into_iter()
+            .find(|s| s.id() == a.0)
+            .unwrap();
+        let reads_natural = depends
+            || spec
+                .reference()
+                .is_some_and(|r| r.init() == Init::Natural);
+        assert_eq!(a.2 != b.2, reads_natural, "{}: eval key", a.0);
+    }
+
+    let mut c = base.clone();
+    c.ptq.calib += 1;
+    for (a, b) in k0.iter().zip(keys(&c)) {
+        assert_eq!(a.1 != b.1, a.0.starts_with("ptq-"), "{}", a.0);
+    }
+}
+
+/// A study small enough to run several times in a test: the smoke grid shrunk further,
+/// through configuration only.
+fn tiny() -> StudyConfig {
+    let mut c = config::smoke();
+    c.name = "tiny".into();
+    let t = |epochs| TrainConfig {
+        epochs,
+        batch_size: 32,
+        eval_images: Some(40),
+        eval_adv_images: 10,
+        ..TrainConfig::default()
+    };
+    c.natural.train_count = Some(64);
+    c.natural.train = t(1);
+    c.robust.train_count = Some(64);
+    c.robust.train = TrainConfig {
+        adversarial: quant_robust::train::Adversarial::Pgd(c.qat.adversarial.clone()),
+        ..t(1)
+    };
+    c.qat.finetune = TrainConfig { lr: 0.01, ..t(1) };
+    c.qat.from_random = t(1);
+    c.qat.adversarial.steps = 1;
+    c.qat.calib = 32;
+    c.ptq.calib = 32;
+    c.grid.ptq_table.bits = vec!["w4a4".into()];
+    c.grid.qat_table.inits = vec![Init::Random, Init::Robust];
+    c.grid.qat_table.fraction = 0.02;
+    c.grid.data_curve.inits = vec![Init::Random, Init::Robust];
+    c.grid.data_curve.fractions = vec![0.02, 0.03];
+    c.grid.bits_sweep.fraction = 0.02;
+    c.eval.n = Some(10);
+    c.eval.attacks = vec!["fgsm".into(), "pgd".into(), "square".into()];
+    c.eval.settings.pgd_steps = 1;
+    c.eval.settings.square_queries = 2;
+    c.eval.batch_size = 10;
+    c.validate().unwrap();
+    c
+}
+
+/// The results without what legitimately differs between runs: timings, dates, device
+/// speed.
+fn strip(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for k in [
+                "wall_s",
+                "gpu_s",
+                "images_per_s",
+                "created_unix",
+                "timings",
+                "cost",
+                "stage_wall_s",
+                "stage_gpu_s",
+                "eval_wall_s",
+                "eval_gpu_s",
+            ] {
+                m.remove(k);
+            }
+            // F3's numbers include seconds.
+            if m.get("id").and_then(|x| x.as_str()) == Some("F3") {
+                m.remove("numbers");
+                m.remove("note");
+                m.remove("status");
+            }
+            for x in m.values_mut() {
+                strip(x);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+        _ => {}
+    }
+}
+
+fn results_json(c: &StudyConfig, out: &Path) -> serde_json::Value {
+    let r = results::collect(c, &sample().identity, out, &Device::Cpu).unwrap();
+    serde_json::to_value(&r).unwrap()
+}
+
+#[test]
+fn cache_resume_and_shards_give_the_same_results() {
+    let c = tiny();
+    let data = sample();
+    let dev = Device::Cpu;
+    let n_models = plan::models(&c).len();
+    let root = tempdir();
+    let one = root.path().join("one");
+    let opts = RunOptions::default();
+
+    // One uninterrupted run: every stage computed (a model and an evaluation per model).
+    let st = run::run(&c, data, &one, &dev, &opts).unwrap();
+    assert_eq!(
+        st,
+        RunStatus::Complete {
+            computed: 2 * n_models,
+            cached: 0
+        }
+    );
+    let full = results_json(&c, &one);
+    let res: StudyResults = serde_json::from_value(full.clone()).unwrap();
+    assert_eq!(res.models.len(), n_models);
+    assert_eq!(res.findings.len(), 6);
+
+    // Again: everything from the cache, identical results (timings included: they are
+    // read, not measured).
+    let st = run::run(&c, data, &one, &dev, &opts).unwrap();
+    assert_eq!(
+        st,
+        RunStatus::Complete {
+            computed: 0,
+            cached: n_models
+        }
+    );
+    let mut a = full.clone();
+    let mut b = results_json(&c, &one);
+    a["manifest"]["created_unix"] = 0.into();
+    b["manifest"]["created_unix"] = 0.into();
+    assert_eq!(a, b);
+
+    // A changed evaluation setting recomputes the evaluations only.
+    let mut c2 = c.clone();
+    c2.eval.seed = 7;
+    let st = run::run(&c2, data, &one, &dev, &opts).unwrap();
+    assert_eq!(
+        st,
+        RunStatus::Complete {
+            computed: n_models,
+            cached: 0
+        }
+    );
+
+    // Interrupted twice, then finished: the same results as the uninterrupted run.
+    let two = root.path().join("two");
+    let stop = |n| RunOptions {
+        max_stages: Some(n),
+        ..RunOptions::default()
+    };
+    assert!(matches!(
+        run::run(&c, data, &two, &dev, &stop(3)).unwrap(),
+        RunStatus::Interrupted { computed: 3, .. }
+    ));
+    assert!(results::collect(&c, &data.identity, &two, &dev)
+        .unwrap_err()
+        .to_string()
+        .contains("not finished"));
+    assert!(matches!(
+        run::run(&c, data, &two, &dev, &stop(5)).unwrap(),
+        RunStatus::Interrupted { computed: 5, .. }
+    ));
+    let st = run::run(&c, data, &two, &dev, &opts).unwrap();
+    assert_eq!(
+        st,
+        RunStatus::Complete {
+            computed: 2 * n_models - 8,
+            cached: 2
+        },
+        "{st:?}"
+    );
+    let mut expect = full.clone();
+    strip(&mut expect);
+    let mut got = results_json(&c, &two);
+    strip(&mut got);
+    assert_eq!(expect, got, "resumed run differs");
+
+    // Two shards on "two machines", merged: the same results.
+    let s1 = root.path().join("s1");
+    let s2 = root.path().join("s2");
+    for (k, dir) in [(1, &s1), (2, &s2)] {
+        let o = RunOptions {
+            shard: Some((k, 2)),
+            ..RunOptions::default()
+        };
+        assert!(matches!(
+            run::run(&c, data, dir, &dev, &o).unwrap(),
+            RunStatus::Complete { .. }
+        ));
+    }
+    assert!(results::collect(&c, &data.identity, &s1, &dev).is_err());
+    let merged = root.path().join("merged");
+    let mc = run::merge(&merged, &[s1.clone(), s2.clone()]).unwrap();
+    assert_eq!(mc, c);
+    let mut got = results_json(&c, &merged);
+    strip(&mut got);
+    assert_eq!(expect, got, "merged shards differ from one run");
+    // Shards of another configuration are refused.
+    let other = root.path().join("other");
+    run::run(&c2, data, &other, &dev, &stop(1)).unwrap();
+    let e = run::merge(&root.path().join("m2"), &[s1, other])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("different configuration"), "{e}");
+
+    // The report is drawn from the results alone.
+    let res: StudyResults = serde_json::from_value(full).unwrap();
+    quant_robust::report::study::write(&res, &one).unwrap();
+    let md = std::fs::read_to_string(one.join("report.md")).unwrap();
+    for s in ["## Findings", "| F1 |", "| F6 |", "## PTQ", "## Cost", "## Gradient masking"] {
+        assert!(md.contains(s), "report.md lacks {s}");
+    }
+    for p in ["eps.svg", "bits.svg", "fraction.svg"] {
+        let svg = std::fs::read_to_string(one.join("plots").join(p)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{p}");
+    }
+}
+
+#[test]
+fn fast_preset_runs_end_to_end_at_tiny_sizes() {
+    // The `fast` grid unchanged; only sizes shrunk through configuration.
+    let mut c = config::fast();
+    let small = tiny();
+    c.data = "embedded".into();
+    c.natural = small.natural.clone();
+    c.robust = small.robust.clone();
+    c.qat.finetune = small.qat.finetune.clone();
+    c.qat.from_random = small.qat.from_random.clone();
+    c.qat.adversarial = small.qat.adversarial.clone();
+    c.qat.calib = 32;
+    c.ptq.calib = 32;
+    c.grid.qat_table.fraction = 0.02;
+    c.grid.bits_sweep.fraction = 0.02;
+    c.grid.data_curve.fractions = vec![0.01, 0.02];
+    c.eval = small.eval.clone();
+    c.eval.attacks = vec!["fgsm".into(), "pgd".into(), "apgd-ce".into(), "square".into()];
+    c.eval.settings.apgd_iterations = 2;
+    c.validate().unwrap();
+    assert_eq!(c.grid.ptq_table, config::fast().grid.ptq_table);
+    let out = tempdir();
+    let st = run::run(&c, sample(), out.path(), &Device::Cpu, &RunOptions::default()).unwrap();
+    let n = plan::models(&c).len();
+    assert_eq!(
+        st,
+        RunStatus::Complete {
+            computed: 2 * n,
+            cached: 0
+        }
+    );
+    let r = results::collect(&c, &sample().identity, out.path(), &Device::Cpu).unwrap();
+    results::write(&r, out.path()).unwrap();
+    quant_robust::report::study::write(&r, out.path()).unwrap();
+    assert_eq!(r.models.len(), n);
+    for m in &r.models {
+        assert!(m.clean.accuracy >= m.worst_case[0].accuracy, "{}", m.id);
+        assert_eq!(m.raw_pgd.is_some(), m.spec.is_quantized(), "{}", m.id);
+        assert!(
+            out.path().join("cells").join(format!("{}.json", m.id)).is_file()
+        );
+    }
+    let ids: Vec<&str> = r.findings.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(ids, ["F1", "F2", "F3", "F4", "F5", "F6"]);
+}
+
+// ---- findings on hand-made results ----
+
+const N: usize = 1000;
+
+fn acc(eps: f64, k: usize) -> EpsAccuracy {
+    EpsAccuracy {
+        eps,
+        correct: k,
+        total: N,
+        accuracy: k as f64 / N as f64,
+        ci95: wilson95(k, N),
+    }
+}
+
+/// A result for `spec`: clean 800/1000, worst case `w` at both ε, raw PGD `raw`, stage
+/// cost `cost` seconds.
+fn model(spec: ModelSpec, w: usize, raw: Option<usize>, cost: f64) -> ModelResult {
+    let c = config::smoke();
+    let eps = c.eval.eps.clone();
+    ModelResult {
+        id: spec.id(),
+        checkpoint: String::new(),
+        clean: acc(0.0, 800),
+        attacks: vec![AttackAccuracy {
+            attack: "pgd-10".into(),
+            gradient_free: false,
+            per_eps: eps.iter().map(|&e| acc(e, w)).collect(),
+        }],
+        worst_case: eps.iter().map(|&e| acc(e, w)).collect(),
+        raw_pgd: raw.map(|r| eps.iter().map(|&e| acc(e, r)).collect()),
+        zero_gradient_fraction: 0.0,
+        raw_zero_gradient_fraction: raw.map(|_| 1.0),
+        masking: eps
+            .iter()
+            .map(|&e| MaskingAtEps {
+                eps: e,
+                white_box_best: None,
+                gradient_free: None,
+                broken_only_without_gradients: 0,
+                masking_suspected: false,
+            })
+            .collect(),
+        cost: Cost {
+            stage_wall_s: cost,
+            stage_gpu_s: 0.0,
+            eval_wall_s: 1.0,
+            eval_gpu_s: 0.0,
+            stage_images: 100,
+        },
+        spec,
+    }
+}
+
+/// Results for the smoke grid where `worst(spec)` gives each model's worst-case count,
+/// `raw(spec)` its raw-gradient count and `cost(spec)` its stage seconds.
+fn hand_made(
+    worst: impl Fn(&ModelSpec) -> usize,
+    raw: impl Fn(&ModelSpec) -> usize,
+    cost: impl Fn(&ModelSpec) -> f64,
+) -> StudyResults {
+    let c = config::smoke();
+    let models: Vec<ModelResult> = plan::models(&c)
+        .into_iter()
+        .map(|s| {
+            let r = s.is_quantized().then(|| raw(&s));
+            model(s.clone(), worst(&s), r, cost(&s))
+        })
+        .collect();
+    let mut r = StudyResults {
+        data: sample().identity.clone(),
+        models,
+        across_seeds: Vec::new(),
+        findings: Vec::new(),
+        manifest: quant_robust::manifest::Manifest::new("study", &Device::Cpu),
+        config: c,
+    };
+    r.findings = findings::all(&r);
+    r
+}
+
+fn flat(_: &ModelSpec) -> usize {
+    300
+}
+
+fn unit(_: &ModelSpec) -> f64 {
+    10.0
+}
+
+fn status(r: &StudyResults, id: &str) -> Status {
+    r.findings.iter().find(|v| v.id == id).unwrap().status
+}
+
+fn acts_only(s: &ModelSpec) -> bool {
+    matches!(s, ModelSpec::Qat { bits, .. } if bits.starts_with("w32a"))
+}
+
+fn weights_only(s: &ModelSpec) -> bool {
+    matches!(s, ModelSpec::Qat { bits, .. } if bits.ends_with("a32"))
+}
+
+#[test]
+fn f1_holds_fails_and_is_undecided() {
+    let r = hand_made(|s| if acts_only(s) { 500 } else { 300 }, flat, unit);
+    assert_eq!(status(&r, "F1"), Status::Holds);
+    let v = &r.findings[0];
+    assert!((v.margin.unwrap() - 0.2).abs() < 1e-9);
+    let r = hand_made(|s| if weights_only(s) { 500 } else { 300 }, flat, unit);
+    assert_eq!(status(&r, "F1"), Status::DoesNotHold);
+    let r = hand_made(|s| if acts_only(s) { 310 } else { 300 }, flat, unit);
+    assert_eq!(status(&r, "F1"), Status::Undecided);
+}
+
+fn ptq_of(s: &ModelSpec, init: Init) -> bool {
+    matches!(s, ModelSpec::Ptq { init: i, .. } if *i == init)
+}
+
+#[test]
+fn f2_holds_fails_and_is_undecided() {
+    let r = hand_made(|s| if ptq_of(s, Init::Robust) { 400 } else { 100 }, flat, unit);
+    assert_eq!(status(&r, "F2"), Status::Holds);
+    let r = hand_made(|s| if ptq_of(s, Init::Natural) { 400 } else { 100 }, flat, unit);
+    assert_eq!(status(&r, "F2"), Status::DoesNotHold);
+    let r = hand_made(flat, flat, unit);
+    assert_eq!(status(&r, "F2"), Status::Undecided);
+}
+
+#[test]
+fn f3_needs_both_robustness_and_a_large_cost() {
+    let at = |s: &ModelSpec| matches!(s, ModelSpec::Qat { adversarial: true, .. });
+    let r = hand_made(|s| if at(s) { 400 } else { 100 }, flat, |s| if at(s) { 30.0 } else { 10.0 });
+    assert_eq!(status(&r, "F3"), Status::Holds);
+    let v = r.findings.iter().find(|v| v.id == "F3").unwrap();
+    assert_eq!(v.numbers[0].label, "cost AT-QAT / QAT");
+    assert!((v.numbers[0].value - 3.0).abs() < 1e-9);
+    // Robustness bought cheaply: the "large cost" half fails.
+    let r = hand_made(|s| if at(s) { 400 } else { 100 }, flat, |s| if at(s) { 12.0 } else { 10.0 });
+    assert_eq!(status(&r, "F3"), Status::DoesNotHold);
+    let r = hand_made(|s| if at(s) { 100 } else { 400 }, flat, |s| if at(s) { 30.0 } else { 10.0 });
+    assert_eq!(status(&r, "F3"), Status::DoesNotHold);
+    let r = hand_made(flat, flat, |s| if at(s) { 30.0 } else { 10.0 });
+    assert_eq!(status(&r, "F3"), Status::Undecided);
+}
+
+#[test]
+fn f4_compares_robust_init_with_every_other_init() {
+    let curve = |s: &ModelSpec, init: Init| {
+        matches!(s, ModelSpec::Qat { init: i, adversarial: true, bits, .. } if *i == init && bits == "w4a4")
+    };
+    let r = hand_made(
+        |s| {
+            if curve(s, Init::Robust) {
+                500
+            } else if curve(s, Init::Natural) {
+                350
+            } else {
+                200
+            }
+        },
+        flat,
+        unit,
+    );
+    assert_eq!(status(&r, "F4"), Status::Holds);
+    // The weaker comparison (robust vs natural) decides.
+    let v = r.findings.iter().find(|v| v.id == "F4").unwrap();
+    assert!((v.margin.unwrap() - 0.15).abs() < 1e-9, "{v:?}");
+    // Robust init beats random but not natural: undecided / does not hold.
+    let r = hand_made(
+        |s| {
+            if curve(s, Init::Robust) || curve(s, Init::Natural) {
+                500
+            } else {
+                200
+            }
+        },
+        flat,
+        unit,
+    );
+    assert_eq!(status(&r, "F4"), Status::Undecided);
+    let r = hand_made(|s| if curve(s, Init::Robust) { 100 } else { 400 }, flat, unit);
+    assert_eq!(status(&r, "F4"), Status::DoesNotHold);
+}
+
+#[test]
+fn f5_needs_the_pipeline_to_change_the_conclusion() {
+    // Quantized cells all equal to their references: no effect anywhere.
+    let r = hand_made(flat, flat, unit);
+    assert_eq!(status(&r, "F5"), Status::DoesNotHold);
+    // PTQ hurts the robust model, QAT+AT helps the natural one: two classes.
+    let r = hand_made(
+        |s| match s {
+            ModelSpec::Fp { init: Init::Robust, .. } => 500,
+            ModelSpec::Fp { .. } => 10,
+            ModelSpec::Ptq { init: Init::Robust, .. } => 200,
+            ModelSpec::Qat { adversarial: true, init: Init::Natural, .. } => 300,
+            s if s.reference().is_some_and(|r| r.init() == Init::Robust) => 500,
+            _ => 10,
+        },
+        flat,
+        unit,
+    );
+    assert_eq!(status(&r, "F5"), Status::Holds);
+    let v = r.findings.iter().find(|v| v.id == "F5").unwrap();
+    assert!(v.numbers[0].value >= 1.0 && v.numbers[1].value >= 1.0, "{v:?}");
+}
+
+#[test]
+fn f6_names_masking_only_when_raw_gradients_overstate_robustness() {
+    let r = hand_made(flat, |s| if acts_only(s) { 700 } else { 300 }, unit);
+    assert_eq!(status(&r, "F6"), Status::Holds);
+    let v = r.findings.iter().find(|v| v.id == "F6").unwrap();
+    assert!(v.note.contains("w32a4"), "{}", v.note);
+    let r = hand_made(flat, flat, unit);
+    assert_eq!(status(&r, "F6"), Status::DoesNotHold);
+    let r = hand_made(flat, |_| 310, unit);
+    assert_eq!(status(&r, "F6"), Status::Undecided);
+}
+
+#[test]
+fn findings_without_their_cells_are_not_tested() {
+    let mut r = hand_made(flat, flat, unit);
+    r.models.clear();
+    for v in findings::all(&r) {
+        assert_eq!(v.status, Status::NotTested, "{}", v.id);
+    }
+}
+
+#[test]
+fn difference_interval_is_newcombes() {
+    // Newcombe (1998), example (a): 56/70 vs 48/80 → 0.2000, (0.0524, 0.3339).
+    let (d, ci) = findings::diff_ci95(
+        quant_robust::eval::Accuracy {
+            correct: 56,
+            total: 70,
+        },
+        quant_robust::eval::Accuracy {
+            correct: 48,
+            total: 80,
+        },
+    );
+    assert!((d - 0.2).abs() < 1e-12);
+    assert!((ci.0 - 0.0524).abs() < 5e-4 && (ci.1 - 0.3339).abs() < 5e-4, "{ci:?}");
+}
+
+#[test]
+fn seed_summary_uses_the_t_interval() {
+    let (m, ci) = results::mean_ci95(&[0.5, 0.6, 0.7]);
+    assert!((m - 0.6).abs() < 1e-12);
+    // s = 0.1, t(2) = 4.303: half-width 4.303 · 0.1 / √3.
+    let h = 4.303 * 0.1 / 3f64.sqrt();
+    assert!((ci.0 - (0.6 - h)).abs() < 1e-9 && (ci.1 - (0.6 + h)).abs() < 1e-9);
+}
