@@ -799,7 +799,9 @@ fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
         }
     }
     if let Some((k, n)) = shard {
-        tracing::info!("shard {k}/{n} done; `quant-robust merge --out DIR SHARD_DIRS...` when all are");
+        tracing::info!(
+            "shard {k}/{n} done; `quant-robust merge --out DIR SHARD_DIRS...` when all are"
+        );
         return Ok(ExitCode::SUCCESS);
     }
     finish(&cfg, &data.identity, &out, &dev)
@@ -1269,7 +1271,10 @@ fn calibration_set(
     seed: u64,
     dev: &candle_core::Device,
 ) -> Result<DeviceData> {
-    Ok(DeviceData::new(&subset::calibration(&data.train, n, seed)?, dev)?)
+    Ok(DeviceData::new(
+        &subset::calibration(&data.train, n, seed)?,
+        dev,
+    )?)
 }
 
 /// The training images of a run: a seeded, stratified fraction or count, or all.

@@ -209,7 +209,10 @@ fn attack_command_rejects_bad_input_clearly() {
     let (ok, _, err) = run(&["--eps", "8"]);
     assert!(!ok && err.contains("8/255"), "{err}");
     let (ok, _, err) = run(&["--attacks", "pgd,deepfool"]);
-    assert!(!ok && err.contains("deepfool") && err.contains("unknown"), "{err}");
+    assert!(
+        !ok && err.contains("deepfool") && err.contains("unknown"),
+        "{err}"
+    );
     let (ok, _, err) = run(&["--attacks", "square", "--norm", "l2", "--eps", "0.5"]);
     assert!(!ok && err.contains("square") && err.contains("l2"), "{err}");
     let (ok, _, err) = run(&["--n", "1001"]);
@@ -288,4 +291,101 @@ fn a_result_file_may_not_overwrite_the_checkpoint_manifest() {
         dir.path().join("m.json").to_str().unwrap(),
     ]);
     assert!(!ok && err.contains("manifest of the checkpoint"), "{err}");
+}
+
+/// `qr` with the exit code.
+fn qr_code(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
+        .args(args)
+        .output()
+        .expect("run quant-robust");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn reproduce_prints_presets_and_refuses_bad_settings() {
+    for p in quant_robust::study::config::PRESETS {
+        let (ok, out, err) = qr(&["reproduce", "--preset", p, "--print-config"]);
+        assert!(ok, "{err}");
+        let c: quant_robust::study::StudyConfig = serde_json::from_str(&out).unwrap();
+        assert_eq!(c, quant_robust::study::StudyConfig::preset(p).unwrap());
+    }
+    let dir = tempdir();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"eval": {"attacks": ["pgd", "cw"]}}"#).unwrap();
+    let (ok, _, err) = qr(&["reproduce", "--config", bad.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("cw") && err.contains("bad.json"),
+        "{err}"
+    );
+    let (ok, _, err) = qr(&["reproduce", "--preset", "huge"]);
+    assert!(!ok && err.contains("huge"), "{err}");
+    let (ok, _, err) = qr(&["reproduce", "--shard", "3/2", "--out", "x"]);
+    assert!(!ok && err.contains("3/2"), "{err}");
+    let (ok, _, err) = qr(&["reproduce", "--time-budget", "-1"]);
+    assert!(!ok && err.contains("time-budget"), "{err}");
+    let (ok, _, err) = qr(&["report", dir.path().to_str().unwrap()]);
+    assert!(!ok && err.contains("results.json"), "{err}");
+    let (ok, _, err) = qr(&[
+        "merge",
+        "--out",
+        "m",
+        dir.path().join("none").to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("study.json"), "{err}");
+}
+
+/// README's main job, exactly: the smoke study, end to end, on the CPU. It writes the
+/// results, the report, the plots and a verdict per finding; stopped early it exits 75 and
+/// a second call continues from the cache.
+#[test]
+fn readme_main_job_reproduces_the_smoke_study() {
+    let dir = tempdir();
+    let out = dir.path().join("study");
+    let o = out.to_str().unwrap();
+    let (code, err) = qr_code(&[
+        "reproduce",
+        "--preset",
+        "smoke",
+        "--out",
+        o,
+        "--max-stages",
+        "1",
+    ]);
+    assert_eq!(code, Some(75), "{err}");
+    assert!(err.contains("run the same command again"), "{err}");
+    let t = std::time::Instant::now();
+    let (code, err) = qr_code(&["reproduce", "--preset", "smoke", "--out", o]);
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(code, Some(0), "{err}");
+    eprintln!("smoke study: {secs:.0} s");
+    let res: quant_robust::study::StudyResults =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(res.config.name, "smoke");
+    assert_eq!(res.findings.len(), 6);
+    assert_eq!(
+        res.models.len(),
+        quant_robust::study::plan::models(&res.config).len()
+    );
+    assert!(res.manifest.data.as_ref().unwrap().name == "cifar10-jpeg-sample");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("Smoke run") && md.contains("| F6 |"), "{md}");
+    for p in ["eps.svg", "bits.svg", "fraction.svg"] {
+        assert!(out.join("plots").join(p).is_file(), "{p}");
+    }
+    for v in &res.findings {
+        assert!(
+            err.contains(&format!("{} ", v.id)),
+            "verdict {} not logged",
+            v.id
+        );
+    }
+    // `report` redraws from results.json alone.
+    std::fs::remove_file(out.join("report.md")).unwrap();
+    let (ok, _, err) = qr(&["report", o]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), md);
 }

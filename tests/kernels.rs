@@ -219,8 +219,8 @@ proptest! {
         let s = scale_for(range, q_max);
         let mut v = Rng::new(seed, "fq").uniform_vec(2000, -0.5 * range, 1.5 * range);
         // Exact ties (k + 1/2)·s and the range ends.
-        for k in 0..20 {
-            v[k] = (k as f32 + 0.5) * s;
+        for (k, x) in v.iter_mut().take(20).enumerate() {
+            *x = (k as f32 + 0.5) * s;
         }
         v[20] = q_max * s;
         v[21] = 0.0;

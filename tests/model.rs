@@ -324,10 +324,14 @@ fn batch_norm_reestimation_averages_batch_statistics_and_forgets_the_old_ones() 
     let (a, _) = d.range(0, 48).unwrap();
     let (b, _) = d.range(48, 48).unwrap();
     let stats = |m: &ResNet20| -> Vec<f32> {
-        ["bn1.running_mean", "layer2.0.bn2.running_var", "layer3.2.bn1.running_mean"]
-            .iter()
-            .flat_map(|n| m.tensor(n).unwrap().to_vec1::<f32>().unwrap())
-            .collect()
+        [
+            "bn1.running_mean",
+            "layer2.0.bn2.running_var",
+            "layer3.2.bn1.running_mean",
+        ]
+        .iter()
+        .flat_map(|n| m.tensor(n).unwrap().to_vec1::<f32>().unwrap())
+        .collect()
     };
     let fresh = || ResNet20::init(&mut Rng::new(5, "init"), &Device::Cpu).unwrap();
     // Old statistics do not matter: a model trained one step first ends equal.
@@ -350,6 +354,10 @@ fn batch_norm_reestimation_averages_batch_statistics_and_forgets_the_old_ones() 
         assert!((x - avg).abs() <= 1e-4 * (1.0 + avg.abs()), "{x} vs {avg}");
     }
     // A frozen (non-trainable) model is refused with a clear error.
-    let e = fresh().frozen().reestimate_batch_norm(&[a]).unwrap_err().to_string();
+    let e = fresh()
+        .frozen()
+        .reestimate_batch_norm(&[a])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not trainable"), "{e}");
 }

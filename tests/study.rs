@@ -32,7 +32,10 @@ fn config_errors_name_the_setting() {
     let e = err_of(r#"{"eval": {"eps": ["8/255", "big"]}}"#);
     assert!(e.contains("big"), "{e}");
     let e = err_of(r#"{"eval": {"eps": ["8/255"]}}"#);
-    assert!(e.contains("findings.f1_eps") && e.contains("eval.eps"), "{e}");
+    assert!(
+        e.contains("findings.f1_eps") && e.contains("eval.eps"),
+        "{e}"
+    );
     let e = err_of(r#"{"grid": {"ptq_table": {"inits": ["random"]}}}"#);
     assert!(e.contains("ptq_table") && e.contains("random"), "{e}");
     let e = err_of(r#"{"eval": {"attacks": ["pgd", "deepfool"]}}"#);
@@ -68,7 +71,12 @@ fn presets_are_valid_and_cover_the_papers_tables() {
         assert_eq!(ids.len(), models.len(), "{name}: duplicate cells");
         for m in &models {
             for need in m.needs() {
-                assert!(models.contains(&need), "{name}: {} needs {}", m.id(), need.id());
+                assert!(
+                    models.contains(&need),
+                    "{name}: {} needs {}",
+                    m.id(),
+                    need.id()
+                );
             }
         }
     }
@@ -80,7 +88,10 @@ fn presets_are_valid_and_cover_the_papers_tables() {
     assert_eq!(count(&|m| matches!(m, ModelSpec::Ptq { .. })), 12);
     // QAT table 3 inits × AT no/yes × 2 bit widths = 12; the Figure 2 sweep 4 bits × 2 = 8;
     // the data curve 3 inits × 5 fractions = 15, of which the 3 at fraction 1 are table cells.
-    assert_eq!(count(&|m| matches!(m, ModelSpec::Qat { .. })), 12 + 8 + 15 - 3);
+    assert_eq!(
+        count(&|m| matches!(m, ModelSpec::Qat { .. })),
+        12 + 8 + 15 - 3
+    );
     for init in [Init::Random, Init::Natural, Init::Robust] {
         for adversarial in [false, true] {
             assert!(models.contains(&ModelSpec::Qat {
@@ -131,10 +142,7 @@ fn keys_change_with_exactly_what_a_stage_reads() {
             .into_iter()
             .find(|s| s.id() == a.0)
             .unwrap();
-        let reads_natural = depends
-            || spec
-                .reference()
-                .is_some_and(|r| r.init() == Init::Natural);
+        let reads_natural = depends || spec.reference().is_some_and(|r| r.init() == Init::Natural);
         assert_eq!(a.2 != b.2, reads_natural, "{}: eval key", a.0);
     }
 
@@ -296,9 +304,10 @@ fn cache_resume_and_shards_give_the_same_results() {
     let st = run::run(&c, data, &two, &dev, &opts).unwrap();
     assert_eq!(
         st,
+        // The first 8 stages were the first 4 models (a model, then its evaluation).
         RunStatus::Complete {
             computed: 2 * n_models - 8,
-            cached: 2
+            cached: 4
         },
         "{st:?}"
     );
@@ -340,7 +349,14 @@ fn cache_resume_and_shards_give_the_same_results() {
     let res: StudyResults = serde_json::from_value(full).unwrap();
     quant_robust::report::study::write(&res, &one).unwrap();
     let md = std::fs::read_to_string(one.join("report.md")).unwrap();
-    for s in ["## Findings", "| F1 |", "| F6 |", "## PTQ", "## Cost", "## Gradient masking"] {
+    for s in [
+        "## Findings",
+        "| F1 |",
+        "| F6 |",
+        "## PTQ",
+        "## Cost",
+        "## Gradient masking",
+    ] {
         assert!(md.contains(s), "report.md lacks {s}");
     }
     for p in ["eps.svg", "bits.svg", "fraction.svg"] {
@@ -366,12 +382,24 @@ fn fast_preset_runs_end_to_end_at_tiny_sizes() {
     c.grid.bits_sweep.fraction = 0.02;
     c.grid.data_curve.fractions = vec![0.01, 0.02];
     c.eval = small.eval.clone();
-    c.eval.attacks = vec!["fgsm".into(), "pgd".into(), "apgd-ce".into(), "square".into()];
+    c.eval.attacks = vec![
+        "fgsm".into(),
+        "pgd".into(),
+        "apgd-ce".into(),
+        "square".into(),
+    ];
     c.eval.settings.apgd_iterations = 2;
     c.validate().unwrap();
     assert_eq!(c.grid.ptq_table, config::fast().grid.ptq_table);
     let out = tempdir();
-    let st = run::run(&c, sample(), out.path(), &Device::Cpu, &RunOptions::default()).unwrap();
+    let st = run::run(
+        &c,
+        sample(),
+        out.path(),
+        &Device::Cpu,
+        &RunOptions::default(),
+    )
+    .unwrap();
     let n = plan::models(&c).len();
     assert_eq!(
         st,
@@ -387,9 +415,11 @@ fn fast_preset_runs_end_to_end_at_tiny_sizes() {
     for m in &r.models {
         assert!(m.clean.accuracy >= m.worst_case[0].accuracy, "{}", m.id);
         assert_eq!(m.raw_pgd.is_some(), m.spec.is_quantized(), "{}", m.id);
-        assert!(
-            out.path().join("cells").join(format!("{}.json", m.id)).is_file()
-        );
+        assert!(out
+            .path()
+            .join("cells")
+            .join(format!("{}.json", m.id))
+            .is_file());
     }
     let ids: Vec<&str> = r.findings.iter().map(|v| v.id.as_str()).collect();
     assert_eq!(ids, ["F1", "F2", "F3", "F4", "F5", "F6"]);
@@ -513,9 +543,17 @@ fn ptq_of(s: &ModelSpec, init: Init) -> bool {
 
 #[test]
 fn f2_holds_fails_and_is_undecided() {
-    let r = hand_made(|s| if ptq_of(s, Init::Robust) { 400 } else { 100 }, flat, unit);
+    let r = hand_made(
+        |s| if ptq_of(s, Init::Robust) { 400 } else { 100 },
+        flat,
+        unit,
+    );
     assert_eq!(status(&r, "F2"), Status::Holds);
-    let r = hand_made(|s| if ptq_of(s, Init::Natural) { 400 } else { 100 }, flat, unit);
+    let r = hand_made(
+        |s| if ptq_of(s, Init::Natural) { 400 } else { 100 },
+        flat,
+        unit,
+    );
     assert_eq!(status(&r, "F2"), Status::DoesNotHold);
     let r = hand_made(flat, flat, unit);
     assert_eq!(status(&r, "F2"), Status::Undecided);
@@ -523,16 +561,36 @@ fn f2_holds_fails_and_is_undecided() {
 
 #[test]
 fn f3_needs_both_robustness_and_a_large_cost() {
-    let at = |s: &ModelSpec| matches!(s, ModelSpec::Qat { adversarial: true, .. });
-    let r = hand_made(|s| if at(s) { 400 } else { 100 }, flat, |s| if at(s) { 30.0 } else { 10.0 });
+    let at = |s: &ModelSpec| {
+        matches!(
+            s,
+            ModelSpec::Qat {
+                adversarial: true,
+                ..
+            }
+        )
+    };
+    let r = hand_made(
+        |s| if at(s) { 400 } else { 100 },
+        flat,
+        |s| if at(s) { 30.0 } else { 10.0 },
+    );
     assert_eq!(status(&r, "F3"), Status::Holds);
     let v = r.findings.iter().find(|v| v.id == "F3").unwrap();
     assert_eq!(v.numbers[0].label, "cost AT-QAT / QAT");
     assert!((v.numbers[0].value - 3.0).abs() < 1e-9);
     // Robustness bought cheaply: the "large cost" half fails.
-    let r = hand_made(|s| if at(s) { 400 } else { 100 }, flat, |s| if at(s) { 12.0 } else { 10.0 });
+    let r = hand_made(
+        |s| if at(s) { 400 } else { 100 },
+        flat,
+        |s| if at(s) { 12.0 } else { 10.0 },
+    );
     assert_eq!(status(&r, "F3"), Status::DoesNotHold);
-    let r = hand_made(|s| if at(s) { 100 } else { 400 }, flat, |s| if at(s) { 30.0 } else { 10.0 });
+    let r = hand_made(
+        |s| if at(s) { 100 } else { 400 },
+        flat,
+        |s| if at(s) { 30.0 } else { 10.0 },
+    );
     assert_eq!(status(&r, "F3"), Status::DoesNotHold);
     let r = hand_made(flat, flat, |s| if at(s) { 30.0 } else { 10.0 });
     assert_eq!(status(&r, "F3"), Status::Undecided);
@@ -540,9 +598,7 @@ fn f3_needs_both_robustness_and_a_large_cost() {
 
 #[test]
 fn f4_compares_robust_init_with_every_other_init() {
-    let curve = |s: &ModelSpec, init: Init| {
-        matches!(s, ModelSpec::Qat { init: i, adversarial: true, bits, .. } if *i == init && bits == "w4a4")
-    };
+    let curve = |s: &ModelSpec, init: Init| matches!(s, ModelSpec::Qat { init: i, adversarial: true, bits, .. } if *i == init && bits == "w4a4");
     let r = hand_made(
         |s| {
             if curve(s, Init::Robust) {
@@ -573,7 +629,11 @@ fn f4_compares_robust_init_with_every_other_init() {
         unit,
     );
     assert_eq!(status(&r, "F4"), Status::Undecided);
-    let r = hand_made(|s| if curve(s, Init::Robust) { 100 } else { 400 }, flat, unit);
+    let r = hand_made(
+        |s| if curve(s, Init::Robust) { 100 } else { 400 },
+        flat,
+        unit,
+    );
     assert_eq!(status(&r, "F4"), Status::DoesNotHold);
 }
 
@@ -585,10 +645,18 @@ fn f5_needs_the_pipeline_to_change_the_conclusion() {
     // PTQ hurts the robust model, QAT+AT helps the natural one: two classes.
     let r = hand_made(
         |s| match s {
-            ModelSpec::Fp { init: Init::Robust, .. } => 500,
+            ModelSpec::Fp {
+                init: Init::Robust, ..
+            } => 500,
             ModelSpec::Fp { .. } => 10,
-            ModelSpec::Ptq { init: Init::Robust, .. } => 200,
-            ModelSpec::Qat { adversarial: true, init: Init::Natural, .. } => 300,
+            ModelSpec::Ptq {
+                init: Init::Robust, ..
+            } => 200,
+            ModelSpec::Qat {
+                adversarial: true,
+                init: Init::Natural,
+                ..
+            } => 300,
             s if s.reference().is_some_and(|r| r.init() == Init::Robust) => 500,
             _ => 10,
         },
@@ -597,7 +665,10 @@ fn f5_needs_the_pipeline_to_change_the_conclusion() {
     );
     assert_eq!(status(&r, "F5"), Status::Holds);
     let v = r.findings.iter().find(|v| v.id == "F5").unwrap();
-    assert!(v.numbers[0].value >= 1.0 && v.numbers[1].value >= 1.0, "{v:?}");
+    assert!(
+        v.numbers[0].value >= 1.0 && v.numbers[1].value >= 1.0,
+        "{v:?}"
+    );
 }
 
 #[test]
@@ -635,7 +706,10 @@ fn difference_interval_is_newcombes() {
         },
     );
     assert!((d - 0.2).abs() < 1e-12);
-    assert!((ci.0 - 0.0524).abs() < 5e-4 && (ci.1 - 0.3339).abs() < 5e-4, "{ci:?}");
+    assert!(
+        (ci.0 - 0.0524).abs() < 5e-4 && (ci.1 - 0.3339).abs() < 5e-4,
+        "{ci:?}"
+    );
 }
 
 #[test]

@@ -103,16 +103,16 @@ pub fn stratified(ds: &super::Dataset, size: SubsetSize, rng: &mut Rng) -> Resul
 /// The seeded, stratified calibration sample of `n` images (stream `calibration`): PTQ's
 /// activation ranges and QAT's initial α are computed on it.
 pub fn calibration(ds: &super::Dataset, n: usize, seed: u64) -> Result<super::Dataset> {
-    stratified(
-        ds,
-        SubsetSize::Count(n),
-        &mut Rng::new(seed, "calibration"),
-    )
+    stratified(ds, SubsetSize::Count(n), &mut Rng::new(seed, "calibration"))
 }
 
 /// The training images of a run (stream `train-subset`): a seeded, stratified fraction or
 /// count, or all of `ds` for `None`.
-pub fn training(ds: &super::Dataset, size: Option<SubsetSize>, seed: u64) -> Result<super::Dataset> {
+pub fn training(
+    ds: &super::Dataset,
+    size: Option<SubsetSize>,
+    seed: u64,
+) -> Result<super::Dataset> {
     match size {
         None => Ok(ds.clone()),
         Some(s) => stratified(ds, s, &mut Rng::new(seed, "train-subset")),

@@ -323,7 +323,10 @@ impl ResNet20 {
                     let new = get(&format!("{n}.{var}"))?.as_tensor().copy()?;
                     Ok(((new - (old * (1.0 - m))?)? / m)?)
                 };
-                let (bm, bv) = (batch("running_mean", &before[i].0)?, batch("running_var", &before[i].1)?);
+                let (bm, bv) = (
+                    batch("running_mean", &before[i].0)?,
+                    batch("running_var", &before[i].1)?,
+                );
                 sums[i] = Some(match sums[i].take() {
                     None => (bm, bv),
                     Some((a, b)) => ((a + bm)?, (b + bv)?),

@@ -134,7 +134,9 @@ pub fn markdown(res: &StudyResults) -> String {
         &["id", "claim", "verdict", "margin (95% CI)", "measured as"].map(String::from),
         &rows,
     ));
-    s.push_str("\nThe numbers behind each verdict are in `results.json` (`findings[].numbers`).\n\n");
+    s.push_str(
+        "\nThe numbers behind each verdict are in `results.json` (`findings[].numbers`).\n\n",
+    );
 
     // Full-precision models.
     s.push_str("## Full-precision models\n\n");
@@ -150,7 +152,12 @@ pub fn markdown(res: &StudyResults) -> String {
 
     // PTQ table.
     s.push_str("\n## PTQ (PWLQ weights, calibrated uniform activations)\n\n");
-    let mut head = vec!["init".to_string(), "bits".into(), "seed".into(), "clean".into()];
+    let mut head = vec![
+        "init".to_string(),
+        "bits".into(),
+        "seed".into(),
+        "clean".into(),
+    ];
     head.extend(worst_cols(res));
     let rows: Vec<Vec<String>> = res
         .models
@@ -468,9 +475,9 @@ pub fn plots(res: &StudyResults) -> Vec<(&'static str, LinePlot)> {
         let first_bits = c.grid.qat_table.bits.first().map(|b| canonical_bits(b));
         let in_table = match &m.spec {
             ModelSpec::Fp { .. } => true,
-            ModelSpec::Qat {
-                bits, fraction, ..
-            } => Some(bits) == first_bits.as_ref() && *fraction == c.grid.qat_table.fraction,
+            ModelSpec::Qat { bits, fraction, .. } => {
+                Some(bits) == first_bits.as_ref() && *fraction == c.grid.qat_table.fraction
+            }
             ModelSpec::Ptq { .. } => false,
         };
         if in_table && eps_series.len() < 8 {
@@ -486,31 +493,34 @@ pub fn plots(res: &StudyResults) -> Vec<(&'static str, LinePlot)> {
     };
     // vs bits (Figure 2 analog).
     let b = &c.grid.bits_sweep;
-    let bits_series = [("activations only (W32Ab)", true), ("weights only (WbA32)", false)]
-        .iter()
-        .map(|(name, acts)| Series {
-            name: format!("{name}, ε {}", eps_name(c.findings.f1_eps)),
-            points: b
-                .bits
-                .iter()
-                .filter_map(|&k| {
-                    let bits = if *acts {
-                        format!("w32a{k}")
-                    } else {
-                        format!("w{k}a32")
-                    };
-                    let m = res.model(&ModelSpec::Qat {
-                        init: b.init,
-                        bits,
-                        adversarial: b.adversarial,
-                        fraction: b.fraction,
-                        seed,
-                    })?;
-                    Some((k as f64, m.worst_at(c.findings.f1_eps)?.accuracy))
-                })
-                .collect(),
-        })
-        .collect();
+    let bits_series = [
+        ("activations only (W32Ab)", true),
+        ("weights only (WbA32)", false),
+    ]
+    .iter()
+    .map(|(name, acts)| Series {
+        name: format!("{name}, ε {}", eps_name(c.findings.f1_eps)),
+        points: b
+            .bits
+            .iter()
+            .filter_map(|&k| {
+                let bits = if *acts {
+                    format!("w32a{k}")
+                } else {
+                    format!("w{k}a32")
+                };
+                let m = res.model(&ModelSpec::Qat {
+                    init: b.init,
+                    bits,
+                    adversarial: b.adversarial,
+                    fraction: b.fraction,
+                    seed,
+                })?;
+                Some((k as f64, m.worst_at(c.findings.f1_eps)?.accuracy))
+            })
+            .collect(),
+    })
+    .collect();
     let bits_plot = LinePlot {
         title: format!("QAT from {} init: robustness vs bits", b.init),
         x_label: "bits".into(),

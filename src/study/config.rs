@@ -65,7 +65,7 @@ impl Default for StudyConfig {
 }
 
 /// A full-precision training stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FpStage {
     /// Training images (a seeded stratified subset); `null` = the whole training split.
@@ -74,15 +74,6 @@ pub struct FpStage {
     /// The recipe (natural: [`TrainConfig::default`]; robust: the same with PGD-AT, ε 8/255,
     /// step 2/255, 7 steps).
     pub train: TrainConfig,
-}
-
-impl Default for FpStage {
-    fn default() -> Self {
-        FpStage {
-            train_count: None,
-            train: TrainConfig::default(),
-        }
-    }
 }
 
 impl FpStage {
@@ -198,24 +189,13 @@ impl std::fmt::Display for Init {
 
 /// The cells of the study: the union of the tables and figures below (a cell that two of
 /// them share is made once).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Grid {
     pub ptq_table: PtqTable,
     pub qat_table: QatTable,
     pub bits_sweep: BitsSweep,
     pub data_curve: DataCurve,
-}
-
-impl Default for Grid {
-    fn default() -> Self {
-        Grid {
-            ptq_table: PtqTable::default(),
-            qat_table: QatTable::default(),
-            bits_sweep: BitsSweep::default(),
-            data_curve: DataCurve::default(),
-        }
-    }
 }
 
 /// PTQ of the natural and robust models at several bit widths.

@@ -194,7 +194,11 @@ fn pooled_verdict(
     labels: (&str, &str),
 ) -> Verdict {
     if p.a.total == 0 || p.b.total == 0 {
-        return Verdict::not_tested(id, claim, "the study has none of the cells this finding compares");
+        return Verdict::not_tested(
+            id,
+            claim,
+            "the study has none of the cells this finding compares",
+        );
     }
     let (d, ci) = diff_ci95(p.a, p.b);
     let mut numbers = vec![
@@ -354,12 +358,14 @@ pub fn f3(r: &StudyResults) -> Verdict {
     } else {
         f64::NAN
     };
-    v.numbers.insert(0, Number::value("cost AT-QAT / QAT", ratio));
+    v.numbers
+        .insert(0, Number::value("cost AT-QAT / QAT", ratio));
     v.numbers
         .insert(1, Number::value("stage seconds, AT-QAT (sum)", cost_at));
     v.numbers
         .insert(2, Number::value("stage seconds, QAT (sum)", cost_nat));
-    if v.status == Status::Holds && !(ratio >= r.config.findings.f3_min_cost_ratio) {
+    let large = ratio >= r.config.findings.f3_min_cost_ratio; // false for NaN
+    if v.status == Status::Holds && !large {
         v.status = Status::DoesNotHold;
         v.note = format!(
             "AT bought robustness but cost only {ratio:.2}x (threshold {})",
@@ -393,9 +399,18 @@ pub fn f4(r: &StudyResults) -> Verdict {
         seed,
     };
     if !c.inits.contains(&Init::Robust) || partial.is_empty() {
-        return Verdict::not_tested("F4", F4, "the data curve has no robust init or no partial fraction");
+        return Verdict::not_tested(
+            "F4",
+            F4,
+            "the data curve has no robust init or no partial fraction",
+        );
     }
-    let others: Vec<Init> = c.inits.iter().copied().filter(|&i| i != Init::Robust).collect();
+    let others: Vec<Init> = c
+        .inits
+        .iter()
+        .copied()
+        .filter(|&i| i != Init::Robust)
+        .collect();
     let mut best: Option<Verdict> = None;
     for other in others {
         let mut pairs = Vec::new();
@@ -425,12 +440,19 @@ pub fn f4(r: &StudyResults) -> Verdict {
             best = Some(v);
         }
     }
-    let mut v = best.unwrap_or_else(|| Verdict::not_tested("F4", F4, "the data curve has one init only"));
+    let mut v =
+        best.unwrap_or_else(|| Verdict::not_tested("F4", F4, "the data curve has one init only"));
     // How close robust init gets to its own full-data robustness at each partial fraction.
     for &seed in &r.config.seeds {
-        if let Some(full) = r.model(&cell(Init::Robust, 1.0, seed)).and_then(|m| m.worst_at(eps)) {
+        if let Some(full) = r
+            .model(&cell(Init::Robust, 1.0, seed))
+            .and_then(|m| m.worst_at(eps))
+        {
             for &f in &partial {
-                if let Some(p) = r.model(&cell(Init::Robust, f, seed)).and_then(|m| m.worst_at(eps)) {
+                if let Some(p) = r
+                    .model(&cell(Init::Robust, f, seed))
+                    .and_then(|m| m.worst_at(eps))
+                {
                     if full.accuracy > 0.0 {
                         v.numbers.push(Number::value(
                             format!("robust init, fraction {f}: share of its full-data robustness (seed {seed})"),
@@ -541,7 +563,11 @@ pub fn f6(r: &StudyResults) -> Verdict {
         numbers.push(Number::value(format!("{}: raw PGD − worst case", m.id), d));
     }
     if tested == 0 {
-        return Verdict::not_tested("F6", F6, "no quantized model was attacked with raw gradients");
+        return Verdict::not_tested(
+            "F6",
+            F6,
+            "no quantized model was attacked with raw gradients",
+        );
     }
     let status = if !masked.is_empty() {
         Status::Holds
@@ -553,7 +579,10 @@ pub fn f6(r: &StudyResults) -> Verdict {
     };
     let mut all = vec![
         Number::value("quantized models tested", tested as f64),
-        Number::value("models whose raw-gradient robustness is masking", masked.len() as f64),
+        Number::value(
+            "models whose raw-gradient robustness is masking",
+            masked.len() as f64,
+        ),
     ];
     all.extend(numbers);
     Verdict {

@@ -120,9 +120,9 @@ impl StudyResults {
 /// Two-sided 97.5% Student-t quantiles for 1..=30 degrees of freedom (then 1.96).
 fn t975(df: usize) -> f64 {
     const T: [f64; 30] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
     ];
     if df == 0 {
         f64::INFINITY
@@ -242,7 +242,10 @@ pub fn collect(
                 .as_ref()
                 .and_then(|raw| raw.attacks.first().map(|a| a.per_eps.clone())),
             zero_gradient_fraction: r.diagnostics.zero_gradient_fraction,
-            raw_zero_gradient_fraction: e.raw.as_ref().map(|x| x.diagnostics.zero_gradient_fraction),
+            raw_zero_gradient_fraction: e
+                .raw
+                .as_ref()
+                .map(|x| x.diagnostics.zero_gradient_fraction),
             masking: r.diagnostics.per_eps.clone(),
             cost: Cost {
                 stage_wall_s: m.wall_s,

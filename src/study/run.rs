@@ -250,11 +250,8 @@ impl Runner<'_> {
         } else {
             self.cfg.natural.train_count
         };
-        let train_set = subset::training(
-            &self.data.train,
-            count.map(subset::SubsetSize::Count),
-            seed,
-        )?;
+        let train_set =
+            subset::training(&self.data.train, count.map(subset::SubsetSize::Count), seed)?;
         let train = DeviceData::new(&train_set, &self.dev)?;
         let path = self.model_path(key);
         let resume = crate::train::CheckpointPaths::new(&path).resume;
@@ -403,7 +400,8 @@ impl Runner<'_> {
         m.add_timing("qat", out.wall_s, &self.dev);
         m.metrics
             .insert("test_accuracy".into(), out.test.fraction());
-        m.metrics.insert("test_images".into(), out.test.total as f64);
+        m.metrics
+            .insert("test_images".into(), out.test.total as f64);
         checkpoint::save(&out.model, &self.model_path(key), &m)?;
         Ok(ModelRecord {
             id: spec.id(),
@@ -485,7 +483,14 @@ impl Runner<'_> {
             ..RobustnessConfig::default()
         };
         let t = Instant::now();
-        let report = evaluate(&model, &self.test, &idx, &attacks, &rcfg, &mut |_, _, _, _| {})?;
+        let report = evaluate(
+            &model,
+            &self.test,
+            &idx,
+            &attacks,
+            &rcfg,
+            &mut |_, _, _, _| {},
+        )?;
         let raw = if e.raw_gradients && spec.is_quantized() {
             let raw_model = with_gradient_mode(&model, GradientMode::Raw);
             let pgd: Vec<Box<dyn Attack>> = vec![Box::new(e.settings.pgd())];
