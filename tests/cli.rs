@@ -325,7 +325,7 @@ fn reproduce_prints_presets_and_refuses_bad_settings() {
     assert!(!ok && err.contains("huge"), "{err}");
     let (ok, _, err) = qr(&["reproduce", "--shard", "3/2", "--out", "x"]);
     assert!(!ok && err.contains("3/2"), "{err}");
-    let (ok, _, err) = qr(&["reproduce", "--time-budget", "-1"]);
+    let (ok, _, err) = qr(&["reproduce", "--time-budget=-1"]);
     assert!(!ok && err.contains("time-budget"), "{err}");
     let (ok, _, err) = qr(&["report", dir.path().to_str().unwrap()]);
     assert!(!ok && err.contains("results.json"), "{err}");
