@@ -114,6 +114,10 @@ pub enum Command {
     /// Redraw report.md and the plots of a study directory from its results.json.
     #[command(after_help = STUDY_EXAMPLES)]
     Report(ReportArgs),
+    /// Golden results: freeze a finished study into golden/<name>/ (`update`), or re-measure
+    /// every golden model and compare (`check`, the GPU tier).
+    #[command(subcommand)]
+    Golden(GoldenCommand),
     /// Write a small class-balanced sample of a cifar10-jpeg archive (original JPEG bytes).
     MakeSample(MakeSampleArgs),
     /// Write a data set's decoded pixels in the canonical binary format
@@ -159,6 +163,57 @@ pub struct MergeArgs {
     /// The shards' study directories.
     #[arg(required = true)]
     pub shards: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GoldenCommand {
+    /// Copy a finished study (results, report, plots, every checkpoint) into golden/<name>/
+    /// with golden.json (command, device, data, code). Refuses a dirty tree. Then run
+    /// `cargo insta test --review` (and `QR_SLOW=1 cargo insta test --review`) to update the
+    /// snapshots, and commit both with a message naming the command, device, seed and commit.
+    Update(GoldenUpdateArgs),
+    /// Re-evaluate every golden model (clean and FGSM on the golden study's evaluation
+    /// subset; all test images with --n all) and compare with golden results.
+    Check(GoldenCheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GoldenUpdateArgs {
+    /// The finished study directory (with results.json).
+    #[arg(long)]
+    pub study: PathBuf,
+    /// The golden set's name (golden/<name>/).
+    #[arg(long)]
+    pub name: String,
+    /// The device, in words: "NVIDIA H100 80GB HBM3", "2-core CPU (CI class)".
+    #[arg(long)]
+    pub device_label: String,
+    /// The command that produced the study, verbatim.
+    #[arg(long)]
+    pub command: String,
+    /// The golden root. Default golden.
+    #[arg(long, default_value = "golden")]
+    pub golden: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GoldenCheckArgs {
+    /// A golden directory (golden/<name>).
+    pub dir: PathBuf,
+    /// Test images: the golden study's evaluation subset (default), or `all`.
+    #[arg(long)]
+    pub n: Option<String>,
+    /// Images a count may differ by (0: exact, the policy on the device that made the study).
+    #[arg(long, default_value_t = 0)]
+    pub tolerance: usize,
+    /// Data (default: the one the golden study names).
+    #[arg(long)]
+    pub data: Option<DataSource>,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Write the comparison as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -474,6 +529,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Reproduce(a) => reproduce(a),
         Command::Merge(a) => merge(a),
         Command::Report(a) => report(a),
+        Command::Golden(GoldenCommand::Update(a)) => golden_update(a),
+        Command::Golden(GoldenCommand::Check(a)) => golden_check(a),
         Command::MakeSample(a) => make_sample(a),
         Command::ExportBin(a) => export_bin(a),
     }
@@ -842,6 +899,133 @@ fn merge(a: MergeArgs) -> Result<ExitCode> {
     let cfg = quant_robust::study::run::merge(&a.out, &a.shards)?;
     let data = quant_robust::study::run::load_data(&cfg).context("loading the study's data")?;
     finish(&cfg, &data.identity, &a.out, &candle_core::Device::Cpu)
+}
+
+fn golden_update(a: GoldenUpdateArgs) -> Result<ExitCode> {
+    let g = quant_robust::study::golden::update(
+        &a.study,
+        &a.golden,
+        &a.name,
+        &a.device_label,
+        &a.command,
+        Path::new("."),
+    )?;
+    tracing::info!(
+        "wrote {} ({} models, study code {}, device {} / {}, data {}); now run `cargo insta test --review` and `QR_SLOW=1 cargo insta test --review`",
+        a.golden.join(&a.name).display(),
+        g.models.len(),
+        g.code.git_commit,
+        g.device,
+        g.device_label,
+        g.data.name
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn golden_check(a: GoldenCheckArgs) -> Result<ExitCode> {
+    use quant_robust::attack::{fgsm::Fgsm, Attack, Norm};
+    use quant_robust::eval::robust::{evaluate, RobustnessConfig};
+    use quant_robust::study::golden;
+    let g = golden::read(&a.dir)?;
+    let res: quant_robust::study::StudyResults =
+        quant_robust::io::read_json(&a.dir.join("results.json"))?;
+    let dev = device::select(a.device)?;
+    let source = match &a.data {
+        Some(d) => d.clone(),
+        None => quant_robust::study::run::data_source(&res.config),
+    };
+    let data = data::load(&source)?;
+    if data.identity.test_sha256 != g.data.test_sha256 {
+        bail!(
+            "the data's test split ({}) is not the golden study's ({}, sha256 {})",
+            data.identity.name,
+            g.data.name,
+            g.data.test_sha256
+        );
+    }
+    let test = DeviceData::new(&data.test, &dev)?;
+    let n = match a.n.as_deref() {
+        None => res.config.eval.n,
+        Some("all") => None,
+        Some(v) => Some(v.parse().with_context(|| format!("--n {v}"))?),
+    };
+    let idx = quant_robust::eval::eval_indices(&test, n, res.config.eval.seed)?;
+    let mut rows = Vec::new();
+    let mut failed = 0;
+    let t = Instant::now();
+    for m in &g.models {
+        let model = checkpoint::load(&golden::checkpoint_path(&a.dir, m), &dev, false)?;
+        let attacks: Vec<Box<dyn Attack>> = vec![Box::new(Fgsm)];
+        let rcfg = RobustnessConfig {
+            norm: Norm::Linf,
+            eps: res.config.eval.eps.clone(),
+            batch_size: res.config.eval.batch_size,
+            seed: res.config.eval.seed.wrapping_add(m.spec.seed()),
+            ..RobustnessConfig::default()
+        };
+        let r = evaluate(&model, &test, &idx, &attacks, &rcfg, &mut |_, _, _, _| {})?;
+        let golden_model = res
+            .model(&m.spec)
+            .with_context(|| format!("{} is not in results.json", m.id))?;
+        let mut cmp = vec![(
+            "clean".to_string(),
+            r.clean.correct,
+            r.clean.total,
+            Some(golden_model.clean.clone()),
+        )];
+        for e in &r.attacks[0].per_eps {
+            cmp.push((
+                format!("fgsm {:.2}/255", e.eps * 255.0),
+                e.correct,
+                e.total,
+                golden_model.attack_at("fgsm", e.eps).cloned(),
+            ));
+        }
+        for (what, k, total, gold) in cmp {
+            let Some(gold) = gold else { continue };
+            // Same images: compare counts; other sizes: compare rates via the intervals.
+            let ok = if gold.total == total {
+                k.abs_diff(gold.correct) <= a.tolerance
+            } else {
+                let (lo, hi) = quant_robust::eval::wilson95(k, total);
+                gold.ci95.0 <= hi && lo <= gold.ci95.1
+            };
+            if !ok {
+                failed += 1;
+                tracing::error!(
+                    "{} {what}: {k}/{total} now, golden {}/{}",
+                    m.id,
+                    gold.correct,
+                    gold.total
+                );
+            }
+            rows.push(
+                json!({"model": m.id, "measure": what, "correct": k, "total": total,
+                "golden_correct": gold.correct, "golden_total": gold.total, "agrees": ok}),
+            );
+        }
+    }
+    tracing::info!(
+        "{} models, {} comparisons, {failed} disagree (tolerance {} images, {} test images, device {}, {:.0}s)",
+        g.models.len(),
+        rows.len(),
+        a.tolerance,
+        idx.len(),
+        device::name(&dev),
+        t.elapsed().as_secs_f64()
+    );
+    let mut man = quant_robust::manifest::Manifest::new("golden-check", &dev);
+    man.data = Some(data.identity.clone());
+    man.config = json!({"dir": a.dir, "n": idx.len(), "tolerance": a.tolerance});
+    write_result(
+        a.out.as_deref(),
+        &json!({"golden": g.name, "disagreements": failed, "comparisons": rows, "manifest": man}),
+    )?;
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn report(a: ReportArgs) -> Result<ExitCode> {

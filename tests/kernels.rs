@@ -242,3 +242,37 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// The fused PACT equals the composed ops: values exactly, ∂/∂x exactly, ∂/∂α to float
+    /// summation order; x = α and x = 0 exactly included.
+    #[test]
+    fn fused_pact_equals_composed(bits in 2u32..9, alpha in 0.05f32..12.0, seed in 0u64..1000) {
+        use quant_robust::kernels::pact::pact_ste;
+        use quant_robust::quant::pact::pact_composed;
+        use quant_robust::quant::GradientMode;
+        let mut v = Rng::new(seed, "pact").uniform_vec(3000, -0.5 * alpha, 1.5 * alpha);
+        v[0] = alpha;
+        v[1] = 0.0;
+        v[2] = -0.0;
+        let x = Var::from_tensor(&Tensor::from_vec(v, (3, 1000), &Device::Cpu).unwrap()).unwrap();
+        let a1 = Var::new(alpha, &Device::Cpu).unwrap();
+        let a2 = Var::new(alpha, &Device::Cpu).unwrap();
+        let fused = pact_ste(x.as_tensor(), a1.as_tensor(), bits).unwrap().unwrap();
+        let composed = pact_composed(x.as_tensor(), a2.as_tensor(), bits, GradientMode::Ste).unwrap();
+        let fa: Vec<f32> = fused.flatten_all().unwrap().to_vec1().unwrap();
+        let ca: Vec<f32> = composed.flatten_all().unwrap().to_vec1().unwrap();
+        prop_assert_eq!(fa, ca);
+        let w = rand(&[3, 1000], seed + 7);
+        let g1 = (&fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&composed * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx1: Vec<f32> = g1.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let dx2: Vec<f32> = g2.get(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        prop_assert_eq!(dx1, dx2);
+        let da1 = g1.get(&a1).unwrap().to_scalar::<f32>().unwrap();
+        let da2 = g2.get(&a2).unwrap().to_scalar::<f32>().unwrap();
+        prop_assert!((da1 - da2).abs() <= 1e-4 * (1.0 + da2.abs()), "{} vs {}", da1, da2);
+    }
+}

@@ -6,6 +6,8 @@ mod common;
 mod attack;
 // CLI parsing and user-facing errors.
 mod cli;
+// Golden gates: snapshots of every golden model, consistency, findings, mutation checks.
+mod golden;
 // Loaders (archive, binary batches, image folders), bad input, subsets, augmentation.
 mod data;
 // CPU kernels equal candle's reference ops.

@@ -5,13 +5,14 @@
 //! training or attack step ~20 images/s on 2 cores. [`conv2d`] replaces the convolution on
 //! the CPU with im2col + GEMM (the `gemm` crate candle itself uses for matmul) in all three
 //! directions, parallel over the images of the batch; [`batch_norm`] fuses BatchNorm (both
-//! modes) and ReLU with their gradients; [`fake_quant`] fuses activation fake quantization. On CUDA the model keeps candle's own operations.
+//! modes) and ReLU with their gradients; [`fake_quant`] and [`pact`] fuse activation fake quantization (PTQ's and QAT's). On CUDA the model keeps candle's own operations.
 //! Results equal candle's reference path within float tolerance (tested on
 //! random shapes).
 
 pub mod batch_norm;
 pub mod conv2d;
 pub mod fake_quant;
+pub mod pact;
 
 pub use batch_norm::{batch_norm_train, channel_affine, channel_stats, relu};
 pub use conv2d::conv2d;

@@ -18,6 +18,17 @@ use crate::Result;
 
 /// PACT with `bits` bits and clipping level `alpha` (a scalar tensor, possibly a variable).
 pub fn pact(x: &Tensor, alpha: &Tensor, bits: u32, mode: GradientMode) -> Result<Tensor> {
+    if mode == GradientMode::Ste {
+        if let Some(y) = crate::kernels::pact::pact_ste(x, alpha, bits)? {
+            return Ok(y);
+        }
+    }
+    pact_composed(x, alpha, bits, mode)
+}
+
+/// PACT from candle's elementwise ops (CUDA, raw mode, and the reference of the fused CPU
+/// kernel).
+pub fn pact_composed(x: &Tensor, alpha: &Tensor, bits: u32, mode: GradientMode) -> Result<Tensor> {
     let levels = ((1u64 << bits) - 1) as f64;
     let a = alpha.broadcast_as(x.shape())?;
     let below = x.lt(&a)?.to_dtype(x.dtype())?;

@@ -555,8 +555,8 @@ pub fn smoke() -> StudyConfig {
         epochs,
         lr,
         batch_size: 64,
-        eval_images: Some(200),
-        eval_adv_images: 50,
+        eval_images: Some(100),
+        eval_adv_images: 20,
         ..TrainConfig::default()
     };
     let pgd2 = PgdConfig {

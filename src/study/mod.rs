@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod findings;
+pub mod golden;
 pub mod plan;
 pub mod results;
 pub mod run;
