@@ -1,7 +1,8 @@
 //! CPU benchmarks of the operations that dominate the study: the evaluation forward pass,
 //! one attack step (forward + input gradient), one PGD step (with projection) and one
-//! training step, ResNet-20 at batch 128, reported as images/s (criterion's element
-//! throughput); and the quantizers, in elements/s.
+//! training step and one QAT (PACT W4A4) step, ResNet-20 at batch 128, and the evaluation
+//! forward pass at batch 1000, reported as images/s (criterion's element throughput); and the
+//! quantizers, in elements/s.
 //!
 //! `cargo bench` measures; `cargo bench -- --test` runs each once (the CI smoke run).
 
@@ -18,15 +19,15 @@ use quant_robust::train::{Sgd, SgdConfig};
 const BATCH: usize = 128;
 
 fn inputs(dev: &Device) -> (Tensor, Tensor) {
+    inputs_n(dev, BATCH)
+}
+
+fn inputs_n(dev: &Device, n: usize) -> (Tensor, Tensor) {
     let mut rng = Rng::new(0, "bench");
-    let x = Tensor::from_vec(
-        rng.uniform_vec(BATCH * 3072, 0.0, 1.0),
-        (BATCH, 3, 32, 32),
-        dev,
-    )
-    .expect("input");
-    let y: Vec<u32> = (0..BATCH as u32).map(|i| i % 10).collect();
-    (x, Tensor::from_vec(y, BATCH, dev).expect("labels"))
+    let x =
+        Tensor::from_vec(rng.uniform_vec(n * 3072, 0.0, 1.0), (n, 3, 32, 32), dev).expect("input");
+    let y: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
+    (x, Tensor::from_vec(y, n, dev).expect("labels"))
 }
 
 fn cpu(c: &mut Criterion) {
@@ -69,6 +70,43 @@ fn cpu(c: &mut Criterion) {
             opt.step(&loss.backward().expect("backward"), 0.01)
                 .expect("step");
         })
+    });
+    // QAT (PACT W4A4 activations, DoReFa W4 weights): one training step.
+    let qat_model = {
+        use quant_robust::quant::qat::{PactSeam, QatConfig};
+        use quant_robust::quant::seam::{CalibMethod, Calibration, UniformConfig};
+        let cal = std::sync::Arc::new(Calibration::new(CalibMethod::Max));
+        model
+            .frozen()
+            .with_seam(cal.clone())
+            .forward(&x, false)
+            .expect("calibrate");
+        let cfg = QatConfig {
+            bits: UniformConfig::parse("w4a4").expect("bits"),
+            ..QatConfig::default()
+        };
+        let seam = std::sync::Arc::new(PactSeam::new(cfg, &cal.ranges(), &dev).expect("seam"));
+        let m = ResNet20::init(&mut Rng::new(0, "init"), &dev).expect("model");
+        m.with_seam(seam)
+    };
+    let mut qopt = Sgd::new(qat_model.trainable_vars(), SgdConfig::default()).expect("sgd");
+    for (name, var, wd) in qat_model.seam().trainable() {
+        qopt.add_var(name, var, wd);
+    }
+    g.bench_function("qat_w4a4_step_b128", |b| {
+        b.iter(|| {
+            let loss = cross_entropy(&qat_model.forward(&x, true).expect("fwd"), &y).expect("loss");
+            qopt.step(&loss.backward().expect("backward"), 0.01)
+                .expect("step");
+        })
+    });
+    g.finish();
+    let (x1000, _) = inputs_n(&dev, 1000);
+    let mut g = c.benchmark_group("cpu");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("eval_forward_b1000", |b| {
+        b.iter(|| frozen.forward(&x1000, false).expect("forward"))
     });
     g.finish();
 }

@@ -383,6 +383,39 @@ fn readme_main_job_reproduces_the_smoke_study() {
             v.id
         );
     }
+    // The whole pipeline is deterministic on the CPU: the run reproduces the pinned smoke
+    // set exactly (every count of every model, every verdict).
+    let golden_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/smoke-cpu");
+    let golden: quant_robust::study::StudyResults =
+        serde_json::from_str(&std::fs::read_to_string(golden_dir.join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        golden.config, res.config,
+        "golden/smoke-cpu was made with another smoke preset"
+    );
+    for (g, m) in golden.models.iter().zip(&res.models) {
+        assert_eq!(g.id, m.id);
+        let counts = |x: &quant_robust::study::results::ModelResult| {
+            let mut v = vec![x.clean.correct];
+            v.extend(x.worst_case.iter().map(|e| e.correct));
+            v.extend(
+                x.attacks
+                    .iter()
+                    .flat_map(|a| a.per_eps.iter().map(|e| e.correct)),
+            );
+            v.extend(x.raw_pgd.iter().flatten().map(|e| e.correct));
+            v
+        };
+        assert_eq!(
+            counts(g),
+            counts(m),
+            "{}: the smoke study no longer reproduces golden/smoke-cpu (if intended, follow golden/README.md's update procedure)",
+            m.id
+        );
+    }
+    for (g, v) in golden.findings.iter().zip(&res.findings) {
+        assert_eq!(g.status, v.status, "{} moved", v.id);
+    }
     // `report` redraws from results.json alone.
     std::fs::remove_file(out.join("report.md")).unwrap();
     let (ok, _, err) = qr(&["report", o]);

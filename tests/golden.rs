@@ -233,3 +233,32 @@ fn snapshot_tests_fail_when_a_weight_or_eps_moves() {
         "halving ε left every count unchanged"
     );
 }
+
+#[test]
+fn golden_update_refuses_without_provenance() {
+    let dir = crate::common::tempdir();
+    let e = golden::update(dir.path(), dir.path(), "x", " ", "cmd", &root())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("device-label"), "{e}");
+    let e = golden::update(dir.path(), dir.path(), "x", "cpu", "", &root())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("command"), "{e}");
+    let e = golden::update(dir.path(), dir.path(), "../x", "cpu", "cmd", &root())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("name"), "{e}");
+    // Results made by code from a dirty tree are refused (or, in a dirty checkout, the tree
+    // or the binary is refused first).
+    let study = dir.path().join("study");
+    let mut res: StudyResults =
+        quant_robust::io::read_json(&golden_dirs()[0].join("results.json")).unwrap();
+    res.manifest.code.git_dirty = true;
+    quant_robust::io::write_json_atomic(&study.join("results.json"), &res).unwrap();
+    let e = golden::update(&study, dir.path(), "x", "cpu", "cmd", &root())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dirty") || e.contains("uncommitted"), "{e}");
+    assert!(!dir.path().join("x").exists(), "nothing written on refusal");
+}
