@@ -422,3 +422,30 @@ fn readme_main_job_reproduces_the_smoke_study() {
     assert!(ok, "{err}");
     assert_eq!(std::fs::read_to_string(out.join("report.md")).unwrap(), md);
 }
+
+/// The GPU tier's command, run here on the CPU: every golden model agrees with the golden
+/// results exactly; a wrong data set is refused.
+#[test]
+fn golden_check_agrees_with_the_pinned_set() {
+    let dir = tempdir();
+    let out = dir.path().join("check.json");
+    let g = concat!(env!("CARGO_MANIFEST_DIR"), "/golden/smoke-cpu");
+    let (ok, _, err) = qr(&[
+        "golden",
+        "check",
+        g,
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["disagreements"], 0);
+    assert_eq!(v["comparisons"].as_array().unwrap().len(), 17 * 3);
+    if let Some(archive) = crate::common::shipped_archive() {
+        let (ok, _, err) = qr(&["golden", "check", g, "--data", archive.to_str().unwrap()]);
+        assert!(!ok && err.contains("not the golden study's"), "{err}");
+    }
+}
