@@ -363,9 +363,6 @@ impl CustomOp2 for AffineGradParams {
 /// max(x, 0).
 struct ReluOp;
 
-/// (x, dy) → dy·[x > 0].
-struct ReluGrad;
-
 impl CustomOp1 for ReluOp {
     fn name(&self) -> &'static str {
         "qr-relu"
@@ -383,31 +380,13 @@ impl CustomOp1 for ReluOp {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &ReluGrad)?))
-    }
-}
-
-impl CustomOp2 for ReluGrad {
-    fn name(&self) -> &'static str {
-        "qr-relu-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(x.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
-            .for_each(|(o, (xs, gs))| {
-                for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
-                    *o = if v > 0.0 { g } else { 0.0 };
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let positive = super::IntervalGrad {
+            lo: 0.0,
+            lo_inclusive: false,
+            hi: f32::INFINITY,
+            hi_inclusive: true,
+        };
+        Ok(Some(positive.apply(x, dy)?))
     }
 }
 

@@ -3,7 +3,7 @@
 //! or the raw gradient (zero). The composed candle version takes ~20 elementwise ops per
 //! call, forward and backward; this is one.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::slice;
@@ -16,12 +16,6 @@ pub struct FakeQuant {
     pub q_max: f32,
     /// Straight-through gradient (else the raw, zero, gradient).
     pub ste: bool,
-}
-
-/// (x, dy) → dy·[lo ≤ x ≤ hi].
-struct SteGrad {
-    lo: f32,
-    hi: f32,
 }
 
 const CHUNK: usize = 1 << 14;
@@ -47,40 +41,13 @@ impl CustomOp1 for FakeQuant {
         if !self.ste {
             return Ok(Some(dy.zeros_like()?));
         }
-        let g = SteGrad {
+        let inside = super::IntervalGrad {
             lo: self.q_min * self.scale,
+            lo_inclusive: true,
             hi: self.q_max * self.scale,
+            hi_inclusive: true,
         };
-        Ok(Some(x.apply_op2_no_bwd(&dy.contiguous()?, &g)?))
-    }
-}
-
-impl CustomOp2 for SteGrad {
-    fn name(&self) -> &'static str {
-        "qr-fake-quant-ste-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "input")?;
-        let dy = slice(s2, l2, "output gradient")?;
-        if x.len() != dy.len() {
-            candle_core::bail!("fake-quant gradient: {} vs {} elements", x.len(), dy.len());
-        }
-        let mut g = vec![0f32; x.len()];
-        let (lo, hi) = (self.lo, self.hi);
-        g.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(o, (xs, ds))| {
-                for ((o, &v), &d) in o.iter_mut().zip(xs).zip(ds) {
-                    *o = if v >= lo && v <= hi { d } else { 0.0 };
-                }
-            });
-        Ok((CpuStorage::F32(g), l1.shape().clone()))
+        Ok(Some(inside.apply(x, dy)?))
     }
 }
 

@@ -29,3 +29,68 @@ pub(crate) fn slice<'a>(
         None => candle_core::bail!("kernel: {what} must be contiguous"),
     }
 }
+
+/// The gradient of an op that passes its input through where it lies in an interval and is
+/// flat elsewhere: (x, dy) → dy·[x ∈ interval]. ReLU (x > 0), the straight-through
+/// fake quantizer (lo ≤ x ≤ hi) and PACT's input gradient (0 ≤ x < α) all use it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IntervalGrad {
+    pub lo: f32,
+    pub lo_inclusive: bool,
+    pub hi: f32,
+    pub hi_inclusive: bool,
+}
+
+impl IntervalGrad {
+    fn inside(&self, v: f32) -> bool {
+        let above = if self.lo_inclusive {
+            v >= self.lo
+        } else {
+            v > self.lo
+        };
+        let below = if self.hi_inclusive {
+            v <= self.hi
+        } else {
+            v < self.hi
+        };
+        above && below
+    }
+
+    /// dy·[x ∈ interval] for a CPU `x` and `dy` of the same shape.
+    pub fn apply(
+        self,
+        x: &candle_core::Tensor,
+        dy: &candle_core::Tensor,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        x.apply_op2_no_bwd(&dy.contiguous()?, &self)
+    }
+}
+
+impl candle_core::CustomOp2 for IntervalGrad {
+    fn name(&self) -> &'static str {
+        "qr-interval-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 14;
+        let (x, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
+        if x.len() != dy.len() {
+            candle_core::bail!("gradient: {} inputs vs {} gradients", x.len(), dy.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
+            .for_each(|(o, (xs, gs))| {
+                for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
+                    *o = if self.inside(v) { g } else { 0.0 };
+                }
+            });
+        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+}

@@ -15,11 +15,6 @@ pub struct Pact {
     pub levels: f64,
 }
 
-/// (x, α, dy) → (dx, dα) through a CustomOp2 on (x, dy) with α captured.
-struct PactGradX {
-    alpha: f32,
-}
-
 const CHUNK: usize = 1 << 14;
 
 fn scalar(s: &CpuStorage, l: &Layout) -> candle_core::Result<f32> {
@@ -74,40 +69,17 @@ impl CustomOp2 for Pact {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let a = alpha.flatten_all()?.to_vec1::<f32>()?[0];
         let dy = dy.contiguous()?;
-        let dx = x.apply_op2_no_bwd(&dy, &PactGradX { alpha: a })?;
+        let dx = super::IntervalGrad {
+            lo: 0.0,
+            lo_inclusive: true,
+            hi: a,
+            hi_inclusive: false,
+        }
+        .apply(x, &dy)?;
         // dα = Σ dy·[x ≥ α].
         let above = x.ge(&alpha.broadcast_as(x.shape())?)?.to_dtype(x.dtype())?;
         let da = (dy * above)?.sum_all()?.reshape(alpha.shape())?;
         Ok((Some(dx), Some(da)))
-    }
-}
-
-impl CustomOp2 for PactGradX {
-    fn name(&self) -> &'static str {
-        "qr-pact-grad-x"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, "input")?;
-        let dy = slice(s2, l2, "output gradient")?;
-        if x.len() != dy.len() {
-            candle_core::bail!("pact gradient: {} vs {} elements", x.len(), dy.len());
-        }
-        let a = self.alpha;
-        let mut g = vec![0f32; x.len()];
-        g.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-            .for_each(|(o, (xs, ds))| {
-                for ((o, &v), &d) in o.iter_mut().zip(xs).zip(ds) {
-                    *o = if v >= 0.0 && v < a { d } else { 0.0 };
-                }
-            });
-        Ok((CpuStorage::F32(g), l1.shape().clone()))
     }
 }
 
