@@ -63,6 +63,8 @@ Examples:
   quant-robust reproduce --preset smoke --out runs/study-smoke
   # the study at reduced epochs (GPU); stop cleanly after 9 minutes, run again to continue
   quant-robust reproduce --preset fast --out runs/study-fast --time-budget 540
+  # on the GPU machine, with the data carried elsewhere
+  quant-robust reproduce --preset fast --data .device/data/cifar10-jpeg.tar.gz --device cuda
   # split the cells over 4 machines, then merge the shards and write the report
   quant-robust reproduce --preset fast --out shard1 --shard 1/4   # ... up to 4/4
   quant-robust merge --out runs/study-fast shard1 shard2 shard3 shard4
@@ -147,6 +149,10 @@ pub struct ReproduceArgs {
     /// Stop cleanly (resumable) after computing this many stages.
     #[arg(long)]
     pub max_stages: Option<usize>,
+    /// Data path (overrides the configuration's `data`; results are keyed by the data's
+    /// content hashes, not its path, so the same data anywhere gives the same cache).
+    #[arg(long)]
+    pub data: Option<String>,
     /// Print the full configuration (every default written out) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -783,11 +789,14 @@ pub const EXIT_STOPPED_EARLY: u8 = 75;
 
 fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
     use quant_robust::study::{run, StudyConfig};
-    let cfg = match &a.config {
+    let mut cfg = match &a.config {
         Some(p) => StudyConfig::from_file(p)
             .with_context(|| format!("reading the study configuration {}", p.display()))?,
         None => StudyConfig::preset(&a.preset)?,
     };
+    if let Some(d) = &a.data {
+        cfg.data = d.clone();
+    }
     if a.print_config {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(ExitCode::SUCCESS);

@@ -320,13 +320,16 @@ fn cache_resume_and_shards_give_the_same_results() {
     // Two shards on "two machines", merged: the same results.
     let s1 = root.path().join("s1");
     let s2 = root.path().join("s2");
-    for (k, dir) in [(1, &s1), (2, &s2)] {
+    // The second machine keeps the same data under another path: the keys use its hashes.
+    let mut c_elsewhere = c.clone();
+    c_elsewhere.data = "/elsewhere/cifar10-jpeg-sample.tar.gz".into();
+    for (k, dir, cfg) in [(1, &s1, &c), (2, &s2, &c_elsewhere)] {
         let o = RunOptions {
             shard: Some((k, 2)),
             ..RunOptions::default()
         };
         assert!(matches!(
-            run::run(&c, data, dir, &dev, &o).unwrap(),
+            run::run(cfg, data, dir, &dev, &o).unwrap(),
             RunStatus::Complete { .. }
         ));
     }

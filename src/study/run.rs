@@ -610,11 +610,21 @@ pub fn run(
 /// The shards must have run the same configuration.
 pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<StudyConfig> {
     let mut cfg: Option<StudyConfig> = None;
+    // Shards may read the same data from different paths: compare all but `data`.
+    let same = |a: &StudyConfig, b: &StudyConfig| {
+        StudyConfig {
+            data: String::new(),
+            ..a.clone()
+        } == StudyConfig {
+            data: String::new(),
+            ..b.clone()
+        }
+    };
     for s in shards {
         let c: StudyConfig = crate::io::read_json(&s.join("study.json"))?;
         match &cfg {
             None => cfg = Some(c),
-            Some(first) if *first != c => {
+            Some(first) if !same(first, &c) => {
                 return Err(Error::config(
                     "merge",
                     s.display(),
