@@ -42,6 +42,12 @@ where
     Ok(())
 }
 
+/// Copies a file, writing the copy atomically.
+pub fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
+    let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
+    write_bytes_atomic(dst, &bytes)
+}
+
 /// Writes bytes atomically.
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, |w| w.write_all(bytes))

@@ -36,6 +36,15 @@ impl CodeVersion {
     }
 }
 
+/// Wall seconds counted as GPU-seconds: `wall_s` on a GPU, 0 on the CPU.
+pub fn gpu_seconds(device: &candle_core::Device, wall_s: f64) -> f64 {
+    if device.is_cuda() {
+        wall_s
+    } else {
+        0.0
+    }
+}
+
 /// Time spent in one stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageTiming {
@@ -87,7 +96,7 @@ impl Manifest {
         self.timings.push(StageTiming {
             stage: stage.into(),
             wall_s,
-            gpu_s: if device.is_cuda() { wall_s } else { 0.0 },
+            gpu_s: gpu_seconds(device, wall_s),
         });
     }
 }

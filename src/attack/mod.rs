@@ -307,6 +307,16 @@ where
     Ok(best)
 }
 
+/// A radius for people: `8/255` when ε is a whole number of 255ths, else `0.0314`.
+pub fn eps_label(eps: f64) -> String {
+    let v = eps * 255.0;
+    if (v - v.round()).abs() < 1e-6 {
+        format!("{}/255", v.round())
+    } else {
+        format!("{eps:.4}")
+    }
+}
+
 /// The settings of the attacks that are built by name ([`build`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::plots::{LinePlot, Series};
+use crate::attack::eps_label;
 use crate::eval::robust::EpsAccuracy;
 use crate::study::config::Init;
 use crate::study::findings::{effect, Status};
@@ -25,15 +26,6 @@ fn opt_pct(a: Option<&EpsAccuracy>) -> String {
     a.map(pct).unwrap_or_else(|| "–".into())
 }
 
-fn eps_name(eps: f64) -> String {
-    let v = eps * 255.0;
-    if (v - v.round()).abs() < 1e-6 {
-        format!("{}/255", v.round())
-    } else {
-        format!("{eps:.4}")
-    }
-}
-
 /// A markdown table.
 fn table(head: &[String], rows: &[Vec<String>]) -> String {
     let mut s = format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
@@ -48,7 +40,7 @@ fn worst_cols(res: &StudyResults) -> Vec<String> {
         .eval
         .eps
         .iter()
-        .map(|&e| format!("robust {} (worst case)", eps_name(e)))
+        .map(|&e| format!("robust {} (worst case)", eps_label(e)))
         .collect()
 }
 
@@ -232,7 +224,7 @@ pub fn markdown(res: &StudyResults) -> String {
         b.init,
         if b.adversarial { " with AT" } else { "" },
         b.fraction,
-        eps_name(e1)
+        eps_label(e1)
     );
     let attacks: Vec<String> = res
         .models
@@ -278,7 +270,7 @@ pub fn markdown(res: &StudyResults) -> String {
         "\n## Robustness vs training-data fraction (QAT{} {})\n\nWorst-case robust accuracy at ε {} (clean in brackets). Plot: `plots/fraction.svg`.\n",
         if d.adversarial { "+AT" } else { "" },
         d.bits,
-        eps_name(e)
+        eps_label(e)
     );
     let mut head = vec!["fraction".to_string()];
     head.extend(d.inits.iter().map(|i| format!("{i} init")));
@@ -377,7 +369,7 @@ pub fn markdown(res: &StudyResults) -> String {
         "\n## Gradient masking (ε {})\n\nPer quantized model: PGD through the quantizers with straight-through (STE) and with raw (true, almost everywhere zero) gradients, \
          the gradient-free Square attack, and the transfer attack from the full-precision reference. A raw-gradient accuracy far above the others is masking, not robustness. \
          \"Effect\" compares the worst case with the FP reference's.\n",
-        eps_name(e)
+        eps_label(e)
     );
     let head = [
         "model",
@@ -499,7 +491,7 @@ pub fn plots(res: &StudyResults) -> Vec<(&'static str, LinePlot)> {
     ]
     .iter()
     .map(|(name, acts)| Series {
-        name: format!("{name}, ε {}", eps_name(c.findings.f1_eps)),
+        name: format!("{name}, ε {}", eps_label(c.findings.f1_eps)),
         points: b
             .bits
             .iter()
@@ -556,7 +548,7 @@ pub fn plots(res: &StudyResults) -> Vec<(&'static str, LinePlot)> {
             "QAT{} {}: robustness at ε {} vs data fraction",
             if d.adversarial { "+AT" } else { "" },
             d.bits,
-            eps_name(c.findings.eps)
+            eps_label(c.findings.eps)
         ),
         x_label: "fraction of the training split (log)".into(),
         y_label: "worst-case robust accuracy (%)".into(),

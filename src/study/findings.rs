@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::config::Init;
 use super::plan::ModelSpec;
 use super::results::{ModelResult, StudyResults};
+use crate::attack::eps_label;
 use crate::eval::{wilson95, Accuracy};
 
 /// A verdict's status.
@@ -146,13 +147,6 @@ fn worst(m: &ModelResult, eps: f64) -> Option<Accuracy> {
     })
 }
 
-fn eps_name(eps: f64) -> String {
-    format!("{:.3}/255", eps * 255.0)
-        .trim_end_matches('0')
-        .trim_end_matches('.')
-        .to_string()
-}
-
 /// Every finding, F1 to F6.
 pub fn all(r: &StudyResults) -> Vec<Verdict> {
     vec![f1(r), f2(r), f3(r), f4(r), f5(r), f6(r)]
@@ -243,7 +237,7 @@ pub fn f1(r: &StudyResults) -> Verdict {
         F1,
         format!(
             "worst-case robust accuracy at ε {}: QAT W32Ab (activations only) − WbA32 (weights only), b ∈ {:?}, {} init",
-            eps_name(eps),
+            eps_label(eps),
             s.bits,
             s.init
         ),
@@ -273,7 +267,7 @@ pub fn f2(r: &StudyResults) -> Verdict {
         F2,
         format!(
             "worst-case robust accuracy at ε {}: PTQ from robust init − PTQ from natural init, bits {:?}",
-            eps_name(eps),
+            eps_label(eps),
             r.config.grid.ptq_table.bits
         ),
         pool(r, &pairs, eps),
@@ -344,7 +338,7 @@ pub fn f3(r: &StudyResults) -> Verdict {
         F3,
         format!(
             "worst-case robust accuracy at ε {}: QAT with AT − QAT without, same init and bits; and the stage-cost ratio (≥ {} counts as large)",
-            eps_name(eps),
+            eps_label(eps),
             r.config.findings.f3_min_cost_ratio
         ),
         pool(r, &pairs, eps),
@@ -424,7 +418,7 @@ pub fn f4(r: &StudyResults) -> Verdict {
             F4,
             format!(
                 "worst-case robust accuracy at ε {}: QAT{} {} from robust init − from {other} init, fractions {:?} (the weaker of the comparisons decides)",
-                eps_name(eps),
+                eps_label(eps),
                 if c.adversarial { "+AT" } else { "" },
                 c.bits,
                 partial
@@ -524,7 +518,7 @@ pub fn f5(r: &StudyResults) -> Verdict {
         status,
         measure: format!(
             "per quantized cell: worst-case robust accuracy at ε {} − its full-precision reference's (parent; for random init the FP model trained the same way), classified by its 95% interval",
-            eps_name(eps)
+            eps_label(eps)
         ),
         margin: None,
         margin_ci95: None,
@@ -591,7 +585,7 @@ pub fn f6(r: &StudyResults) -> Verdict {
         status,
         measure: format!(
             "per quantized model at ε {}: PGD accuracy with raw gradients − worst case over STE attacks, Square and transfer (largest gap shown as the margin)",
-            eps_name(eps)
+            eps_label(eps)
         ),
         margin: best.map(|b| b.0),
         margin_ci95: best.map(|b| b.1),

@@ -16,6 +16,7 @@ use crate::attack::{fgsm::Fgsm, pgd::Pgd, Attack, Norm};
 use crate::data::batch::DeviceData;
 use crate::data::DataIdentity;
 use crate::eval::robust::{evaluate, RobustnessConfig};
+use crate::io::copy_atomic as copy;
 use crate::manifest::CodeVersion;
 use crate::model::Classifier;
 use crate::{Error, Result};
@@ -88,11 +89,6 @@ fn git_dirty(dir: &Path) -> Option<bool> {
         .ok()
         .filter(|o| o.status.success())
         .map(|o| !o.stdout.is_empty())
-}
-
-fn copy(src: &Path, dst: &Path) -> Result<()> {
-    let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
-    crate::io::write_bytes_atomic(dst, &bytes)
 }
 
 /// Freezes the finished study in `study_dir` into `golden_root/<name>/`.

@@ -30,7 +30,7 @@ use crate::attack::{pgd::Pgd, transfer::Transfer, Attack, Norm};
 use crate::data::batch::DeviceData;
 use crate::data::{self, subset, CifarData, DataSource};
 use crate::eval::robust::{evaluate, RobustnessConfig, RobustnessReport};
-use crate::manifest::Manifest;
+use crate::manifest::{gpu_seconds, Manifest};
 use crate::model::{checkpoint, ResNet20};
 use crate::quant::ptq::{post_training_quantize, PtqConfig};
 use crate::quant::qat::QatConfig;
@@ -283,11 +283,7 @@ impl Runner<'_> {
             spec: spec.clone(),
             checkpoint: format!("cache/{key}/model.safetensors"),
             wall_s: trainer.state.wall_s,
-            gpu_s: if self.dev.is_cuda() {
-                trainer.state.wall_s
-            } else {
-                0.0
-            },
+            gpu_s: gpu_seconds(&self.dev, trainer.state.wall_s),
             images: train.len(),
             details: serde_json::json!({ "history": trainer.state.history }),
             manifest: m,
@@ -338,7 +334,7 @@ impl Runner<'_> {
             spec: spec.clone(),
             checkpoint: format!("cache/{key}/model.safetensors"),
             wall_s: wall,
-            gpu_s: if self.dev.is_cuda() { wall } else { 0.0 },
+            gpu_s: gpu_seconds(&self.dev, wall),
             images: calib.len(),
             details: serde_json::json!({
                 "breakpoint_ratio_p_over_m": q.breakpoint_ratios,
@@ -409,7 +405,7 @@ impl Runner<'_> {
             spec: spec.clone(),
             checkpoint: format!("cache/{key}/model.safetensors"),
             wall_s: out.wall_s,
-            gpu_s: if self.dev.is_cuda() { out.wall_s } else { 0.0 },
+            gpu_s: gpu_seconds(&self.dev, out.wall_s),
             images: train.len(),
             details: serde_json::json!({
                 "history": out.history,
@@ -523,7 +519,7 @@ impl Runner<'_> {
             report,
             raw,
             wall_s: wall,
-            gpu_s: if self.dev.is_cuda() { wall } else { 0.0 },
+            gpu_s: gpu_seconds(&self.dev, wall),
             manifest: m,
         })
     }
@@ -659,12 +655,9 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<StudyConfig> {
                 if name == "record.json" {
                     continue;
                 }
-                let bytes = std::fs::read(f.path()).map_err(|e| Error::io(f.path(), e))?;
-                crate::io::write_bytes_atomic(&dst.join(&name), &bytes)?;
+                crate::io::copy_atomic(&f.path(), &dst.join(&name))?;
             }
-            let rec = std::fs::read(src.join("record.json"))
-                .map_err(|e| Error::io(src.join("record.json"), e))?;
-            crate::io::write_bytes_atomic(&dst.join("record.json"), &rec)?;
+            crate::io::copy_atomic(&src.join("record.json"), &dst.join("record.json"))?;
         }
     }
     Ok(cfg)
