@@ -1,9 +1,10 @@
 //! CPU kernels equal candle's reference path: forward, input gradient and weight gradient of
-//! the im2col + GEMM convolution against candle's `conv2d`, over random shapes.
+//! each convolution path (im2col + GEMM, and the direct 3×3 kernel for every instruction set
+//! this machine runs) against candle's `conv2d`, over random shapes.
 
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
-use quant_robust::kernels::conv2d;
+use quant_robust::kernels::{conv2d, conv2d_with, ConvPath, Isa};
 use quant_robust::rng::Rng;
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -36,7 +37,20 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     d / scale
 }
 
-/// Forward, dx and dw of our op and candle's, for one geometry.
+/// The convolution paths this machine runs: im2col, the automatic choice, and the direct
+/// kernel for each instruction set available.
+fn paths() -> Vec<ConvPath> {
+    let mut p = vec![ConvPath::Im2col, ConvPath::Auto];
+    p.extend(
+        [Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.available())
+            .map(ConvPath::Direct),
+    );
+    p
+}
+
+/// Forward, dx and dw of our op and candle's, for one geometry (square images).
 #[allow(clippy::too_many_arguments)]
 fn compare(
     n: usize,
@@ -48,15 +62,29 @@ fn compare(
     pad: usize,
     seed: u64,
 ) {
-    let x = Var::from_tensor(&rand(&[n, c, hw, hw], seed)).unwrap();
+    compare_on(ConvPath::Auto, [n, c, hw, hw], o, k, stride, pad, seed);
+    compare_on(ConvPath::Im2col, [n, c, hw, hw], o, k, stride, pad, seed);
+}
+
+/// Forward, dx and dw of our op on `path` and candle's, for one geometry.
+fn compare_on(
+    path: ConvPath,
+    [n, c, h, wd]: [usize; 4],
+    o: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    seed: u64,
+) {
+    let x = Var::from_tensor(&rand(&[n, c, h, wd], seed)).unwrap();
     let w = Var::from_tensor(&rand(&[o, c, k, k], seed + 1)).unwrap();
-    let ours = conv2d(x.as_tensor(), w.as_tensor(), pad, stride).unwrap();
+    let ours = conv2d_with(x.as_tensor(), w.as_tensor(), pad, stride, path).unwrap();
     let reference = x
         .as_tensor()
         .conv2d(w.as_tensor(), pad, stride, 1, 1)
         .unwrap();
     assert_eq!(ours.dims(), reference.dims());
-    assert!(max_rel_diff(&ours, &reference) < 1e-5, "forward");
+    assert!(max_rel_diff(&ours, &reference) < 1e-5, "{path:?}: forward");
     // A loss that weights every output differently, so the gradients are not symmetric.
     let r = rand(reference.dims(), seed + 2);
     let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -74,8 +102,31 @@ fn compare(
         g1.get(w.as_tensor()).unwrap(),
         g2.get(w.as_tensor()).unwrap(),
     );
-    assert!(dx < 1e-5, "input gradient differs by {dx}");
-    assert!(dw < 1e-5, "weight gradient differs by {dw}");
+    assert!(dx < 1e-5, "{path:?}: input gradient differs by {dx}");
+    assert!(dw < 1e-5, "{path:?}: weight gradient differs by {dw}");
+}
+
+#[test]
+fn every_path_matches_candle_on_resnet20_geometries() {
+    for path in paths() {
+        compare_on(path, [2, 3, 32, 32], 16, 3, 1, 1, 11);
+        compare_on(path, [2, 16, 32, 32], 16, 3, 1, 1, 12);
+        compare_on(path, [2, 32, 16, 16], 32, 3, 1, 1, 13);
+        compare_on(path, [3, 64, 8, 8], 64, 3, 1, 1, 14);
+    }
+}
+
+#[test]
+fn a_forced_path_that_does_not_fit_is_an_error() {
+    let x = rand(&[1, 2, 7, 7], 1);
+    let w = rand(&[3, 2, 3, 3], 2);
+    for isa in [Isa::Avx2, Isa::Avx512] {
+        let e = conv2d_with(&x, &w, 1, 1, ConvPath::Direct(isa)).unwrap_err();
+        assert!(e.to_string().contains("conv2d"), "{e}");
+    }
+    // Stride 2 never takes the direct path.
+    let x = rand(&[1, 2, 8, 8], 3);
+    assert!(conv2d_with(&x, &w, 1, 2, ConvPath::Direct(Isa::Avx2)).is_err());
 }
 
 #[test]
@@ -116,6 +167,22 @@ proptest! {
         seed in 0u64..1000,
     ) {
         compare(n, c, o, hw, k, stride, pad, seed);
+    }
+
+    /// The direct kernel on shapes it takes: any channel counts (tiles padded), any height,
+    /// widths that are whole vectors, non-square images.
+    #[test]
+    fn direct_kernel_matches_candle_on_random_shapes(
+        n in 1usize..3,
+        c in 1usize..20,
+        o in 1usize..20,
+        h in 1usize..11,
+        w in prop::sample::select(vec![8usize, 16, 24]),
+        seed in 0u64..1000,
+    ) {
+        for path in paths() {
+            compare_on(path, [n, c, h, w], o, 3, 1, 1, seed);
+        }
     }
 }
 

@@ -15,6 +15,48 @@ use rayon::prelude::*;
 
 use super::slice;
 
+mod direct;
+
+pub use direct::Isa;
+
+/// Which CPU algorithm computes a convolution's output and input gradient (the weight
+/// gradient is always im2col + GEMM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvPath {
+    /// The fastest this machine and shape allow: direct for 3×3, stride-1, pad-1
+    /// convolutions whose width is a multiple of 8 (AVX-512VL, else AVX2 + FMA), else im2col.
+    #[default]
+    Auto,
+    /// im2col + GEMM for every shape.
+    Im2col,
+    /// The direct kernel with the given instruction set; an error where the shape or the
+    /// machine does not allow it.
+    Direct(Isa),
+}
+
+impl ConvPath {
+    /// The direct kernel's instruction set for `g`, or `None` for im2col.
+    fn resolve(self, g: &Geom) -> candle_core::Result<Option<Isa>> {
+        match self {
+            ConvPath::Auto => Ok(if direct::fits(g) {
+                direct::best()
+            } else {
+                None
+            }),
+            ConvPath::Im2col => Ok(None),
+            ConvPath::Direct(isa) => {
+                if !direct::fits(g) {
+                    candle_core::bail!("conv2d: the direct path does not take {g:?}")
+                }
+                if !direct::available(isa) {
+                    candle_core::bail!("conv2d: this machine does not run {isa:?}")
+                }
+                Ok(Some(isa))
+            }
+        }
+    }
+}
+
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Geom {
@@ -190,10 +232,30 @@ fn chunk(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
-fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+fn forward(g: &Geom, x: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let mut y = vec![0f32; g.n * g.o * hw];
     let per = chunk(g.n);
+    if let Some(isa) = isa {
+        let wp = direct::pack(isa, w, g.o, g.c, false);
+        let plane = direct::Plane {
+            h: g.h,
+            w: g.w,
+            c: g.c,
+            o: g.o,
+        };
+        y.par_chunks_mut(per * g.o * hw)
+            .enumerate()
+            .for_each(|(t, ys)| {
+                let mut xp = Vec::new();
+                for (i, yi) in ys.chunks_mut(g.o * hw).enumerate() {
+                    let img = t * per + i;
+                    let xi = &x[img * g.in_len()..(img + 1) * g.in_len()];
+                    direct::conv(isa, plane, xi, &wp, &mut xp, yi);
+                }
+            });
+        return y;
+    }
     y.par_chunks_mut(per * g.o * hw)
         .enumerate()
         .for_each(|(t, ys)| {
@@ -219,10 +281,31 @@ fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     y
 }
 
-fn grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
+fn grad_input(g: &Geom, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let mut dx = vec![0f32; g.n * g.in_len()];
     let per = chunk(g.n);
+    if let Some(isa) = isa {
+        // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel.
+        let wp = direct::pack(isa, w, g.o, g.c, true);
+        let plane = direct::Plane {
+            h: g.h,
+            w: g.w,
+            c: g.o,
+            o: g.c,
+        };
+        dx.par_chunks_mut(per * g.in_len())
+            .enumerate()
+            .for_each(|(t, dxs)| {
+                let mut dyp = Vec::new();
+                for (i, dxi) in dxs.chunks_mut(g.in_len()).enumerate() {
+                    let img = t * per + i;
+                    let dyi = &dy[img * g.o * hw..(img + 1) * g.o * hw];
+                    direct::conv(isa, plane, dyi, &wp, &mut dyp, dxi);
+                }
+            });
+        return dx;
+    }
     dx.par_chunks_mut(per * g.in_len())
         .enumerate()
         .for_each(|(t, dxs)| {
@@ -293,12 +376,14 @@ fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
 struct Conv2dOp {
     stride: usize,
     pad: usize,
+    path: ConvPath,
 }
 
 /// `(dy, w) -> dx` for an input of shape `in_shape`.
 struct GradInputOp {
     stride: usize,
     pad: usize,
+    path: ConvPath,
     in_shape: [usize; 4],
 }
 
@@ -322,7 +407,8 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let y = forward(&g, slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
+        let isa = self.path.resolve(&g)?;
+        let y = forward(&g, slice(s1, l1, "input")?, slice(s2, l2, "kernel")?, isa);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -339,6 +425,7 @@ impl CustomOp2 for Conv2dOp {
             let op = GradInputOp {
                 stride: self.stride,
                 pad: self.pad,
+                path: self.path,
                 in_shape: [d[0], d[1], d[2], d[3]],
             };
             Some(grad.apply_op2_no_bwd(&w.contiguous()?, &op)?)
@@ -376,7 +463,13 @@ impl CustomOp2 for GradInputOp {
         if l1.dims() != [g.n, g.o, g.ho, g.wo] {
             candle_core::bail!("conv2d grad: output gradient shape {:?}", l1.dims());
         }
-        let dx = grad_input(&g, slice(s1, l1, "gradient")?, slice(s2, l2, "kernel")?);
+        let isa = self.path.resolve(&g)?;
+        let dx = grad_input(
+            &g,
+            slice(s1, l1, "gradient")?,
+            slice(s2, l2, "kernel")?,
+            isa,
+        );
         Ok((CpuStorage::F32(dx), Shape::from(self.in_shape.to_vec())))
     }
 }
@@ -403,12 +496,23 @@ impl CustomOp2 for GradWeightOp {
 }
 
 /// Convolution of `x` (N×C×H×W) with `w` (O×C×k×k), zero padding `pad`, stride `stride`.
-/// On the CPU with f32 tensors: im2col + GEMM with its own gradients; elsewhere (CUDA, other
-/// dtypes): candle's `conv2d`.
+/// On the CPU with f32 tensors: our kernels ([`ConvPath::Auto`]) with their own gradients;
+/// elsewhere (CUDA, other dtypes): candle's `conv2d`.
 pub fn conv2d(x: &Tensor, w: &Tensor, pad: usize, stride: usize) -> candle_core::Result<Tensor> {
+    conv2d_with(x, w, pad, stride, ConvPath::Auto)
+}
+
+/// [`conv2d`] with the CPU algorithm chosen by `path` (tests and benchmarks compare them).
+pub fn conv2d_with(
+    x: &Tensor,
+    w: &Tensor,
+    pad: usize,
+    stride: usize,
+    path: ConvPath,
+) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype() {
         x.contiguous()?
-            .apply_op2(&w.contiguous()?, Conv2dOp { stride, pad })
+            .apply_op2(&w.contiguous()?, Conv2dOp { stride, pad, path })
     } else {
         x.conv2d(w, pad, stride, 1, 1)
     }

@@ -15,7 +15,7 @@ pub mod fake_quant;
 pub mod pact;
 
 pub use batch_norm::{batch_norm_train, channel_affine, channel_stats, relu};
-pub use conv2d::conv2d;
+pub use conv2d::{conv2d, conv2d_with, ConvPath, Isa};
 
 /// The contiguous f32 data of a CPU storage, or an error naming the operand.
 pub(crate) fn slice<'a>(

@@ -1,0 +1,237 @@
+//! Direct 3×3, stride-1, pad-1 convolution over register tiles (x86-64 AVX2 + FMA).
+//!
+//! ResNet-20's convolutions are all 3×3 with padding 1, and all but two have stride 1. For
+//! those, a direct convolution beats im2col + GEMM on 2 cores: it skips the patch matrix
+//! (9× the input, written and read once per image) and keeps a tile of output channels ×
+//! eight-wide output vectors in registers ([`Isa`] says how many), each tap of each input channel adding one
+//! broadcast weight times one input vector (loaded from a zero-padded copy of the image).
+//!
+//! The input gradient of such a convolution is the same convolution of the output gradient
+//! with the kernel transposed (input ↔ output channels) and rotated by 180°, so both use
+//! [`conv`]. Only shapes whose output rows are whole vectors (`W % 8 == 0`) take this path.
+
+use super::Geom;
+
+/// The instruction sets the tile kernel is compiled for, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512VL's 32 vector registers: tiles of 8 channels × 3 vectors.
+    Avx512,
+    /// AVX2 + FMA's 16 registers: tiles of 4 channels × 2 vectors.
+    Avx2,
+}
+
+impl Isa {
+    /// Whether this machine runs this instruction set.
+    pub fn available(self) -> bool {
+        available(self)
+    }
+
+    /// Output channels per tile.
+    pub(super) fn ob(self) -> usize {
+        match self {
+            Isa::Avx512 => 8,
+            Isa::Avx2 => 4,
+        }
+    }
+}
+
+/// Whether `g` has the direct path's shape: 3×3, stride 1, pad 1, whole vectors per row.
+pub(super) fn fits(g: &Geom) -> bool {
+    g.k == 3 && g.stride == 1 && g.pad == 1 && g.w % 8 == 0 && g.w > 0 && g.h > 0
+}
+
+/// Whether this machine runs `isa`.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn available(isa: Isa) -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    let avx2 = has!("avx2") && has!("fma");
+    match isa {
+        Isa::Avx2 => avx2,
+        Isa::Avx512 => avx2 && has!("avx512f") && has!("avx512vl"),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) fn available(_: Isa) -> bool {
+    false
+}
+
+/// The best instruction set for the direct path on this machine, if any.
+pub(super) fn best() -> Option<Isa> {
+    [Isa::Avx512, Isa::Avx2].into_iter().find(|&i| available(i))
+}
+
+/// The kernel `w` (O×C×3×3) as tiles: `[o / ob][c][tap][o % ob]` with `ob = isa.ob()`, output
+/// channels padded to a multiple of `ob` with zeros. With `transpose`, the input-gradient
+/// kernel instead: input and output channels swapped and the taps rotated by 180°.
+pub(super) fn pack(isa: Isa, w: &[f32], o: usize, c: usize, transpose: bool) -> Vec<f32> {
+    let ob = isa.ob();
+    let (po, pc) = if transpose { (c, o) } else { (o, c) };
+    let blocks = po.div_ceil(ob);
+    let mut out = vec![0f32; blocks * pc * 9 * ob];
+    for oo in 0..po {
+        for cc in 0..pc {
+            for t in 0..9 {
+                let v = if transpose {
+                    w[(cc * c + oo) * 9 + (8 - t)]
+                } else {
+                    w[(oo * c + cc) * 9 + t]
+                };
+                out[(((oo / ob) * pc + cc) * 9 + t) * ob + oo % ob] = v;
+            }
+        }
+    }
+    out
+}
+
+/// A convolution's sizes as the direct kernel sees them: an `h`×`w` image with `c` input and
+/// `o` output channels (for the input gradient: the forward's output and input channels).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Plane {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub o: usize,
+}
+
+/// One image: `y` (O×H×W) = conv(`x` (C×H×W), kernel `wp` packed for `isa`), with `xp` as
+/// scratch for the zero-padded image.
+pub(super) fn conv(isa: Isa, p: Plane, x: &[f32], wp: &[f32], xp: &mut Vec<f32>, y: &mut [f32]) {
+    let Plane { h, w, c, o } = p;
+    let (hp, wpd) = (h + 2, w + 2);
+    xp.clear();
+    xp.resize(c * hp * wpd, 0.0);
+    for ci in 0..c {
+        for r in 0..h {
+            let dst = (ci * hp + r + 1) * wpd + 1;
+            xp[dst..dst + w].copy_from_slice(&x[(ci * h + r) * w..][..w]);
+        }
+    }
+    let ob = isa.ob();
+    assert!(
+        x.len() == c * h * w && y.len() == o * h * w && wp.len() == o.div_ceil(ob) * c * 9 * ob,
+        "direct conv: buffer sizes do not match {p:?}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa` was detected on this machine; the tile kernel reads `xp` within the padded
+    // image (every output vector's 3×3 neighbourhood lies inside it), `wp` within the packed
+    // kernel and writes `y` within O×H×W (sizes asserted above).
+    unsafe {
+        match isa {
+            Isa::Avx512 => x86::image_avx512(p, xp, wp, y),
+            Isa::Avx2 => x86::image_avx2(p, xp, wp, y),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("direct convolution is only selected on x86-64")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::Plane;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    pub(super) unsafe fn image_avx512(p: Plane, xp: &[f32], wp: &[f32], y: &mut [f32]) {
+        image::<8, 3>(p, xp, wp, y)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn image_avx2(p: Plane, xp: &[f32], wp: &[f32], y: &mut [f32]) {
+        image::<4, 2>(p, xp, wp, y)
+    }
+
+    /// Every tile of one image: `OB` output channels × `N` vectors (a remainder of single
+    /// vectors at the end).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn image<const OB: usize, const N: usize>(
+        p: Plane,
+        xp: &[f32],
+        wp: &[f32],
+        y: &mut [f32],
+    ) {
+        let Plane { h, w, c, o } = p;
+        let wpd = w + 2;
+        let geo = Geo {
+            c,
+            plane: (h + 2) * wpd,
+            wpd,
+            hw: h * w,
+        };
+        let nvec = geo.hw / 8;
+        // Input offset (top-left of the 3×3 neighbourhood) of output vector j.
+        let src = |j: usize| j * 8 / w * wpd + j * 8 % w;
+        for blk in 0..o.div_ceil(OB) {
+            let wb = wp.as_ptr().add(blk * c * 9 * OB);
+            let valid = (o - blk * OB).min(OB);
+            let yb = y.as_mut_ptr().add(blk * OB * geo.hw);
+            let mut j = 0;
+            while j + N <= nvec {
+                let offs: [usize; N] = std::array::from_fn(|v| src(j + v));
+                let outs: [usize; N] = std::array::from_fn(|v| (j + v) * 8);
+                tile::<OB, N>(geo, xp.as_ptr(), offs, wb, yb, outs, valid);
+                j += N;
+            }
+            if N > 2 && j + 2 <= nvec {
+                let offs = [src(j), src(j + 1)];
+                tile::<OB, 2>(geo, xp.as_ptr(), offs, wb, yb, [j * 8, j * 8 + 8], valid);
+                j += 2;
+            }
+            while j < nvec {
+                tile::<OB, 1>(geo, xp.as_ptr(), [src(j)], wb, yb, [j * 8], valid);
+                j += 1;
+            }
+        }
+    }
+
+    /// Strides of the padded image and the output.
+    #[derive(Clone, Copy)]
+    struct Geo {
+        c: usize,
+        plane: usize,
+        wpd: usize,
+        hw: usize,
+    }
+
+    /// `OB` output channels × `N` output vectors, accumulated over every input channel and
+    /// tap; the first `valid` channels are stored.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile<const OB: usize, const N: usize>(
+        g: Geo,
+        xp: *const f32,
+        offs: [usize; N],
+        wb: *const f32,
+        y: *mut f32,
+        outs: [usize; N],
+        valid: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); N]; OB];
+        for ci in 0..g.c {
+            let xc = xp.add(ci * g.plane);
+            let wc = wb.add(ci * 9 * OB);
+            for ki in 0..3 {
+                for kj in 0..3 {
+                    let t = ki * 3 + kj;
+                    let mut xv = [_mm256_setzero_ps(); N];
+                    for v in 0..N {
+                        xv[v] = _mm256_loadu_ps(xc.add(offs[v] + ki * g.wpd + kj));
+                    }
+                    for (oo, row) in acc.iter_mut().enumerate() {
+                        let wv = _mm256_broadcast_ss(&*wc.add(t * OB + oo));
+                        for v in 0..N {
+                            row[v] = _mm256_fmadd_ps(wv, xv[v], row[v]);
+                        }
+                    }
+                }
+            }
+        }
+        for (oo, row) in acc.iter().enumerate().take(valid) {
+            for v in 0..N {
+                _mm256_storeu_ps(y.add(oo * g.hw + outs[v]), row[v]);
+            }
+        }
+    }
+}
