@@ -7,7 +7,7 @@
 //! `cargo bench` measures; `cargo bench -- --test` runs each once (the CI smoke run).
 
 use candle_core::{Device, Tensor};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use quant_robust::attack::pgd::Pgd;
 use quant_robust::attack::{cross_entropy, input_gradient, Attack, Norm};
 use quant_robust::model::ResNet20;
@@ -151,4 +151,10 @@ fn quantizers(c: &mut Criterion) {
 }
 
 criterion_group!(benches, cpu, quantizers);
-criterion_main!(benches);
+
+fn main() {
+    // As the CLI does at start (see `device::keep_freed_memory`): the numbers are the CLI's.
+    quant_robust::device::keep_freed_memory();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -10,6 +10,7 @@ mod cli;
 fn main() -> ExitCode {
     let args = cli::Args::parse();
     cli::init_logging(args.verbose);
+    quant_robust::device::keep_freed_memory();
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {

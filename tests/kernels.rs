@@ -343,3 +343,27 @@ proptest! {
         prop_assert!((da1 - da2).abs() <= 1e-4 * (1.0 + da2.abs()), "{} vs {}", da1, da2);
     }
 }
+
+#[test]
+fn the_allocator_setting_respects_the_users_malloc_variables() {
+    use quant_robust::device::{keep_freed_memory, AllocatorSetting};
+    let user = std::env::var("QR_KEEP_FREED_MEMORY").is_ok_and(|v| v == "0")
+        || [
+            "MALLOC_MMAP_MAX_",
+            "MALLOC_MMAP_THRESHOLD_",
+            "MALLOC_TRIM_THRESHOLD_",
+            "GLIBC_TUNABLES",
+        ]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    let expected = if !cfg!(all(target_os = "linux", target_env = "gnu")) {
+        AllocatorSetting::NotGlibc
+    } else if user {
+        AllocatorSetting::LeftToUser
+    } else {
+        AllocatorSetting::Kept
+    };
+    assert_eq!(keep_freed_memory(), expected);
+    // Idempotent.
+    assert_eq!(keep_freed_memory(), expected);
+}

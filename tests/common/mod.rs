@@ -23,6 +23,8 @@ pub fn shipped_archive() -> Option<PathBuf> {
 
 /// The embedded sample, loaded once per test binary.
 pub fn sample() -> &'static CifarData {
+    // The heavy tests all start here: allocate as the CLI does (device::keep_freed_memory).
+    quant_robust::device::keep_freed_memory();
     static S: OnceLock<CifarData> = OnceLock::new();
     S.get_or_init(|| data::load(&DataSource::Embedded).expect("embedded sample loads"))
 }
