@@ -240,7 +240,7 @@ proptest! {
         let f64var = |v: &Var| Var::from_tensor(&v.to_dtype(candle_core::DType::F64).unwrap()).unwrap();
         let (xd, gd, bd) = (f64var(&x), f64var(&g), f64var(&b));
         let r = rand(&[n, c, hw, hw], seed + 3);
-        let ours = batch_norm_train(&x, &g, &b, 1e-5).unwrap();
+        let (ours, _, _) = batch_norm_train(&x, &g, &b, 1e-5).unwrap();
         let reference = bn_train_reference(&xd, &gd, &bd);
         let to64 = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
         // Relative to the largest entry, with a floor: for two values per channel the true
@@ -269,6 +269,11 @@ proptest! {
         let v = x.broadcast_sub(&m).unwrap().sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();
         prop_assert!(max_rel_diff(&mean, &m.flatten_all().unwrap()) < 1e-5);
         prop_assert!(max_rel_diff(&var, &v.flatten_all().unwrap()) < 1e-5);
+        // The statistics training-mode BatchNorm returns (for the running statistics) are
+        // those it normalized with.
+        let (_, bn_mean, bn_var) = batch_norm_train(&x, &g, &b, 1e-5).unwrap();
+        prop_assert_eq!(bn_mean.to_vec1::<f32>().unwrap(), mean.to_vec1::<f32>().unwrap());
+        prop_assert_eq!(bn_var.to_vec1::<f32>().unwrap(), var.to_vec1::<f32>().unwrap());
     }
 }
 

@@ -2,13 +2,14 @@
 //!
 //! Written with candle's elementwise ops, BatchNorm in training mode takes a dozen passes
 //! over the activations and as many fresh allocations, with reductions over the batch and
-//! spatial dimensions on candle's generic strided path; here it is two passes forward and
-//! three backward.
+//! spatial dimensions on candle's generic strided path; here it is three passes forward (two
+//! for the statistics) and two backward.
 //!
 //! - [`batch_norm_train`]: `y = (x − μ_B)·γ/√(σ²_B + ε) + β` with batch statistics (biased
 //!   variance), gradients for x, γ and β:
 //!   `dx = γ·inv · (dy − Σdy/M − x̂·Σ(dy·x̂)/M)`, `dγ = Σ(dy·x̂)`, `dβ = Σdy`
-//!   (M = N·H·W per channel, x̂ the normalized input).
+//!   (M = N·H·W per channel, x̂ the normalized input). The batch statistics are computed
+//!   once (and returned for the running statistics); the backward pass is one op.
 //! - [`channel_stats`]: per-channel mean and biased variance (for running statistics).
 //! - [`channel_affine`]: `y = x·a_c + b_c` (BatchNorm in evaluation mode), gradients for x,
 //!   and for a and b only when they are tracked.
@@ -16,6 +17,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 use super::slice;
 
@@ -27,7 +29,7 @@ fn nchw(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     }
 }
 
-/// Per-channel sums of `f(x, dy)` over N and H·W, in f64.
+/// Per-channel sums of `f(plane index, H·W)` over the N images, in f64.
 fn channel_sums<F>(n: usize, c: usize, hw: usize, f: F) -> Vec<f64>
 where
     F: Fn(usize, usize) -> f64 + Sync,
@@ -38,21 +40,52 @@ where
         .collect()
 }
 
+/// Σ f(xᵢ) in f64 over eight independent lanes, so the compiler vectorizes the sum (one f64
+/// accumulator would make every add wait for the previous one).
+#[inline]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for ch in chunks {
+        for (a, &v) in acc.iter_mut().zip(ch) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// (Σ gᵢ, Σ gᵢ·(xᵢ − μ)) in f64 over eight lanes (see [`lane_sum`]).
+#[inline]
+fn lane_sums2(g: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
+    let (mut s, mut sx) = ([0f64; 8], [0f64; 8]);
+    let (gc, xc) = (g.chunks_exact(8), x.chunks_exact(8));
+    let (mut ts, mut tsx) = (0f64, 0f64);
+    for (&gv, &xv) in gc.remainder().iter().zip(xc.remainder()) {
+        ts += gv as f64;
+        tsx += (gv * (xv - mu)) as f64;
+    }
+    for (gs, xs) in gc.zip(xc) {
+        for k in 0..8 {
+            s[k] += gs[k] as f64;
+            sx[k] += (gs[k] * (xs[k] - mu)) as f64;
+        }
+    }
+    (s.iter().sum::<f64>() + ts, sx.iter().sum::<f64>() + tsx)
+}
+
 /// Mean and biased variance per channel (two-pass, f64 accumulation).
 fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
     let m = (n * hw) as f64;
     let mean: Vec<f64> = channel_sums(n, c, hw, |p, hw| {
-        x[p * hw..(p + 1) * hw].iter().map(|&v| v as f64).sum()
+        lane_sum(&x[p * hw..(p + 1) * hw], |v| v as f64)
     })
     .into_iter()
     .map(|s| s / m)
     .collect();
     let var: Vec<f64> = channel_sums(n, c, hw, |p, hw| {
         let mu = mean[p % c];
-        x[p * hw..(p + 1) * hw]
-            .iter()
-            .map(|&v| (v as f64 - mu).powi(2))
-            .sum()
+        lane_sum(&x[p * hw..(p + 1) * hw], |v| (v as f64 - mu).powi(2))
     })
     .into_iter()
     .map(|s| s / m)
@@ -78,19 +111,20 @@ impl CustomOp1 for StatsOp {
     }
 }
 
-/// Training-mode BatchNorm forward: (x, γ, β) → y.
+/// Training-mode BatchNorm forward: (x, γ, β) → y, with the batch statistics computed once
+/// (by [`StatsOp`]) and kept for the backward pass.
 struct BnTrainOp {
     eps: f64,
+    mean: Arc<[f32]>,
+    var: Arc<[f32]>,
 }
 
-/// (x, γ, dy) → dx.
-struct BnTrainGradInput {
-    eps: f64,
-}
-
-/// (x, dy) → 2×C: [Σ dy·x̂ ; Σ dy].
-struct BnTrainGradParams {
-    eps: f64,
+/// The whole backward pass in one: (x, dy) → [dx (if `want_dx`) ; Σ dy·x̂ ; Σ dy], flat.
+struct BnTrainBackward {
+    gamma: Vec<f32>,
+    mean: Arc<[f32]>,
+    inv: Vec<f32>,
+    want_dx: bool,
 }
 
 fn inv_std(var: &[f32], eps: f64) -> Vec<f32> {
@@ -112,23 +146,19 @@ impl CustomOp3 for BnTrainOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, hw) = nchw(l1)?;
+        let (_, c, hw) = nchw(l1)?;
         let x = slice(s1, l1, "input")?;
         let (gamma, beta) = (slice(s2, l2, "weight")?, slice(s3, l3, "bias")?);
-        let (mean, var) = stats(x, n, c, hw);
-        let inv = inv_std(&var, self.eps);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
-            let ch = p % c;
-            let (a, b) = (
-                inv[ch] * gamma[ch],
-                beta[ch] - mean[ch] * inv[ch] * gamma[ch],
-            );
-            for (o, &v) in out.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
-                *o = v * a + b;
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        if gamma.len() != c || beta.len() != c || self.mean.len() != c {
+            candle_core::bail!("batch-norm: {c} channels, {} weights", gamma.len());
+        }
+        let inv = inv_std(&self.var, self.eps);
+        let a: Vec<f32> = (0..c).map(|ch| inv[ch] * gamma[ch]).collect();
+        let b: Vec<f32> = (0..c).map(|ch| beta[ch] - self.mean[ch] * a[ch]).collect();
+        Ok((
+            CpuStorage::F32(scale_planes(x, &a, Some(&b), c, hw)),
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -139,15 +169,28 @@ impl CustomOp3 for BnTrainOp {
         _res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = if x.track_op() {
-            Some(x.apply_op3_no_bwd(gamma, &dy, &BnTrainGradInput { eps: self.eps })?)
+        let want_params = gamma.track_op() || beta.track_op();
+        if !x.track_op() && !want_params {
+            return Ok((None, None, None));
+        }
+        let op = BnTrainBackward {
+            gamma: gamma.to_vec1::<f32>()?,
+            mean: self.mean.clone(),
+            inv: inv_std(&self.var, self.eps),
+            want_dx: x.track_op(),
+        };
+        let out = x.apply_op2_no_bwd(&dy.contiguous()?, &op)?;
+        let (len, c) = (if op.want_dx { x.elem_count() } else { 0 }, op.gamma.len());
+        let dx = if op.want_dx {
+            Some(out.narrow(0, 0, len)?.reshape(x.shape())?)
         } else {
             None
         };
-        let (dg, db) = if gamma.track_op() || beta.track_op() {
-            let p = x.apply_op2_no_bwd(&dy, &BnTrainGradParams { eps: self.eps })?;
-            (Some(p.get(0)?), Some(p.get(1)?))
+        let (dg, db) = if want_params {
+            (
+                Some(out.narrow(0, len, c)?),
+                Some(out.narrow(0, len + c, c)?),
+            )
         } else {
             (None, None)
         };
@@ -171,62 +214,20 @@ fn param_sums(
             let (mut s, mut sx) = (0f64, 0f64);
             for i in 0..n {
                 let p = i * c + ch;
-                for (&g, &v) in dy[p * hw..(p + 1) * hw]
-                    .iter()
-                    .zip(&x[p * hw..(p + 1) * hw])
-                {
-                    s += g as f64;
-                    sx += (g * (v - mean[ch]) * inv[ch]) as f64;
-                }
+                let r = p * hw..(p + 1) * hw;
+                let (a, b) = lane_sums2(&dy[r.clone()], &x[r], mean[ch]);
+                s += a;
+                sx += b;
             }
-            (s, sx)
+            (s, sx * inv[ch] as f64)
         })
         .collect();
     sums.into_iter().unzip()
 }
 
-impl CustomOp3 for BnTrainGradInput {
+impl CustomOp2 for BnTrainBackward {
     fn name(&self) -> &'static str {
-        "qr-batch-norm-train-grad-input"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, c, hw) = nchw(l1)?;
-        let x = slice(s1, l1, "input")?;
-        let gamma = slice(s2, l2, "weight")?;
-        let dy = slice(s3, l3, "gradient")?;
-        let (mean, var) = stats(x, n, c, hw);
-        let inv = inv_std(&var, self.eps);
-        let (sdy, sdyx) = param_sums(x, dy, &mean, &inv, n, c, hw);
-        let m = (n * hw) as f64;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
-            let ch = p % c;
-            // dx = γ·inv·(dy − mean(dy) − x̂·mean(dy·x̂)): the means, not the sums, keep the
-            // f32 cancellation small.
-            let k = gamma[ch] * inv[ch];
-            let (a, b) = ((sdy[ch] / m) as f32, (sdyx[ch] / m) as f32);
-            let xs = &x[p * hw..(p + 1) * hw];
-            let gs = &dy[p * hw..(p + 1) * hw];
-            for ((o, &v), &g) in out.iter_mut().zip(xs).zip(gs) {
-                let xhat = (v - mean[ch]) * inv[ch];
-                *o = k * (g - a - xhat * b);
-            }
-        });
-        Ok((CpuStorage::F32(dx), l1.shape().clone()))
-    }
-}
-
-impl CustomOp2 for BnTrainGradParams {
-    fn name(&self) -> &'static str {
-        "qr-batch-norm-train-grad-params"
+        "qr-batch-norm-train-backward"
     }
     fn cpu_fwd(
         &self,
@@ -238,12 +239,34 @@ impl CustomOp2 for BnTrainGradParams {
         let (n, c, hw) = nchw(l1)?;
         let x = slice(s1, l1, "input")?;
         let dy = slice(s2, l2, "gradient")?;
-        let (mean, var) = stats(x, n, c, hw);
-        let inv = inv_std(&var, self.eps);
-        let (sdy, sdyx) = param_sums(x, dy, &mean, &inv, n, c, hw);
-        let mut out: Vec<f32> = sdyx.into_iter().map(|v| v as f32).collect();
+        if dy.len() != x.len() || self.gamma.len() != c {
+            candle_core::bail!("batch-norm backward: gradient or weights do not fit {c} channels");
+        }
+        let (mean, inv) = (&self.mean[..], &self.inv[..]);
+        let (sdy, sdyx) = param_sums(x, dy, mean, inv, n, c, hw);
+        let len = if self.want_dx { x.len() } else { 0 };
+        let mut out = Vec::with_capacity(len + 2 * c);
+        if self.want_dx {
+            let m = (n * hw) as f64;
+            out.resize(len, 0f32);
+            out.par_chunks_mut(hw).enumerate().for_each(|(p, o)| {
+                let ch = p % c;
+                // dx = γ·inv·(dy − mean(dy) − x̂·mean(dy·x̂)): the means, not the sums, keep
+                // the f32 cancellation small.
+                let k = self.gamma[ch] * inv[ch];
+                let (a, b) = ((sdy[ch] / m) as f32, (sdyx[ch] / m) as f32);
+                let xs = &x[p * hw..(p + 1) * hw];
+                let gs = &dy[p * hw..(p + 1) * hw];
+                for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
+                    let xhat = (v - mean[ch]) * inv[ch];
+                    *o = k * (g - a - xhat * b);
+                }
+            });
+        }
+        out.extend(sdyx.into_iter().map(|v| v as f32));
         out.extend(sdy.into_iter().map(|v| v as f32));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+        let total = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(total)))
     }
 }
 
@@ -407,28 +430,35 @@ pub fn channel_stats(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     }
 }
 
-/// Training-mode BatchNorm with batch statistics.
+/// Training-mode BatchNorm with batch statistics: the output and the statistics used
+/// (per-channel mean and biased variance, detached, for the running statistics).
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
-) -> candle_core::Result<Tensor> {
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     if cpu_f32(x) {
-        return x.contiguous()?.apply_op3(
-            &gamma.contiguous()?,
-            &beta.contiguous()?,
-            BnTrainOp { eps },
-        );
+        let x = x.contiguous()?;
+        let st = x.detach().apply_op1_no_bwd(&StatsOp)?;
+        let v = st.to_vec2::<f32>()?;
+        let op = BnTrainOp {
+            eps,
+            mean: v[0].clone().into(),
+            var: v[1].clone().into(),
+        };
+        let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+        return Ok((y, st.get(0)?, st.get(1)?));
     }
     let c = gamma.dim(0)?;
     let mean = x.mean_keepdim((0, 2, 3))?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim((0, 2, 3))?;
-    let inv = (var + eps)?.sqrt()?.recip()?;
-    centered
+    let inv = (&var + eps)?.sqrt()?.recip()?;
+    let y = centered
         .broadcast_mul(&inv.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?)?
-        .broadcast_add(&beta.reshape((1, c, 1, 1))?)
+        .broadcast_add(&beta.reshape((1, c, 1, 1))?)?;
+    Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
 }
 
 /// `x·a_c + b_c` for per-channel `a`, `b` of length C.

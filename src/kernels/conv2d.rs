@@ -19,8 +19,7 @@ mod direct;
 
 pub use direct::Isa;
 
-/// Which CPU algorithm computes a convolution's output and input gradient (the weight
-/// gradient is always im2col + GEMM).
+/// Which CPU algorithm computes a convolution and its gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvPath {
     /// The fastest this machine and shape allow: direct for 3×3, stride-1, pad-1
@@ -333,10 +332,31 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
     dx
 }
 
-fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], isa: Option<Isa>) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = chunk(g.n);
     let tasks = g.n.div_ceil(per);
+    if let Some(isa) = isa {
+        let plane = direct::Plane {
+            h: g.h,
+            w: g.w,
+            c: g.c,
+            o: g.o,
+        };
+        let partial: Vec<Vec<f32>> = (0..tasks)
+            .into_par_iter()
+            .map(|t| {
+                let imgs = t * per..((t + 1) * per).min(g.n);
+                let mut dw = vec![0f32; g.o * ckk];
+                let mut xp = Vec::new();
+                let xs = &x[imgs.start * g.in_len()..imgs.end * g.in_len()];
+                let dys = &dy[imgs.start * g.o * hw..imgs.end * g.o * hw];
+                direct::grad_weight(isa, plane, xs, dys, &mut xp, &mut dw);
+                dw
+            })
+            .collect();
+        return sum(partial, g.o * ckk);
+    }
     let partial: Vec<Vec<f32>> = (0..tasks)
         .into_par_iter()
         .map(|t| {
@@ -363,7 +383,12 @@ fn grad_weight(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
             dw
         })
         .collect();
-    let mut dw = vec![0f32; g.o * ckk];
+    sum(partial, g.o * ckk)
+}
+
+/// The element-wise sum of the threads' partial weight gradients.
+fn sum(partial: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let mut dw = vec![0f32; len];
     for p in partial {
         for (a, b) in dw.iter_mut().zip(p) {
             *a += b;
@@ -391,6 +416,7 @@ struct GradInputOp {
 struct GradWeightOp {
     stride: usize,
     pad: usize,
+    path: ConvPath,
     w_shape: [usize; 4],
 }
 
@@ -437,6 +463,7 @@ impl CustomOp2 for Conv2dOp {
             let op = GradWeightOp {
                 stride: self.stride,
                 pad: self.pad,
+                path: self.path,
                 w_shape: [d[0], d[1], d[2], d[3]],
             };
             Some(x.contiguous()?.apply_op2_no_bwd(&grad, &op)?)
@@ -490,7 +517,8 @@ impl CustomOp2 for GradWeightOp {
         if l2.dims() != [g.n, g.o, g.ho, g.wo] {
             candle_core::bail!("conv2d grad: output gradient shape {:?}", l2.dims());
         }
-        let dw = grad_weight(&g, slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
+        let isa = self.path.resolve(&g)?;
+        let dw = grad_weight(&g, slice(s1, l1, "input")?, slice(s2, l2, "gradient")?, isa);
         Ok((CpuStorage::F32(dw), Shape::from(self.w_shape.to_vec())))
     }
 }

@@ -366,11 +366,10 @@ impl ResNet20 {
         let rm_name = format!("{name}.running_mean");
         let rv_name = format!("{name}.running_var");
         if train {
-            let y = kernels::batch_norm_train(x, gamma, beta, BN_EPS)?;
+            let (y, mean, var) = kernels::batch_norm_train(x, gamma, beta, BN_EPS)?;
             if let (Some(rm), Some(rv)) = (self.vars.get(&rm_name), self.vars.get(&rv_name)) {
                 let (b, _, h, w) = x.dims4()?;
                 let n = (b * h * w) as f64;
-                let (mean, var) = kernels::channel_stats(x)?;
                 let m = BN_MOMENTUM;
                 let unbiased = n / (n - 1.0).max(1.0);
                 let new_rm = ((rm.as_tensor().detach() * (1.0 - m))? + (mean * m)?)?;

@@ -99,15 +99,7 @@ pub(super) struct Plane {
 /// scratch for the zero-padded image.
 pub(super) fn conv(isa: Isa, p: Plane, x: &[f32], wp: &[f32], xp: &mut Vec<f32>, y: &mut [f32]) {
     let Plane { h, w, c, o } = p;
-    let (hp, wpd) = (h + 2, w + 2);
-    xp.clear();
-    xp.resize(c * hp * wpd, 0.0);
-    for ci in 0..c {
-        for r in 0..h {
-            let dst = (ci * hp + r + 1) * wpd + 1;
-            xp[dst..dst + w].copy_from_slice(&x[(ci * h + r) * w..][..w]);
-        }
-    }
+    pad(h, w, c, x, xp);
     let ob = isa.ob();
     assert!(
         x.len() == c * h * w && y.len() == o * h * w && wp.len() == o.div_ceil(ob) * c * 9 * ob,
@@ -127,6 +119,59 @@ pub(super) fn conv(isa: Isa, p: Plane, x: &[f32], wp: &[f32], xp: &mut Vec<f32>,
     unreachable!("direct convolution is only selected on x86-64")
 }
 
+/// `xp` = the images of `x` (each `c`×`h`×`w`), each channel zero-padded by one pixel.
+fn pad(h: usize, w: usize, c: usize, x: &[f32], xp: &mut Vec<f32>) {
+    let (hp, wpd) = (h + 2, w + 2);
+    let planes = x.len() / (h * w);
+    debug_assert_eq!(planes % c, 0);
+    xp.clear();
+    xp.resize(planes * hp * wpd, 0.0);
+    for (pl, src) in x.chunks_exact(h * w).enumerate() {
+        for (r, row) in src.chunks_exact(w).enumerate() {
+            let dst = (pl * hp + r + 1) * wpd + 1;
+            xp[dst..dst + w].copy_from_slice(row);
+        }
+    }
+}
+
+/// Images per group in [`grad_weight`]: their padded inputs stay in the L2 cache, and each
+/// tile's vector sums are reduced once per group.
+const GROUP: usize = 8;
+
+/// The weight gradient of a batch of images: `dw` (O×C×3×3) += Σ over images and output
+/// pixels of `dy[o][pixel] · x[c][pixel + tap − 1]`, for `x` (N×C×H×W) and `dy` (N×O×H×W).
+/// `xp` is scratch for the padded images.
+pub(super) fn grad_weight(
+    isa: Isa,
+    p: Plane,
+    x: &[f32],
+    dy: &[f32],
+    xp: &mut Vec<f32>,
+    dw: &mut [f32],
+) {
+    let Plane { h, w, c, o } = p;
+    let (per_x, per_dy) = (c * h * w, o * h * w);
+    assert!(
+        x.len() % per_x == 0 && dy.len() / per_dy == x.len() / per_x && dw.len() == o * c * 9,
+        "direct conv weight gradient: buffer sizes do not match {p:?}"
+    );
+    for (xg, dyg) in x.chunks(GROUP * per_x).zip(dy.chunks(GROUP * per_dy)) {
+        pad(h, w, c, xg, xp);
+        let imgs = xg.len() / per_x;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` was detected on this machine; the kernel reads `xp` within the
+        // `imgs` padded images, `dyg` within `imgs`×O×H×W and writes `dw` within O×C×9.
+        unsafe {
+            match isa {
+                Isa::Avx512 => x86::grad_weight_avx512(p, imgs, xp, dyg, dw),
+                Isa::Avx2 => x86::grad_weight_avx2(p, imgs, xp, dyg, dw),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("direct convolution is only selected on x86-64 ({imgs} images)")
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::Plane;
@@ -140,6 +185,97 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn image_avx2(p: Plane, xp: &[f32], wp: &[f32], y: &mut [f32]) {
         image::<4, 2>(p, xp, wp, y)
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    pub(super) unsafe fn grad_weight_avx512(
+        p: Plane,
+        imgs: usize,
+        xp: &[f32],
+        dy: &[f32],
+        dw: &mut [f32],
+    ) {
+        grad_weight::<2>(p, imgs, xp, dy, dw)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn grad_weight_avx2(
+        p: Plane,
+        imgs: usize,
+        xp: &[f32],
+        dy: &[f32],
+        dw: &mut [f32],
+    ) {
+        grad_weight::<1>(p, imgs, xp, dy, dw)
+    }
+
+    /// For each input channel, tiles of `OB` output channels × 9 taps (single output
+    /// channels for a remainder).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn grad_weight<const OB: usize>(
+        p: Plane,
+        imgs: usize,
+        xp: &[f32],
+        dy: &[f32],
+        dw: &mut [f32],
+    ) {
+        for ci in 0..p.c {
+            let mut o0 = 0;
+            while o0 + OB <= p.o {
+                wtile::<OB>(p, imgs, xp, dy, ci, o0, dw);
+                o0 += OB;
+            }
+            while o0 < p.o {
+                wtile::<1>(p, imgs, xp, dy, ci, o0, dw);
+                o0 += 1;
+            }
+        }
+    }
+
+    /// `dw[o0..o0 + OB][ci][tap]` += Σ over the images and their output vectors.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn wtile<const OB: usize>(
+        p: Plane,
+        imgs: usize,
+        xp: &[f32],
+        dy: &[f32],
+        ci: usize,
+        o0: usize,
+        dw: &mut [f32],
+    ) {
+        let Plane { h, w, c, o } = p;
+        let (wpd, hw) = (w + 2, h * w);
+        let plane = (h + 2) * wpd;
+        let mut acc = [[_mm256_setzero_ps(); 9]; OB];
+        for img in 0..imgs {
+            let xc = xp.as_ptr().add((img * c + ci) * plane);
+            let dyo = dy.as_ptr().add((img * o + o0) * hw);
+            for r in 0..h {
+                for col in (0..w).step_by(8) {
+                    let d: [__m256; OB] =
+                        std::array::from_fn(|b| _mm256_loadu_ps(dyo.add(b * hw + r * w + col)));
+                    let base = xc.add(r * wpd + col);
+                    for ki in 0..3 {
+                        for kj in 0..3 {
+                            let xv = _mm256_loadu_ps(base.add(ki * wpd + kj));
+                            for b in 0..OB {
+                                acc[b][ki * 3 + kj] =
+                                    _mm256_fmadd_ps(d[b], xv, acc[b][ki * 3 + kj]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (b, taps) in acc.iter().enumerate() {
+            for (t, v) in taps.iter().enumerate() {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
+                dw[((o0 + b) * c + ci) * 9 + t] += lanes.iter().sum::<f32>();
+            }
+        }
     }
 
     /// Every tile of one image: `OB` output channels × `N` vectors (a remainder of single
