@@ -280,15 +280,16 @@ struct AffineGradParams;
 struct ScaleOp;
 
 fn scale_planes(x: &[f32], a: &[f32], b: Option<&[f32]>, c: usize, hw: usize) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
-        let ch = p % c;
-        let (s, t) = (a[ch], b.map_or(0.0, |b| b[ch]));
-        for (o, &v) in out.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
-            *o = v * s + t;
-        }
-    });
-    y
+    // SAFETY: chunk p is plane p (hw elements, zipped with plane p of x), written in full.
+    unsafe {
+        super::par_uninit(x.len(), hw, |p, out| {
+            let ch = p % c;
+            let (s, t) = (a[ch], b.map_or(0.0, |b| b[ch]));
+            for (o, &v) in out.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
+                o.write(v * s + t);
+            }
+        })
+    }
 }
 
 impl CustomOp3 for AffineOp {
@@ -392,14 +393,16 @@ impl CustomOp1 for ReluOp {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "input")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(1 << 14)
-            .zip(x.par_chunks(1 << 14))
-            .for_each(|(o, i)| {
-                for (o, &v) in o.iter_mut().zip(i) {
-                    *o = v.max(0.0);
+        const CHUNK: usize = 1 << 14;
+        // SAFETY: chunk i zips with the equally long chunk i of x; every element is written.
+        let y = unsafe {
+            super::par_uninit(x.len(), CHUNK, |i, o| {
+                let xs = &x[i * CHUNK..][..o.len()];
+                for (o, &v) in o.iter_mut().zip(xs) {
+                    o.write(v.max(0.0));
                 }
-            });
+            })
+        };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -1,11 +1,15 @@
-//! 2-D convolution (NCHW, f32, square kernel, zero padding, no groups or dilation) by
-//! im2col + GEMM, forward and both gradients, on the CPU.
+//! 2-D convolution (NCHW, f32, square kernel, zero padding, no groups or dilation) on the
+//! CPU, forward and both gradients, by one of two algorithms ([`ConvPath`]):
 //!
-//! For one image with `C` input channels, kernel `k`, output `Ho×Wo`:
-//! `col` is the `(C·k·k) × (Ho·Wo)` patch matrix, and
-//! - forward:       `y = W · col`                 (`O × Ho·Wo`, `W` is `O × C·k·k`)
-//! - input grad:    `dcol = Wᵀ · dy`, scattered back by col2im
-//! - weight grad:   `dW = Σ_images dy · colᵀ`
+//! - direct (`direct.rs`): 3×3, stride 1, pad 1, width a multiple of 8 — every ResNet-20
+//!   convolution but the two stride-2 ones. Register tiles of output channels × 8-wide
+//!   output vectors (AVX-512VL or AVX2 + FMA); the input gradient is the same kernel on the
+//!   transposed, rotated weights; the weight gradient has its own tiles (channels × 9 taps).
+//! - im2col + GEMM (every other shape). For one image with `C` input channels, kernel `k`,
+//!   output `Ho×Wo`: `col` is the `(C·k·k) × (Ho·Wo)` patch matrix, and
+//!   - forward:       `y = W · col`                 (`O × Ho·Wo`, `W` is `O × C·k·k`)
+//!   - input grad:    `dcol = Wᵀ · dy`, scattered back by col2im
+//!   - weight grad:   `dW = Σ_images dy · colᵀ`
 //!
 //! Work is split over the batch across rayon's threads; each GEMM runs single-threaded.
 
@@ -233,7 +237,6 @@ fn chunk(n: usize) -> usize {
 
 fn forward(g: &Geom, x: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
-    let mut y = vec![0f32; g.n * g.o * hw];
     let per = chunk(g.n);
     if let Some(isa) = isa {
         let wp = direct::pack(isa, w, g.o, g.c, false);
@@ -243,18 +246,20 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
             c: g.c,
             o: g.o,
         };
-        y.par_chunks_mut(per * g.o * hw)
-            .enumerate()
-            .for_each(|(t, ys)| {
+        // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
+        // direct kernel.
+        return unsafe {
+            super::par_uninit(g.n * g.o * hw, per * g.o * hw, |t, ys| {
                 let mut xp = Vec::new();
                 for (i, yi) in ys.chunks_mut(g.o * hw).enumerate() {
                     let img = t * per + i;
                     let xi = &x[img * g.in_len()..(img + 1) * g.in_len()];
                     direct::conv(isa, plane, xi, &wp, &mut xp, yi);
                 }
-            });
-        return y;
+            })
+        };
     }
+    let mut y = vec![0f32; g.n * g.o * hw];
     y.par_chunks_mut(per * g.o * hw)
         .enumerate()
         .for_each(|(t, ys)| {
@@ -282,7 +287,6 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
 
 fn grad_input(g: &Geom, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
-    let mut dx = vec![0f32; g.n * g.in_len()];
     let per = chunk(g.n);
     if let Some(isa) = isa {
         // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel.
@@ -293,18 +297,20 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
             c: g.o,
             o: g.c,
         };
-        dx.par_chunks_mut(per * g.in_len())
-            .enumerate()
-            .for_each(|(t, dxs)| {
+        // SAFETY: chunk t holds the input gradients of images t·per.., each written in full
+        // by the direct kernel.
+        return unsafe {
+            super::par_uninit(g.n * g.in_len(), per * g.in_len(), |t, dxs| {
                 let mut dyp = Vec::new();
                 for (i, dxi) in dxs.chunks_mut(g.in_len()).enumerate() {
                     let img = t * per + i;
                     let dyi = &dy[img * g.o * hw..(img + 1) * g.o * hw];
                     direct::conv(isa, plane, dyi, &wp, &mut dyp, dxi);
                 }
-            });
-        return dx;
+            })
+        };
     }
+    let mut dx = vec![0f32; g.n * g.in_len()];
     dx.par_chunks_mut(per * g.in_len())
         .enumerate()
         .for_each(|(t, dxs)| {

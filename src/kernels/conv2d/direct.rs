@@ -10,6 +10,8 @@
 //! with the kernel transposed (input ↔ output channels) and rotated by 180°, so both use
 //! [`conv`]. Only shapes whose output rows are whole vectors (`W % 8 == 0`) take this path.
 
+use std::mem::MaybeUninit;
+
 use super::Geom;
 
 /// The instruction sets the tile kernel is compiled for, best first.
@@ -96,8 +98,15 @@ pub(super) struct Plane {
 }
 
 /// One image: `y` (O×H×W) = conv(`x` (C×H×W), kernel `wp` packed for `isa`), with `xp` as
-/// scratch for the zero-padded image.
-pub(super) fn conv(isa: Isa, p: Plane, x: &[f32], wp: &[f32], xp: &mut Vec<f32>, y: &mut [f32]) {
+/// scratch for the zero-padded image. Every element of `y` is written.
+pub(super) fn conv(
+    isa: Isa,
+    p: Plane,
+    x: &[f32],
+    wp: &[f32],
+    xp: &mut Vec<f32>,
+    y: &mut [MaybeUninit<f32>],
+) {
     let Plane { h, w, c, o } = p;
     pad(h, w, c, x, xp);
     let ob = isa.ob();
@@ -111,8 +120,8 @@ pub(super) fn conv(isa: Isa, p: Plane, x: &[f32], wp: &[f32], xp: &mut Vec<f32>,
     // kernel and writes `y` within O×H×W (sizes asserted above).
     unsafe {
         match isa {
-            Isa::Avx512 => x86::image_avx512(p, xp, wp, y),
-            Isa::Avx2 => x86::image_avx2(p, xp, wp, y),
+            Isa::Avx512 => x86::image_avx512(p, xp, wp, y.as_mut_ptr().cast()),
+            Isa::Avx2 => x86::image_avx2(p, xp, wp, y.as_mut_ptr().cast()),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -178,12 +187,12 @@ mod x86 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    pub(super) unsafe fn image_avx512(p: Plane, xp: &[f32], wp: &[f32], y: &mut [f32]) {
+    pub(super) unsafe fn image_avx512(p: Plane, xp: &[f32], wp: &[f32], y: *mut f32) {
         image::<8, 3>(p, xp, wp, y)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn image_avx2(p: Plane, xp: &[f32], wp: &[f32], y: &mut [f32]) {
+    pub(super) unsafe fn image_avx2(p: Plane, xp: &[f32], wp: &[f32], y: *mut f32) {
         image::<4, 2>(p, xp, wp, y)
     }
 
@@ -286,7 +295,7 @@ mod x86 {
         p: Plane,
         xp: &[f32],
         wp: &[f32],
-        y: &mut [f32],
+        y: *mut f32,
     ) {
         let Plane { h, w, c, o } = p;
         let wpd = w + 2;
@@ -302,7 +311,7 @@ mod x86 {
         for blk in 0..o.div_ceil(OB) {
             let wb = wp.as_ptr().add(blk * c * 9 * OB);
             let valid = (o - blk * OB).min(OB);
-            let yb = y.as_mut_ptr().add(blk * OB * geo.hw);
+            let yb = y.add(blk * OB * geo.hw);
             let mut j = 0;
             while j + N <= nvec {
                 let offs: [usize; N] = std::array::from_fn(|v| src(j + v));
