@@ -372,3 +372,27 @@ fn the_allocator_setting_respects_the_users_malloc_variables() {
     // Idempotent.
     assert_eq!(keep_freed_memory(), expected);
 }
+
+#[test]
+fn the_direct_kernel_gives_the_same_bits_with_avx2_and_avx512() {
+    // Each output sums the same terms in the same order whatever the tile shape, so a golden
+    // set made on an AVX-512 machine holds on an AVX2-only one.
+    if !(Isa::Avx2.available() && Isa::Avx512.available()) {
+        eprintln!("skipping: this machine does not run both AVX2 and AVX-512VL");
+        return;
+    }
+    let x = Var::from_tensor(&rand(&[3, 13, 16, 16], 21)).unwrap();
+    let w = Var::from_tensor(&rand(&[11, 13, 3, 3], 22)).unwrap();
+    let r = rand(&[3, 11, 16, 16], 23);
+    let run = |isa| {
+        let y = conv2d_with(x.as_tensor(), w.as_tensor(), 1, 1, ConvPath::Direct(isa)).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (
+            flat(&y),
+            flat(g.get(x.as_tensor()).unwrap()),
+            flat(g.get(w.as_tensor()).unwrap()),
+        )
+    };
+    assert_eq!(run(Isa::Avx2), run(Isa::Avx512));
+}
