@@ -150,7 +150,42 @@ fn quantizers(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, cpu, quantizers);
+/// The convolution kernels on ResNet-20's stride-1 stage shapes at batch 128 (forward only),
+/// each path this machine runs, in FLOP/s (2 per multiply-add) as criterion's "elements".
+fn convolutions(c: &mut Criterion) {
+    use quant_robust::kernels::{conv2d_with, ConvPath, Isa};
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(2, "bench-conv");
+    let mut paths = vec![("im2col", ConvPath::Im2col)];
+    for (name, isa) in [("direct_avx2", Isa::Avx2), ("direct_avx512", Isa::Avx512)] {
+        if isa.available() {
+            paths.push((name, ConvPath::Direct(isa)));
+        }
+    }
+    let mut g = c.benchmark_group("conv");
+    g.sample_size(10);
+    for (stage, ch, hw) in [(1, 16, 32), (2, 32, 16), (3, 64, 8)] {
+        let x = Tensor::from_vec(
+            rng.uniform_vec(BATCH * ch * hw * hw, -1.0, 1.0),
+            (BATCH, ch, hw, hw),
+            &dev,
+        )
+        .expect("x");
+        let w =
+            Tensor::from_vec(rng.normal_vec(ch * ch * 9, 0.1), (ch, ch, 3, 3), &dev).expect("w");
+        g.throughput(Throughput::Elements(
+            (2 * BATCH * ch * ch * 9 * hw * hw) as u64,
+        ));
+        for (name, path) in &paths {
+            g.bench_function(format!("stage{stage}_{name}_flop"), |b| {
+                b.iter(|| conv2d_with(&x, &w, 1, 1, *path).expect("conv"))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, cpu, quantizers, convolutions);
 
 fn main() {
     // As the CLI does at start (see `device::keep_freed_memory`): the numbers are the CLI's.

@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
-use quant_robust::kernels::{conv2d, conv2d_with, ConvPath, Isa};
+use quant_robust::kernels::{conv2d, conv2d_bias_with, conv2d_with, ConvPath, Isa};
 use quant_robust::rng::Rng;
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -66,7 +66,8 @@ fn compare(
     compare_on(ConvPath::Im2col, [n, c, hw, hw], o, k, stride, pad, seed);
 }
 
-/// Forward, dx and dw of our op on `path` and candle's, for one geometry.
+/// Forward, dx and dw of our op on `path` and candle's, for one geometry; and the same with
+/// a bias per output channel (and its gradient).
 fn compare_on(
     path: ConvPath,
     [n, c, h, wd]: [usize; 4],
@@ -78,32 +79,53 @@ fn compare_on(
 ) {
     let x = Var::from_tensor(&rand(&[n, c, h, wd], seed)).unwrap();
     let w = Var::from_tensor(&rand(&[o, c, k, k], seed + 1)).unwrap();
-    let ours = conv2d_with(x.as_tensor(), w.as_tensor(), pad, stride, path).unwrap();
+    let b = Var::from_tensor(&rand(&[o], seed + 3)).unwrap();
     let reference = x
         .as_tensor()
         .conv2d(w.as_tensor(), pad, stride, 1, 1)
         .unwrap();
-    assert_eq!(ours.dims(), reference.dims());
-    assert!(max_rel_diff(&ours, &reference) < 1e-5, "{path:?}: forward");
+    let ref_bias = reference
+        .broadcast_add(&b.as_tensor().reshape((1, o, 1, 1)).unwrap())
+        .unwrap();
+    let ours = conv2d_with(x.as_tensor(), w.as_tensor(), pad, stride, path).unwrap();
+    let ours_bias = conv2d_bias_with(
+        x.as_tensor(),
+        w.as_tensor(),
+        b.as_tensor(),
+        pad,
+        stride,
+        path,
+    )
+    .unwrap();
     // A loss that weights every output differently, so the gradients are not symmetric.
     let r = rand(reference.dims(), seed + 2);
-    let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g2 = (reference * &r)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let dx = max_rel_diff(
-        g1.get(x.as_tensor()).unwrap(),
-        g2.get(x.as_tensor()).unwrap(),
-    );
-    let dw = max_rel_diff(
-        g1.get(w.as_tensor()).unwrap(),
-        g2.get(w.as_tensor()).unwrap(),
-    );
-    assert!(dx < 1e-5, "{path:?}: input gradient differs by {dx}");
-    assert!(dw < 1e-5, "{path:?}: weight gradient differs by {dw}");
+    for (what, ours, reference, leaves) in [
+        ("plain", ours, reference, vec![&x, &w]),
+        ("bias", ours_bias, ref_bias, vec![&x, &w, &b]),
+    ] {
+        assert_eq!(ours.dims(), reference.dims());
+        assert!(
+            max_rel_diff(&ours, &reference) < 1e-5,
+            "{path:?} {what}: forward"
+        );
+        let g1 = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (reference * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (i, v) in leaves.iter().enumerate() {
+            let d = max_rel_diff(
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            assert!(
+                d < 1e-5,
+                "{path:?} {what}: gradient {i} (x, w, b) differs by {d}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -361,3 +361,99 @@ fn batch_norm_reestimation_averages_batch_statistics_and_forgets_the_old_ones() 
         .to_string();
     assert!(e.contains("not trainable"), "{e}");
 }
+
+/// ResNet-20's evaluation forward pass written with candle's own ops only (conv2d, BatchNorm
+/// as running-statistics arithmetic, ReLU, option-A shortcut, pooling, linear): the reference
+/// for the folded, fused CPU path.
+fn reference_eval_forward(m: &ResNet20, x: &Tensor) -> Tensor {
+    use quant_robust::model::resnet20::{blocks, BN_EPS, CIFAR10_MEAN, CIFAR10_STD};
+    let t = |n: &str| m.tensor(n).unwrap().clone();
+    let conv = |x: &Tensor, layer: &str, stride: usize| {
+        x.conv2d(&t(&format!("{layer}.weight")), 1, stride, 1, 1)
+            .unwrap()
+    };
+    let bn = |x: &Tensor, name: &str| {
+        let c = x.dim(1).unwrap();
+        let p = |s: &str| t(&format!("{name}.{s}")).reshape((1, c, 1, 1)).unwrap();
+        let sd = (p("running_var") + BN_EPS).unwrap().sqrt().unwrap();
+        x.broadcast_sub(&p("running_mean"))
+            .unwrap()
+            .broadcast_div(&sd)
+            .unwrap()
+            .broadcast_mul(&p("weight"))
+            .unwrap()
+            .broadcast_add(&p("bias"))
+            .unwrap()
+    };
+    let dev = x.device();
+    let mean = Tensor::from_slice(&CIFAR10_MEAN, (1, 3, 1, 1), dev).unwrap();
+    let std = Tensor::from_slice(&CIFAR10_STD, (1, 3, 1, 1), dev).unwrap();
+    let x = x.broadcast_sub(&mean).unwrap().broadcast_div(&std).unwrap();
+    let mut x = bn(&conv(&x, "conv1", 1), "bn1").relu().unwrap();
+    for (name, i, o, s) in blocks() {
+        let out = bn(
+            &conv(&x, &format!("{name}.conv1"), s),
+            &format!("{name}.bn1"),
+        )
+        .relu()
+        .unwrap();
+        let out = bn(
+            &conv(&out, &format!("{name}.conv2"), 1),
+            &format!("{name}.bn2"),
+        );
+        let short = if s != 1 || i != o {
+            quant_robust::model::resnet20::option_a_shortcut(&x, o).unwrap()
+        } else {
+            x.clone()
+        };
+        x = (out + short).unwrap().relu().unwrap();
+    }
+    let pooled = x.mean((2, 3)).unwrap();
+    pooled
+        .matmul(&t("linear.weight").t().unwrap())
+        .unwrap()
+        .broadcast_add(&t("linear.bias"))
+        .unwrap()
+}
+
+#[test]
+fn evaluation_forward_equals_candles_reference_ops() {
+    // Running statistics and affine parameters away from their initial 0/1, so that the
+    // BatchNorm folded into the convolutions has something to fold.
+    let m = model(3);
+    for s in 0..3 {
+        m.forward(&batch(16, 10 + s), true).unwrap();
+    }
+    let mut state = m.tensors().clone();
+    let mut rng = quant_robust::rng::Rng::new(5, "bn-params");
+    for (k, v) in state.iter_mut() {
+        if k.contains("bn") && (k.ends_with(".weight") || k.ends_with(".bias")) {
+            let n = v.elem_count();
+            let r = Tensor::from_vec(rng.uniform_vec(n, 0.5, 1.5), n, &Device::Cpu).unwrap();
+            *v = (&*v * &r).unwrap().broadcast_add(&r).unwrap();
+        }
+    }
+    let m = ResNet20::from_tensors(state, m.num_batches_tracked(), &Device::Cpu, false).unwrap();
+    let x = batch(5, 4);
+    let ours = m.forward(&x, false).unwrap();
+    let reference = reference_eval_forward(&m, &x);
+    let d = (&ours - &reference)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = reference
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        d <= 1e-4 * scale.max(1.0),
+        "logits differ by {d} (scale {scale})"
+    );
+}

@@ -11,7 +11,8 @@
 //!   (M = N·H·W per channel, x̂ the normalized input). The batch statistics are computed
 //!   once (and returned for the running statistics); the backward pass is one op.
 //! - [`channel_stats`]: per-channel mean and biased variance (for running statistics).
-//! - [`channel_affine`]: `y = x·a_c + b_c` (BatchNorm in evaluation mode), gradients for x,
+//! - [`channel_affine`]: `y = x·a_c + b_c` (BatchNorm in evaluation mode as its own op; the
+//!   model folds it into the convolution instead, `kernels::conv2d_bias`), gradients for x,
 //!   and for a and b only when they are tracked.
 //! - [`relu`]: `max(x, 0)`, gradient `dy·[x > 0]`.
 

@@ -13,7 +13,7 @@
 //!
 //! Work is split over the batch across rayon's threads; each GEMM runs single-threaded.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -235,7 +235,16 @@ fn chunk(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
-fn forward(g: &Geom, x: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
+/// `y = conv(x, w) + bias` (bias per output channel, zero when `None`).
+fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, isa: Option<Isa>) -> Vec<f32> {
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = vec![0f32; g.o];
+            &zeros
+        }
+    };
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = chunk(g.n);
     if let Some(isa) = isa {
@@ -254,7 +263,7 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
                 for (i, yi) in ys.chunks_mut(g.o * hw).enumerate() {
                     let img = t * per + i;
                     let xi = &x[img * g.in_len()..(img + 1) * g.in_len()];
-                    direct::conv(isa, plane, xi, &wp, &mut xp, yi);
+                    direct::conv(isa, plane, xi, &wp, bias, &mut xp, yi);
                 }
             })
         };
@@ -267,12 +276,15 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
             for (i, yi) in ys.chunks_mut(g.o * hw).enumerate() {
                 let img = t * per + i;
                 im2col(g, &x[img * g.in_len()..(img + 1) * g.in_len()], &mut col);
+                for (row, &b) in yi.chunks_mut(hw).zip(bias) {
+                    row.fill(b);
+                }
                 matmul(
                     g.o,
                     hw,
                     ckk,
                     yi,
-                    false,
+                    true,
                     w,
                     ckk as isize,
                     1,
@@ -291,6 +303,7 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
     if let Some(isa) = isa {
         // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel.
         let wp = direct::pack(isa, w, g.o, g.c, true);
+        let zeros = vec![0f32; g.c];
         let plane = direct::Plane {
             h: g.h,
             w: g.w,
@@ -305,7 +318,7 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
                 for (i, dxi) in dxs.chunks_mut(g.in_len()).enumerate() {
                     let img = t * per + i;
                     let dyi = &dy[img * g.o * hw..(img + 1) * g.o * hw];
-                    direct::conv(isa, plane, dyi, &wp, &mut dyp, dxi);
+                    direct::conv(isa, plane, dyi, &wp, &zeros, &mut dyp, dxi);
                 }
             })
         };
@@ -440,7 +453,13 @@ impl CustomOp2 for Conv2dOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         let isa = self.path.resolve(&g)?;
-        let y = forward(&g, slice(s1, l1, "input")?, slice(s2, l2, "kernel")?, isa);
+        let y = forward(
+            &g,
+            slice(s1, l1, "input")?,
+            slice(s2, l2, "kernel")?,
+            None,
+            isa,
+        );
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -451,32 +470,94 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        grads(self.stride, self.pad, self.path, x, w, &grad.contiguous()?)
+    }
+}
+
+/// The input and weight gradients of a convolution, each only where its operand is tracked.
+fn grads(
+    stride: usize,
+    pad: usize,
+    path: ConvPath,
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = if x.track_op() {
+        let d = x.dims();
+        let op = GradInputOp {
+            stride,
+            pad,
+            path,
+            in_shape: [d[0], d[1], d[2], d[3]],
+        };
+        Some(grad.apply_op2_no_bwd(&w.contiguous()?, &op)?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        let d = w.dims();
+        let op = GradWeightOp {
+            stride,
+            pad,
+            path,
+            w_shape: [d[0], d[1], d[2], d[3]],
+        };
+        Some(x.contiguous()?.apply_op2_no_bwd(grad, &op)?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+/// The forward op with a bias per output channel: `(x, w, b) -> y`.
+struct Conv2dBiasOp {
+    stride: usize,
+    pad: usize,
+    path: ConvPath,
+}
+
+impl CustomOp3 for Conv2dBiasOp {
+    fn name(&self) -> &'static str {
+        "qr-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        let bias = slice(s3, l3, "bias")?;
+        if bias.len() != g.o {
+            candle_core::bail!("conv2d: {} biases for {} output channels", bias.len(), g.o);
+        }
+        let isa = self.path.resolve(&g)?;
+        let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
+        let y = forward(&g, x, w, Some(bias), isa);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let dx = if x.track_op() {
-            let d = x.dims();
-            let op = GradInputOp {
-                stride: self.stride,
-                pad: self.pad,
-                path: self.path,
-                in_shape: [d[0], d[1], d[2], d[3]],
-            };
-            Some(grad.apply_op2_no_bwd(&w.contiguous()?, &op)?)
+        let (dx, dw) = grads(self.stride, self.pad, self.path, x, w, &grad)?;
+        let db = if b.track_op() {
+            Some(grad.sum((0, 2, 3))?)
         } else {
             None
         };
-        let dw = if w.track_op() {
-            let d = w.dims();
-            let op = GradWeightOp {
-                stride: self.stride,
-                pad: self.pad,
-                path: self.path,
-                w_shape: [d[0], d[1], d[2], d[3]],
-            };
-            Some(x.contiguous()?.apply_op2_no_bwd(&grad, &op)?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        Ok((dx, dw, db))
     }
 }
 
@@ -549,5 +630,40 @@ pub fn conv2d_with(
             .apply_op2(&w.contiguous()?, Conv2dOp { stride, pad, path })
     } else {
         x.conv2d(w, pad, stride, 1, 1)
+    }
+}
+
+/// `conv2d(x, w) + b` with `b` (length O) added per output channel, on the CPU inside the
+/// kernel (each output starts from its bias: no extra pass over the output). BatchNorm in
+/// evaluation mode folds into it: `conv(x, w)·a + b = conv(x, w·a) + b`.
+pub fn conv2d_bias(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    pad: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    conv2d_bias_with(x, w, b, pad, stride, ConvPath::Auto)
+}
+
+/// [`conv2d_bias`] with the CPU algorithm chosen by `path`.
+pub fn conv2d_bias_with(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    pad: usize,
+    stride: usize,
+    path: ConvPath,
+) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype() {
+        x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            Conv2dBiasOp { stride, pad, path },
+        )
+    } else {
+        let o = b.dim(0)?;
+        x.conv2d(w, pad, stride, 1, 1)?
+            .broadcast_add(&b.reshape((1, o, 1, 1))?)
     }
 }

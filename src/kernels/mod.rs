@@ -16,7 +16,7 @@ pub mod fake_quant;
 pub mod pact;
 
 pub use batch_norm::{batch_norm_train, channel_affine, channel_stats, relu};
-pub use conv2d::{conv2d, conv2d_with, ConvPath, Isa};
+pub use conv2d::{conv2d, conv2d_bias, conv2d_bias_with, conv2d_with, ConvPath, Isa};
 
 /// A vector of `len` f32s filled by `fill` in parallel chunks of `chunk` elements (called
 /// with the chunk's index), without zeroing the memory first: an op's output that the op

@@ -353,20 +353,28 @@ impl ResNet20 {
         &self.tensors[name]
     }
 
-    fn conv(&self, x: &Tensor, layer: &str, stride: usize) -> Result<Tensor> {
+    /// Convolution `layer` (through the seam's weight quantizer) followed by BatchNorm `bn`:
+    /// in training mode with batch statistics (and the running-statistics update); in
+    /// evaluation mode folded into the convolution, `conv(x, w·a) + b` with
+    /// `a = γ/√(σ² + ε)` and `b = β − μ·a` per output channel.
+    fn conv_bn(
+        &self,
+        x: &Tensor,
+        layer: &str,
+        bn: &str,
+        stride: usize,
+        train: bool,
+    ) -> Result<Tensor> {
         let w = self
             .seam
             .weight(layer, self.t(&format!("{layer}.weight")))?;
-        Ok(crate::kernels::conv2d(x, &w, 1, stride)?)
-    }
-
-    fn bn(&self, x: &Tensor, name: &str, train: bool) -> Result<Tensor> {
-        let gamma = self.t(&format!("{name}.weight"));
-        let beta = self.t(&format!("{name}.bias"));
-        let rm_name = format!("{name}.running_mean");
-        let rv_name = format!("{name}.running_var");
+        let gamma = self.t(&format!("{bn}.weight"));
+        let beta = self.t(&format!("{bn}.bias"));
+        let rm_name = format!("{bn}.running_mean");
+        let rv_name = format!("{bn}.running_var");
         if train {
-            let (y, mean, var) = kernels::batch_norm_train(x, gamma, beta, BN_EPS)?;
+            let x = crate::kernels::conv2d(x, &w, 1, stride)?;
+            let (y, mean, var) = kernels::batch_norm_train(&x, gamma, beta, BN_EPS)?;
             if let (Some(rm), Some(rv)) = (self.vars.get(&rm_name), self.vars.get(&rv_name)) {
                 let (b, _, h, w) = x.dims4()?;
                 let n = (b * h * w) as f64;
@@ -383,7 +391,9 @@ impl ResNet20 {
             let rv = self.t(&rv_name).detach();
             let scale = (rv + BN_EPS)?.sqrt()?.recip()?.mul(gamma)?;
             let shift = beta.sub(&rm.mul(&scale)?)?;
-            Ok(kernels::channel_affine(x, &scale, &shift)?)
+            let o = scale.dim(0)?;
+            let w = w.broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?;
+            Ok(kernels::conv2d_bias(x, &w, &shift, 1, stride)?)
         }
     }
 
@@ -396,11 +406,21 @@ impl ResNet20 {
         stride: usize,
         train: bool,
     ) -> Result<Tensor> {
-        let out = self.conv(x, &format!("{name}.conv1"), stride)?;
-        let out = self.bn(&out, &format!("{name}.bn1"), train)?;
+        let out = self.conv_bn(
+            x,
+            &format!("{name}.conv1"),
+            &format!("{name}.bn1"),
+            stride,
+            train,
+        )?;
         let out = self.seam.activation(&format!("{name}.relu1"), &out)?;
-        let out = self.conv(&out, &format!("{name}.conv2"), 1)?;
-        let out = self.bn(&out, &format!("{name}.bn2"), train)?;
+        let out = self.conv_bn(
+            &out,
+            &format!("{name}.conv2"),
+            &format!("{name}.bn2"),
+            1,
+            train,
+        )?;
         let shortcut = if stride != 1 || in_planes != planes {
             option_a_shortcut(x, planes)?
         } else {
@@ -425,8 +445,7 @@ impl ResNet20 {
             self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
         }
         let x = x.broadcast_sub(&self.mean)?.broadcast_div(&self.std)?;
-        let x = self.conv(&x, "conv1", 1)?;
-        let x = self.bn(&x, "bn1", train)?;
+        let x = self.conv_bn(&x, "conv1", "bn1", 1, train)?;
         let mut x = self.seam.activation("relu", &x)?;
         for (name, i, o, s) in blocks() {
             x = self.block(&x, &name, i, o, s, train)?;

@@ -97,13 +97,16 @@ pub(super) struct Plane {
     pub o: usize,
 }
 
-/// One image: `y` (O×H×W) = conv(`x` (C×H×W), kernel `wp` packed for `isa`), with `xp` as
-/// scratch for the zero-padded image. Every element of `y` is written.
+/// One image: `y` (O×H×W) = `bias` (per output channel) + conv(`x` (C×H×W), kernel `wp`
+/// packed for `isa`), with `xp` as scratch for the zero-padded image. Every element of `y` is
+/// written. Each output starts from its bias and adds the terms in the same order whatever
+/// the tile shape, so a zero bias gives the bits of the plain convolution.
 pub(super) fn conv(
     isa: Isa,
     p: Plane,
     x: &[f32],
     wp: &[f32],
+    bias: &[f32],
     xp: &mut Vec<f32>,
     y: &mut [MaybeUninit<f32>],
 ) {
@@ -111,7 +114,10 @@ pub(super) fn conv(
     pad(h, w, c, x, xp);
     let ob = isa.ob();
     assert!(
-        x.len() == c * h * w && y.len() == o * h * w && wp.len() == o.div_ceil(ob) * c * 9 * ob,
+        x.len() == c * h * w
+            && y.len() == o * h * w
+            && bias.len() == o
+            && wp.len() == o.div_ceil(ob) * c * 9 * ob,
         "direct conv: buffer sizes do not match {p:?}"
     );
     #[cfg(target_arch = "x86_64")]
@@ -120,8 +126,8 @@ pub(super) fn conv(
     // kernel and writes `y` within O×H×W (sizes asserted above).
     unsafe {
         match isa {
-            Isa::Avx512 => x86::image_avx512(p, xp, wp, y.as_mut_ptr().cast()),
-            Isa::Avx2 => x86::image_avx2(p, xp, wp, y.as_mut_ptr().cast()),
+            Isa::Avx512 => x86::image_avx512(p, xp, wp, bias, y.as_mut_ptr().cast()),
+            Isa::Avx2 => x86::image_avx2(p, xp, wp, bias, y.as_mut_ptr().cast()),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -187,13 +193,13 @@ mod x86 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    pub(super) unsafe fn image_avx512(p: Plane, xp: &[f32], wp: &[f32], y: *mut f32) {
-        image::<8, 3>(p, xp, wp, y)
+    pub(super) unsafe fn image_avx512(p: Plane, xp: &[f32], wp: &[f32], bias: &[f32], y: *mut f32) {
+        image::<8, 3>(p, xp, wp, bias, y)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn image_avx2(p: Plane, xp: &[f32], wp: &[f32], y: *mut f32) {
-        image::<4, 2>(p, xp, wp, y)
+    pub(super) unsafe fn image_avx2(p: Plane, xp: &[f32], wp: &[f32], bias: &[f32], y: *mut f32) {
+        image::<4, 2>(p, xp, wp, bias, y)
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
@@ -295,6 +301,7 @@ mod x86 {
         p: Plane,
         xp: &[f32],
         wp: &[f32],
+        bias: &[f32],
         y: *mut f32,
     ) {
         let Plane { h, w, c, o } = p;
@@ -310,25 +317,37 @@ mod x86 {
         let src = |j: usize| j * 8 / w * wpd + j * 8 % w;
         for blk in 0..o.div_ceil(OB) {
             let wb = wp.as_ptr().add(blk * c * 9 * OB);
-            let valid = (o - blk * OB).min(OB);
-            let yb = y.add(blk * OB * geo.hw);
+            let dst = Dst {
+                y: y.add(blk * OB * geo.hw),
+                bias: bias.as_ptr().add(blk * OB),
+                valid: (o - blk * OB).min(OB),
+            };
             let mut j = 0;
             while j + N <= nvec {
                 let offs: [usize; N] = std::array::from_fn(|v| src(j + v));
                 let outs: [usize; N] = std::array::from_fn(|v| (j + v) * 8);
-                tile::<OB, N>(geo, xp.as_ptr(), offs, wb, yb, outs, valid);
+                tile::<OB, N>(geo, xp.as_ptr(), offs, wb, dst, outs);
                 j += N;
             }
             if N > 2 && j + 2 <= nvec {
                 let offs = [src(j), src(j + 1)];
-                tile::<OB, 2>(geo, xp.as_ptr(), offs, wb, yb, [j * 8, j * 8 + 8], valid);
+                tile::<OB, 2>(geo, xp.as_ptr(), offs, wb, dst, [j * 8, j * 8 + 8]);
                 j += 2;
             }
             while j < nvec {
-                tile::<OB, 1>(geo, xp.as_ptr(), [src(j)], wb, yb, [j * 8], valid);
+                tile::<OB, 1>(geo, xp.as_ptr(), [src(j)], wb, dst, [j * 8]);
                 j += 1;
             }
         }
+    }
+
+    /// Where a tile's outputs go: the block's first output plane, its first bias, and how
+    /// many of its channels are real (the rest pad the block).
+    #[derive(Clone, Copy)]
+    struct Dst {
+        y: *mut f32,
+        bias: *const f32,
+        valid: usize,
     }
 
     /// Strides of the padded image and the output.
@@ -349,11 +368,17 @@ mod x86 {
         xp: *const f32,
         offs: [usize; N],
         wb: *const f32,
-        y: *mut f32,
+        dst: Dst,
         outs: [usize; N],
-        valid: usize,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); N]; OB];
+        let mut acc: [[__m256; N]; OB] = std::array::from_fn(|oo| {
+            let b = if oo < dst.valid {
+                *dst.bias.add(oo)
+            } else {
+                0.0
+            };
+            [_mm256_set1_ps(b); N]
+        });
         for ci in 0..g.c {
             let xc = xp.add(ci * g.plane);
             let wc = wb.add(ci * 9 * OB);
@@ -373,9 +398,9 @@ mod x86 {
                 }
             }
         }
-        for (oo, row) in acc.iter().enumerate().take(valid) {
+        for (oo, row) in acc.iter().enumerate().take(dst.valid) {
             for v in 0..N {
-                _mm256_storeu_ps(y.add(oo * g.hw + outs[v]), row[v]);
+                _mm256_storeu_ps(dst.y.add(oo * g.hw + outs[v]), row[v]);
             }
         }
     }
