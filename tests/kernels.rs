@@ -135,6 +135,8 @@ fn every_path_matches_candle_on_resnet20_geometries() {
         compare_on(path, [2, 16, 32, 32], 16, 3, 1, 1, 12);
         compare_on(path, [2, 32, 16, 16], 32, 3, 1, 1, 13);
         compare_on(path, [3, 64, 8, 8], 64, 3, 1, 1, 14);
+        compare_on(path, [2, 16, 32, 32], 32, 3, 2, 1, 15);
+        compare_on(path, [2, 32, 16, 16], 64, 3, 2, 1, 16);
     }
 }
 
@@ -146,7 +148,7 @@ fn a_forced_path_that_does_not_fit_is_an_error() {
         let e = conv2d_with(&x, &w, 1, 1, ConvPath::Direct(isa)).unwrap_err();
         assert!(e.to_string().contains("conv2d"), "{e}");
     }
-    // Stride 2 never takes the direct path.
+    // Stride 2 needs whole output vectors: a width that is a multiple of 16.
     let x = rand(&[1, 2, 8, 8], 3);
     assert!(conv2d_with(&x, &w, 1, 2, ConvPath::Direct(Isa::Avx2)).is_err());
 }
@@ -191,19 +193,21 @@ proptest! {
         compare(n, c, o, hw, k, stride, pad, seed);
     }
 
-    /// The direct kernel on shapes it takes: any channel counts (tiles padded), any height,
-    /// widths that are whole vectors, non-square images.
+    /// The direct kernel on shapes it takes: any channel counts (tiles padded), any height
+    /// (even for stride 2), widths that are whole output vectors, non-square images.
     #[test]
     fn direct_kernel_matches_candle_on_random_shapes(
         n in 1usize..3,
         c in 1usize..20,
         o in 1usize..20,
-        h in 1usize..11,
-        w in prop::sample::select(vec![8usize, 16, 24]),
+        half_h in 1usize..6,
+        stride in 1usize..3,
+        vectors in 1usize..4,
         seed in 0u64..1000,
     ) {
+        let (h, w) = (2 * half_h - (2 - stride) * (seed as usize % 2), 8 * stride * vectors);
         for path in paths() {
-            compare_on(path, [n, c, h, w], o, 3, 1, 1, seed);
+            compare_on(path, [n, c, h, w], o, 3, stride, 1, seed);
         }
     }
 }
@@ -403,18 +407,22 @@ fn the_direct_kernel_gives_the_same_bits_with_avx2_and_avx512() {
         eprintln!("skipping: this machine does not run both AVX2 and AVX-512VL");
         return;
     }
-    let x = Var::from_tensor(&rand(&[3, 13, 16, 16], 21)).unwrap();
-    let w = Var::from_tensor(&rand(&[11, 13, 3, 3], 22)).unwrap();
-    let r = rand(&[3, 11, 16, 16], 23);
-    let run = |isa| {
-        let y = conv2d_with(x.as_tensor(), w.as_tensor(), 1, 1, ConvPath::Direct(isa)).unwrap();
-        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        (
-            flat(&y),
-            flat(g.get(x.as_tensor()).unwrap()),
-            flat(g.get(w.as_tensor()).unwrap()),
-        )
-    };
-    assert_eq!(run(Isa::Avx2), run(Isa::Avx512));
+    for stride in [1, 2] {
+        let x = Var::from_tensor(&rand(&[3, 13, 16, 16], 21)).unwrap();
+        let w = Var::from_tensor(&rand(&[11, 13, 3, 3], 22)).unwrap();
+        let side = 16 / stride;
+        let r = rand(&[3, 11, side, side], 23);
+        let run = |isa| {
+            let path = ConvPath::Direct(isa);
+            let y = conv2d_with(x.as_tensor(), w.as_tensor(), 1, stride, path).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (
+                flat(&y),
+                flat(g.get(x.as_tensor()).unwrap()),
+                flat(g.get(w.as_tensor()).unwrap()),
+            )
+        };
+        assert_eq!(run(Isa::Avx2), run(Isa::Avx512), "stride {stride}");
+    }
 }

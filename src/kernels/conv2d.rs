@@ -1,9 +1,9 @@
 //! 2-D convolution (NCHW, f32, square kernel, zero padding, no groups or dilation) on the
 //! CPU, forward and both gradients, by one of two algorithms ([`ConvPath`]):
 //!
-//! - direct (`direct.rs`): 3×3, stride 1, pad 1, width a multiple of 8 — every ResNet-20
-//!   convolution but the two stride-2 ones. Register tiles of output channels × 8-wide
-//!   output vectors (AVX-512VL or AVX2 + FMA); the input gradient is the same kernel on the
+//! - direct (`direct.rs`): 3×3, pad 1, stride 1 or 2, output width a multiple of 8 — every
+//!   ResNet-20 convolution. Register tiles of output channels × 8-wide output vectors
+//!   (AVX-512VL or AVX2 + FMA); the stride-1 input gradient is the same kernel on the
 //!   transposed, rotated weights; the weight gradient has its own tiles (channels × 9 taps).
 //! - im2col + GEMM (every other shape). For one image with `C` input channels, kernel `k`,
 //!   output `Ho×Wo`: `col` is the `(C·k·k) × (Ho·Wo)` patch matrix, and
@@ -26,14 +26,16 @@ pub use direct::Isa;
 /// Which CPU algorithm computes a convolution and its gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvPath {
-    /// The fastest this machine and shape allow: direct for 3×3, stride-1, pad-1
-    /// convolutions whose width is a multiple of 8 (AVX-512VL, else AVX2 + FMA), else im2col.
+    /// The fastest this machine and shape allow: direct for 3×3, pad-1 convolutions with
+    /// stride 1 and a width that is a multiple of 8, or stride 2, an even height and a width
+    /// that is a multiple of 16 (AVX-512VL, else AVX2 + FMA); else im2col. The input gradient
+    /// of a stride-2 convolution is always im2col's.
     #[default]
     Auto,
     /// im2col + GEMM for every shape.
     Im2col,
-    /// The direct kernel with the given instruction set; an error where the shape or the
-    /// machine does not allow it.
+    /// The direct kernel with the given instruction set (the input gradient of a stride-2
+    /// convolution excepted); an error where the shape or the machine does not allow it.
     Direct(Isa),
 }
 
@@ -254,6 +256,7 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, isa: Option<Isa
             w: g.w,
             c: g.c,
             o: g.o,
+            stride: g.stride,
         };
         // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
         // direct kernel.
@@ -300,8 +303,9 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, isa: Option<Isa
 fn grad_input(g: &Geom, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = chunk(g.n);
-    if let Some(isa) = isa {
-        // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel.
+    // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel. (A
+    // stride-2 input gradient is a transposed convolution: im2col's col2im does it.)
+    if let Some(isa) = isa.filter(|_| g.stride == 1) {
         let wp = direct::pack(isa, w, g.o, g.c, true);
         let zeros = vec![0f32; g.c];
         let plane = direct::Plane {
@@ -309,6 +313,7 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
             w: g.w,
             c: g.o,
             o: g.c,
+            stride: 1,
         };
         // SAFETY: chunk t holds the input gradients of images t·per.., each written in full
         // by the direct kernel.
@@ -361,6 +366,7 @@ fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], isa: Option<Isa>) -> Vec<f32> {
             w: g.w,
             c: g.c,
             o: g.o,
+            stride: g.stride,
         };
         let partial: Vec<Vec<f32>> = (0..tasks)
             .into_par_iter()

@@ -1,14 +1,17 @@
-//! Direct 3×3, stride-1, pad-1 convolution over register tiles (x86-64 AVX2 + FMA).
+//! Direct 3×3, pad-1 convolution (stride 1 or 2) over register tiles (x86-64 AVX2 + FMA).
 //!
-//! ResNet-20's convolutions are all 3×3 with padding 1, and all but two have stride 1. For
-//! those, a direct convolution beats im2col + GEMM on 2 cores: it skips the patch matrix
-//! (9× the input, written and read once per image) and keeps a tile of output channels ×
-//! eight-wide output vectors in registers ([`Isa`] says how many), each tap of each input channel adding one
-//! broadcast weight times one input vector (loaded from a zero-padded copy of the image).
+//! ResNet-20's convolutions are all 3×3 with padding 1 (two with stride 2). A direct
+//! convolution beats im2col + GEMM on 2 cores: it skips the patch matrix (9× the input,
+//! written and read once per image) and keeps a tile of output channels × eight-wide output
+//! vectors in registers ([`Isa`] says how many), each tap of each input channel adding one
+//! broadcast weight times one input vector, loaded from a zero-padded copy of the image. For
+//! stride 2 the padded copy splits each row into its even and odd columns, so that every
+//! tap's eight inputs are again contiguous.
 //!
-//! The input gradient of such a convolution is the same convolution of the output gradient
-//! with the kernel transposed (input ↔ output channels) and rotated by 180°, so both use
-//! [`conv`]. Only shapes whose output rows are whole vectors (`W % 8 == 0`) take this path.
+//! The input gradient of a stride-1 convolution is the same convolution of the output
+//! gradient with the kernel transposed (input ↔ output channels) and rotated by 180°, so both
+//! use [`conv`]. Only shapes whose output rows are whole vectors (`Wo % 8 == 0`) take this
+//! path.
 
 use std::mem::MaybeUninit;
 
@@ -40,7 +43,12 @@ impl Isa {
 
 /// Whether `g` has the direct path's shape: 3×3, stride 1, pad 1, whole vectors per row.
 pub(super) fn fits(g: &Geom) -> bool {
-    g.k == 3 && g.stride == 1 && g.pad == 1 && g.w % 8 == 0 && g.w > 0 && g.h > 0
+    let rows = match g.stride {
+        1 => g.w % 8 == 0,
+        2 => g.w % 16 == 0 && g.h % 2 == 0,
+        _ => false,
+    };
+    g.k == 3 && g.pad == 1 && rows && g.w > 0 && g.h > 0
 }
 
 /// Whether this machine runs `isa`.
@@ -87,14 +95,59 @@ pub(super) fn pack(isa: Isa, w: &[f32], o: usize, c: usize, transpose: bool) -> 
     out
 }
 
-/// A convolution's sizes as the direct kernel sees them: an `h`×`w` image with `c` input and
-/// `o` output channels (for the input gradient: the forward's output and input channels).
+/// A convolution's sizes as the direct kernel sees them: an `h`×`w` input image with `c`
+/// input and `o` output channels (for the input gradient: the forward's output and input
+/// channels), and the stride (1 or 2).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Plane {
     pub h: usize,
     pub w: usize,
     pub c: usize,
     pub o: usize,
+    pub stride: usize,
+}
+
+/// Where the padded copy keeps one channel, and where each output vector's inputs start.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Padded {
+    /// Floats per channel.
+    plane: usize,
+    /// Offset between the inputs of consecutive output rows.
+    row: usize,
+    /// Offset of tap (ki, kj) from the top-left input of its output vector.
+    taps: [usize; 9],
+    /// Output height and width.
+    ho: usize,
+    wo: usize,
+}
+
+impl Padded {
+    fn new(p: Plane) -> Self {
+        let hp = p.h + 2;
+        if p.stride == 1 {
+            let wp = p.w + 2;
+            Padded {
+                plane: hp * wp,
+                row: wp,
+                taps: std::array::from_fn(|t| t / 3 * wp + t % 3),
+                ho: p.h,
+                wo: p.w,
+            }
+        } else {
+            // Each padded row as its even columns, then (half a plane on) its odd ones:
+            // input column 2·j + kj of an output column j is even column j (kj = 0), odd
+            // column j (kj = 1) or even column j + 1 (kj = 2).
+            let ws = p.w / 2 + 1;
+            let half = hp * ws;
+            Padded {
+                plane: 2 * half,
+                row: 2 * ws,
+                taps: std::array::from_fn(|t| t / 3 * ws + [0, half, 1][t % 3]),
+                ho: p.h / 2,
+                wo: p.w / 2,
+            }
+        }
+    }
 }
 
 /// One image: `y` (O×H×W) = `bias` (per output channel) + conv(`x` (C×H×W), kernel `wp`
@@ -110,12 +163,13 @@ pub(super) fn conv(
     xp: &mut Vec<f32>,
     y: &mut [MaybeUninit<f32>],
 ) {
-    let Plane { h, w, c, o } = p;
-    pad(h, w, c, x, xp);
+    let Plane { h, w, c, o, .. } = p;
+    let pd = Padded::new(p);
+    pad(p, x, xp);
     let ob = isa.ob();
     assert!(
         x.len() == c * h * w
-            && y.len() == o * h * w
+            && y.len() == o * pd.ho * pd.wo
             && bias.len() == o
             && wp.len() == o.div_ceil(ob) * c * 9 * ob,
         "direct conv: buffer sizes do not match {p:?}"
@@ -126,25 +180,38 @@ pub(super) fn conv(
     // kernel and writes `y` within O×H×W (sizes asserted above).
     unsafe {
         match isa {
-            Isa::Avx512 => x86::image_avx512(p, xp, wp, bias, y.as_mut_ptr().cast()),
-            Isa::Avx2 => x86::image_avx2(p, xp, wp, bias, y.as_mut_ptr().cast()),
+            Isa::Avx512 => x86::image_avx512(p, pd, xp, wp, bias, y.as_mut_ptr().cast()),
+            Isa::Avx2 => x86::image_avx2(p, pd, xp, wp, bias, y.as_mut_ptr().cast()),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("direct convolution is only selected on x86-64")
 }
 
-/// `xp` = the images of `x` (each `c`×`h`×`w`), each channel zero-padded by one pixel.
-fn pad(h: usize, w: usize, c: usize, x: &[f32], xp: &mut Vec<f32>) {
-    let (hp, wpd) = (h + 2, w + 2);
+/// `xp` = the images of `x` (each `c`×`h`×`w`), each channel zero-padded by one pixel, laid
+/// out as [`Padded`] says.
+fn pad(p: Plane, x: &[f32], xp: &mut Vec<f32>) {
+    let Plane { h, w, c, .. } = p;
+    let pd = Padded::new(p);
     let planes = x.len() / (h * w);
     debug_assert_eq!(planes % c, 0);
     xp.clear();
-    xp.resize(planes * hp * wpd, 0.0);
+    xp.resize(planes * pd.plane, 0.0);
     for (pl, src) in x.chunks_exact(h * w).enumerate() {
+        let base = pl * pd.plane;
         for (r, row) in src.chunks_exact(w).enumerate() {
-            let dst = (pl * hp + r + 1) * wpd + 1;
-            xp[dst..dst + w].copy_from_slice(row);
+            if p.stride == 1 {
+                let dst = base + (r + 1) * (w + 2) + 1;
+                xp[dst..dst + w].copy_from_slice(row);
+            } else {
+                // Padded column q = input column + 1: even q to q/2, odd q to the odd half.
+                let ws = w / 2 + 1;
+                let (even, odd) = (base + (r + 1) * ws, base + pd.plane / 2 + (r + 1) * ws);
+                for (j, pair) in row.chunks_exact(2).enumerate() {
+                    xp[odd + j] = pair[0];
+                    xp[even + j + 1] = pair[1];
+                }
+            }
         }
     }
 }
@@ -164,22 +231,23 @@ pub(super) fn grad_weight(
     xp: &mut Vec<f32>,
     dw: &mut [f32],
 ) {
-    let Plane { h, w, c, o } = p;
-    let (per_x, per_dy) = (c * h * w, o * h * w);
+    let Plane { h, w, c, o, .. } = p;
+    let pd = Padded::new(p);
+    let (per_x, per_dy) = (c * h * w, o * pd.ho * pd.wo);
     assert!(
         x.len() % per_x == 0 && dy.len() / per_dy == x.len() / per_x && dw.len() == o * c * 9,
         "direct conv weight gradient: buffer sizes do not match {p:?}"
     );
     for (xg, dyg) in x.chunks(GROUP * per_x).zip(dy.chunks(GROUP * per_dy)) {
-        pad(h, w, c, xg, xp);
+        pad(p, xg, xp);
         let imgs = xg.len() / per_x;
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` was detected on this machine; the kernel reads `xp` within the
         // `imgs` padded images, `dyg` within `imgs`×O×H×W and writes `dw` within O×C×9.
         unsafe {
             match isa {
-                Isa::Avx512 => x86::grad_weight_avx512(p, imgs, xp, dyg, dw),
-                Isa::Avx2 => x86::grad_weight_avx2(p, imgs, xp, dyg, dw),
+                Isa::Avx512 => x86::grad_weight_avx512(p, pd, imgs, xp, dyg, dw),
+                Isa::Avx2 => x86::grad_weight_avx2(p, pd, imgs, xp, dyg, dw),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -189,39 +257,55 @@ pub(super) fn grad_weight(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::Plane;
+    use super::{Padded, Plane};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    pub(super) unsafe fn image_avx512(p: Plane, xp: &[f32], wp: &[f32], bias: &[f32], y: *mut f32) {
-        image::<8, 3>(p, xp, wp, bias, y)
+    pub(super) unsafe fn image_avx512(
+        p: Plane,
+        pd: Padded,
+        xp: &[f32],
+        wp: &[f32],
+        bias: &[f32],
+        y: *mut f32,
+    ) {
+        image::<8, 3>(p, pd, xp, wp, bias, y)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn image_avx2(p: Plane, xp: &[f32], wp: &[f32], bias: &[f32], y: *mut f32) {
-        image::<4, 2>(p, xp, wp, bias, y)
+    pub(super) unsafe fn image_avx2(
+        p: Plane,
+        pd: Padded,
+        xp: &[f32],
+        wp: &[f32],
+        bias: &[f32],
+        y: *mut f32,
+    ) {
+        image::<4, 2>(p, pd, xp, wp, bias, y)
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
     pub(super) unsafe fn grad_weight_avx512(
         p: Plane,
+        pd: Padded,
         imgs: usize,
         xp: &[f32],
         dy: &[f32],
         dw: &mut [f32],
     ) {
-        grad_weight::<2>(p, imgs, xp, dy, dw)
+        grad_weight::<2>(p, pd, imgs, xp, dy, dw)
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn grad_weight_avx2(
         p: Plane,
+        pd: Padded,
         imgs: usize,
         xp: &[f32],
         dy: &[f32],
         dw: &mut [f32],
     ) {
-        grad_weight::<1>(p, imgs, xp, dy, dw)
+        grad_weight::<1>(p, pd, imgs, xp, dy, dw)
     }
 
     /// For each input channel, tiles of `OB` output channels × 9 taps (single output
@@ -230,6 +314,7 @@ mod x86 {
     #[inline]
     unsafe fn grad_weight<const OB: usize>(
         p: Plane,
+        pd: Padded,
         imgs: usize,
         xp: &[f32],
         dy: &[f32],
@@ -238,11 +323,11 @@ mod x86 {
         for ci in 0..p.c {
             let mut o0 = 0;
             while o0 + OB <= p.o {
-                wtile::<OB>(p, imgs, xp, dy, ci, o0, dw);
+                wtile::<OB>(p, pd, imgs, xp, dy, ci, o0, dw);
                 o0 += OB;
             }
             while o0 < p.o {
-                wtile::<1>(p, imgs, xp, dy, ci, o0, dw);
+                wtile::<1>(p, pd, imgs, xp, dy, ci, o0, dw);
                 o0 += 1;
             }
         }
@@ -251,8 +336,10 @@ mod x86 {
     /// `dw[o0..o0 + OB][ci][tap]` += Σ over the images and their output vectors.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn wtile<const OB: usize>(
         p: Plane,
+        pd: Padded,
         imgs: usize,
         xp: &[f32],
         dy: &[f32],
@@ -260,25 +347,22 @@ mod x86 {
         o0: usize,
         dw: &mut [f32],
     ) {
-        let Plane { h, w, c, o } = p;
-        let (wpd, hw) = (w + 2, h * w);
-        let plane = (h + 2) * wpd;
+        let Plane { c, o, .. } = p;
+        let (ho, wo) = (pd.ho, pd.wo);
+        let hw = ho * wo;
         let mut acc = [[_mm256_setzero_ps(); 9]; OB];
         for img in 0..imgs {
-            let xc = xp.as_ptr().add((img * c + ci) * plane);
+            let xc = xp.as_ptr().add((img * c + ci) * pd.plane);
             let dyo = dy.as_ptr().add((img * o + o0) * hw);
-            for r in 0..h {
-                for col in (0..w).step_by(8) {
+            for r in 0..ho {
+                for col in (0..wo).step_by(8) {
                     let d: [__m256; OB] =
-                        std::array::from_fn(|b| _mm256_loadu_ps(dyo.add(b * hw + r * w + col)));
-                    let base = xc.add(r * wpd + col);
-                    for ki in 0..3 {
-                        for kj in 0..3 {
-                            let xv = _mm256_loadu_ps(base.add(ki * wpd + kj));
-                            for b in 0..OB {
-                                acc[b][ki * 3 + kj] =
-                                    _mm256_fmadd_ps(d[b], xv, acc[b][ki * 3 + kj]);
-                            }
+                        std::array::from_fn(|b| _mm256_loadu_ps(dyo.add(b * hw + r * wo + col)));
+                    let base = xc.add(r * pd.row + col);
+                    for (t, &off) in pd.taps.iter().enumerate() {
+                        let xv = _mm256_loadu_ps(base.add(off));
+                        for b in 0..OB {
+                            acc[b][t] = _mm256_fmadd_ps(d[b], xv, acc[b][t]);
                         }
                     }
                 }
@@ -299,22 +383,22 @@ mod x86 {
     #[inline]
     unsafe fn image<const OB: usize, const N: usize>(
         p: Plane,
+        pd: Padded,
         xp: &[f32],
         wp: &[f32],
         bias: &[f32],
         y: *mut f32,
     ) {
-        let Plane { h, w, c, o } = p;
-        let wpd = w + 2;
+        let Plane { c, o, .. } = p;
         let geo = Geo {
             c,
-            plane: (h + 2) * wpd,
-            wpd,
-            hw: h * w,
+            plane: pd.plane,
+            taps: pd.taps,
+            hw: pd.ho * pd.wo,
         };
         let nvec = geo.hw / 8;
         // Input offset (top-left of the 3×3 neighbourhood) of output vector j.
-        let src = |j: usize| j * 8 / w * wpd + j * 8 % w;
+        let src = |j: usize| j * 8 / pd.wo * pd.row + j * 8 % pd.wo;
         for blk in 0..o.div_ceil(OB) {
             let wb = wp.as_ptr().add(blk * c * 9 * OB);
             let dst = Dst {
@@ -355,7 +439,7 @@ mod x86 {
     struct Geo {
         c: usize,
         plane: usize,
-        wpd: usize,
+        taps: [usize; 9],
         hw: usize,
     }
 
@@ -382,12 +466,11 @@ mod x86 {
         for ci in 0..g.c {
             let xc = xp.add(ci * g.plane);
             let wc = wb.add(ci * 9 * OB);
-            for ki in 0..3 {
-                for kj in 0..3 {
-                    let t = ki * 3 + kj;
+            for (t, &off) in g.taps.iter().enumerate() {
+                {
                     let mut xv = [_mm256_setzero_ps(); N];
                     for v in 0..N {
-                        xv[v] = _mm256_loadu_ps(xc.add(offs[v] + ki * g.wpd + kj));
+                        xv[v] = _mm256_loadu_ps(xc.add(offs[v] + off));
                     }
                     for (oo, row) in acc.iter_mut().enumerate() {
                         let wv = _mm256_broadcast_ss(&*wc.add(t * OB + oo));
