@@ -4,7 +4,9 @@
 
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
-use quant_robust::kernels::{conv2d, conv2d_bias_with, conv2d_with, ConvPath, Isa};
+use quant_robust::kernels::{
+    conv2d, conv2d_bias_relu_with, conv2d_bias_with, conv2d_with, ConvPath, Isa,
+};
 use quant_robust::rng::Rng;
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -67,7 +69,7 @@ fn compare(
 }
 
 /// Forward, dx and dw of our op on `path` and candle's, for one geometry; and the same with
-/// a bias per output channel (and its gradient).
+/// a bias per output channel (and its gradient), and with the bias and a ReLU.
 fn compare_on(
     path: ConvPath,
     [n, c, h, wd]: [usize; 4],
@@ -97,11 +99,22 @@ fn compare_on(
         path,
     )
     .unwrap();
+    let ours_relu = conv2d_bias_relu_with(
+        x.as_tensor(),
+        w.as_tensor(),
+        b.as_tensor(),
+        pad,
+        stride,
+        path,
+    )
+    .unwrap();
+    let ref_relu = ref_bias.relu().unwrap();
     // A loss that weights every output differently, so the gradients are not symmetric.
     let r = rand(reference.dims(), seed + 2);
     for (what, ours, reference, leaves) in [
         ("plain", ours, reference, vec![&x, &w]),
         ("bias", ours_bias, ref_bias, vec![&x, &w, &b]),
+        ("bias+relu", ours_relu, ref_relu, vec![&x, &w, &b]),
     ] {
         assert_eq!(ours.dims(), reference.dims());
         assert!(
@@ -256,7 +269,7 @@ proptest! {
         hw in 1usize..7,
         seed in 0u64..1000,
     ) {
-        use quant_robust::kernels::{batch_norm_train, channel_affine, channel_stats, relu};
+        use quant_robust::kernels::{add_relu, batch_norm_train, channel_affine, channel_stats, relu};
         let x = Var::from_tensor(&rand(&[n, c, hw, hw], seed)).unwrap();
         let g = Var::from_tensor(&rand(&[c], seed + 1)).unwrap();
         let b = Var::from_tensor(&rand(&[c], seed + 2)).unwrap();
@@ -290,6 +303,10 @@ proptest! {
             .unwrap();
         grads_match(channel_affine(&x, &g, &b).unwrap(), reference, &leaves, seed + 4, 1e-5);
         grads_match(relu(&x).unwrap(), x.relu().unwrap(), &leaves[..1], seed + 5, 1e-6);
+        let other = Var::from_tensor(&rand(&[n, c, hw, hw], seed + 6)).unwrap();
+        let pair = [("x", &x), ("residual", &other)];
+        let sum = (x.as_tensor() + other.as_tensor()).unwrap();
+        grads_match(add_relu(&x, &other).unwrap(), sum.relu().unwrap(), &pair, seed + 7, 1e-6);
         let (mean, var) = channel_stats(&x).unwrap();
         let m = x.mean_keepdim((0, 2, 3)).unwrap();
         let v = x.broadcast_sub(&m).unwrap().sqr().unwrap().mean_keepdim((0, 2, 3)).unwrap();

@@ -14,7 +14,8 @@
 //! - [`channel_affine`]: `y = x·a_c + b_c` (BatchNorm in evaluation mode as its own op; the
 //!   model folds it into the convolution instead, `kernels::conv2d_bias`), gradients for x,
 //!   and for a and b only when they are tracked.
-//! - [`relu`]: `max(x, 0)`, gradient `dy·[x > 0]`.
+//! - [`relu`]: `max(x, 0)`, gradient `dy·[x > 0]`; [`add_relu`]: `max(a + b, 0)` (a residual
+//!   sum and its ReLU), gradient `dy·[a + b > 0]` for both.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -407,13 +408,54 @@ impl CustomOp1 for ReluOp {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let positive = super::IntervalGrad {
-            lo: 0.0,
-            lo_inclusive: false,
-            hi: f32::INFINITY,
-            hi_inclusive: true,
+        Ok(Some(super::IntervalGrad::POSITIVE.apply(x, dy)?))
+    }
+}
+
+/// max(a + b, 0): a residual sum and its ReLU in one pass.
+struct AddReluOp;
+
+impl CustomOp2 for AddReluOp {
+    fn name(&self) -> &'static str {
+        "qr-add-relu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (slice(s1, l1, "input")?, slice(s2, l2, "residual")?);
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("add-relu: shapes {:?} and {:?}", l1.dims(), l2.dims());
+        }
+        const CHUNK: usize = 1 << 14;
+        // SAFETY: chunk i zips with the equally long chunks i of a and b (same shape,
+        // checked above); every element is written.
+        let y = unsafe {
+            super::par_uninit(a.len(), CHUNK, |i, o| {
+                let (xs, rs) = (&a[i * CHUNK..][..o.len()], &b[i * CHUNK..][..o.len()]);
+                for ((o, &u), &v) in o.iter_mut().zip(xs).zip(rs) {
+                    o.write((u + v).max(0.0));
+                }
+            })
         };
-        Ok(Some(positive.apply(x, dy)?))
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if !a.track_op() && !b.track_op() {
+            return Ok((None, None));
+        }
+        // y = max(a + b, 0): y > 0 exactly where a + b > 0.
+        let g = super::IntervalGrad::POSITIVE.apply(res, dy)?;
+        Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
     }
 }
 
@@ -483,5 +525,15 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
         x.contiguous()?.apply_op1(ReluOp)
     } else {
         x.relu()
+    }
+}
+
+/// ReLU of a residual sum, `max(a + b, 0)`, in one pass (same values and gradients as the
+/// sum and the ReLU in a row).
+pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if cpu_f32(a) && b.dtype() == DType::F32 {
+        a.contiguous()?.apply_op2(&b.contiguous()?, AddReluOp)
+    } else {
+        (a + b)?.relu()
     }
 }

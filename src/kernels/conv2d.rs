@@ -237,8 +237,16 @@ fn chunk(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
-/// `y = conv(x, w) + bias` (bias per output channel, zero when `None`).
-fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, isa: Option<Isa>) -> Vec<f32> {
+/// `y = conv(x, w) + bias` (bias per output channel, zero when `None`), through ReLU when
+/// `relu`.
+fn forward(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    isa: Option<Isa>,
+) -> Vec<f32> {
     let zeros;
     let bias = match bias {
         Some(b) => b,
@@ -257,6 +265,7 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, isa: Option<Isa
             c: g.c,
             o: g.o,
             stride: g.stride,
+            relu,
         };
         // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
         // direct kernel.
@@ -295,6 +304,11 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>, isa: Option<Isa
                     hw as isize,
                     1,
                 );
+                if relu {
+                    for v in yi.iter_mut() {
+                        *v = v.max(0.0);
+                    }
+                }
             }
         });
     y
@@ -314,6 +328,7 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
             c: g.o,
             o: g.c,
             stride: 1,
+            relu: false,
         };
         // SAFETY: chunk t holds the input gradients of images t·per.., each written in full
         // by the direct kernel.
@@ -367,6 +382,7 @@ fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], isa: Option<Isa>) -> Vec<f32> {
             c: g.c,
             o: g.o,
             stride: g.stride,
+            relu: false,
         };
         let partial: Vec<Vec<f32>> = (0..tasks)
             .into_par_iter()
@@ -464,6 +480,7 @@ impl CustomOp2 for Conv2dOp {
             slice(s1, l1, "input")?,
             slice(s2, l2, "kernel")?,
             None,
+            false,
             isa,
         );
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
@@ -516,11 +533,12 @@ fn grads(
     Ok((dx, dw))
 }
 
-/// The forward op with a bias per output channel: `(x, w, b) -> y`.
+/// The forward op with a bias per output channel: `(x, w, b) -> y`, optionally through ReLU.
 struct Conv2dBiasOp {
     stride: usize,
     pad: usize,
     path: ConvPath,
+    relu: bool,
 }
 
 impl CustomOp3 for Conv2dBiasOp {
@@ -544,7 +562,7 @@ impl CustomOp3 for Conv2dBiasOp {
         }
         let isa = self.path.resolve(&g)?;
         let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
-        let y = forward(&g, x, w, Some(bias), isa);
+        let y = forward(&g, x, w, Some(bias), self.relu, isa);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -553,10 +571,15 @@ impl CustomOp3 for Conv2dBiasOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
+        let grad = if self.relu {
+            // y = max(s, 0): y > 0 exactly where s > 0.
+            super::IntervalGrad::POSITIVE.apply(res, grad)?
+        } else {
+            grad.contiguous()?
+        };
         let (dx, dw) = grads(self.stride, self.pad, self.path, x, w, &grad)?;
         let db = if b.track_op() {
             Some(grad.sum((0, 2, 3))?)
@@ -665,11 +688,53 @@ pub fn conv2d_bias_with(
         x.contiguous()?.apply_op3(
             &w.contiguous()?,
             &b.contiguous()?,
-            Conv2dBiasOp { stride, pad, path },
+            Conv2dBiasOp {
+                stride,
+                pad,
+                path,
+                relu: false,
+            },
         )
     } else {
         let o = b.dim(0)?;
         x.conv2d(w, pad, stride, 1, 1)?
             .broadcast_add(&b.reshape((1, o, 1, 1))?)
+    }
+}
+
+/// `relu(conv2d(x, w) + b)`, the ReLU applied as the kernel stores each output (on the CPU;
+/// candle's ops elsewhere). Same values and gradients as the three ops in a row.
+pub fn conv2d_bias_relu(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    pad: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    conv2d_bias_relu_with(x, w, b, pad, stride, ConvPath::Auto)
+}
+
+/// [`conv2d_bias_relu`] with the CPU algorithm chosen by `path`.
+pub fn conv2d_bias_relu_with(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    pad: usize,
+    stride: usize,
+    path: ConvPath,
+) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype() {
+        x.contiguous()?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            Conv2dBiasOp {
+                stride,
+                pad,
+                path,
+                relu: true,
+            },
+        )
+    } else {
+        conv2d_bias_with(x, w, b, pad, stride, path)?.relu()
     }
 }

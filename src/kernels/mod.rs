@@ -15,8 +15,11 @@ pub mod conv2d;
 pub mod fake_quant;
 pub mod pact;
 
-pub use batch_norm::{batch_norm_train, channel_affine, channel_stats, relu};
-pub use conv2d::{conv2d, conv2d_bias, conv2d_bias_with, conv2d_with, ConvPath, Isa};
+pub use batch_norm::{add_relu, batch_norm_train, channel_affine, channel_stats, relu};
+pub use conv2d::{
+    conv2d, conv2d_bias, conv2d_bias_relu, conv2d_bias_relu_with, conv2d_bias_with, conv2d_with,
+    ConvPath, Isa,
+};
 
 /// A vector of `len` f32s filled by `fill` in parallel chunks of `chunk` elements (called
 /// with the chunk's index), without zeroing the memory first: an op's output that the op
@@ -65,6 +68,14 @@ pub(crate) struct IntervalGrad {
 }
 
 impl IntervalGrad {
+    /// ReLU's gradient: x > 0.
+    pub const POSITIVE: IntervalGrad = IntervalGrad {
+        lo: 0.0,
+        lo_inclusive: false,
+        hi: f32::INFINITY,
+        hi_inclusive: true,
+    };
+
     fn inside(&self, v: f32) -> bool {
         let above = if self.lo_inclusive {
             v >= self.lo

@@ -39,6 +39,13 @@ pub trait QuantSeam: Send + Sync {
         Ok(crate::kernels::relu(x)?)
     }
 
+    /// Whether the activation at `site` is exactly ReLU, so that the model may fuse it into
+    /// the operation before it (the convolution's store, the residual sum). Default: no; only
+    /// a seam whose [`QuantSeam::activation`] is plain ReLU there may say yes.
+    fn plain_relu(&self, _site: &str) -> bool {
+        false
+    }
+
     /// A short description for manifests (`fp`, `ptq-pwlq-w4a8`, ...).
     fn describe(&self) -> String;
 
@@ -63,6 +70,10 @@ pub trait QuantSeam: Send + Sync {
 pub struct FullPrecision;
 
 impl QuantSeam for FullPrecision {
+    fn plain_relu(&self, _site: &str) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         "fp".into()
     }

@@ -353,15 +353,15 @@ impl ResNet20 {
         &self.tensors[name]
     }
 
-    /// Convolution `layer` (through the seam's weight quantizer) followed by BatchNorm `bn`:
-    /// in training mode with batch statistics (and the running-statistics update); in
-    /// evaluation mode folded into the convolution, `conv(x, w·a) + b` with
-    /// `a = γ/√(σ² + ε)` and `b = β − μ·a` per output channel.
+    /// Convolution `layer` (through the seam's weight quantizer) followed by BatchNorm `bn`
+    /// and, with `site`, the seam's activation there: in training mode with batch statistics
+    /// (and the running-statistics update); in evaluation mode BatchNorm folds into the
+    /// convolution, `conv(x, w·a) + b` with `a = γ/√(σ² + ε)` and `b = β − μ·a` per output
+    /// channel, and a plain-ReLU activation into the convolution's store.
     fn conv_bn(
         &self,
         x: &Tensor,
-        layer: &str,
-        bn: &str,
+        (layer, bn, site): (&str, &str, Option<&str>),
         stride: usize,
         train: bool,
     ) -> Result<Tensor> {
@@ -385,7 +385,10 @@ impl ResNet20 {
                 rm.set(&new_rm)?;
                 rv.set(&new_rv)?;
             }
-            Ok(y)
+            match site {
+                Some(site) => self.seam.activation(site, &y),
+                None => Ok(y),
+            }
         } else {
             let rm = self.t(&rm_name).detach();
             let rv = self.t(&rv_name).detach();
@@ -393,7 +396,16 @@ impl ResNet20 {
             let shift = beta.sub(&rm.mul(&scale)?)?;
             let o = scale.dim(0)?;
             let w = w.broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?;
-            Ok(kernels::conv2d_bias(x, &w, &shift, 1, stride)?)
+            match site {
+                Some(site) if self.seam.plain_relu(site) => {
+                    Ok(kernels::conv2d_bias_relu(x, &w, &shift, 1, stride)?)
+                }
+                Some(site) => {
+                    let y = kernels::conv2d_bias(x, &w, &shift, 1, stride)?;
+                    self.seam.activation(site, &y)
+                }
+                None => Ok(kernels::conv2d_bias(x, &w, &shift, 1, stride)?),
+            }
         }
     }
 
@@ -406,18 +418,20 @@ impl ResNet20 {
         stride: usize,
         train: bool,
     ) -> Result<Tensor> {
+        let relu1 = format!("{name}.relu1");
         let out = self.conv_bn(
             x,
-            &format!("{name}.conv1"),
-            &format!("{name}.bn1"),
+            (
+                &format!("{name}.conv1"),
+                &format!("{name}.bn1"),
+                Some(&relu1),
+            ),
             stride,
             train,
         )?;
-        let out = self.seam.activation(&format!("{name}.relu1"), &out)?;
         let out = self.conv_bn(
             &out,
-            &format!("{name}.conv2"),
-            &format!("{name}.bn2"),
+            (&format!("{name}.conv2"), &format!("{name}.bn2"), None),
             1,
             train,
         )?;
@@ -426,8 +440,12 @@ impl ResNet20 {
         } else {
             x.clone()
         };
-        self.seam
-            .activation(&format!("{name}.relu2"), &(out + shortcut)?)
+        let relu2 = format!("{name}.relu2");
+        if self.seam.plain_relu(&relu2) {
+            Ok(kernels::add_relu(&out, &shortcut)?)
+        } else {
+            self.seam.activation(&relu2, &(out + shortcut)?)
+        }
     }
 
     /// Logits; `train` selects BatchNorm's mode (batch statistics and running-statistics
@@ -445,8 +463,7 @@ impl ResNet20 {
             self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
         }
         let x = x.broadcast_sub(&self.mean)?.broadcast_div(&self.std)?;
-        let x = self.conv_bn(&x, "conv1", "bn1", 1, train)?;
-        let mut x = self.seam.activation("relu", &x)?;
+        let mut x = self.conv_bn(&x, ("conv1", "bn1", Some("relu")), 1, train)?;
         for (name, i, o, s) in blocks() {
             x = self.block(&x, &name, i, o, s, train)?;
         }

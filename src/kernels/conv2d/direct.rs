@@ -97,7 +97,7 @@ pub(super) fn pack(isa: Isa, w: &[f32], o: usize, c: usize, transpose: bool) -> 
 
 /// A convolution's sizes as the direct kernel sees them: an `h`×`w` input image with `c`
 /// input and `o` output channels (for the input gradient: the forward's output and input
-/// channels), and the stride (1 or 2).
+/// channels), the stride (1 or 2), and whether the output goes through ReLU as it is stored.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Plane {
     pub h: usize,
@@ -105,6 +105,7 @@ pub(super) struct Plane {
     pub c: usize,
     pub o: usize,
     pub stride: usize,
+    pub relu: bool,
 }
 
 /// Where the padded copy keeps one channel, and where each output vector's inputs start.
@@ -405,6 +406,7 @@ mod x86 {
                 y: y.add(blk * OB * geo.hw),
                 bias: bias.as_ptr().add(blk * OB),
                 valid: (o - blk * OB).min(OB),
+                relu: p.relu,
             };
             let mut j = 0;
             while j + N <= nvec {
@@ -432,6 +434,7 @@ mod x86 {
         y: *mut f32,
         bias: *const f32,
         valid: usize,
+        relu: bool,
     }
 
     /// Strides of the padded image and the output.
@@ -444,7 +447,7 @@ mod x86 {
     }
 
     /// `OB` output channels × `N` output vectors, accumulated over every input channel and
-    /// tap; the first `valid` channels are stored.
+    /// tap; the first `valid` channels are stored (through ReLU where asked).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn tile<const OB: usize, const N: usize>(
@@ -481,9 +484,16 @@ mod x86 {
                 }
             }
         }
+        let zero = _mm256_setzero_ps();
         for (oo, row) in acc.iter().enumerate().take(dst.valid) {
             for v in 0..N {
-                _mm256_storeu_ps(dst.y.add(oo * g.hw + outs[v]), row[v]);
+                // max(v, 0) gives 0 for NaN, as f32::max(v, 0.0) does.
+                let out = if dst.relu {
+                    _mm256_max_ps(row[v], zero)
+                } else {
+                    row[v]
+                };
+                _mm256_storeu_ps(dst.y.add(oo * g.hw + outs[v]), out);
             }
         }
     }
