@@ -22,8 +22,7 @@
 //! - [`manifest`], [`io`]: what produced a result; atomic writes;
 //! - [`device`]: CPU/CUDA selection;
 //! - [`kernels`]: fast CPU convolution (direct 3×3 SIMD tiles, im2col + GEMM; bias and ReLU in
-//!   the store), BatchNorm,
-//!   ReLU and fake quantizers with their gradients.
+//!   the store), BatchNorm, ReLU and fake quantizers with their gradients.
 
 pub mod attack;
 pub mod data;
