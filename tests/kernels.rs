@@ -5,7 +5,8 @@
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
 use quant_robust::kernels::{
-    conv2d, conv2d_bias_relu_with, conv2d_bias_with, conv2d_with, ConvPath, Isa,
+    conv2d, conv2d_bias_add_relu_with, conv2d_bias_relu_with, conv2d_bias_with, conv2d_with,
+    ConvPath, Isa,
 };
 use quant_robust::rng::Rng;
 
@@ -69,7 +70,8 @@ fn compare(
 }
 
 /// Forward, dx and dw of our op on `path` and candle's, for one geometry; and the same with
-/// a bias per output channel (and its gradient), and with the bias and a ReLU.
+/// a bias per output channel (and its gradient), with the bias and a ReLU, and with the bias
+/// (as data), a residual and a ReLU.
 fn compare_on(
     path: ConvPath,
     [n, c, h, wd]: [usize; 4],
@@ -109,12 +111,28 @@ fn compare_on(
     )
     .unwrap();
     let ref_relu = ref_bias.relu().unwrap();
+    // The residual variant: the bias as data (untracked, as after BatchNorm folding in a
+    // frozen model), the residual tracked.
+    let res = Var::from_tensor(&rand(reference.dims(), seed + 4)).unwrap();
+    let b_data = b.as_tensor().detach();
+    let ours_res = conv2d_bias_add_relu_with(
+        x.as_tensor(),
+        w.as_tensor(),
+        &b_data,
+        res.as_tensor(),
+        pad,
+        stride,
+        path,
+    )
+    .unwrap();
+    let ref_res = (&ref_bias + res.as_tensor()).unwrap().relu().unwrap();
     // A loss that weights every output differently, so the gradients are not symmetric.
     let r = rand(reference.dims(), seed + 2);
     for (what, ours, reference, leaves) in [
         ("plain", ours, reference, vec![&x, &w]),
         ("bias", ours_bias, ref_bias, vec![&x, &w, &b]),
         ("bias+relu", ours_relu, ref_relu, vec![&x, &w, &b]),
+        ("bias+residual+relu", ours_res, ref_res, vec![&x, &w, &res]),
     ] {
         assert_eq!(ours.dims(), reference.dims());
         assert!(

@@ -237,13 +237,12 @@ fn chunk(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
-/// `y = conv(x, w) + bias` (bias per output channel, zero when `None`), through ReLU when
-/// `relu`.
+/// `y = conv(x, w) + bias [+ residual]` (bias per output channel, zero when `None`;
+/// residual of y's shape), through ReLU when `relu`.
 fn forward(
     g: &Geom,
-    x: &[f32],
-    w: &[f32],
-    bias: Option<&[f32]>,
+    (x, w): (&[f32], &[f32]),
+    (bias, residual): (Option<&[f32]>, Option<&[f32]>),
     relu: bool,
     isa: Option<Isa>,
 ) -> Vec<f32> {
@@ -275,7 +274,8 @@ fn forward(
                 for (i, yi) in ys.chunks_mut(g.o * hw).enumerate() {
                     let img = t * per + i;
                     let xi = &x[img * g.in_len()..(img + 1) * g.in_len()];
-                    direct::conv(isa, plane, xi, &wp, bias, &mut xp, yi);
+                    let ri = residual.map(|r| &r[img * g.o * hw..(img + 1) * g.o * hw]);
+                    direct::conv(isa, plane, xi, &wp, (bias, ri), &mut xp, yi);
                 }
             })
         };
@@ -304,6 +304,12 @@ fn forward(
                     hw as isize,
                     1,
                 );
+                if let Some(r) = residual {
+                    let ri = &r[img * g.o * hw..(img + 1) * g.o * hw];
+                    for (v, &u) in yi.iter_mut().zip(ri) {
+                        *v += u;
+                    }
+                }
                 if relu {
                     for v in yi.iter_mut() {
                         *v = v.max(0.0);
@@ -338,7 +344,7 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
                 for (i, dxi) in dxs.chunks_mut(g.in_len()).enumerate() {
                     let img = t * per + i;
                     let dyi = &dy[img * g.o * hw..(img + 1) * g.o * hw];
-                    direct::conv(isa, plane, dyi, &wp, &zeros, &mut dyp, dxi);
+                    direct::conv(isa, plane, dyi, &wp, (&zeros, None), &mut dyp, dxi);
                 }
             })
         };
@@ -475,14 +481,8 @@ impl CustomOp2 for Conv2dOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
         let isa = self.path.resolve(&g)?;
-        let y = forward(
-            &g,
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "kernel")?,
-            None,
-            false,
-            isa,
-        );
+        let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
+        let y = forward(&g, (x, w), (None, None), false, isa);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -562,7 +562,7 @@ impl CustomOp3 for Conv2dBiasOp {
         }
         let isa = self.path.resolve(&g)?;
         let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
-        let y = forward(&g, x, w, Some(bias), self.relu, isa);
+        let y = forward(&g, (x, w), (Some(bias), None), self.relu, isa);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -662,6 +662,61 @@ pub fn conv2d_with(
     }
 }
 
+/// The forward op of a residual block's last convolution in evaluation mode:
+/// `(x, w, r) -> relu(conv(x, w) + bias + r)`, the bias per output channel held as data (it
+/// takes no gradient).
+struct Conv2dResidualReluOp {
+    stride: usize,
+    pad: usize,
+    path: ConvPath,
+    bias: Vec<f32>,
+}
+
+impl CustomOp3 for Conv2dResidualReluOp {
+    fn name(&self) -> &'static str {
+        "qr-conv2d-residual-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        if self.bias.len() != g.o || l3.dims() != [g.n, g.o, g.ho, g.wo] {
+            candle_core::bail!(
+                "conv2d: residual {:?} or {} biases do not fit the output {:?}",
+                l3.dims(),
+                self.bias.len(),
+                [g.n, g.o, g.ho, g.wo]
+            );
+        }
+        let isa = self.path.resolve(&g)?;
+        let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
+        let r = slice(s3, l3, "residual")?;
+        let y = forward(&g, (x, w), (Some(&self.bias), Some(r)), true, isa);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        r: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // y = max(s, 0): y > 0 exactly where s > 0.
+        let grad = super::IntervalGrad::POSITIVE.apply(res, grad)?;
+        let (dx, dw) = grads(self.stride, self.pad, self.path, x, w, &grad)?;
+        Ok((dx, dw, r.track_op().then_some(grad)))
+    }
+}
+
 /// `conv2d(x, w) + b` with `b` (length O) added per output channel, on the CPU inside the
 /// kernel (each output starts from its bias: no extra pass over the output). BatchNorm in
 /// evaluation mode folds into it: `conv(x, w)·a + b = conv(x, w·a) + b`.
@@ -736,5 +791,45 @@ pub fn conv2d_bias_relu_with(
         )
     } else {
         conv2d_bias_with(x, w, b, pad, stride, path)?.relu()
+    }
+}
+
+/// `relu(conv2d(x, w) + b + r)`: a residual block's last convolution, its (folded)
+/// BatchNorm shift `b`, the shortcut `r` and the ReLU, the sum and the ReLU applied as the
+/// kernel stores each output (CPU, f32, `b` not tracked); otherwise [`conv2d_bias`] followed
+/// by [`super::add_relu`]. Same values and gradients either way.
+pub fn conv2d_bias_add_relu(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    r: &Tensor,
+    pad: usize,
+    stride: usize,
+) -> candle_core::Result<Tensor> {
+    conv2d_bias_add_relu_with(x, w, b, r, pad, stride, ConvPath::Auto)
+}
+
+/// [`conv2d_bias_add_relu`] with the CPU algorithm chosen by `path`.
+pub fn conv2d_bias_add_relu_with(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    r: &Tensor,
+    pad: usize,
+    stride: usize,
+    path: ConvPath,
+) -> candle_core::Result<Tensor> {
+    let cpu = x.device().is_cpu() && [w.dtype(), r.dtype(), b.dtype()] == [x.dtype(); 3];
+    if cpu && x.dtype() == candle_core::DType::F32 && !b.track_op() {
+        let op = Conv2dResidualReluOp {
+            stride,
+            pad,
+            path,
+            bias: b.to_vec1::<f32>()?,
+        };
+        x.contiguous()?
+            .apply_op3(&w.contiguous()?, &r.contiguous()?, op)
+    } else {
+        super::add_relu(&conv2d_bias_with(x, w, b, pad, stride, path)?, r)
     }
 }

@@ -17,8 +17,8 @@ pub mod pact;
 
 pub use batch_norm::{add_relu, batch_norm_train, channel_affine, channel_stats, relu};
 pub use conv2d::{
-    conv2d, conv2d_bias, conv2d_bias_relu, conv2d_bias_relu_with, conv2d_bias_with, conv2d_with,
-    ConvPath, Isa,
+    conv2d, conv2d_bias, conv2d_bias_add_relu, conv2d_bias_add_relu_with, conv2d_bias_relu,
+    conv2d_bias_relu_with, conv2d_bias_with, conv2d_with, ConvPath, Isa,
 };
 
 /// A vector of `len` f32s filled by `fill` in parallel chunks of `chunk` elements (called

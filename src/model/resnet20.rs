@@ -353,6 +353,19 @@ impl ResNet20 {
         &self.tensors[name]
     }
 
+    /// The kernel `w` and BatchNorm `bn` (running statistics) folded into one convolution:
+    /// `(w·a, b)` with `a = γ/√(σ² + ε)` and `b = β − μ·a` per output channel.
+    fn folded(&self, w: &Tensor, bn: &str) -> Result<(Tensor, Tensor)> {
+        let gamma = self.t(&format!("{bn}.weight"));
+        let beta = self.t(&format!("{bn}.bias"));
+        let rm = self.t(&format!("{bn}.running_mean")).detach();
+        let rv = self.t(&format!("{bn}.running_var")).detach();
+        let scale = (rv + BN_EPS)?.sqrt()?.recip()?.mul(gamma)?;
+        let shift = beta.sub(&rm.mul(&scale)?)?;
+        let o = scale.dim(0)?;
+        Ok((w.broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?, shift))
+    }
+
     /// Convolution `layer` (through the seam's weight quantizer) followed by BatchNorm `bn`
     /// and, with `site`, the seam's activation there: in training mode with batch statistics
     /// (and the running-statistics update); in evaluation mode BatchNorm folds into the
@@ -390,12 +403,7 @@ impl ResNet20 {
                 None => Ok(y),
             }
         } else {
-            let rm = self.t(&rm_name).detach();
-            let rv = self.t(&rv_name).detach();
-            let scale = (rv + BN_EPS)?.sqrt()?.recip()?.mul(gamma)?;
-            let shift = beta.sub(&rm.mul(&scale)?)?;
-            let o = scale.dim(0)?;
-            let w = w.broadcast_mul(&scale.reshape((o, 1, 1, 1))?)?;
+            let (w, shift) = self.folded(&w, bn)?;
             match site {
                 Some(site) if self.seam.plain_relu(site) => {
                     Ok(kernels::conv2d_bias_relu(x, &w, &shift, 1, stride)?)
@@ -429,18 +437,24 @@ impl ResNet20 {
             stride,
             train,
         )?;
-        let out = self.conv_bn(
-            &out,
-            (&format!("{name}.conv2"), &format!("{name}.bn2"), None),
-            1,
-            train,
-        )?;
         let shortcut = if stride != 1 || in_planes != planes {
             option_a_shortcut(x, planes)?
         } else {
             x.clone()
         };
         let relu2 = format!("{name}.relu2");
+        let (conv2, bn2) = (format!("{name}.conv2"), format!("{name}.bn2"));
+        if !train && self.seam.plain_relu(&relu2) {
+            // Evaluation: BatchNorm folded, the shortcut and the ReLU in the kernel's store.
+            let w = self
+                .seam
+                .weight(&conv2, self.t(&format!("{conv2}.weight")))?;
+            let (w, shift) = self.folded(&w, &bn2)?;
+            return Ok(kernels::conv2d_bias_add_relu(
+                &out, &w, &shift, &shortcut, 1, 1,
+            )?);
+        }
+        let out = self.conv_bn(&out, (&conv2, &bn2, None), 1, train)?;
         if self.seam.plain_relu(&relu2) {
             Ok(kernels::add_relu(&out, &shortcut)?)
         } else {

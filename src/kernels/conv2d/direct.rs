@@ -152,7 +152,8 @@ impl Padded {
 }
 
 /// One image: `y` (O×H×W) = `bias` (per output channel) + conv(`x` (C×H×W), kernel `wp`
-/// packed for `isa`), with `xp` as scratch for the zero-padded image. Every element of `y` is
+/// packed for `isa`) [+ `residual` (O×H×W)] [through ReLU, `p.relu`], with `xp` as scratch
+/// for the zero-padded image. Every element of `y` is
 /// written. Each output starts from its bias and adds the terms in the same order whatever
 /// the tile shape, so a zero bias gives the bits of the plain convolution.
 pub(super) fn conv(
@@ -160,7 +161,7 @@ pub(super) fn conv(
     p: Plane,
     x: &[f32],
     wp: &[f32],
-    bias: &[f32],
+    (bias, residual): (&[f32], Option<&[f32]>),
     xp: &mut Vec<f32>,
     y: &mut [MaybeUninit<f32>],
 ) {
@@ -172,6 +173,7 @@ pub(super) fn conv(
         x.len() == c * h * w
             && y.len() == o * pd.ho * pd.wo
             && bias.len() == o
+            && residual.is_none_or(|r| r.len() == y.len())
             && wp.len() == o.div_ceil(ob) * c * 9 * ob,
         "direct conv: buffer sizes do not match {p:?}"
     );
@@ -181,8 +183,10 @@ pub(super) fn conv(
     // kernel and writes `y` within O×H×W (sizes asserted above).
     unsafe {
         match isa {
-            Isa::Avx512 => x86::image_avx512(p, pd, xp, wp, bias, y.as_mut_ptr().cast()),
-            Isa::Avx2 => x86::image_avx2(p, pd, xp, wp, bias, y.as_mut_ptr().cast()),
+            Isa::Avx512 => {
+                x86::image_avx512(p, pd, xp, wp, (bias, residual), y.as_mut_ptr().cast())
+            }
+            Isa::Avx2 => x86::image_avx2(p, pd, xp, wp, (bias, residual), y.as_mut_ptr().cast()),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -267,7 +271,7 @@ mod x86 {
         pd: Padded,
         xp: &[f32],
         wp: &[f32],
-        bias: &[f32],
+        bias: (&[f32], Option<&[f32]>),
         y: *mut f32,
     ) {
         image::<8, 3>(p, pd, xp, wp, bias, y)
@@ -279,7 +283,7 @@ mod x86 {
         pd: Padded,
         xp: &[f32],
         wp: &[f32],
-        bias: &[f32],
+        bias: (&[f32], Option<&[f32]>),
         y: *mut f32,
     ) {
         image::<4, 2>(p, pd, xp, wp, bias, y)
@@ -387,7 +391,7 @@ mod x86 {
         pd: Padded,
         xp: &[f32],
         wp: &[f32],
-        bias: &[f32],
+        (bias, residual): (&[f32], Option<&[f32]>),
         y: *mut f32,
     ) {
         let Plane { c, o, .. } = p;
@@ -405,6 +409,7 @@ mod x86 {
             let dst = Dst {
                 y: y.add(blk * OB * geo.hw),
                 bias: bias.as_ptr().add(blk * OB),
+                residual: residual.map_or(std::ptr::null(), |r| r.as_ptr().add(blk * OB * geo.hw)),
                 valid: (o - blk * OB).min(OB),
                 relu: p.relu,
             };
@@ -433,6 +438,8 @@ mod x86 {
     struct Dst {
         y: *mut f32,
         bias: *const f32,
+        /// The residual's plane matching `y`, or null.
+        residual: *const f32,
         valid: usize,
         relu: bool,
     }
@@ -487,13 +494,17 @@ mod x86 {
         let zero = _mm256_setzero_ps();
         for (oo, row) in acc.iter().enumerate().take(dst.valid) {
             for v in 0..N {
-                // max(v, 0) gives 0 for NaN, as f32::max(v, 0.0) does.
-                let out = if dst.relu {
-                    _mm256_max_ps(row[v], zero)
-                } else {
-                    row[v]
-                };
-                _mm256_storeu_ps(dst.y.add(oo * g.hw + outs[v]), out);
+                let at = oo * g.hw + outs[v];
+                let mut out = row[v];
+                if !dst.residual.is_null() {
+                    // One f32 addition, as `conv + residual` in two ops would do.
+                    out = _mm256_add_ps(out, _mm256_loadu_ps(dst.residual.add(at)));
+                }
+                if dst.relu {
+                    // max(v, 0) gives 0 for NaN, as f32::max(v, 0.0) does.
+                    out = _mm256_max_ps(out, zero);
+                }
+                _mm256_storeu_ps(dst.y.add(at), out);
             }
         }
     }
