@@ -437,21 +437,7 @@ fn evaluation_forward_equals_candles_reference_ops() {
     let x = batch(5, 4);
     let ours = m.forward(&x, false).unwrap();
     let reference = reference_eval_forward(&m, &x);
-    let d = (&ours - &reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let (d, scale) = crate::common::max_diff_and_scale(&ours, &reference);
     assert!(
         d <= 1e-4 * scale.max(1.0),
         "logits differ by {d} (scale {scale})"

@@ -365,21 +365,7 @@ fn ptq_folding_keeps_the_function_and_quantized_checkpoints_reload_exactly() {
         fp.forward(&x, false).unwrap(),
         folded.forward(&x, false).unwrap(),
     );
-    let d = (&a - &b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = a
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let (d, scale) = crate::common::max_diff_and_scale(&b, &a);
     assert!(d <= 1e-4 * scale.max(1.0), "folding changed logits by {d}");
     // W4A4 PWLQ: a checkpoint that reloads to the same logits, quantizers included.
     let cfg = PtqConfig {

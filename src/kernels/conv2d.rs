@@ -654,7 +654,7 @@ pub fn conv2d_with(
     stride: usize,
     path: ConvPath,
 ) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype() {
+    if ours(x, w) {
         x.contiguous()?
             .apply_op2(&w.contiguous()?, Conv2dOp { stride, pad, path })
     } else {
@@ -739,22 +739,7 @@ pub fn conv2d_bias_with(
     stride: usize,
     path: ConvPath,
 ) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype() {
-        x.contiguous()?.apply_op3(
-            &w.contiguous()?,
-            &b.contiguous()?,
-            Conv2dBiasOp {
-                stride,
-                pad,
-                path,
-                relu: false,
-            },
-        )
-    } else {
-        let o = b.dim(0)?;
-        x.conv2d(w, pad, stride, 1, 1)?
-            .broadcast_add(&b.reshape((1, o, 1, 1))?)
-    }
+    bias_op(x, w, b, (pad, stride, path), false)
 }
 
 /// `relu(conv2d(x, w) + b)`, the ReLU applied as the kernel stores each output (on the CPU;
@@ -778,19 +763,41 @@ pub fn conv2d_bias_relu_with(
     stride: usize,
     path: ConvPath,
 ) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype() {
-        x.contiguous()?.apply_op3(
-            &w.contiguous()?,
-            &b.contiguous()?,
-            Conv2dBiasOp {
-                stride,
-                pad,
-                path,
-                relu: true,
-            },
-        )
+    bias_op(x, w, b, (pad, stride, path), true)
+}
+
+/// Whether our CPU kernels take a convolution of `x` by `w` (else candle's ops).
+fn ours(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && w.dtype() == x.dtype()
+}
+
+/// `conv2d(x, w) + b`, through ReLU when `relu`: our op on the CPU, candle's ops elsewhere.
+fn bias_op(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    (pad, stride, path): (usize, usize, ConvPath),
+    relu: bool,
+) -> candle_core::Result<Tensor> {
+    if ours(x, w) {
+        let op = Conv2dBiasOp {
+            stride,
+            pad,
+            path,
+            relu,
+        };
+        return x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, op);
+    }
+    let o = b.dim(0)?;
+    let y = x
+        .conv2d(w, pad, stride, 1, 1)?
+        .broadcast_add(&b.reshape((1, o, 1, 1))?)?;
+    if relu {
+        y.relu()
     } else {
-        conv2d_bias_with(x, w, b, pad, stride, path)?.relu()
+        Ok(y)
     }
 }
 
@@ -819,8 +826,7 @@ pub fn conv2d_bias_add_relu_with(
     stride: usize,
     path: ConvPath,
 ) -> candle_core::Result<Tensor> {
-    let cpu = x.device().is_cpu() && [w.dtype(), r.dtype(), b.dtype()] == [x.dtype(); 3];
-    if cpu && x.dtype() == candle_core::DType::F32 && !b.track_op() {
+    if ours(x, w) && [r.dtype(), b.dtype()] == [x.dtype(); 2] && !b.track_op() {
         let op = Conv2dResidualReluOp {
             stride,
             pad,
