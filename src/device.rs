@@ -83,6 +83,14 @@ pub enum AllocatorSetting {
     NotGlibc,
 }
 
+/// glibc's own malloc settings; when any is set, [`keep_freed_memory`] leaves malloc alone.
+pub const GLIBC_MALLOC_VARIABLES: [&str; 4] = [
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "GLIBC_TUNABLES",
+];
+
 /// Makes glibc's malloc keep freed memory for reuse instead of handing it back to the
 /// operating system at once.
 ///
@@ -101,14 +109,9 @@ pub fn keep_freed_memory() -> AllocatorSetting {
     static DONE: std::sync::OnceLock<AllocatorSetting> = std::sync::OnceLock::new();
     *DONE.get_or_init(|| {
         let user = std::env::var("QR_KEEP_FREED_MEMORY").is_ok_and(|v| v == "0")
-            || [
-                "MALLOC_MMAP_MAX_",
-                "MALLOC_MMAP_THRESHOLD_",
-                "MALLOC_TRIM_THRESHOLD_",
-                "GLIBC_TUNABLES",
-            ]
-            .iter()
-            .any(|v| std::env::var_os(v).is_some());
+            || GLIBC_MALLOC_VARIABLES
+                .iter()
+                .any(|v| std::env::var_os(v).is_some());
         if user {
             return AllocatorSetting::LeftToUser;
         }

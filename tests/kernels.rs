@@ -412,16 +412,11 @@ proptest! {
 
 #[test]
 fn the_allocator_setting_respects_the_users_malloc_variables() {
-    use quant_robust::device::{keep_freed_memory, AllocatorSetting};
+    use quant_robust::device::{keep_freed_memory, AllocatorSetting, GLIBC_MALLOC_VARIABLES};
     let user = std::env::var("QR_KEEP_FREED_MEMORY").is_ok_and(|v| v == "0")
-        || [
-            "MALLOC_MMAP_MAX_",
-            "MALLOC_MMAP_THRESHOLD_",
-            "MALLOC_TRIM_THRESHOLD_",
-            "GLIBC_TUNABLES",
-        ]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some());
+        || GLIBC_MALLOC_VARIABLES
+            .iter()
+            .any(|v| std::env::var_os(v).is_some());
     let expected = if !cfg!(all(target_os = "linux", target_env = "gnu")) {
         AllocatorSetting::NotGlibc
     } else if user {

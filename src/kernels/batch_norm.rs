@@ -486,15 +486,14 @@ pub fn batch_norm_train(
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     if cpu_f32(x) {
         let x = x.contiguous()?;
-        let st = x.detach().apply_op1_no_bwd(&StatsOp)?;
-        let v = st.to_vec2::<f32>()?;
+        let (mean, var) = channel_stats(&x)?;
         let op = BnTrainOp {
             eps,
-            mean: v[0].clone().into(),
-            var: v[1].clone().into(),
+            mean: mean.to_vec1::<f32>()?.into(),
+            var: var.to_vec1::<f32>()?.into(),
         };
         let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
-        return Ok((y, st.get(0)?, st.get(1)?));
+        return Ok((y, mean, var));
     }
     let c = gamma.dim(0)?;
     let mean = x.mean_keepdim((0, 2, 3))?;

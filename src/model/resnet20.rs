@@ -353,6 +353,11 @@ impl ResNet20 {
         &self.tensors[name]
     }
 
+    /// The weight layer `layer` uses: its stored weight through the seam's quantizer.
+    fn layer_weight(&self, layer: &str) -> Result<Tensor> {
+        self.seam.weight(layer, self.t(&format!("{layer}.weight")))
+    }
+
     /// The kernel `w` and BatchNorm `bn` (running statistics) folded into one convolution:
     /// `(w·a, b)` with `a = γ/√(σ² + ε)` and `b = β − μ·a` per output channel.
     fn folded(&self, w: &Tensor, bn: &str) -> Result<(Tensor, Tensor)> {
@@ -378,14 +383,12 @@ impl ResNet20 {
         stride: usize,
         train: bool,
     ) -> Result<Tensor> {
-        let w = self
-            .seam
-            .weight(layer, self.t(&format!("{layer}.weight")))?;
-        let gamma = self.t(&format!("{bn}.weight"));
-        let beta = self.t(&format!("{bn}.bias"));
-        let rm_name = format!("{bn}.running_mean");
-        let rv_name = format!("{bn}.running_var");
+        let w = self.layer_weight(layer)?;
         if train {
+            let gamma = self.t(&format!("{bn}.weight"));
+            let beta = self.t(&format!("{bn}.bias"));
+            let rm_name = format!("{bn}.running_mean");
+            let rv_name = format!("{bn}.running_var");
             let x = crate::kernels::conv2d(x, &w, 1, stride)?;
             let (y, mean, var) = kernels::batch_norm_train(&x, gamma, beta, BN_EPS)?;
             if let (Some(rm), Some(rv)) = (self.vars.get(&rm_name), self.vars.get(&rv_name)) {
@@ -446,10 +449,7 @@ impl ResNet20 {
         let (conv2, bn2) = (format!("{name}.conv2"), format!("{name}.bn2"));
         if !train && self.seam.plain_relu(&relu2) {
             // Evaluation: BatchNorm folded, the shortcut and the ReLU in the kernel's store.
-            let w = self
-                .seam
-                .weight(&conv2, self.t(&format!("{conv2}.weight")))?;
-            let (w, shift) = self.folded(&w, &bn2)?;
+            let (w, shift) = self.folded(&self.layer_weight(&conv2)?, &bn2)?;
             return Ok(kernels::conv2d_bias_add_relu(
                 &out, &w, &shift, &shortcut, 1, 1,
             )?);
