@@ -156,10 +156,11 @@ fn convolutions(c: &mut Criterion) {
     use quant_robust::kernels::{conv2d_with, ConvPath, Isa};
     let dev = Device::Cpu;
     let mut rng = Rng::new(2, "bench-conv");
-    let mut paths = vec![("im2col", ConvPath::Im2col)];
-    for (name, isa) in [("direct_avx2", Isa::Avx2), ("direct_avx512", Isa::Avx512)] {
+    let mut paths = vec![("im2col".to_string(), ConvPath::Im2col)];
+    for (name, isa) in [("avx2", Isa::Avx2), ("avx512", Isa::Avx512)] {
         if isa.available() {
-            paths.push((name, ConvPath::Direct(isa)));
+            paths.push((format!("direct_{name}"), ConvPath::Direct(isa)));
+            paths.push((format!("winograd_{name}"), ConvPath::Winograd(isa)));
         }
     }
     let mut g = c.benchmark_group("conv");

@@ -44,12 +44,24 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// kernel for each instruction set available.
 fn paths() -> Vec<ConvPath> {
     let mut p = vec![ConvPath::Im2col, ConvPath::Auto];
-    p.extend(
-        [Isa::Avx2, Isa::Avx512]
-            .into_iter()
-            .filter(|i| i.available())
-            .map(ConvPath::Direct),
-    );
+    p.extend(isas().map(ConvPath::Direct));
+    p
+}
+
+/// The instruction sets this machine runs.
+fn isas() -> impl Iterator<Item = Isa> {
+    [Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|i| i.available())
+}
+
+/// [`paths`], and Winograd for each instruction set where the shape fits it (stride 1, an
+/// even height, a width that is a multiple of 8).
+fn paths_for(stride: usize, h: usize, w: usize) -> Vec<ConvPath> {
+    let mut p = paths();
+    if stride == 1 && h % 2 == 0 && w % 8 == 0 {
+        p.extend(isas().map(ConvPath::Winograd));
+    }
     p
 }
 
@@ -161,13 +173,17 @@ fn compare_on(
 
 #[test]
 fn every_path_matches_candle_on_resnet20_geometries() {
-    for path in paths() {
-        compare_on(path, [2, 3, 32, 32], 16, 3, 1, 1, 11);
-        compare_on(path, [2, 16, 32, 32], 16, 3, 1, 1, 12);
-        compare_on(path, [2, 32, 16, 16], 32, 3, 1, 1, 13);
-        compare_on(path, [3, 64, 8, 8], 64, 3, 1, 1, 14);
-        compare_on(path, [2, 16, 32, 32], 32, 3, 2, 1, 15);
-        compare_on(path, [2, 32, 16, 16], 64, 3, 2, 1, 16);
+    for (x, o, stride, seed) in [
+        ([2, 3, 32, 32], 16, 1, 11),
+        ([2, 16, 32, 32], 16, 1, 12),
+        ([2, 32, 16, 16], 32, 1, 13),
+        ([3, 64, 8, 8], 64, 1, 14),
+        ([2, 16, 32, 32], 32, 2, 15),
+        ([2, 32, 16, 16], 64, 2, 16),
+    ] {
+        for path in paths_for(stride, x[2], x[3]) {
+            compare_on(path, x, o, 3, stride, 1, seed);
+        }
     }
 }
 
@@ -182,6 +198,13 @@ fn a_forced_path_that_does_not_fit_is_an_error() {
     // Stride 2 needs whole output vectors: a width that is a multiple of 16.
     let x = rand(&[1, 2, 8, 8], 3);
     assert!(conv2d_with(&x, &w, 1, 2, ConvPath::Direct(Isa::Avx2)).is_err());
+    // Winograd: stride 1 only, an even height.
+    for isa in [Isa::Avx2, Isa::Avx512] {
+        let path = ConvPath::Winograd(isa);
+        assert!(conv2d_with(&x, &w, 1, 2, path).is_err());
+        let e = conv2d_with(&rand(&[1, 2, 7, 8], 4), &w, 1, 1, path).unwrap_err();
+        assert!(e.to_string().contains("Winograd"), "{e}");
+    }
 }
 
 #[test]
@@ -237,7 +260,7 @@ proptest! {
         seed in 0u64..1000,
     ) {
         let (h, w) = (2 * half_h - (2 - stride) * (seed as usize % 2), 8 * stride * vectors);
-        for path in paths() {
+        for path in paths_for(stride, h, w) {
             compare_on(path, [n, c, h, w], o, 3, stride, 1, seed);
         }
     }
@@ -430,20 +453,19 @@ fn the_allocator_setting_respects_the_users_malloc_variables() {
 }
 
 #[test]
-fn the_direct_kernel_gives_the_same_bits_with_avx2_and_avx512() {
+fn the_direct_and_winograd_kernels_give_the_same_bits_with_avx2_and_avx512() {
     // Each output sums the same terms in the same order whatever the tile shape, so a golden
     // set made on an AVX-512 machine holds on an AVX2-only one.
     if !(Isa::Avx2.available() && Isa::Avx512.available()) {
         eprintln!("skipping: this machine does not run both AVX2 and AVX-512VL");
         return;
     }
-    for stride in [1, 2] {
-        let x = Var::from_tensor(&rand(&[3, 13, 16, 16], 21)).unwrap();
+    // 6×8 images: 12 Winograd tiles, padded to 16.
+    for (stride, h, wd) in [(1, 16, 16), (2, 16, 16), (1, 6, 8)] {
+        let x = Var::from_tensor(&rand(&[3, 13, h, wd], 21)).unwrap();
         let w = Var::from_tensor(&rand(&[11, 13, 3, 3], 22)).unwrap();
-        let side = 16 / stride;
-        let r = rand(&[3, 11, side, side], 23);
-        let run = |isa| {
-            let path = ConvPath::Direct(isa);
+        let r = rand(&[3, 11, h / stride, wd / stride], 23);
+        let run = |path| {
             let y = conv2d_with(x.as_tensor(), w.as_tensor(), 1, stride, path).unwrap();
             let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -453,6 +475,19 @@ fn the_direct_kernel_gives_the_same_bits_with_avx2_and_avx512() {
                 flat(g.get(w.as_tensor()).unwrap()),
             )
         };
-        assert_eq!(run(Isa::Avx2), run(Isa::Avx512), "stride {stride}");
+        let direct = run(ConvPath::Direct(Isa::Avx2));
+        assert_eq!(
+            direct,
+            run(ConvPath::Direct(Isa::Avx512)),
+            "stride {stride}"
+        );
+        if stride == 1 {
+            let winograd = run(ConvPath::Winograd(Isa::Avx2));
+            assert_eq!(winograd, run(ConvPath::Winograd(Isa::Avx512)), "{h}×{wd}");
+            // Another algorithm: the same gradients (direct), a forward pass that differs
+            // from the direct one only by rounding.
+            assert_eq!((&winograd.1, &winograd.2), (&direct.1, &direct.2));
+            assert_ne!(winograd.0, direct.0, "Winograd is not the direct kernel");
+        }
     }
 }

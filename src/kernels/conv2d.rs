@@ -20,16 +20,20 @@ use rayon::prelude::*;
 use super::slice;
 
 mod direct;
+mod winograd;
 
 pub use direct::Isa;
 
 /// Which CPU algorithm computes a convolution and its gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvPath {
-    /// The fastest this machine and shape allow: direct for 3×3, pad-1 convolutions with
-    /// stride 1 and a width that is a multiple of 8, or stride 2, an even height and a width
-    /// that is a multiple of 16 (AVX-512VL, else AVX2 + FMA); else im2col. The input gradient
-    /// of a stride-2 convolution is always im2col's.
+    /// The fastest this machine and shape allow (AVX-512VL, else AVX2 + FMA, else im2col):
+    /// the forward pass by Winograd F(2×2, 3×3) for 3×3, pad-1, stride-1 convolutions with
+    /// an even height and a width that is a multiple of 8, else by the direct kernel for
+    /// 3×3, pad-1 convolutions with stride 1 and a width that is a multiple of 8, or stride
+    /// 2, an even height and a width that is a multiple of 16; the gradients by the direct
+    /// kernel where it fits (the input gradient of a stride-2 convolution is always
+    /// im2col's); im2col everywhere else.
     #[default]
     Auto,
     /// im2col + GEMM for every shape.
@@ -37,10 +41,30 @@ pub enum ConvPath {
     /// The direct kernel with the given instruction set (the input gradient of a stride-2
     /// convolution excepted); an error where the shape or the machine does not allow it.
     Direct(Isa),
+    /// The forward pass by Winograd F(2×2, 3×3) with the given instruction set, the
+    /// gradients as [`ConvPath::Direct`]; an error where the shape or the machine does not
+    /// allow it.
+    Winograd(Isa),
+}
+
+/// The algorithm of a forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forward {
+    Im2col,
+    Direct(Isa),
+    Winograd(Isa),
+}
+
+/// `isa`, or an error where this machine does not run it.
+fn checked(isa: Isa) -> candle_core::Result<Isa> {
+    if !direct::available(isa) {
+        candle_core::bail!("conv2d: this machine does not run {isa:?}")
+    }
+    Ok(isa)
 }
 
 impl ConvPath {
-    /// The direct kernel's instruction set for `g`, or `None` for im2col.
+    /// The direct kernel's instruction set for the gradients of `g`, or `None` for im2col.
     fn resolve(self, g: &Geom) -> candle_core::Result<Option<Isa>> {
         match self {
             ConvPath::Auto => Ok(if direct::fits(g) {
@@ -49,15 +73,30 @@ impl ConvPath {
                 None
             }),
             ConvPath::Im2col => Ok(None),
-            ConvPath::Direct(isa) => {
+            ConvPath::Direct(isa) | ConvPath::Winograd(isa) => {
                 if !direct::fits(g) {
                     candle_core::bail!("conv2d: the direct path does not take {g:?}")
                 }
-                if !direct::available(isa) {
-                    candle_core::bail!("conv2d: this machine does not run {isa:?}")
-                }
-                Ok(Some(isa))
+                checked(isa).map(Some)
             }
+        }
+    }
+
+    /// The forward pass's algorithm for `g`.
+    fn forward(self, g: &Geom) -> candle_core::Result<Forward> {
+        match self {
+            ConvPath::Auto => Ok(match direct::best() {
+                Some(isa) if winograd::fits(g) => Forward::Winograd(isa),
+                Some(isa) if direct::fits(g) => Forward::Direct(isa),
+                _ => Forward::Im2col,
+            }),
+            ConvPath::Winograd(isa) => {
+                if !winograd::fits(g) {
+                    candle_core::bail!("conv2d: the Winograd path does not take {g:?}")
+                }
+                checked(isa).map(Forward::Winograd)
+            }
+            path => Ok(path.resolve(g)?.map_or(Forward::Im2col, Forward::Direct)),
         }
     }
 }
@@ -244,7 +283,7 @@ fn forward(
     (x, w): (&[f32], &[f32]),
     (bias, residual): (Option<&[f32]>, Option<&[f32]>),
     relu: bool,
-    isa: Option<Isa>,
+    algo: Forward,
 ) -> Vec<f32> {
     let zeros;
     let bias = match bias {
@@ -256,16 +295,32 @@ fn forward(
     };
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = chunk(g.n);
-    if let Some(isa) = isa {
-        let wp = direct::pack(isa, w, g.o, g.c, false);
-        let plane = direct::Plane {
-            h: g.h,
-            w: g.w,
-            c: g.c,
-            o: g.o,
-            stride: g.stride,
-            relu,
+    let plane = direct::Plane {
+        h: g.h,
+        w: g.w,
+        c: g.c,
+        o: g.o,
+        stride: g.stride,
+        relu,
+    };
+    if let Forward::Winograd(isa) = algo {
+        let up = winograd::pack(isa, w, g.o, g.c);
+        // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
+        // Winograd kernel.
+        return unsafe {
+            super::par_uninit(g.n * g.o * hw, per * g.o * hw, |t, ys| {
+                let mut scratch = winograd::Scratch::default();
+                for (i, yi) in ys.chunks_mut(g.o * hw).enumerate() {
+                    let img = t * per + i;
+                    let xi = &x[img * g.in_len()..(img + 1) * g.in_len()];
+                    let ri = residual.map(|r| &r[img * g.o * hw..(img + 1) * g.o * hw]);
+                    winograd::conv(isa, plane, xi, &up, (bias, ri), &mut scratch, yi);
+                }
+            })
         };
+    }
+    if let Forward::Direct(isa) = algo {
+        let wp = direct::pack(isa, w, g.o, g.c, false);
         // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
         // direct kernel.
         return unsafe {
@@ -480,9 +535,9 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let isa = self.path.resolve(&g)?;
+        let algo = self.path.forward(&g)?;
         let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
-        let y = forward(&g, (x, w), (None, None), false, isa);
+        let y = forward(&g, (x, w), (None, None), false, algo);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -560,9 +615,9 @@ impl CustomOp3 for Conv2dBiasOp {
         if bias.len() != g.o {
             candle_core::bail!("conv2d: {} biases for {} output channels", bias.len(), g.o);
         }
-        let isa = self.path.resolve(&g)?;
+        let algo = self.path.forward(&g)?;
         let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
-        let y = forward(&g, (x, w), (Some(bias), None), self.relu, isa);
+        let y = forward(&g, (x, w), (Some(bias), None), self.relu, algo);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -695,10 +750,10 @@ impl CustomOp3 for Conv2dResidualReluOp {
                 [g.n, g.o, g.ho, g.wo]
             );
         }
-        let isa = self.path.resolve(&g)?;
+        let algo = self.path.forward(&g)?;
         let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
         let r = slice(s3, l3, "residual")?;
-        let y = forward(&g, (x, w), (Some(&self.bias), Some(r)), true, isa);
+        let y = forward(&g, (x, w), (Some(&self.bias), Some(r)), true, algo);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 

@@ -195,7 +195,7 @@ pub(super) fn conv(
 
 /// `xp` = the images of `x` (each `c`×`h`×`w`), each channel zero-padded by one pixel, laid
 /// out as [`Padded`] says.
-fn pad(p: Plane, x: &[f32], xp: &mut Vec<f32>) {
+pub(super) fn pad(p: Plane, x: &[f32], xp: &mut Vec<f32>) {
     let Plane { h, w, c, .. } = p;
     let pd = Padded::new(p);
     let planes = x.len() / (h * w);

@@ -1,0 +1,352 @@
+//! Winograd F(2×2, 3×3) forward convolution (3×3, pad 1, stride 1), x86-64 AVX2 + FMA.
+//!
+//! A 3×3 convolution computes each 2×2 block of outputs from the 4×4 block of inputs around
+//! it. Winograd's minimal filtering algorithm (Lavin & Gray 2016) does that with 16
+//! multiplications per input/output channel pair instead of 36:
+//!
+//! `Y = Aᵀ [ Σ_c (G g_c Gᵀ) ⊙ (Bᵀ d_c B) ] A`
+//!
+//! with the kernel transform `U = G g Gᵀ` (4×4 per channel pair, computed once per call), the
+//! input transform `V = Bᵀ d B` (4×4 per input channel and output tile, additions only) and
+//! the output transform `Aᵀ M A` (additions only). The sum over input channels is 16
+//! independent matrix products, one per position ξ of the 4×4 transform:
+//! `M[ξ] (O × tiles) = U[ξ] (O × C) · V[ξ] (C × tiles)`, computed here on the same register
+//! tiles as the direct kernel (`OB` output channels × `N` vectors of 8 tiles). 2.25× fewer
+//! multiply-adds than the direct kernel; the transforms are exact up to f32 rounding (their
+//! coefficients are 0, ±1 and ½), and the result equals the direct convolution within f32
+//! tolerance (tested against candle's).
+//!
+//! Every output is the same sequence of operations whatever the instruction set (the
+//! transforms are shared, the products sum the channels in order from zero), so AVX2 and
+//! AVX-512 give the same bits, as for the direct kernel.
+//!
+//! Shapes: an even height and a width that is a multiple of 8 (four tiles fill a vector row
+//! of outputs). Tiles are numbered row-major within an image; an image's tile count is padded
+//! to a multiple of 8 with zero tiles that are never stored.
+
+use std::mem::MaybeUninit;
+
+use super::direct::{self, Isa, Plane};
+use super::Geom;
+
+/// Whether `g` has the Winograd path's shape: 3×3, stride 1, pad 1, an even height and a
+/// width that is a multiple of 8.
+pub(super) fn fits(g: &Geom) -> bool {
+    g.k == 3 && g.pad == 1 && g.stride == 1 && g.w % 8 == 0 && g.h % 2 == 0 && g.w > 0 && g.h > 0
+}
+
+/// The kernel transform `U = G g Gᵀ` of every (output, input) channel pair of `w` (O×C×3×3),
+/// packed as `[ξ][o / ob][c][o % ob]` (`ob = isa.ob()`, output channels padded with zeros),
+/// with `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]`.
+pub(super) fn pack(isa: Isa, w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    let ob = isa.ob();
+    let blocks = o.div_ceil(ob);
+    let mut out = vec![0f32; 16 * blocks * c * ob];
+    // One row or column: (a, b, d) -> (a, (a + b + d)/2, (a − b + d)/2, d).
+    let g4 = |a: f32, b: f32, d: f32| [a, (a + b + d) * 0.5, (a - b + d) * 0.5, d];
+    for oo in 0..o {
+        for cc in 0..c {
+            let g = &w[(oo * c + cc) * 9..][..9];
+            // G·g (4×3), column by column.
+            let cols: [[f32; 4]; 3] = std::array::from_fn(|j| g4(g[j], g[3 + j], g[6 + j]));
+            for i in 0..4 {
+                let row = g4(cols[0][i], cols[1][i], cols[2][i]);
+                for (j, v) in row.into_iter().enumerate() {
+                    out[(((i * 4 + j) * blocks + oo / ob) * c + cc) * ob + oo % ob] = v;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Per-thread buffers: the zero-padded image, the transformed input `V[ξ][c][tile]` and the
+/// products `M[ξ][o][tile]`.
+#[derive(Default)]
+pub(super) struct Scratch {
+    xp: Vec<f32>,
+    v: Vec<f32>,
+    m: Vec<f32>,
+}
+
+/// Tile counts of an `h`×`w` image: rows, columns, and the total padded to a multiple of 8.
+fn tiles(h: usize, w: usize) -> (usize, usize, usize) {
+    let (th, tw) = (h / 2, w / 2);
+    (th, tw, (th * tw).div_ceil(8) * 8)
+}
+
+/// Which tile of a group of eight each vector lane holds in `V` and `M`: the order in
+/// which the input transform's even/odd column shuffles leave them, and in which the output
+/// transform's interleave puts each tile's outputs back in place.
+#[allow(dead_code)]
+const LANES: [usize; 8] = [0, 1, 4, 5, 2, 3, 6, 7];
+
+/// Floats from one position ξ to the next in `V` (`rows` = C) or `M` (`rows` = O), rows of
+/// `pp` tiles: 64 more than the rows need, so that the 16 positions' rows, which the
+/// transforms read or write together, do not all fall on the same cache sets (with ResNet's
+/// power-of-two sizes they would lie a multiple of 4 KiB apart).
+fn position_stride(rows: usize, pp: usize) -> usize {
+    rows * pp + 64
+}
+
+/// One image: `y` (O×H×W) = conv(`x` (C×H×W), the kernel transformed by [`pack`]) + `bias`
+/// [+ `residual`] [through ReLU, `p.relu`]. Every element of `y` is written.
+pub(super) fn conv(
+    isa: Isa,
+    p: Plane,
+    x: &[f32],
+    up: &[f32],
+    (bias, residual): (&[f32], Option<&[f32]>),
+    s: &mut Scratch,
+    y: &mut [MaybeUninit<f32>],
+) {
+    let Plane { h, w, c, o, .. } = p;
+    let (_, _, pp) = tiles(h, w);
+    let ob = isa.ob();
+    assert!(
+        p.stride == 1
+            && h % 2 == 0
+            && w % 8 == 0
+            && x.len() == c * h * w
+            && y.len() == o * h * w
+            && bias.len() == o
+            && residual.is_none_or(|r| r.len() == y.len())
+            && up.len() == 16 * o.div_ceil(ob) * c * ob,
+        "winograd conv: buffer sizes do not match {p:?}"
+    );
+    s.v.resize(16 * position_stride(c, pp), 0.0);
+    s.m.resize(16 * position_stride(o, pp), 0.0);
+    direct::pad(p, x, &mut s.xp);
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa` (AVX2 + FMA at least) was detected on this machine (the caller resolved
+    // it); the input transform reads the padded image (C×(H+2)×(W+2)) and writes `V`
+    // (16×C×pp, checked there); the products read `V` and `U` (sizes asserted) and write `M`
+    // (16×O×pp); the output transform reads `M` and writes `y` within O×H×W (asserted),
+    // every element once.
+    unsafe {
+        x86::transform_input(p, &s.xp, &mut s.v);
+        match isa {
+            Isa::Avx512 => x86::products_avx512(p, pp, &s.v, up, &mut s.m),
+            Isa::Avx2 => x86::products_avx2(p, pp, &s.v, up, &mut s.m),
+        }
+        x86::transform_output(p, &s.m, (bias, residual), y.as_mut_ptr().cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("winograd convolution is only selected on x86-64")
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{position_stride, tiles, Plane};
+    use std::arch::x86_64::*;
+
+    /// `v[ξ][c][tile]` = `Bᵀ d B` for every channel and tile of the zero-padded image `xp`
+    /// (C×(H+2)×(W+2), the direct kernel's stride-1 layout), with
+    /// `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`, eight tiles at a
+    /// time in registers. Within each group of eight, the tiles lie in the lane order
+    /// [`LANES`]; the padding tiles (up to a multiple of 8) hold copies of real ones.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transform_input(p: Plane, xp: &[f32], v: &mut [f32]) {
+        let Plane { h, w, c, .. } = p;
+        let (th, tw, pp) = tiles(h, w);
+        let xs = position_stride(c, pp);
+        let row = w + 2;
+        let plane = (h + 2) * row;
+        assert!(xp.len() >= c * plane && v.len() >= 16 * xs);
+        // Top-left padded input of tile t: (2·ty, 2·tx).
+        let corner = |t: usize| {
+            let t = if t < th * tw { t } else { t - 4 };
+            2 * (t / tw) * row + 2 * (t % tw)
+        };
+        for ci in 0..c {
+            let base = xp.as_ptr().add(ci * plane);
+            for g in (0..pp).step_by(8) {
+                let (a, b) = (corner(g), corner(g + 4));
+                // d[r][k]: input row r, column k of the eight tiles' 4×4 neighbourhoods.
+                let d: [[__m256; 4]; 4] = std::array::from_fn(|r| {
+                    let (pa, pb) = (base.add(a + r * row), base.add(b + r * row));
+                    let (l0, l1) = (_mm256_loadu_ps(pa), _mm256_loadu_ps(pb));
+                    let (l2, l3) = (_mm256_loadu_ps(pa.add(2)), _mm256_loadu_ps(pb.add(2)));
+                    [
+                        _mm256_shuffle_ps::<0x88>(l0, l1),
+                        _mm256_shuffle_ps::<0xDD>(l0, l1),
+                        _mm256_shuffle_ps::<0x88>(l2, l3),
+                        _mm256_shuffle_ps::<0xDD>(l2, l3),
+                    ]
+                });
+                // Bᵀ down the columns, then B along the rows.
+                let t: [[__m256; 4]; 4] = std::array::from_fn(|k| {
+                    [
+                        _mm256_sub_ps(d[0][k], d[2][k]),
+                        _mm256_add_ps(d[1][k], d[2][k]),
+                        _mm256_sub_ps(d[2][k], d[1][k]),
+                        _mm256_sub_ps(d[1][k], d[3][k]),
+                    ]
+                });
+                let out = v.as_mut_ptr().add(ci * pp + g);
+                for i in 0..4 {
+                    let [t0, t1, t2, t3] = [t[0][i], t[1][i], t[2][i], t[3][i]];
+                    _mm256_storeu_ps(out.add((4 * i) * xs), _mm256_sub_ps(t0, t2));
+                    _mm256_storeu_ps(out.add((4 * i + 1) * xs), _mm256_add_ps(t1, t2));
+                    _mm256_storeu_ps(out.add((4 * i + 2) * xs), _mm256_sub_ps(t2, t1));
+                    _mm256_storeu_ps(out.add((4 * i + 3) * xs), _mm256_sub_ps(t1, t3));
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    pub(super) unsafe fn products_avx512(p: Plane, pp: usize, v: &[f32], u: &[f32], m: &mut [f32]) {
+        products::<8, 3>(p, pp, v, u, m)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn products_avx2(p: Plane, pp: usize, v: &[f32], u: &[f32], m: &mut [f32]) {
+        products::<4, 2>(p, pp, v, u, m)
+    }
+
+    /// `M[ξ] = U[ξ] · V[ξ]` for the 16 positions ξ: tiles of `OB` output channels × `N`
+    /// vectors of 8 tiles (then pairs and single vectors for the remainder).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn products<const OB: usize, const N: usize>(
+        p: Plane,
+        pp: usize,
+        v: &[f32],
+        u: &[f32],
+        m: &mut [f32],
+    ) {
+        let Plane { c, o, .. } = p;
+        let blocks = o.div_ceil(OB);
+        let nvec = pp / 8;
+        for xi in 0..16 {
+            let vx = v.as_ptr().add(xi * position_stride(c, pp));
+            let ux = u.as_ptr().add(xi * blocks * c * OB);
+            let mx = m.as_mut_ptr().add(xi * position_stride(o, pp));
+            for blk in 0..blocks {
+                let t = Tile {
+                    c,
+                    pp,
+                    v: vx,
+                    u: ux.add(blk * c * OB),
+                    m: mx.add(blk * OB * pp),
+                    valid: (o - blk * OB).min(OB),
+                };
+                let mut j = 0;
+                while j + N <= nvec {
+                    tile::<OB, N>(t, j * 8);
+                    j += N;
+                }
+                if N > 2 && j + 2 <= nvec {
+                    tile::<OB, 2>(t, j * 8);
+                    j += 2;
+                }
+                while j < nvec {
+                    tile::<OB, 1>(t, j * 8);
+                    j += 1;
+                }
+            }
+        }
+    }
+
+    /// One block of output channels at one position ξ: `V[ξ]`, the block's `U` rows, its
+    /// first `M` row, and how many of its channels are real.
+    #[derive(Clone, Copy)]
+    struct Tile {
+        c: usize,
+        pp: usize,
+        v: *const f32,
+        u: *const f32,
+        m: *mut f32,
+        valid: usize,
+    }
+
+    /// `OB` channels × `N` vectors of tiles from tile `first`, summed over the input channels
+    /// in order; the first `valid` channels are stored.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile<const OB: usize, const N: usize>(t: Tile, first: usize) {
+        let mut acc = [[_mm256_setzero_ps(); N]; OB];
+        for ci in 0..t.c {
+            let vc = t.v.add(ci * t.pp + first);
+            let mut xv = [_mm256_setzero_ps(); N];
+            for (k, x) in xv.iter_mut().enumerate() {
+                *x = _mm256_loadu_ps(vc.add(k * 8));
+            }
+            let uc = t.u.add(ci * OB);
+            for (oo, row) in acc.iter_mut().enumerate() {
+                let wv = _mm256_broadcast_ss(&*uc.add(oo));
+                for k in 0..N {
+                    row[k] = _mm256_fmadd_ps(wv, xv[k], row[k]);
+                }
+            }
+        }
+        for (oo, row) in acc.iter().enumerate().take(t.valid) {
+            for (k, val) in row.iter().enumerate() {
+                _mm256_storeu_ps(t.m.add(oo * t.pp + first + k * 8), *val);
+            }
+        }
+    }
+
+    /// `y[o]` = `Aᵀ M A` + bias [+ residual] [through ReLU] for every output channel and tile,
+    /// with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transform_output(
+        p: Plane,
+        m: &[f32],
+        (bias, residual): (&[f32], Option<&[f32]>),
+        y: *mut f32,
+    ) {
+        let Plane { h, w, o, .. } = p;
+        let (_, tw, pp) = tiles(h, w);
+        let real = h / 2 * tw;
+        let ms = position_stride(o, pp);
+        let zero = _mm256_setzero_ps();
+        for k in 0..o {
+            let b = _mm256_set1_ps(bias[k]);
+            let plane = k * h * w;
+            for q in (0..pp).step_by(8) {
+                let mv: [__m256; 16] =
+                    std::array::from_fn(|xi| _mm256_loadu_ps(m.as_ptr().add(xi * ms + k * pp + q)));
+                // Aᵀ down the columns, then A along the rows.
+                let s: [__m256; 4] = std::array::from_fn(|j| {
+                    _mm256_add_ps(_mm256_add_ps(mv[j], mv[4 + j]), mv[8 + j])
+                });
+                let d: [__m256; 4] = std::array::from_fn(|j| {
+                    _mm256_sub_ps(_mm256_sub_ps(mv[4 + j], mv[8 + j]), mv[12 + j])
+                });
+                let row = |t: [__m256; 4]| {
+                    (
+                        _mm256_add_ps(_mm256_add_ps(t[0], t[1]), t[2]),
+                        _mm256_sub_ps(_mm256_sub_ps(t[1], t[2]), t[3]),
+                    )
+                };
+                for (r, (left, right)) in [row(s), row(d)].into_iter().enumerate() {
+                    let (left, right) = (_mm256_add_ps(left, b), _mm256_add_ps(right, b));
+                    // Interleave: each tile's two outputs side by side. With the tiles in
+                    // the lane order `LANES`, that gives tiles 0-3, then 4-7.
+                    let halves = [
+                        _mm256_unpacklo_ps(left, right),
+                        _mm256_unpackhi_ps(left, right),
+                    ];
+                    for (part, mut out) in halves.into_iter().enumerate() {
+                        let tile = q + 4 * part;
+                        if tile >= real {
+                            continue;
+                        }
+                        let at = plane + (2 * (tile / tw) + r) * w + 2 * (tile % tw);
+                        if let Some(res) = residual {
+                            // One f32 addition, as `conv + residual` in two ops would do.
+                            out = _mm256_add_ps(out, _mm256_loadu_ps(res.as_ptr().add(at)));
+                        }
+                        if p.relu {
+                            // max(v, 0) gives 0 for NaN, as f32::max(v, 0.0) does.
+                            out = _mm256_max_ps(out, zero);
+                        }
+                        _mm256_storeu_ps(y.add(at), out);
+                    }
+                }
+            }
+        }
+    }
+}
