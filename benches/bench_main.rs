@@ -150,7 +150,8 @@ fn quantizers(c: &mut Criterion) {
     g.finish();
 }
 
-/// The convolution kernels on ResNet-20's stride-1 stage shapes at batch 128 (forward only),
+/// The convolution kernels on ResNet-20's stride-1 shapes (the stem and each stage) at batch
+/// 128 (forward only),
 /// each path this machine runs, in FLOP/s (2 per multiply-add) as criterion's "elements".
 fn convolutions(c: &mut Criterion) {
     use quant_robust::kernels::{conv2d_with, ConvPath, Isa};
@@ -165,20 +166,25 @@ fn convolutions(c: &mut Criterion) {
     }
     let mut g = c.benchmark_group("conv");
     g.sample_size(10);
-    for (stage, ch, hw) in [(1, 16, 32), (2, 32, 16), (3, 64, 8)] {
+    for (stage, cin, ch, hw) in [
+        ("stem", 3, 16, 32),
+        ("stage1", 16, 16, 32),
+        ("stage2", 32, 32, 16),
+        ("stage3", 64, 64, 8),
+    ] {
         let x = Tensor::from_vec(
-            rng.uniform_vec(BATCH * ch * hw * hw, -1.0, 1.0),
-            (BATCH, ch, hw, hw),
+            rng.uniform_vec(BATCH * cin * hw * hw, -1.0, 1.0),
+            (BATCH, cin, hw, hw),
             &dev,
         )
         .expect("x");
         let w =
-            Tensor::from_vec(rng.normal_vec(ch * ch * 9, 0.1), (ch, ch, 3, 3), &dev).expect("w");
+            Tensor::from_vec(rng.normal_vec(ch * cin * 9, 0.1), (ch, cin, 3, 3), &dev).expect("w");
         g.throughput(Throughput::Elements(
-            (2 * BATCH * ch * ch * 9 * hw * hw) as u64,
+            (2 * BATCH * ch * cin * 9 * hw * hw) as u64,
         ));
         for (name, path) in &paths {
-            g.bench_function(format!("stage{stage}_{name}_flop"), |b| {
+            g.bench_function(format!("{stage}_{name}_flop"), |b| {
                 b.iter(|| conv2d_with(&x, &w, 1, 1, *path).expect("conv"))
             });
         }

@@ -29,7 +29,8 @@ pub use direct::Isa;
 pub enum ConvPath {
     /// The fastest this machine and shape allow (AVX-512VL, else AVX2 + FMA, else im2col):
     /// the forward pass by Winograd F(2×2, 3×3) for 3×3, pad-1, stride-1 convolutions with
-    /// an even height and a width that is a multiple of 8, else by the direct kernel for
+    /// an even height, a width that is a multiple of 8 and at least 8 input channels, else
+    /// by the direct kernel for
     /// 3×3, pad-1 convolutions with stride 1 and a width that is a multiple of 8, or stride
     /// 2, an even height and a width that is a multiple of 16; the gradients by the direct
     /// kernel where it fits (the input gradient of a stride-2 convolution is always
@@ -46,6 +47,13 @@ pub enum ConvPath {
     /// allow it.
     Winograd(Isa),
 }
+
+/// The fewest input channels for which [`ConvPath::Auto`] takes Winograd: its transforms
+/// cost per channel what its products save per channel pair, so with few input channels the
+/// direct kernel is faster (ResNet-20's 3-channel stem on this project's 2-core AVX-512
+/// machine: direct 176, Winograd 142 GFLOP/s-equivalent; 16 channels: 190 vs 257; the
+/// `conv/` benchmarks).
+const WINOGRAD_MIN_CHANNELS: usize = 8;
 
 /// The algorithm of a forward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +94,9 @@ impl ConvPath {
     fn forward(self, g: &Geom) -> candle_core::Result<Forward> {
         match self {
             ConvPath::Auto => Ok(match direct::best() {
-                Some(isa) if winograd::fits(g) => Forward::Winograd(isa),
+                Some(isa) if winograd::fits(g) && g.c >= WINOGRAD_MIN_CHANNELS => {
+                    Forward::Winograd(isa)
+                }
                 Some(isa) if direct::fits(g) => Forward::Direct(isa),
                 _ => Forward::Im2col,
             }),

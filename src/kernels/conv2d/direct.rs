@@ -194,20 +194,34 @@ pub(super) fn conv(
 }
 
 /// `xp` = the images of `x` (each `c`×`h`×`w`), each channel zero-padded by one pixel, laid
-/// out as [`Padded`] says.
+/// out as [`Padded`] says. An `xp` that already has the padded length is taken to be an
+/// earlier result of `pad` for the same plane (its padding zero: only the interior is
+/// written); any other is resized and zeroed first.
 pub(super) fn pad(p: Plane, x: &[f32], xp: &mut Vec<f32>) {
     let Plane { h, w, c, .. } = p;
     let pd = Padded::new(p);
     let planes = x.len() / (h * w);
     debug_assert_eq!(planes % c, 0);
-    xp.clear();
-    xp.resize(planes * pd.plane, 0.0);
+    if xp.len() != planes * pd.plane {
+        xp.clear();
+        xp.resize(planes * pd.plane, 0.0);
+    }
     for (pl, src) in x.chunks_exact(h * w).enumerate() {
         let base = pl * pd.plane;
         for (r, row) in src.chunks_exact(w).enumerate() {
             if p.stride == 1 {
                 let dst = base + (r + 1) * (w + 2) + 1;
-                xp[dst..dst + w].copy_from_slice(row);
+                // Eight floats at a time, inline (a `memmove` call per short row costs more
+                // than the copy).
+                let (d8, s8) = (xp[dst..dst + w].chunks_exact_mut(8), row.chunks_exact(8));
+                let tail = w - w % 8;
+                for (d, s) in d8.zip(s8) {
+                    let d: &mut [f32; 8] = d.try_into().expect("8 floats");
+                    *d = s.try_into().expect("8 floats");
+                }
+                for (d, s) in xp[dst + tail..dst + w].iter_mut().zip(&row[tail..]) {
+                    *d = *s;
+                }
             } else {
                 // Padded column q = input column + 1: even q to q/2, odd q to the odd half.
                 let ws = w / 2 + 1;

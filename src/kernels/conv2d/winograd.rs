@@ -60,13 +60,12 @@ pub(super) fn pack(isa: Isa, w: &[f32], o: usize, c: usize) -> Vec<f32> {
     out
 }
 
-/// Per-thread buffers: the zero-padded image, the transformed input `V[ξ][c][tile]` and the
-/// products `M[ξ][o][tile]`.
+/// Per-thread buffers: one zero-padded input channel and the transformed input
+/// `V[ξ][c][tile]`.
 #[derive(Default)]
 pub(super) struct Scratch {
     xp: Vec<f32>,
     v: Vec<f32>,
-    m: Vec<f32>,
 }
 
 /// Tile counts of an `h`×`w` image: rows, columns, and the total padded to a multiple of 8.
@@ -115,21 +114,23 @@ pub(super) fn conv(
         "winograd conv: buffer sizes do not match {p:?}"
     );
     s.v.resize(16 * position_stride(c, pp), 0.0);
-    s.m.resize(16 * position_stride(o, pp), 0.0);
-    direct::pad(p, x, &mut s.xp);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `isa` (AVX2 + FMA at least) was detected on this machine (the caller resolved
-    // it); the input transform reads the padded image (C×(H+2)×(W+2)) and writes `V`
-    // (16×C×pp, checked there); the products read `V` and `U` (sizes asserted) and write `M`
-    // (16×O×pp); the output transform reads `M` and writes `y` within O×H×W (asserted),
-    // every element once.
+    // it); the input transform reads `x` and writes `V` (16×C×pp, checked there); the
+    // products read `V` and `U` (sizes checked there) and write each block's `M` to a local
+    // buffer, from which the output transform writes `y` within O×H×W (asserted), every
+    // element once.
     unsafe {
-        x86::transform_input(p, &s.xp, &mut s.v);
+        x86::transform_input(p, x, &mut s.xp, &mut s.v);
+        let out = x86::Out {
+            bias,
+            residual,
+            y: y.as_mut_ptr().cast(),
+        };
         match isa {
-            Isa::Avx512 => x86::products_avx512(p, pp, &s.v, up, &mut s.m),
-            Isa::Avx2 => x86::products_avx2(p, pp, &s.v, up, &mut s.m),
+            Isa::Avx512 => x86::products_avx512(p, &s.v, up, out),
+            Isa::Avx2 => x86::products_avx2(p, &s.v, up, out),
         }
-        x86::transform_output(p, &s.m, (bias, residual), y.as_mut_ptr().cast());
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("winograd convolution is only selected on x86-64")
@@ -137,29 +138,33 @@ pub(super) fn conv(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{position_stride, tiles, Plane};
+    use super::{direct, position_stride, tiles, Plane};
     use std::arch::x86_64::*;
 
-    /// `v[ξ][c][tile]` = `Bᵀ d B` for every channel and tile of the zero-padded image `xp`
-    /// (C×(H+2)×(W+2), the direct kernel's stride-1 layout), with
+    /// `v[ξ][c][tile]` = `Bᵀ d B` for every channel and tile of `x` (C×H×W), each channel
+    /// first copied into `xp` zero-padded by one pixel (the direct kernel's stride-1 layout;
+    /// one channel stays in the L1 cache while its tiles are read), with
     /// `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`, eight tiles at a
     /// time in registers. Within each group of eight, the tiles lie in the lane order
     /// [`LANES`]; the padding tiles (up to a multiple of 8) hold copies of real ones.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn transform_input(p: Plane, xp: &[f32], v: &mut [f32]) {
+    pub(super) unsafe fn transform_input(p: Plane, x: &[f32], xp: &mut Vec<f32>, v: &mut [f32]) {
         let Plane { h, w, c, .. } = p;
         let (th, tw, pp) = tiles(h, w);
         let xs = position_stride(c, pp);
         let row = w + 2;
         let plane = (h + 2) * row;
-        assert!(xp.len() >= c * plane && v.len() >= 16 * xs);
+        assert!(x.len() == c * h * w && v.len() >= 16 * xs);
         // Top-left padded input of tile t: (2·ty, 2·tx).
         let corner = |t: usize| {
             let t = if t < th * tw { t } else { t - 4 };
             2 * (t / tw) * row + 2 * (t % tw)
         };
         for ci in 0..c {
-            let base = xp.as_ptr().add(ci * plane);
+            let one = Plane { c: 1, ..p };
+            direct::pad(one, &x[ci * h * w..(ci + 1) * h * w], xp);
+            debug_assert_eq!(xp.len(), plane);
+            let base = xp.as_ptr();
             for g in (0..pp).step_by(8) {
                 let (a, b) = (corner(g), corner(g + 4));
                 // d[r][k]: input row r, column k of the eight tiles' 4×4 neighbourhoods.
@@ -195,62 +200,90 @@ mod x86 {
         }
     }
 
+    /// Where the products go: the output image, its bias and residual, and whether it goes
+    /// through ReLU.
+    #[derive(Clone, Copy)]
+    pub(super) struct Out<'a> {
+        pub bias: &'a [f32],
+        pub residual: Option<&'a [f32]>,
+        pub y: *mut f32,
+    }
+
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    pub(super) unsafe fn products_avx512(p: Plane, pp: usize, v: &[f32], u: &[f32], m: &mut [f32]) {
-        products::<8, 3>(p, pp, v, u, m)
+    pub(super) unsafe fn products_avx512(p: Plane, v: &[f32], u: &[f32], out: Out) {
+        products::<8, 3>(p, v, u, out)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn products_avx2(p: Plane, pp: usize, v: &[f32], u: &[f32], m: &mut [f32]) {
-        products::<4, 2>(p, pp, v, u, m)
+    pub(super) unsafe fn products_avx2(p: Plane, v: &[f32], u: &[f32], out: Out) {
+        products::<4, 2>(p, v, u, out)
     }
 
-    /// `M[ξ] = U[ξ] · V[ξ]` for the 16 positions ξ: tiles of `OB` output channels × `N`
-    /// vectors of 8 tiles (then pairs and single vectors for the remainder).
+    /// The most floats a block of products needs: 16 positions × 8 channels × 3 vectors.
+    const BLOCK: usize = 16 * 8 * 3 * 8;
+
+    /// For each block of `OB` output channels and `N` vectors of 8 tiles (then pairs and
+    /// single vectors for the remainder): `M[ξ] = U[ξ] · V[ξ]` for the 16 positions ξ, into a
+    /// buffer that stays in the L1 cache, then the output transform of that block.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn products<const OB: usize, const N: usize>(
-        p: Plane,
-        pp: usize,
-        v: &[f32],
-        u: &[f32],
-        m: &mut [f32],
-    ) {
-        let Plane { c, o, .. } = p;
+    unsafe fn products<const OB: usize, const N: usize>(p: Plane, v: &[f32], u: &[f32], out: Out) {
+        let Plane { h, w, c, o, .. } = p;
+        let (_, _, pp) = tiles(h, w);
+        let xs = position_stride(c, pp);
         let blocks = o.div_ceil(OB);
         let nvec = pp / 8;
-        for xi in 0..16 {
-            let vx = v.as_ptr().add(xi * position_stride(c, pp));
-            let ux = u.as_ptr().add(xi * blocks * c * OB);
-            let mx = m.as_mut_ptr().add(xi * position_stride(o, pp));
-            for blk in 0..blocks {
-                let t = Tile {
-                    c,
-                    pp,
-                    v: vx,
-                    u: ux.add(blk * c * OB),
-                    m: mx.add(blk * OB * pp),
-                    valid: (o - blk * OB).min(OB),
+        assert!(16 * OB * N * 8 <= BLOCK && v.len() >= 16 * xs && u.len() >= 16 * blocks * c * OB);
+        let mut m = [0f32; BLOCK];
+        for blk in 0..blocks {
+            let valid = (o - blk * OB).min(OB);
+            for (j, n) in runs(nvec, N) {
+                let row = n * 8;
+                for xi in 0..16 {
+                    let t = Tile {
+                        c,
+                        pp,
+                        v: v.as_ptr().add(xi * xs + j * 8),
+                        u: u.as_ptr().add((xi * blocks + blk) * c * OB),
+                        m: m.as_mut_ptr().add(xi * OB * row),
+                        row,
+                        valid,
+                    };
+                    match n {
+                        1 => tile::<OB, 1>(t),
+                        2 => tile::<OB, 2>(t),
+                        _ => tile::<OB, N>(t),
+                    }
+                }
+                let mb = MBlock {
+                    m: m.as_ptr(),
+                    position: OB * row,
+                    row,
+                    k0: blk * OB,
+                    channels: valid,
+                    first: j * 8,
+                    vectors: n,
                 };
-                let mut j = 0;
-                while j + N <= nvec {
-                    tile::<OB, N>(t, j * 8);
-                    j += N;
-                }
-                if N > 2 && j + 2 <= nvec {
-                    tile::<OB, 2>(t, j * 8);
-                    j += 2;
-                }
-                while j < nvec {
-                    tile::<OB, 1>(t, j * 8);
-                    j += 1;
-                }
+                transform_output(p, mb, out);
             }
         }
     }
 
-    /// One block of output channels at one position ξ: `V[ξ]`, the block's `U` rows, its
-    /// first `M` row, and how many of its channels are real.
+    /// Runs of `n` vectors from vector `j` that cover `nvec` vectors: `big` at a time, then
+    /// pairs (where `big` > 2), then single vectors.
+    fn runs(nvec: usize, big: usize) -> impl Iterator<Item = (usize, usize)> {
+        let full = nvec / big * big;
+        let pairs = if big > 2 { (nvec - full) / 2 * 2 } else { 0 };
+        (0..full)
+            .step_by(big)
+            .map(move |j| (j, big))
+            .chain((full..full + pairs).step_by(2).map(|j| (j, 2)))
+            .chain((full + pairs..nvec).map(|j| (j, 1)))
+    }
+
+    /// One block of output channels at one position ξ: the first of `V[ξ]`'s vectors, the
+    /// block's `U` rows, where its products go (rows of `row` floats), and how many of its
+    /// channels are real.
     #[derive(Clone, Copy)]
     struct Tile {
         c: usize,
@@ -258,56 +291,69 @@ mod x86 {
         v: *const f32,
         u: *const f32,
         m: *mut f32,
+        row: usize,
         valid: usize,
     }
 
-    /// `OB` channels × `N` vectors of tiles from tile `first`, summed over the input channels
-    /// in order; the first `valid` channels are stored.
+    /// `OB` channels × `NN` vectors of tiles, summed over the input channels in order; the
+    /// first `valid` channels are stored.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn tile<const OB: usize, const N: usize>(t: Tile, first: usize) {
-        let mut acc = [[_mm256_setzero_ps(); N]; OB];
+    unsafe fn tile<const OB: usize, const NN: usize>(t: Tile) {
+        let mut acc = [[_mm256_setzero_ps(); NN]; OB];
         for ci in 0..t.c {
-            let vc = t.v.add(ci * t.pp + first);
-            let mut xv = [_mm256_setzero_ps(); N];
+            let vc = t.v.add(ci * t.pp);
+            let mut xv = [_mm256_setzero_ps(); NN];
             for (k, x) in xv.iter_mut().enumerate() {
                 *x = _mm256_loadu_ps(vc.add(k * 8));
             }
             let uc = t.u.add(ci * OB);
             for (oo, row) in acc.iter_mut().enumerate() {
                 let wv = _mm256_broadcast_ss(&*uc.add(oo));
-                for k in 0..N {
+                for k in 0..NN {
                     row[k] = _mm256_fmadd_ps(wv, xv[k], row[k]);
                 }
             }
         }
         for (oo, row) in acc.iter().enumerate().take(t.valid) {
             for (k, val) in row.iter().enumerate() {
-                _mm256_storeu_ps(t.m.add(oo * t.pp + first + k * 8), *val);
+                _mm256_storeu_ps(t.m.add(oo * t.row + k * 8), *val);
             }
         }
     }
 
-    /// `y[o]` = `Aᵀ M A` + bias [+ residual] [through ReLU] for every output channel and tile,
-    /// with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`.
+    /// A block of products `M[ξ][channel][tile]`: floats from one position to the next and
+    /// from one channel to the next, its first channel and their number, its first tile and
+    /// its number of vectors of 8 tiles.
+    #[derive(Clone, Copy)]
+    struct MBlock {
+        m: *const f32,
+        position: usize,
+        row: usize,
+        k0: usize,
+        channels: usize,
+        first: usize,
+        vectors: usize,
+    }
+
+    /// `y[o]` = `Aᵀ M A` + bias [+ residual] [through ReLU] for the block's channels and
+    /// tiles, with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn transform_output(
-        p: Plane,
-        m: &[f32],
-        (bias, residual): (&[f32], Option<&[f32]>),
-        y: *mut f32,
-    ) {
-        let Plane { h, w, o, .. } = p;
-        let (_, tw, pp) = tiles(h, w);
+    #[inline]
+    unsafe fn transform_output(p: Plane, mb: MBlock, out: Out) {
+        let Plane { h, w, .. } = p;
+        let (_, tw, _) = tiles(h, w);
         let real = h / 2 * tw;
-        let ms = position_stride(o, pp);
         let zero = _mm256_setzero_ps();
-        for k in 0..o {
-            let b = _mm256_set1_ps(bias[k]);
+        for kk in 0..mb.channels {
+            let k = mb.k0 + kk;
+            let b = _mm256_set1_ps(out.bias[k]);
             let plane = k * h * w;
-            for q in (0..pp).step_by(8) {
+            for qq in 0..mb.vectors {
+                let q = mb.first + qq * 8;
+                let at = mb.m.add(kk * mb.row + qq * 8);
                 let mv: [__m256; 16] =
-                    std::array::from_fn(|xi| _mm256_loadu_ps(m.as_ptr().add(xi * ms + k * pp + q)));
+                    std::array::from_fn(|xi| _mm256_loadu_ps(at.add(xi * mb.position)));
                 // Aᵀ down the columns, then A along the rows.
                 let s: [__m256; 4] = std::array::from_fn(|j| {
                     _mm256_add_ps(_mm256_add_ps(mv[j], mv[4 + j]), mv[8 + j])
@@ -329,21 +375,21 @@ mod x86 {
                         _mm256_unpacklo_ps(left, right),
                         _mm256_unpackhi_ps(left, right),
                     ];
-                    for (part, mut out) in halves.into_iter().enumerate() {
+                    for (part, mut val) in halves.into_iter().enumerate() {
                         let tile = q + 4 * part;
                         if tile >= real {
                             continue;
                         }
                         let at = plane + (2 * (tile / tw) + r) * w + 2 * (tile % tw);
-                        if let Some(res) = residual {
+                        if let Some(res) = out.residual {
                             // One f32 addition, as `conv + residual` in two ops would do.
-                            out = _mm256_add_ps(out, _mm256_loadu_ps(res.as_ptr().add(at)));
+                            val = _mm256_add_ps(val, _mm256_loadu_ps(res.as_ptr().add(at)));
                         }
                         if p.relu {
                             // max(v, 0) gives 0 for NaN, as f32::max(v, 0.0) does.
-                            out = _mm256_max_ps(out, zero);
+                            val = _mm256_max_ps(val, zero);
                         }
-                        _mm256_storeu_ps(y.add(at), out);
+                        _mm256_storeu_ps(out.y.add(at), val);
                     }
                 }
             }
