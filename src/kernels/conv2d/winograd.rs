@@ -21,8 +21,17 @@
 //! AVX-512 give the same bits, as for the direct kernel.
 //!
 //! Shapes: an even height and a width that is a multiple of 8 (four tiles fill a vector row
-//! of outputs). Tiles are numbered row-major within an image; an image's tile count is padded
-//! to a multiple of 8 with zero tiles that are never stored.
+//! of outputs). Tiles are numbered row-major within an image and go through the products in
+//! groups of eight, one per vector; an image's tile count is padded to a multiple of 8 with
+//! copies of real tiles that are never stored. Within a group, the lanes hold tiles
+//! 0, 1, 4, 5, 2, 3, 6, 7: the order in which the input transform's even/odd column shuffles
+//! leave them, and in which the output transform's interleave of each tile's two outputs per
+//! row puts them back in place (tiles 0-3, then 4-7).
+//!
+//! Per image: the input transform (each channel zero-padded in an L1-sized buffer, then eight
+//! tiles at a time in registers) writes `V[ξ][c][tile]`; then for each block of output
+//! channels and run of tile vectors, the 16 products go to a buffer that stays in L1 and the
+//! output transform (with the bias, the residual and the ReLU) stores the outputs.
 
 use std::mem::MaybeUninit;
 
@@ -74,16 +83,11 @@ fn tiles(h: usize, w: usize) -> (usize, usize, usize) {
     (th, tw, (th * tw).div_ceil(8) * 8)
 }
 
-/// Which tile of a group of eight each vector lane holds in `V` and `M`: the order in
-/// which the input transform's even/odd column shuffles leave them, and in which the output
-/// transform's interleave puts each tile's outputs back in place.
-#[allow(dead_code)]
-const LANES: [usize; 8] = [0, 1, 4, 5, 2, 3, 6, 7];
-
-/// Floats from one position ξ to the next in `V` (`rows` = C) or `M` (`rows` = O), rows of
-/// `pp` tiles: 64 more than the rows need, so that the 16 positions' rows, which the
-/// transforms read or write together, do not all fall on the same cache sets (with ResNet's
-/// power-of-two sizes they would lie a multiple of 4 KiB apart).
+/// Floats from one position ξ to the next in `V` (`rows` = C input channels, rows of `pp`
+/// tiles): 64 more than the rows need, so that the 16 positions' rows, which the input
+/// transform writes together, do not all fall on the same cache sets (with ResNet's
+/// power-of-two sizes they would lie a multiple of 4 KiB apart; that made the transform
+/// ~3× slower).
 fn position_stride(rows: usize, pp: usize) -> usize {
     rows * pp + 64
 }
@@ -145,8 +149,8 @@ mod x86 {
     /// first copied into `xp` zero-padded by one pixel (the direct kernel's stride-1 layout;
     /// one channel stays in the L1 cache while its tiles are read), with
     /// `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`, eight tiles at a
-    /// time in registers. Within each group of eight, the tiles lie in the lane order
-    /// [`LANES`]; the padding tiles (up to a multiple of 8) hold copies of real ones.
+    /// time in registers. Within each group of eight, the tiles lie in the lanes' order (module
+    /// docs); the padding tiles (up to a multiple of 8) hold copies of real ones.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn transform_input(p: Plane, x: &[f32], xp: &mut Vec<f32>, v: &mut [f32]) {
         let Plane { h, w, c, .. } = p;
@@ -179,18 +183,18 @@ mod x86 {
                         _mm256_shuffle_ps::<0xDD>(l2, l3),
                     ]
                 });
-                // Bᵀ down the columns, then B along the rows.
-                let t: [[__m256; 4]; 4] = std::array::from_fn(|k| {
-                    [
-                        _mm256_sub_ps(d[0][k], d[2][k]),
-                        _mm256_add_ps(d[1][k], d[2][k]),
-                        _mm256_sub_ps(d[2][k], d[1][k]),
-                        _mm256_sub_ps(d[1][k], d[3][k]),
-                    ]
+                // Bᵀ down the columns (t[i][k]: row i of Bᵀ d, column k), then B along the
+                // rows.
+                let t: [[__m256; 4]; 4] = std::array::from_fn(|i| {
+                    std::array::from_fn(|k| match i {
+                        0 => _mm256_sub_ps(d[0][k], d[2][k]),
+                        1 => _mm256_add_ps(d[1][k], d[2][k]),
+                        2 => _mm256_sub_ps(d[2][k], d[1][k]),
+                        _ => _mm256_sub_ps(d[1][k], d[3][k]),
+                    })
                 });
                 let out = v.as_mut_ptr().add(ci * pp + g);
-                for i in 0..4 {
-                    let [t0, t1, t2, t3] = [t[0][i], t[1][i], t[2][i], t[3][i]];
+                for (i, [t0, t1, t2, t3]) in t.into_iter().enumerate() {
                     _mm256_storeu_ps(out.add((4 * i) * xs), _mm256_sub_ps(t0, t2));
                     _mm256_storeu_ps(out.add((4 * i + 1) * xs), _mm256_add_ps(t1, t2));
                     _mm256_storeu_ps(out.add((4 * i + 2) * xs), _mm256_sub_ps(t2, t1));
@@ -200,8 +204,8 @@ mod x86 {
         }
     }
 
-    /// Where the products go: the output image, its bias and residual, and whether it goes
-    /// through ReLU.
+    /// Where the products go: the output image (O×H×W), its bias per channel and its
+    /// residual (O×H×W), if any.
     #[derive(Clone, Copy)]
     pub(super) struct Out<'a> {
         pub bias: &'a [f32],
@@ -370,7 +374,7 @@ mod x86 {
                 for (r, (left, right)) in [row(s), row(d)].into_iter().enumerate() {
                     let (left, right) = (_mm256_add_ps(left, b), _mm256_add_ps(right, b));
                     // Interleave: each tile's two outputs side by side. With the tiles in
-                    // the lane order `LANES`, that gives tiles 0-3, then 4-7.
+                    // the lanes' order (module docs), that gives tiles 0-3, then 4-7.
                     let halves = [
                         _mm256_unpacklo_ps(left, right),
                         _mm256_unpackhi_ps(left, right),
