@@ -484,10 +484,12 @@ fn the_direct_and_winograd_kernels_give_the_same_bits_with_avx2_and_avx512() {
         if stride == 1 {
             let winograd = run(ConvPath::Winograd(Isa::Avx2));
             assert_eq!(winograd, run(ConvPath::Winograd(Isa::Avx512)), "{h}×{wd}");
-            // Another algorithm: the same gradients (direct), a forward pass that differs
-            // from the direct one only by rounding.
-            assert_eq!((&winograd.1, &winograd.2), (&direct.1, &direct.2));
+            // Another algorithm for the forward pass and the input gradient (they differ
+            // from the direct kernel's by rounding; both are checked against candle's
+            // elsewhere), the direct kernel's weight gradient.
+            assert_eq!(winograd.2, direct.2);
             assert_ne!(winograd.0, direct.0, "Winograd is not the direct kernel");
+            assert_ne!(winograd.1, direct.1, "Winograd is not the direct kernel");
         }
     }
 }

@@ -34,11 +34,12 @@ pub enum ConvPath {
     /// The fastest this machine and shape allow (AVX-512VL, else AVX2 + FMA, else im2col):
     /// the forward pass by Winograd F(2×2, 3×3) for 3×3, pad-1, stride-1 convolutions with
     /// an even height, a width that is a multiple of 8 and at least 8 input channels, else
-    /// by the direct kernel for
-    /// 3×3, pad-1 convolutions with stride 1 and a width that is a multiple of 8, or stride
-    /// 2, an even height and a width that is a multiple of 16; the gradients by the direct
-    /// kernel where it fits (the input gradient of a stride-2 convolution is always
-    /// im2col's); im2col everywhere else.
+    /// by the direct kernel for 3×3, pad-1 convolutions with stride 1 and a width that is a
+    /// multiple of 8, or stride 2, an even height and a width that is a multiple of 16, else
+    /// im2col. The input gradient of a stride-1 convolution is the forward pass of another
+    /// (the output gradient with the transposed, rotated kernel: at least 8 *output*
+    /// channels for Winograd) and takes the same choice; that of a stride-2 convolution is
+    /// im2col's. The weight gradient: the direct kernel where it fits, else im2col.
     #[default]
     Auto,
     /// im2col + GEMM for every shape.
@@ -46,9 +47,9 @@ pub enum ConvPath {
     /// The direct kernel with the given instruction set (the input gradient of a stride-2
     /// convolution excepted); an error where the shape or the machine does not allow it.
     Direct(Isa),
-    /// The forward pass by Winograd F(2×2, 3×3) with the given instruction set, the
-    /// gradients as [`ConvPath::Direct`]; an error where the shape or the machine does not
-    /// allow it.
+    /// The forward pass and the input gradient (a stride-1 convolution of the output
+    /// gradient) by Winograd F(2×2, 3×3) with the given instruction set, the weight gradient
+    /// as [`ConvPath::Direct`]; an error where the shape or the machine does not allow it.
     Winograd(Isa),
 }
 
@@ -112,6 +113,21 @@ impl ConvPath {
             }
             path => Ok(path.resolve(g)?.map_or(Forward::Im2col, Forward::Direct)),
         }
+    }
+
+    /// The input gradient's algorithm for `g`: for stride 1, that of the forward pass of the
+    /// convolution it is (the output gradient, the kernel transposed and rotated: input and
+    /// output channels swapped); for stride 2, im2col.
+    fn input_grad(self, g: &Geom) -> candle_core::Result<Forward> {
+        if g.stride != 1 {
+            self.resolve(g)?;
+            return Ok(Forward::Im2col);
+        }
+        self.forward(&Geom {
+            c: g.o,
+            o: g.c,
+            ..*g
+        })
     }
 }
 
@@ -389,22 +405,46 @@ fn forward(
     y
 }
 
-fn grad_input(g: &Geom, dy: &[f32], w: &[f32], isa: Option<Isa>) -> Vec<f32> {
+fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Forward) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = chunk(g.n);
-    // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel. (A
-    // stride-2 input gradient is a transposed convolution: im2col's col2im does it.)
-    if let Some(isa) = isa.filter(|_| g.stride == 1) {
-        let wp = direct::pack(isa, w, g.o, g.c, true);
-        let zeros = vec![0f32; g.c];
-        let plane = direct::Plane {
-            h: g.h,
-            w: g.w,
-            c: g.o,
-            o: g.c,
-            stride: 1,
-            relu: false,
+    // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel
+    // ([`ConvPath::input_grad`] chose its algorithm). (A stride-2 input gradient is a
+    // transposed convolution: im2col's col2im does it.)
+    let plane = direct::Plane {
+        h: g.h,
+        w: g.w,
+        c: g.o,
+        o: g.c,
+        stride: 1,
+        relu: false,
+    };
+    let zeros = vec![0f32; g.c];
+    if let Forward::Winograd(isa) = algo {
+        // The transposed, rotated kernel (C×O×3×3), then its Winograd transform.
+        let mut wt = vec![0f32; g.c * g.o * 9];
+        for (co, taps) in wt.chunks_exact_mut(9).enumerate() {
+            let (c, o) = (co / g.o, co % g.o);
+            for (t, v) in taps.iter_mut().enumerate() {
+                *v = w[(o * g.c + c) * 9 + 8 - t];
+            }
+        }
+        let up = winograd::pack(isa, &wt, g.c, g.o);
+        // SAFETY: chunk t holds the input gradients of images t·per.., each written in full
+        // by the Winograd kernel.
+        return unsafe {
+            super::par_uninit(g.n * g.in_len(), per * g.in_len(), |t, dxs| {
+                let mut scratch = winograd::Scratch::default();
+                for (i, dxi) in dxs.chunks_mut(g.in_len()).enumerate() {
+                    let img = t * per + i;
+                    let dyi = &dy[img * g.o * hw..(img + 1) * g.o * hw];
+                    winograd::conv(isa, plane, dyi, &up, (&zeros, None), &mut scratch, dxi);
+                }
+            })
         };
+    }
+    if let Forward::Direct(isa) = algo {
+        let wp = direct::pack(isa, w, g.o, g.c, true);
         // SAFETY: chunk t holds the input gradients of images t·per.., each written in full
         // by the direct kernel.
         return unsafe {
@@ -675,12 +715,12 @@ impl CustomOp2 for GradInputOp {
         if l1.dims() != [g.n, g.o, g.ho, g.wo] {
             candle_core::bail!("conv2d grad: output gradient shape {:?}", l1.dims());
         }
-        let isa = self.path.resolve(&g)?;
+        let algo = self.path.input_grad(&g)?;
         let dx = grad_input(
             &g,
             slice(s1, l1, "gradient")?,
             slice(s2, l2, "kernel")?,
-            isa,
+            algo,
         );
         Ok((CpuStorage::F32(dx), Shape::from(self.in_shape.to_vec())))
     }

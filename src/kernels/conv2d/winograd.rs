@@ -172,27 +172,29 @@ mod x86 {
             for g in (0..pp).step_by(8) {
                 let (a, b) = (corner(g), corner(g + 4));
                 // d[r][k]: input row r, column k of the eight tiles' 4×4 neighbourhoods.
-                let d: [[__m256; 4]; 4] = std::array::from_fn(|r| {
+                // (Plain loops, not closures: each closure call would be a function call
+                // passing vectors through memory.)
+                let mut d = [[_mm256_setzero_ps(); 4]; 4];
+                for (r, dr) in d.iter_mut().enumerate() {
                     let (pa, pb) = (base.add(a + r * row), base.add(b + r * row));
                     let (l0, l1) = (_mm256_loadu_ps(pa), _mm256_loadu_ps(pb));
                     let (l2, l3) = (_mm256_loadu_ps(pa.add(2)), _mm256_loadu_ps(pb.add(2)));
-                    [
+                    *dr = [
                         _mm256_shuffle_ps::<0x88>(l0, l1),
                         _mm256_shuffle_ps::<0xDD>(l0, l1),
                         _mm256_shuffle_ps::<0x88>(l2, l3),
                         _mm256_shuffle_ps::<0xDD>(l2, l3),
-                    ]
-                });
+                    ];
+                }
                 // Bᵀ down the columns (t[i][k]: row i of Bᵀ d, column k), then B along the
                 // rows.
-                let t: [[__m256; 4]; 4] = std::array::from_fn(|i| {
-                    std::array::from_fn(|k| match i {
-                        0 => _mm256_sub_ps(d[0][k], d[2][k]),
-                        1 => _mm256_add_ps(d[1][k], d[2][k]),
-                        2 => _mm256_sub_ps(d[2][k], d[1][k]),
-                        _ => _mm256_sub_ps(d[1][k], d[3][k]),
-                    })
-                });
+                let mut t = [[_mm256_setzero_ps(); 4]; 4];
+                for k in 0..4 {
+                    t[0][k] = _mm256_sub_ps(d[0][k], d[2][k]);
+                    t[1][k] = _mm256_add_ps(d[1][k], d[2][k]);
+                    t[2][k] = _mm256_sub_ps(d[2][k], d[1][k]);
+                    t[3][k] = _mm256_sub_ps(d[1][k], d[3][k]);
+                }
                 let out = v.as_mut_ptr().add(ci * pp + g);
                 for (i, [t0, t1, t2, t3]) in t.into_iter().enumerate() {
                     _mm256_storeu_ps(out.add((4 * i) * xs), _mm256_sub_ps(t0, t2));
@@ -356,23 +358,20 @@ mod x86 {
             for qq in 0..mb.vectors {
                 let q = mb.first + qq * 8;
                 let at = mb.m.add(kk * mb.row + qq * 8);
-                let mv: [__m256; 16] =
-                    std::array::from_fn(|xi| _mm256_loadu_ps(at.add(xi * mb.position)));
-                // Aᵀ down the columns, then A along the rows.
-                let s: [__m256; 4] = std::array::from_fn(|j| {
-                    _mm256_add_ps(_mm256_add_ps(mv[j], mv[4 + j]), mv[8 + j])
-                });
-                let d: [__m256; 4] = std::array::from_fn(|j| {
-                    _mm256_sub_ps(_mm256_sub_ps(mv[4 + j], mv[8 + j]), mv[12 + j])
-                });
-                let row = |t: [__m256; 4]| {
-                    (
-                        _mm256_add_ps(_mm256_add_ps(t[0], t[1]), t[2]),
-                        _mm256_sub_ps(_mm256_sub_ps(t[1], t[2]), t[3]),
-                    )
-                };
-                for (r, (left, right)) in [row(s), row(d)].into_iter().enumerate() {
-                    let (left, right) = (_mm256_add_ps(left, b), _mm256_add_ps(right, b));
+                // Aᵀ down the columns (s: its first row, d: its second), then A along the
+                // rows. (Plain loops, not closures, as in the input transform.)
+                let mut mv = [_mm256_setzero_ps(); 16];
+                for (xi, v) in mv.iter_mut().enumerate() {
+                    *v = _mm256_loadu_ps(at.add(xi * mb.position));
+                }
+                let mut rows = [[_mm256_setzero_ps(); 4]; 2];
+                for j in 0..4 {
+                    rows[0][j] = _mm256_add_ps(_mm256_add_ps(mv[j], mv[4 + j]), mv[8 + j]);
+                    rows[1][j] = _mm256_sub_ps(_mm256_sub_ps(mv[4 + j], mv[8 + j]), mv[12 + j]);
+                }
+                for (r, t) in rows.into_iter().enumerate() {
+                    let left = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(t[0], t[1]), t[2]), b);
+                    let right = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(t[1], t[2]), t[3]), b);
                     // Interleave: each tile's two outputs side by side. With the tiles in
                     // the lanes' order (module docs), that gives tiles 0-3, then 4-7.
                     let halves = [
