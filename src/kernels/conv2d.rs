@@ -306,6 +306,45 @@ fn chunk(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
+/// A kernel packed for the direct or the Winograd algorithm.
+enum Packed {
+    Direct(Isa, Vec<f32>),
+    Winograd(Isa, Vec<f32>),
+}
+
+/// For each of `n` images of `x` (sizes as `p` says), `y` = conv(image, `kernel`) + `bias`
+/// [+ its plane of `residual`] [through ReLU], by the direct or Winograd kernel, `per` images
+/// per parallel task; `hw` output pixels per channel.
+fn each_image(
+    p: direct::Plane,
+    (n, per, hw): (usize, usize, usize),
+    kernel: &Packed,
+    x: &[f32],
+    (bias, residual): (&[f32], Option<&[f32]>),
+) -> Vec<f32> {
+    let (in_len, out_len) = (p.c * p.h * p.w, p.o * hw);
+    // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
+    // direct or the Winograd kernel (both write every element of their output).
+    unsafe {
+        super::par_uninit(n * out_len, per * out_len, |t, ys| {
+            let (mut xp, mut scratch) = (Vec::new(), winograd::Scratch::default());
+            for (i, yi) in ys.chunks_mut(out_len).enumerate() {
+                let img = t * per + i;
+                let xi = &x[img * in_len..(img + 1) * in_len];
+                let ri = residual.map(|r| &r[img * out_len..(img + 1) * out_len]);
+                match kernel {
+                    Packed::Direct(isa, wp) => {
+                        direct::conv(*isa, p, xi, wp, (bias, ri), &mut xp, yi)
+                    }
+                    Packed::Winograd(isa, up) => {
+                        winograd::conv(*isa, p, xi, up, (bias, ri), &mut scratch, yi)
+                    }
+                }
+            }
+        })
+    }
+}
+
 /// `y = conv(x, w) + bias [+ residual]` (bias per output channel, zero when `None`;
 /// residual of y's shape), through ReLU when `relu`.
 fn forward(
@@ -325,45 +364,21 @@ fn forward(
     };
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = chunk(g.n);
-    let plane = direct::Plane {
-        h: g.h,
-        w: g.w,
-        c: g.c,
-        o: g.o,
-        stride: g.stride,
-        relu,
+    let kernel = match algo {
+        Forward::Winograd(isa) => Some(Packed::Winograd(isa, winograd::pack(isa, w, g.o, g.c))),
+        Forward::Direct(isa) => Some(Packed::Direct(isa, direct::pack(isa, w, g.o, g.c, false))),
+        Forward::Im2col => None,
     };
-    if let Forward::Winograd(isa) = algo {
-        let up = winograd::pack(isa, w, g.o, g.c);
-        // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
-        // Winograd kernel.
-        return unsafe {
-            super::par_uninit(g.n * g.o * hw, per * g.o * hw, |t, ys| {
-                let mut scratch = winograd::Scratch::default();
-                for (i, yi) in ys.chunks_mut(g.o * hw).enumerate() {
-                    let img = t * per + i;
-                    let xi = &x[img * g.in_len()..(img + 1) * g.in_len()];
-                    let ri = residual.map(|r| &r[img * g.o * hw..(img + 1) * g.o * hw]);
-                    winograd::conv(isa, plane, xi, &up, (bias, ri), &mut scratch, yi);
-                }
-            })
+    if let Some(kernel) = kernel {
+        let plane = direct::Plane {
+            h: g.h,
+            w: g.w,
+            c: g.c,
+            o: g.o,
+            stride: g.stride,
+            relu,
         };
-    }
-    if let Forward::Direct(isa) = algo {
-        let wp = direct::pack(isa, w, g.o, g.c, false);
-        // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
-        // direct kernel.
-        return unsafe {
-            super::par_uninit(g.n * g.o * hw, per * g.o * hw, |t, ys| {
-                let mut xp = Vec::new();
-                for (i, yi) in ys.chunks_mut(g.o * hw).enumerate() {
-                    let img = t * per + i;
-                    let xi = &x[img * g.in_len()..(img + 1) * g.in_len()];
-                    let ri = residual.map(|r| &r[img * g.o * hw..(img + 1) * g.o * hw]);
-                    direct::conv(isa, plane, xi, &wp, (bias, ri), &mut xp, yi);
-                }
-            })
-        };
+        return each_image(plane, (g.n, per, hw), &kernel, x, (bias, residual));
     }
     let mut y = vec![0f32; g.n * g.o * hw];
     y.par_chunks_mut(per * g.o * hw)
@@ -411,52 +426,32 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Forward) -> Vec<f32> {
     // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel
     // ([`ConvPath::input_grad`] chose its algorithm). (A stride-2 input gradient is a
     // transposed convolution: im2col's col2im does it.)
-    let plane = direct::Plane {
-        h: g.h,
-        w: g.w,
-        c: g.o,
-        o: g.c,
-        stride: 1,
-        relu: false,
-    };
-    let zeros = vec![0f32; g.c];
-    if let Forward::Winograd(isa) = algo {
-        // The transposed, rotated kernel (C×O×3×3), then its Winograd transform.
-        let mut wt = vec![0f32; g.c * g.o * 9];
-        for (co, taps) in wt.chunks_exact_mut(9).enumerate() {
-            let (c, o) = (co / g.o, co % g.o);
-            for (t, v) in taps.iter_mut().enumerate() {
-                *v = w[(o * g.c + c) * 9 + 8 - t];
+    let kernel = match algo {
+        Forward::Winograd(isa) => {
+            // The transposed, rotated kernel (C×O×3×3), then its Winograd transform.
+            let mut wt = vec![0f32; g.c * g.o * 9];
+            for (co, taps) in wt.chunks_exact_mut(9).enumerate() {
+                let (c, o) = (co / g.o, co % g.o);
+                for (t, v) in taps.iter_mut().enumerate() {
+                    *v = w[(o * g.c + c) * 9 + 8 - t];
+                }
             }
+            Some(Packed::Winograd(isa, winograd::pack(isa, &wt, g.c, g.o)))
         }
-        let up = winograd::pack(isa, &wt, g.c, g.o);
-        // SAFETY: chunk t holds the input gradients of images t·per.., each written in full
-        // by the Winograd kernel.
-        return unsafe {
-            super::par_uninit(g.n * g.in_len(), per * g.in_len(), |t, dxs| {
-                let mut scratch = winograd::Scratch::default();
-                for (i, dxi) in dxs.chunks_mut(g.in_len()).enumerate() {
-                    let img = t * per + i;
-                    let dyi = &dy[img * g.o * hw..(img + 1) * g.o * hw];
-                    winograd::conv(isa, plane, dyi, &up, (&zeros, None), &mut scratch, dxi);
-                }
-            })
+        Forward::Direct(isa) => Some(Packed::Direct(isa, direct::pack(isa, w, g.o, g.c, true))),
+        Forward::Im2col => None,
+    };
+    if let Some(kernel) = kernel.filter(|_| g.stride == 1) {
+        let plane = direct::Plane {
+            h: g.h,
+            w: g.w,
+            c: g.o,
+            o: g.c,
+            stride: 1,
+            relu: false,
         };
-    }
-    if let Forward::Direct(isa) = algo {
-        let wp = direct::pack(isa, w, g.o, g.c, true);
-        // SAFETY: chunk t holds the input gradients of images t·per.., each written in full
-        // by the direct kernel.
-        return unsafe {
-            super::par_uninit(g.n * g.in_len(), per * g.in_len(), |t, dxs| {
-                let mut dyp = Vec::new();
-                for (i, dxi) in dxs.chunks_mut(g.in_len()).enumerate() {
-                    let img = t * per + i;
-                    let dyi = &dy[img * g.o * hw..(img + 1) * g.o * hw];
-                    direct::conv(isa, plane, dyi, &wp, (&zeros, None), &mut dyp, dxi);
-                }
-            })
-        };
+        let zeros = vec![0f32; g.c];
+        return each_image(plane, (g.n, per, g.h * g.w), &kernel, dy, (&zeros, None));
     }
     let mut dx = vec![0f32; g.n * g.in_len()];
     dx.par_chunks_mut(per * g.in_len())
