@@ -312,6 +312,17 @@ enum Packed {
     Winograd(Isa, Vec<f32>),
 }
 
+impl Packed {
+    /// The kernel `w` (O×C×3×3) packed for `algo`; `None` for im2col.
+    fn new(algo: Forward, w: &[f32], o: usize, c: usize) -> Option<Self> {
+        match algo {
+            Forward::Winograd(isa) => Some(Packed::Winograd(isa, winograd::pack(isa, w, o, c))),
+            Forward::Direct(isa) => Some(Packed::Direct(isa, direct::pack(isa, w, o, c))),
+            Forward::Im2col => None,
+        }
+    }
+}
+
 /// For each of `n` images of `x` (sizes as `p` says), `y` = conv(image, `kernel`) + `bias`
 /// [+ its plane of `residual`] [through ReLU], by the direct or Winograd kernel, `per` images
 /// per parallel task; `hw` output pixels per channel.
@@ -364,12 +375,7 @@ fn forward(
     };
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = chunk(g.n);
-    let kernel = match algo {
-        Forward::Winograd(isa) => Some(Packed::Winograd(isa, winograd::pack(isa, w, g.o, g.c))),
-        Forward::Direct(isa) => Some(Packed::Direct(isa, direct::pack(isa, w, g.o, g.c, false))),
-        Forward::Im2col => None,
-    };
-    if let Some(kernel) = kernel {
+    if let Some(kernel) = Packed::new(algo, w, g.o, g.c) {
         let plane = direct::Plane {
             h: g.h,
             w: g.w,
@@ -420,6 +426,20 @@ fn forward(
     y
 }
 
+/// The 3×3 kernel `w` (O×C×3×3) with input and output channels swapped and the taps rotated
+/// by 180° (C×O×3×3): the kernel whose stride-1, pad-1 convolution of the output gradient is
+/// the input gradient.
+fn transposed_rotated(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    let mut wt = vec![0f32; c * o * 9];
+    for (co, taps) in wt.chunks_exact_mut(9).enumerate() {
+        let (ci, oi) = (co / o, co % o);
+        for (t, v) in taps.iter_mut().enumerate() {
+            *v = w[(oi * c + ci) * 9 + 8 - t];
+        }
+    }
+    wt
+}
+
 fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Forward) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = chunk(g.n);
@@ -427,21 +447,14 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Forward) -> Vec<f32> {
     // ([`ConvPath::input_grad`] chose its algorithm). (A stride-2 input gradient is a
     // transposed convolution: im2col's col2im does it.)
     let kernel = match algo {
-        Forward::Winograd(isa) => {
-            // The transposed, rotated kernel (C×O×3×3), then its Winograd transform.
-            let mut wt = vec![0f32; g.c * g.o * 9];
-            for (co, taps) in wt.chunks_exact_mut(9).enumerate() {
-                let (c, o) = (co / g.o, co % g.o);
-                for (t, v) in taps.iter_mut().enumerate() {
-                    *v = w[(o * g.c + c) * 9 + 8 - t];
-                }
-            }
-            Some(Packed::Winograd(isa, winograd::pack(isa, &wt, g.c, g.o)))
-        }
-        Forward::Direct(isa) => Some(Packed::Direct(isa, direct::pack(isa, w, g.o, g.c, true))),
         Forward::Im2col => None,
+        _ => Packed::new(algo, &transposed_rotated(w, g.o, g.c), g.c, g.o),
     };
-    if let Some(kernel) = kernel.filter(|_| g.stride == 1) {
+    if let Some(kernel) = kernel {
+        debug_assert_eq!(
+            g.stride, 1,
+            "ConvPath::input_grad takes im2col for stride 2"
+        );
         let plane = direct::Plane {
             h: g.h,
             w: g.w,

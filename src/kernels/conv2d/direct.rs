@@ -73,26 +73,31 @@ pub(super) fn best() -> Option<Isa> {
 }
 
 /// The kernel `w` (O×C×3×3) as tiles: `[o / ob][c][tap][o % ob]` with `ob = isa.ob()`, output
-/// channels padded to a multiple of `ob` with zeros. With `transpose`, the input-gradient
-/// kernel instead: input and output channels swapped and the taps rotated by 180°.
-pub(super) fn pack(isa: Isa, w: &[f32], o: usize, c: usize, transpose: bool) -> Vec<f32> {
+/// channels padded to a multiple of `ob` with zeros.
+pub(super) fn pack(isa: Isa, w: &[f32], o: usize, c: usize) -> Vec<f32> {
     let ob = isa.ob();
-    let (po, pc) = if transpose { (c, o) } else { (o, c) };
-    let blocks = po.div_ceil(ob);
-    let mut out = vec![0f32; blocks * pc * 9 * ob];
-    for oo in 0..po {
-        for cc in 0..pc {
+    let blocks = o.div_ceil(ob);
+    let mut out = vec![0f32; blocks * c * 9 * ob];
+    for oo in 0..o {
+        for cc in 0..c {
             for t in 0..9 {
-                let v = if transpose {
-                    w[(cc * c + oo) * 9 + (8 - t)]
-                } else {
-                    w[(oo * c + cc) * 9 + t]
-                };
-                out[(((oo / ob) * pc + cc) * 9 + t) * ob + oo % ob] = v;
+                out[(((oo / ob) * c + cc) * 9 + t) * ob + oo % ob] = w[(oo * c + cc) * 9 + t];
             }
         }
     }
     out
+}
+
+/// Runs `(j, n)` of `n` vectors from vector `j` that cover `nvec` vectors in order: `big` at a
+/// time, then pairs (where `big` > 2), then single vectors (the register tiles' widths).
+pub(super) fn runs(nvec: usize, big: usize) -> impl Iterator<Item = (usize, usize)> {
+    let full = nvec / big * big;
+    let pairs = if big > 2 { (nvec - full) / 2 * 2 } else { 0 };
+    (0..full)
+        .step_by(big)
+        .map(move |j| (j, big))
+        .chain((full..full + pairs).step_by(2).map(|j| (j, 2)))
+        .chain((full + pairs..nvec).map(|j| (j, 1)))
 }
 
 /// A convolution's sizes as the direct kernel sees them: an `h`×`w` input image with `c`
@@ -427,21 +432,19 @@ mod x86 {
                 valid: (o - blk * OB).min(OB),
                 relu: p.relu,
             };
-            let mut j = 0;
-            while j + N <= nvec {
-                let offs: [usize; N] = std::array::from_fn(|v| src(j + v));
-                let outs: [usize; N] = std::array::from_fn(|v| (j + v) * 8);
-                tile::<OB, N>(geo, xp.as_ptr(), offs, wb, dst, outs);
-                j += N;
-            }
-            if N > 2 && j + 2 <= nvec {
-                let offs = [src(j), src(j + 1)];
-                tile::<OB, 2>(geo, xp.as_ptr(), offs, wb, dst, [j * 8, j * 8 + 8]);
-                j += 2;
-            }
-            while j < nvec {
-                tile::<OB, 1>(geo, xp.as_ptr(), [src(j)], wb, dst, [j * 8]);
-                j += 1;
+            for (j, n) in super::runs(nvec, N) {
+                match n {
+                    1 => tile::<OB, 1>(geo, xp.as_ptr(), [src(j)], wb, dst, [j * 8]),
+                    2 => {
+                        let offs = [src(j), src(j + 1)];
+                        tile::<OB, 2>(geo, xp.as_ptr(), offs, wb, dst, [j * 8, j * 8 + 8])
+                    }
+                    _ => {
+                        let offs: [usize; N] = std::array::from_fn(|v| src(j + v));
+                        let outs: [usize; N] = std::array::from_fn(|v| (j + v) * 8);
+                        tile::<OB, N>(geo, xp.as_ptr(), offs, wb, dst, outs)
+                    }
+                }
             }
         }
     }

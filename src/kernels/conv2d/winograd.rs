@@ -243,7 +243,7 @@ mod x86 {
         let mut m = [0f32; BLOCK];
         for blk in 0..blocks {
             let valid = (o - blk * OB).min(OB);
-            for (j, n) in runs(nvec, N) {
+            for (j, n) in direct::runs(nvec, N) {
                 let row = n * 8;
                 for xi in 0..16 {
                     let t = Tile {
@@ -273,18 +273,6 @@ mod x86 {
                 transform_output(p, mb, out);
             }
         }
-    }
-
-    /// Runs of `n` vectors from vector `j` that cover `nvec` vectors: `big` at a time, then
-    /// pairs (where `big` > 2), then single vectors.
-    fn runs(nvec: usize, big: usize) -> impl Iterator<Item = (usize, usize)> {
-        let full = nvec / big * big;
-        let pairs = if big > 2 { (nvec - full) / 2 * 2 } else { 0 };
-        (0..full)
-            .step_by(big)
-            .map(move |j| (j, big))
-            .chain((full..full + pairs).step_by(2).map(|j| (j, 2)))
-            .chain((full + pairs..nvec).map(|j| (j, 1)))
     }
 
     /// One block of output channels at one position ξ: the first of `V[ξ]`'s vectors, the
