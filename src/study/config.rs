@@ -74,6 +74,56 @@ pub struct FpStage {
     /// The recipe (natural: [`TrainConfig::default`]; robust: the same with PGD-AT, ε 8/255,
     /// step 2/255, 7 steps).
     pub train: TrainConfig,
+    /// A checkpoint trained beforehand to use instead of training (then `train` and
+    /// `train_count` describe nothing the study does). Default null: the study trains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<GivenCheckpoint>,
+}
+
+/// A full-precision checkpoint made outside the study, named by its path and pinned by the
+/// sha256 of its bytes: the stage's key is the hash, so the same file anywhere is the same
+/// stage, and a different file under the same path is an error, not a silent swap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GivenCheckpoint {
+    /// The `.safetensors` file, relative to the working directory (its `.json` manifest,
+    /// when present beside it, travels with it).
+    pub path: String,
+    /// Lower-case hex sha256 of the file.
+    pub sha256: String,
+}
+
+impl GivenCheckpoint {
+    /// Checks the hash's form.
+    pub fn validate(&self, what: &'static str) -> Result<()> {
+        if self.sha256.len() != 64
+            || !self
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(Error::config(
+                what,
+                &self.sha256,
+                "expected 64 lower-case hex digits (sha256sum of the file)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the file's hash and compares it with the pinned one.
+    pub fn verify(&self) -> Result<std::path::PathBuf> {
+        let path = std::path::PathBuf::from(&self.path);
+        let found = crate::data::file_sha256(&path)?;
+        if found != self.sha256 {
+            return Err(Error::config(
+                "checkpoint.sha256",
+                format!("{} has sha256 {found}", path.display()),
+                format!("the configuration pins {}", self.sha256),
+            ));
+        }
+        Ok(path)
+    }
 }
 
 impl FpStage {
@@ -85,6 +135,7 @@ impl FpStage {
                 adversarial: Adversarial::pgd_default(),
                 ..TrainConfig::default()
             },
+            checkpoint: None,
         }
     }
 }
@@ -317,6 +368,31 @@ pub struct EvalStage {
     pub batch_size: usize,
     /// Seed of the subset and the attacks' draws (offset by the model's seed). Default 0.
     pub seed: u64,
+    /// Cheap attacks run again on a larger set of test images (clean accuracy included),
+    /// for tighter intervals in the tables. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wide: Option<WideEval>,
+}
+
+/// A second evaluation of every model on more test images, with the attacks cheap enough
+/// for it; the findings keep using the per-example worst case on `eval.n` images, where
+/// every attack ran on the same images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WideEval {
+    /// Test images (seeded, stratified); `null` = all. Default null.
+    pub n: Option<usize>,
+    /// Attacks (straight-through gradients through quantizers). Default pgd.
+    pub attacks: Vec<String>,
+}
+
+impl Default for WideEval {
+    fn default() -> Self {
+        WideEval {
+            n: None,
+            attacks: vec!["pgd".into()],
+        }
+    }
 }
 
 impl Default for EvalStage {
@@ -332,6 +408,7 @@ impl Default for EvalStage {
             raw_gradients: true,
             batch_size: 250,
             seed: 0,
+            wide: None,
         }
     }
 }
@@ -409,6 +486,14 @@ impl StudyConfig {
         }
         self.natural.train.validate()?;
         self.robust.train.validate()?;
+        for (what, stage) in [
+            ("natural.checkpoint.sha256", &self.natural),
+            ("robust.checkpoint.sha256", &self.robust),
+        ] {
+            if let Some(c) = &stage.checkpoint {
+                c.validate(what)?;
+            }
+        }
         if !matches!(self.robust.train.adversarial, Adversarial::Pgd(_)) {
             return Err(Error::config(
                 "robust.train.adversarial",
@@ -479,7 +564,15 @@ impl StudyConfig {
         for &x in &e.eps {
             crate::attack::check_eps(crate::attack::Norm::Linf, x)?;
         }
-        for a in &e.attacks {
+        if e.wide.as_ref().is_some_and(|w| w.n == Some(0)) {
+            return Err(Error::config(
+                "eval.wide.n",
+                0,
+                "must be ≥ 1 (or null for all)",
+            ));
+        }
+        let wide_attacks = e.wide.iter().flat_map(|w| &w.attacks);
+        for a in e.attacks.iter().chain(wide_attacks) {
             if !ATTACK_NAMES.contains(&a.as_str()) {
                 return Err(Error::config(
                     "eval.attacks",
@@ -571,10 +664,12 @@ pub fn smoke() -> StudyConfig {
         seeds: vec![0],
         natural: FpStage {
             train_count: Some(1000),
+            checkpoint: None,
             train: short(3, 0.1),
         },
         robust: FpStage {
             train_count: Some(1000),
+            checkpoint: None,
             train: TrainConfig {
                 adversarial: Adversarial::Pgd(pgd2.clone()),
                 ..short(2, 0.1)
@@ -631,6 +726,7 @@ pub fn smoke() -> StudyConfig {
             raw_gradients: true,
             batch_size: 32,
             seed: 0,
+            wide: None,
         },
         findings: FindingsConfig::default(),
     }
@@ -650,10 +746,12 @@ pub fn fast() -> StudyConfig {
         seeds: vec![0],
         natural: FpStage {
             train_count: None,
+            checkpoint: None,
             train: fp(30),
         },
         robust: FpStage {
             train_count: None,
+            checkpoint: None,
             train: TrainConfig {
                 adversarial: Adversarial::Pgd(PgdConfig {
                     eps: 8.0 / 255.0,
@@ -709,6 +807,7 @@ pub fn full() -> StudyConfig {
         seeds: vec![0, 1, 2],
         natural: FpStage {
             train_count: None,
+            checkpoint: None,
             train: TrainConfig {
                 epochs: 80,
                 ..TrainConfig::default()
@@ -716,6 +815,7 @@ pub fn full() -> StudyConfig {
         },
         robust: FpStage {
             train_count: None,
+            checkpoint: None,
             train: TrainConfig {
                 epochs: 40,
                 adversarial: Adversarial::Pgd(PgdConfig {

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::config::{Init, StudyConfig};
+use super::config::{FpStage, Init, StudyConfig};
 use crate::data::DataIdentity;
 use crate::quant::seam::UniformConfig;
 use crate::train::{Adversarial, TrainConfig};
@@ -220,16 +220,20 @@ pub fn hash_json(v: &serde_json::Value) -> String {
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// The training recipe of an FP model (the study seed replaces the recipe's).
-pub fn fp_train_config(cfg: &StudyConfig, init: Init, seed: u64) -> TrainConfig {
-    let stage = if init == Init::Robust {
+/// The stage that makes the FP model of `init` (random init has none: it reads natural's).
+pub fn fp_stage(cfg: &StudyConfig, init: Init) -> &FpStage {
+    if init == Init::Robust {
         &cfg.robust
     } else {
         &cfg.natural
-    };
+    }
+}
+
+/// The training recipe of an FP model (the study seed replaces the recipe's).
+pub fn fp_train_config(cfg: &StudyConfig, init: Init, seed: u64) -> TrainConfig {
     TrainConfig {
         seed,
-        ..stage.train.clone()
+        ..fp_stage(cfg, init).train.clone()
     }
 }
 
@@ -269,10 +273,14 @@ pub fn model_key(
     parent_key: Option<&str>,
 ) -> String {
     let stage = match spec {
-        ModelSpec::Fp { init, seed } => serde_json::json!({
-            "train": fp_train_config(cfg, *init, *seed),
-            "train_count": if *init == Init::Robust { cfg.robust.train_count } else { cfg.natural.train_count },
-        }),
+        ModelSpec::Fp { init, seed } => match &fp_stage(cfg, *init).checkpoint {
+            // A given checkpoint is its bytes, whatever recipe the configuration describes.
+            Some(c) => serde_json::json!({ "checkpoint_sha256": c.sha256 }),
+            None => serde_json::json!({
+                "train": fp_train_config(cfg, *init, *seed),
+                "train_count": fp_stage(cfg, *init).train_count,
+            }),
+        },
         ModelSpec::Ptq { .. } => serde_json::json!({ "ptq": cfg.ptq }),
         ModelSpec::Qat { .. } => serde_json::json!({
             "train": qat_train_config(cfg, spec),

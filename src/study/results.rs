@@ -43,7 +43,17 @@ pub struct ModelResult {
     pub raw_zero_gradient_fraction: Option<f64>,
     /// Per ε: examples only Square or the transfer attack broke, and the masking flag.
     pub masking: Vec<crate::eval::robust::MaskingAtEps>,
+    /// Clean accuracy and the cheap attacks on the larger image set (`eval.wide`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wide: Option<WideResult>,
     pub cost: Cost,
+}
+
+/// A model's numbers on the larger image set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WideResult {
+    pub clean: EpsAccuracy,
+    pub attacks: Vec<AttackAccuracy>,
 }
 
 /// Seconds spent on a model.
@@ -186,6 +196,19 @@ fn seed_summaries(cfg: &StudyConfig, models: &[ModelResult]) -> Vec<SeedSummary>
         .collect()
 }
 
+/// An attack's accuracies, transfer attacks under one name whatever their source.
+fn attack_accuracy(a: &crate::eval::robust::AttackResult) -> AttackAccuracy {
+    AttackAccuracy {
+        attack: if a.attack.starts_with("transfer") {
+            "transfer".into()
+        } else {
+            a.attack.clone()
+        },
+        gradient_free: a.gradient_free,
+        per_eps: a.per_eps.clone(),
+    }
+}
+
 /// Builds the results from the cache; every stage must be there (else the error names the
 /// missing ones: run `reproduce` again, or merge the missing shards).
 pub fn collect(
@@ -223,19 +246,7 @@ pub fn collect(
             spec: spec.clone(),
             checkpoint: m.checkpoint.clone(),
             clean: r.clean.clone(),
-            attacks: r
-                .attacks
-                .iter()
-                .map(|a| AttackAccuracy {
-                    attack: if a.attack.starts_with("transfer") {
-                        "transfer".into()
-                    } else {
-                        a.attack.clone()
-                    },
-                    gradient_free: a.gradient_free,
-                    per_eps: a.per_eps.clone(),
-                })
-                .collect(),
+            attacks: r.attacks.iter().map(attack_accuracy).collect(),
             worst_case: r.worst_case.clone(),
             raw_pgd: e
                 .raw
@@ -247,6 +258,10 @@ pub fn collect(
                 .as_ref()
                 .map(|x| x.diagnostics.zero_gradient_fraction),
             masking: r.diagnostics.per_eps.clone(),
+            wide: e.wide.as_ref().map(|w| WideResult {
+                clean: w.clean.clone(),
+                attacks: w.attacks.iter().map(attack_accuracy).collect(),
+            }),
             cost: Cost {
                 stage_wall_s: m.wall_s,
                 stage_gpu_s: m.gpu_s,

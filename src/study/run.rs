@@ -24,7 +24,7 @@ use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use super::config::{Init, StudyConfig};
+use super::config::{GivenCheckpoint, Init, StudyConfig};
 use super::plan::{self, ModelSpec};
 use crate::attack::{pgd::Pgd, transfer::Transfer, Attack, Norm};
 use crate::data::batch::DeviceData;
@@ -69,6 +69,9 @@ pub struct EvalRecord {
     pub report: RobustnessReport,
     /// PGD with raw gradients through the quantizers (quantized models, when configured).
     pub raw: Option<RobustnessReport>,
+    /// The cheap attacks on the larger image set (`eval.wide`, when configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wide: Option<RobustnessReport>,
     pub wall_s: f64,
     pub gpu_s: f64,
     pub manifest: Manifest,
@@ -244,12 +247,11 @@ impl Runner<'_> {
         seed: u64,
         key: &str,
     ) -> Result<std::result::Result<ModelRecord, Stop>> {
+        if let Some(given) = &plan::fp_stage(self.cfg, init).checkpoint {
+            return self.given_fp(spec, given, key).map(Ok);
+        }
         let tcfg = plan::fp_train_config(self.cfg, init, seed);
-        let count = if init == Init::Robust {
-            self.cfg.robust.train_count
-        } else {
-            self.cfg.natural.train_count
-        };
+        let count = plan::fp_stage(self.cfg, init).train_count;
         let train_set =
             subset::training(&self.data.train, count.map(subset::SubsetSize::Count), seed)?;
         let train = DeviceData::new(&train_set, &self.dev)?;
@@ -288,6 +290,48 @@ impl Runner<'_> {
             details: serde_json::json!({ "history": trainer.state.history }),
             manifest: m,
         }))
+    }
+
+    /// An FP model trained outside the study: its bytes are checked against the pinned
+    /// hash and copied into the cache (its training history and cost come from its
+    /// manifest).
+    fn given_fp(
+        &mut self,
+        spec: &ModelSpec,
+        given: &GivenCheckpoint,
+        key: &str,
+    ) -> Result<ModelRecord> {
+        let src = given.verify()?;
+        let dst = self.model_path(key);
+        crate::io::copy_atomic(&src, &dst)?;
+        let manifest = checkpoint::load_manifest(&src)?;
+        if manifest.is_some() {
+            crate::io::copy_atomic(
+                &checkpoint::manifest_path(&src),
+                &checkpoint::manifest_path(&dst),
+            )?;
+        }
+        let manifest = manifest.unwrap_or_else(|| Manifest::new("checkpoint", &self.dev));
+        let wall_s: f64 = manifest.timings.iter().map(|t| t.wall_s).sum();
+        // Manifests written before `train_images` existed: the configured training set.
+        let init = spec.init();
+        let images = match manifest.metrics.get("train_images") {
+            Some(&n) => n as usize,
+            None => plan::fp_stage(self.cfg, init)
+                .train_count
+                .unwrap_or(self.data.train.len()),
+        };
+        Ok(ModelRecord {
+            id: spec.id(),
+            key: key.into(),
+            spec: spec.clone(),
+            checkpoint: format!("cache/{key}/model.safetensors"),
+            wall_s,
+            gpu_s: manifest.timings.iter().map(|t| t.gpu_s).sum(),
+            images,
+            details: serde_json::json!({ "given_checkpoint": given }),
+            manifest,
+        })
     }
 
     fn bits(&self, spec: &ModelSpec, first_last_bits: u32) -> Result<UniformConfig> {
@@ -501,6 +545,25 @@ impl Runner<'_> {
         } else {
             None
         };
+        let wide = match &e.wide {
+            Some(w) => {
+                let attacks: Vec<Box<dyn Attack>> = w
+                    .attacks
+                    .iter()
+                    .map(|a| crate::attack::build(a, &e.settings, Norm::Linf))
+                    .collect::<Result<_>>()?;
+                let idx = crate::eval::eval_indices(&self.test, w.n, e.seed)?;
+                Some(evaluate(
+                    &model,
+                    &self.test,
+                    &idx,
+                    &attacks,
+                    &rcfg,
+                    &mut |_, _, _, _| {},
+                )?)
+            }
+            None => None,
+        };
         crate::device::synchronize(&self.dev)?;
         let wall = t.elapsed().as_secs_f64();
         let mut m = Manifest::new("evaluation", &self.dev);
@@ -518,6 +581,7 @@ impl Runner<'_> {
             model_key: self.keys.model(spec)?.into(),
             report,
             raw,
+            wide,
             wall_s: wall,
             gpu_s: gpu_seconds(&self.dev, wall),
             manifest: m,

@@ -444,6 +444,8 @@ impl Trainer {
             .insert("epochs_done".into(), self.state.epoch as f64);
         m.metrics.insert("steps".into(), self.state.step as f64);
         m.metrics
+            .insert("train_images".into(), self.state.n_train as f64);
+        m.metrics
             .insert("num_parameters".into(), self.model.num_parameters() as f64);
         if let Some(r) = self.state.history.last() {
             m.metrics.insert("test_accuracy".into(), r.test.fraction());
