@@ -449,9 +449,10 @@ pub struct PtqArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct QatArgs {
-    /// Initialization: random, natural:CHECKPOINT or robust:CHECKPOINT.
-    #[arg(long)]
-    pub init: String,
+    /// Initialization: random, natural:CHECKPOINT or robust:CHECKPOINT (not with --resume:
+    /// a resumed run continues from its resume point, with the settings it started with).
+    #[arg(long, required_unless_present = "resume", conflicts_with = "resume")]
+    pub init: Option<String>,
     /// Weight bits (2-16; 32 = full precision).
     #[arg(long, default_value_t = 4)]
     pub wbits: u32,
@@ -1362,63 +1363,83 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
 
 fn qat(a: QatArgs) -> Result<ExitCode> {
     use quant_robust::quant::qat::{AlphaInit, QatConfig};
-    let bits = parse_bits(a.wbits, a.abits, a.first_last_bits)?;
-    let alpha_init = match a.alpha_init.as_str() {
-        "calibrated" => AlphaInit::Calibrated,
-        v => AlphaInit::Fixed(parse_number(v).map_err(|e| anyhow::anyhow!("--alpha-init: {e}"))?),
-    };
-    if a.train.resume.is_some() {
-        bail!("qat does not resume yet: start it again (its epochs are short)");
-    }
-    check_out_path(a.train.out.as_deref(), &a.train.checkpoint)?;
-    let qcfg = QatConfig {
-        bits,
-        alpha_init,
-        ..QatConfig::default()
-    };
-    let mut tcfg = train_config(&a.train)?;
-    if a.train.epochs.is_none() {
-        tcfg.epochs = 5;
-    }
-    if a.train.lr.is_none() && a.init != "random" {
-        tcfg.lr = 0.01;
-    }
-    tcfg.validate()?;
+    use quant_robust::train::qat::{resume_settings, QatStart};
+    // A resumed run writes where it was started; --checkpoint names a fresh run's output.
+    let out_path = a.train.resume.clone().unwrap_or(a.train.checkpoint.clone());
+    check_out_path(a.train.out.as_deref(), &out_path)?;
+    let latent = out_path.with_extension("latent.safetensors");
     let dev = device::select(a.train.data.device)?;
     let data = load_data(&a.train.data)?;
-    let (init_kind, model) = match a.init.split_once(':') {
-        None if a.init == "random" => (
-            "random",
-            quant_robust::model::ResNet20::init(&mut Rng::new(tcfg.seed, "init"), &dev)?,
-        ),
-        Some((kind @ ("natural" | "robust"), path)) => (
-            kind,
-            checkpoint::load(Path::new(path), &dev, true)
-                .with_context(|| format!("loading the {kind} initialization {path}"))?,
-        ),
-        _ => bail!(
-            "--init {}: expected random, natural:CHECKPOINT or robust:CHECKPOINT",
-            a.init
-        ),
+    let (qcfg, tcfg, init_desc, model) = match &a.init {
+        None => {
+            let (state, tcfg) = resume_settings(&latent)
+                .with_context(|| format!("resuming the QAT run of {}", out_path.display()))?;
+            let mut tcfg = tcfg;
+            if let Some(e) = a.train.epochs {
+                tcfg.epochs = e;
+            }
+            (state.config, tcfg, state.init, None)
+        }
+        Some(init) => {
+            let bits = parse_bits(a.wbits, a.abits, a.first_last_bits)?;
+            let alpha_init = match a.alpha_init.as_str() {
+                "calibrated" => AlphaInit::Calibrated,
+                v => AlphaInit::Fixed(
+                    parse_number(v).map_err(|e| anyhow::anyhow!("--alpha-init: {e}"))?,
+                ),
+            };
+            let qcfg = QatConfig {
+                bits,
+                alpha_init,
+                ..QatConfig::default()
+            };
+            let mut tcfg = train_config(&a.train)?;
+            if a.train.epochs.is_none() {
+                tcfg.epochs = 5;
+            }
+            if a.train.lr.is_none() && init != "random" {
+                tcfg.lr = 0.01;
+            }
+            tcfg.validate()?;
+            let model = match init.split_once(':') {
+                None if init == "random" => {
+                    quant_robust::model::ResNet20::init(&mut Rng::new(tcfg.seed, "init"), &dev)?
+                }
+                Some((kind @ ("natural" | "robust"), path)) => {
+                    checkpoint::load(Path::new(path), &dev, true)
+                        .with_context(|| format!("loading the {kind} initialization {path}"))?
+                }
+                _ => {
+                    bail!("--init {init}: expected random, natural:CHECKPOINT or robust:CHECKPOINT")
+                }
+            };
+            if model.seam().persist().is_some() {
+                bail!("--init must be a full-precision checkpoint");
+            }
+            (qcfg, tcfg, init.clone(), Some(model))
+        }
     };
-    if model.seam().persist().is_some() {
-        bail!("--init must be a full-precision checkpoint");
-    }
     // α from the full-precision activations of 512 seeded training images.
     let calib_set = calibration_set(&data, 512.min(data.train.len()), tcfg.seed, &dev)?;
     let train_set = train_subset(&data, a.train.fraction, a.train.train_count, tcfg.seed)?;
     let train_dev = DeviceData::new(&train_set, &dev)?;
     let test_dev = DeviceData::new(&data.test, &dev)?;
     tracing::info!(
-        "QAT {} from {init_kind} init on {} images, {} epochs",
+        "QAT {} from {init_desc} on {} images, {} epochs",
         qcfg.bits.name(),
         train_set.len(),
         tcfg.epochs,
     );
+    let start = match &model {
+        Some(m) => QatStart::Fresh {
+            model: m,
+            init: init_desc.clone(),
+        },
+        None => QatStart::Resume,
+    };
     let mut bar = Bar { bar: None };
-    let latent = a.train.checkpoint.with_extension("latent.safetensors");
     let out = quant_robust::train::qat::fine_tune(
-        &model,
+        start,
         &qcfg,
         tcfg.clone(),
         &calib_set,
@@ -1426,25 +1447,27 @@ fn qat(a: QatArgs) -> Result<ExitCode> {
         &test_dev,
         data.identity.clone(),
         Some(&latent),
+        &|| false,
         &mut bar,
         &dev,
-    )?;
+    )?
+    .context("QAT stopped before its last epoch")?;
     let (exported, acc, alpha_log) = (out.model, out.test, out.alpha_per_epoch);
     let mut m = out.manifest;
-    m.config = json!({ "stage": "qat", "init": a.init, "qat": qcfg, "train": tcfg });
+    m.config = json!({ "stage": "qat", "init": init_desc, "qat": qcfg, "train": tcfg });
     m.metrics.insert("test_accuracy".into(), acc.fraction());
     m.metrics.insert("test_images".into(), acc.total as f64);
-    checkpoint::save(&exported, &a.train.checkpoint, &m)?;
+    checkpoint::save(&exported, &out_path, &m)?;
     tracing::info!(
         "QAT {}: clean accuracy {:.2}% ({}/{}); wrote {}",
         qcfg.bits.name(),
         acc.percent(),
         acc.correct,
         acc.total,
-        a.train.checkpoint.display()
+        out_path.display()
     );
     let result = json!({
-        "checkpoint": a.train.checkpoint,
+        "checkpoint": out_path,
         "latent_checkpoint": latent,
         "accuracy": acc.fraction(),
         "correct": acc.correct,

@@ -470,6 +470,7 @@ fn model(spec: ModelSpec, w: usize, raw: Option<usize>, cost: f64) -> ModelResul
                 masking_suspected: false,
             })
             .collect(),
+        wide: None,
         cost: Cost {
             stage_wall_s: cost,
             stage_gpu_s: 0.0,

@@ -183,6 +183,102 @@ fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
     assert_eq!(m.data.unwrap().name, "cifar10-jpeg-sample");
 }
 
+/// QAT stopped after one epoch and resumed gives the bits of an uninterrupted run: latent
+/// weights, momentum (α's included), α and its history all travel in the resume point.
+#[test]
+fn qat_resume_gives_the_same_model_as_an_uninterrupted_run() {
+    use quant_robust::quant::qat::QatConfig;
+    use quant_robust::quant::seam::UniformConfig;
+    use quant_robust::train::qat::{can_resume, fine_tune, QatStart};
+    let (train, test) = tiny_data(64);
+    let s = sample();
+    let calib = DeviceData::new(&s.train.take(32), &Device::Cpu).unwrap();
+    // QAT trains its initial model's variables in place: each run gets its own.
+    let new_init =
+        || quant_robust::model::ResNet20::init(&mut Rng::new(3, "init"), &Device::Cpu).unwrap();
+    let (init_a, init_b) = (new_init(), new_init());
+    let qcfg = QatConfig {
+        bits: UniformConfig::parse("w4a4").unwrap(),
+        bn_reestimate_batches: 1,
+        ..QatConfig::default()
+    };
+    let tcfg = tiny_config(2, 32);
+    let run = |start: QatStart<'_>, latent: Option<&std::path::Path>, stop: &dyn Fn() -> bool| {
+        fine_tune(
+            start,
+            &qcfg,
+            tcfg.clone(),
+            &calib,
+            &train,
+            &test,
+            s.identity.clone(),
+            latent,
+            stop,
+            &mut Silent,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let fresh = |model| QatStart::Fresh {
+        model,
+        init: "random".into(),
+    };
+    let whole = run(fresh(&init_a), None, &|| false).unwrap();
+
+    let dir = tempdir();
+    let latent = dir.path().join("q.latent.safetensors");
+    let epochs_done = std::cell::Cell::new(0);
+    let stop_after_one = || {
+        let done = epochs_done.get();
+        epochs_done.set(done + 1);
+        done >= 1
+    };
+    assert!(run(fresh(&init_b), Some(&latent), &stop_after_one).is_none());
+    assert!(can_resume(&latent));
+    let resumed = run(QatStart::Resume, Some(&latent), &|| false).unwrap();
+    for (k, a) in whole.model.tensors() {
+        let b = resumed.model.tensor(k).unwrap();
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(
+            d.to_scalar::<f32>().unwrap(),
+            0.0,
+            "{k} differs after resume"
+        );
+    }
+    assert_eq!(whole.alpha_per_epoch, resumed.alpha_per_epoch);
+    assert_eq!(whole.alpha_per_epoch.len(), 3);
+    let losses = |h: &[quant_robust::train::EpochRecord]| {
+        h.iter().map(|r| (r.train_loss, r.test)).collect::<Vec<_>>()
+    };
+    assert_eq!(losses(&whole.history), losses(&resumed.history));
+    assert_eq!(whole.test, resumed.test);
+
+    // A resume point made with other settings is refused, naming the file.
+    let other = TrainConfig {
+        lr: 0.5,
+        ..tcfg.clone()
+    };
+    let e = fine_tune(
+        QatStart::Resume,
+        &qcfg,
+        other,
+        &calib,
+        &train,
+        &test,
+        s.identity.clone(),
+        Some(&latent),
+        &|| false,
+        &mut Silent,
+        &Device::Cpu,
+    )
+    .err()
+    .expect("other settings must be refused");
+    assert!(e.to_string().contains("other QAT settings"), "{e}");
+    // A plain training run does not take a QAT resume point.
+    let e = Trainer::resume(&latent, None, &Device::Cpu).err().unwrap();
+    assert!(e.to_string().contains("resume it with `qat`"), "{e}");
+}
+
 #[test]
 fn divergence_stops_training_and_keeps_the_last_good_checkpoint() {
     let (train, test) = tiny_data(64);

@@ -37,6 +37,7 @@ use crate::quant::qat::QatConfig;
 use crate::quant::seam::{with_gradient_mode, UniformConfig};
 use crate::quant::GradientMode;
 use crate::rng::Rng;
+use crate::train::qat::QatStart;
 use crate::train::{Silent, Trainer};
 use crate::{Error, Result};
 
@@ -222,7 +223,10 @@ impl Runner<'_> {
                 Err(Stop) => return Ok(Outcome::Stopped),
             },
             ModelSpec::Ptq { .. } => self.ptq(spec, &key)?,
-            ModelSpec::Qat { .. } => self.qat(spec, &key)?,
+            ModelSpec::Qat { .. } => match self.qat(spec, &key)? {
+                Ok(r) => r,
+                Err(Stop) => return Ok(Outcome::Stopped),
+            },
         };
         crate::io::write_json_atomic(&cache_dir(self.out, &key).join("record.json"), &record)?;
         self.computed += 1;
@@ -388,13 +392,41 @@ impl Runner<'_> {
         })
     }
 
-    fn qat(&mut self, spec: &ModelSpec, key: &str) -> Result<ModelRecord> {
+    /// The latent weights and resume point of a QAT cell in progress.
+    fn latent_path(&self, key: &str) -> PathBuf {
+        cache_dir(self.out, key).join("model.latent.safetensors")
+    }
+
+    fn qat(
+        &mut self,
+        spec: &ModelSpec,
+        key: &str,
+    ) -> Result<std::result::Result<ModelRecord, Stop>> {
         let ModelSpec::Qat { fraction, .. } = spec else {
             return Err(Error::config("qat", spec.id(), "not a QAT cell"));
         };
-        let init = match spec.parent() {
-            Some(p) => self.load(&p, true)?,
-            None => ResNet20::init(&mut Rng::new(spec.seed(), "init"), &self.dev)?,
+        let latent = self.latent_path(key);
+        let resuming = crate::train::qat::can_resume(&latent);
+        let init = match (resuming, spec.parent()) {
+            (true, _) => None,
+            (false, Some(p)) => Some(self.load(&p, true)?),
+            (false, None) => Some(ResNet20::init(
+                &mut Rng::new(spec.seed(), "init"),
+                &self.dev,
+            )?),
+        };
+        let start = match &init {
+            Some(m) => QatStart::Fresh {
+                model: m,
+                init: match spec.parent() {
+                    Some(p) => self.keys.model(&p)?.to_string(),
+                    None => "random".into(),
+                },
+            },
+            None => {
+                tracing::info!("{}: resuming from {}", spec.id(), latent.display());
+                QatStart::Resume
+            }
         };
         let q = &self.cfg.qat;
         let qcfg = QatConfig {
@@ -417,17 +449,21 @@ impl Runner<'_> {
         )?;
         let train = DeviceData::new(&train_set, &self.dev)?;
         let out = crate::train::qat::fine_tune(
-            &init,
+            start,
             &qcfg,
             tcfg.clone(),
             &calib,
             &train,
             &self.test,
             self.data.identity.clone(),
-            None,
+            Some(&latent),
+            &|| self.should_stop(),
             &mut Silent,
             &self.dev,
         )?;
+        let Some(out) = out else {
+            return Ok(Err(Stop));
+        };
         let mut m = out.manifest;
         m.config = serde_json::json!({
             "stage": "qat",
@@ -443,7 +479,21 @@ impl Runner<'_> {
         m.metrics
             .insert("test_images".into(), out.test.total as f64);
         checkpoint::save(&out.model, &self.model_path(key), &m)?;
-        Ok(ModelRecord {
+        // The finished cell keeps its quantized model only: the latent weights and the
+        // resume point are not needed any more.
+        let paths = crate::train::CheckpointPaths::new(&latent);
+        for p in [
+            paths.resume,
+            checkpoint::manifest_path(&latent),
+            paths.weights,
+        ] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(&p, e)),
+            }
+        }
+        Ok(Ok(ModelRecord {
             id: spec.id(),
             key: key.into(),
             spec: spec.clone(),
@@ -456,7 +506,7 @@ impl Runner<'_> {
                 "alpha_per_epoch": out.alpha_per_epoch,
             }),
             manifest: m,
-        })
+        }))
     }
 
     /// Makes sure the model's evaluation is in the cache.

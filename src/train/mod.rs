@@ -28,7 +28,7 @@ use crate::data::batch::{epoch_batches, DeviceData};
 use crate::data::DataIdentity;
 use crate::eval::{clean_accuracy, count_correct, eval_indices, pgd_accuracy, Accuracy};
 use crate::manifest::Manifest;
-use crate::model::{checkpoint, ResNet20};
+use crate::model::{checkpoint, ResNet20, Seam};
 use crate::rng::{Rng, RngState};
 use crate::{Error, Result};
 
@@ -169,6 +169,19 @@ pub struct TrainState {
     pub data: DataIdentity,
     /// Training images per epoch.
     pub n_train: usize,
+    /// What a QAT run needs besides (PACT and DoReFa settings, α's history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qat: Option<QatState>,
+}
+
+/// The QAT part of a resume point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QatState {
+    /// What the run started from (`random`, `natural:PATH`, the study key of a model).
+    pub init: String,
+    pub config: crate::quant::qat::QatConfig,
+    /// α per site: at the start, then after each completed epoch.
+    pub alpha_per_epoch: Vec<BTreeMap<String, f32>>,
 }
 
 /// The files of a training run's checkpoint.
@@ -253,6 +266,7 @@ impl Trainer {
             wall_s: 0.0,
             data,
             n_train,
+            qat: None,
         };
         Ok(Trainer {
             model,
@@ -266,7 +280,76 @@ impl Trainer {
     /// Resumes from a checkpoint written by [`Trainer::save`] (`weights` names `X.safetensors`
     /// or the resume file itself). `epochs` may extend the run.
     pub fn resume(weights: &Path, epochs: Option<usize>, device: &Device) -> Result<Self> {
-        let paths = if weights.to_string_lossy().ends_with(".train.safetensors") {
+        let (state, model, momentum, seam_vars) = Self::read_resume(weights, epochs, device)?;
+        if let Some(name) = seam_vars.keys().next() {
+            return Err(Error::Checkpoint {
+                path: weights.to_path_buf(),
+                problem: format!("holds quantizer parameters ({name}): resume it with `qat`"),
+            });
+        }
+        Self::assemble(state, model, &momentum, device)
+    }
+
+    /// Resumes a run whose model trains through `seam` (QAT): the seam's parameters (PACT
+    /// α) are set from the resume point before the optimizer's state is restored.
+    pub fn resume_with_seam(
+        weights: &Path,
+        epochs: Option<usize>,
+        seam: Seam,
+        device: &Device,
+    ) -> Result<Self> {
+        let (state, model, momentum, seam_vars) = Self::read_resume(weights, epochs, device)?;
+        let trainable = seam.trainable();
+        for (name, var, _) in &trainable {
+            let t = seam_vars.get(name).ok_or_else(|| Error::Checkpoint {
+                path: weights.to_path_buf(),
+                problem: format!("no saved value of the quantizer parameter {name}"),
+            })?;
+            var.set(&t.to_device(device)?.reshape(var.dims())?)?;
+        }
+        if trainable.len() != seam_vars.len() {
+            return Err(Error::Checkpoint {
+                path: weights.to_path_buf(),
+                problem: format!(
+                    "{} saved quantizer parameters, the seam has {}",
+                    seam_vars.len(),
+                    trainable.len()
+                ),
+            });
+        }
+        Self::assemble(state, model.with_seam(seam), &momentum, device)
+    }
+
+    fn assemble(
+        state: TrainState,
+        model: ResNet20,
+        momentum: &BTreeMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut sgd = Sgd::new(model.trainable_vars(), state.config.sgd.clone())?;
+        for (name, var, wd) in model.seam().trainable() {
+            sgd.add_var(name, var, wd);
+        }
+        sgd.load_state(momentum)?;
+        let rng = Rng::from_state(&state.rng)?;
+        Ok(Trainer {
+            model,
+            sgd,
+            rng,
+            state,
+            device: device.clone(),
+        })
+    }
+
+    /// The training state of a resume point, without loading anything else.
+    pub fn read_state(weights: &Path) -> Result<TrainState> {
+        let paths = Self::resume_paths(weights);
+        let bytes = std::fs::read(&paths.resume).map_err(|e| Error::io(&paths.resume, e))?;
+        Self::parse_state(&paths.resume, &bytes)
+    }
+
+    fn resume_paths(weights: &Path) -> CheckpointPaths {
+        if weights.to_string_lossy().ends_with(".train.safetensors") {
             CheckpointPaths {
                 weights: PathBuf::from(
                     weights
@@ -277,21 +360,44 @@ impl Trainer {
             }
         } else {
             CheckpointPaths::new(weights)
-        };
-        let bytes = std::fs::read(&paths.resume).map_err(|e| Error::io(&paths.resume, e))?;
+        }
+    }
+
+    fn parse_state(path: &Path, bytes: &[u8]) -> Result<TrainState> {
         let bad = |problem: String| Error::Checkpoint {
-            path: paths.resume.clone(),
+            path: path.to_path_buf(),
             problem,
         };
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let state_json = meta
             .metadata()
             .as_ref()
             .and_then(|m| m.get("train_state"))
             .ok_or_else(|| bad("no training state in its metadata (not a resume file)".into()))?;
-        let mut state: TrainState = serde_json::from_str(state_json)
-            .map_err(|e| bad(format!("unreadable training state: {e}")))?;
+        serde_json::from_str(state_json).map_err(|e| bad(format!("unreadable training state: {e}")))
+    }
+
+    /// The state, the model, the momentum buffers and the seam's parameters of a resume
+    /// point.
+    #[allow(clippy::type_complexity)]
+    fn read_resume(
+        weights: &Path,
+        epochs: Option<usize>,
+        device: &Device,
+    ) -> Result<(
+        TrainState,
+        ResNet20,
+        BTreeMap<String, Tensor>,
+        BTreeMap<String, Tensor>,
+    )> {
+        let paths = Self::resume_paths(weights);
+        let bytes = std::fs::read(&paths.resume).map_err(|e| Error::io(&paths.resume, e))?;
+        let bad = |problem: String| Error::Checkpoint {
+            path: paths.resume.clone(),
+            problem,
+        };
+        let mut state = Self::parse_state(&paths.resume, &bytes)?;
         if let Some(e) = epochs {
             state.config.epochs = e;
         }
@@ -300,9 +406,12 @@ impl Trainer {
             .map_err(|e| bad(e.to_string()))?;
         let mut weights_map = BTreeMap::new();
         let mut momentum = BTreeMap::new();
+        let mut seam_vars = BTreeMap::new();
         for (k, t) in all {
             if let Some(n) = k.strip_prefix("model.") {
                 weights_map.insert(n.to_string(), t);
+            } else if let Some(n) = k.strip_prefix("seam.") {
+                seam_vars.insert(n.to_string(), t);
             } else if k.starts_with("momentum.") {
                 momentum.insert(k, t);
             }
@@ -315,16 +424,7 @@ impl Trainer {
         weights_map.retain(|k, _| !k.ends_with("num_batches_tracked"));
         let model = ResNet20::from_tensors(weights_map, nbt, device, true)
             .map_err(|e| bad(e.to_string()))?;
-        let mut sgd = Sgd::new(model.trainable_vars(), state.config.sgd.clone())?;
-        sgd.load_state(&momentum)?;
-        let rng = Rng::from_state(&state.rng)?;
-        Ok(Trainer {
-            model,
-            sgd,
-            rng,
-            state,
-            device: device.clone(),
-        })
+        Ok((state, model, momentum, seam_vars))
     }
 
     /// Total optimizer steps of the whole run.
@@ -470,6 +570,9 @@ impl Trainer {
         }
         for (k, t) in self.sgd.state() {
             all.insert(k, t.to_device(&Device::Cpu)?);
+        }
+        for (k, v, _) in self.model.seam().trainable() {
+            all.insert(format!("seam.{k}"), v.as_tensor().to_device(&Device::Cpu)?);
         }
         let mut meta = HashMap::new();
         meta.insert(

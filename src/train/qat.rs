@@ -2,8 +2,9 @@
 //! with PGD-AT inside, then export to an ordinary quantized checkpoint.
 //!
 //! α starts from the full-precision activations of a calibration sample; its per-site
-//! values are logged after every epoch. QAT runs are short and are restarted, not resumed,
-//! when interrupted (the study's cache works at the granularity of whole stages).
+//! values are logged after every epoch. With a latent path, every epoch leaves a resume
+//! point beside it (latent weights, momentum, α and its history, the QAT settings), from
+//! which [`QatStart::Resume`] continues exactly.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,7 +13,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-use super::{EpochRecord, Progress, TrainConfig, Trainer};
+use super::{CheckpointPaths, EpochRecord, Progress, QatState, TrainConfig, Trainer};
 use crate::data::batch::DeviceData;
 use crate::data::DataIdentity;
 use crate::eval::{clean_accuracy, eval_indices, Accuracy};
@@ -33,17 +34,46 @@ pub struct QatOutcome {
     pub manifest: Manifest,
     /// Clean accuracy of the exported model on `test` (`eval_images` of the config).
     pub test: Accuracy,
-    /// Wall seconds of the whole stage (calibration, training, export, evaluation).
+    /// Wall seconds of the whole stage (calibration, training, export, evaluation), over
+    /// every session of a resumed run.
     pub wall_s: f64,
 }
 
-/// Fine-tunes `init` (trainable, full precision) with QAT on `train`.
+/// Where a QAT run starts.
+pub enum QatStart<'a> {
+    /// From this full-precision model (trainable), described by `init` (`random`,
+    /// `natural:PATH`, a study key).
+    Fresh { model: &'a ResNet20, init: String },
+    /// From the resume point beside the latent path; the settings given must be the ones
+    /// it was started with.
+    Resume,
+}
+
+/// The QAT state (start, settings, α so far) and the training recipe of the resume point
+/// beside `latent`.
+pub fn resume_settings(latent: &Path) -> Result<(QatState, TrainConfig)> {
+    let state = Trainer::read_state(latent)?;
+    let qat = state.qat.ok_or_else(|| Error::Checkpoint {
+        path: CheckpointPaths::new(latent).resume,
+        problem: "not the resume point of a QAT run (no QAT settings)".into(),
+    })?;
+    Ok((qat, state.config))
+}
+
+/// Whether a resume point exists beside `latent`.
+pub fn can_resume(latent: &Path) -> bool {
+    CheckpointPaths::new(latent).resume.is_file()
+}
+
+/// Fine-tunes with QAT on `train`, from `start` (a fresh start trains the given model's
+/// variables in place).
 ///
-/// `calib` gives α's initial values; `latent`, when given, receives the latent
-/// (full-precision shadow) weights after every epoch.
+/// `calib` gives α's initial values (fresh runs); `latent`, when given, receives the latent
+/// (full-precision shadow) weights and the resume point after every epoch. `stop` is asked
+/// between epochs: when it says so the run returns `None`, resumable from `latent`.
 #[allow(clippy::too_many_arguments)]
 pub fn fine_tune(
-    init: &ResNet20,
+    start: QatStart<'_>,
     qcfg: &QatConfig,
     tcfg: TrainConfig,
     calib: &DeviceData,
@@ -51,28 +81,73 @@ pub fn fine_tune(
     test: &DeviceData,
     data: DataIdentity,
     latent: Option<&Path>,
+    stop: &dyn Fn() -> bool,
     progress: &mut dyn Progress,
     device: &Device,
-) -> Result<QatOutcome> {
-    if init.seam().persist().is_some() {
-        return Err(Error::config(
-            "qat",
-            "quantized model",
-            "QAT starts from a full-precision model",
-        ));
-    }
+) -> Result<Option<QatOutcome>> {
     if train.is_empty() {
         return Err(Error::config("qat", 0, "no training images"));
     }
     let t = Instant::now();
-    let all: Vec<u32> = (0..calib.len() as u32).collect();
-    let ranges = calibrate(&init.frozen(), calib, &all, 256)?;
-    let seam = Arc::new(PactSeam::new(qcfg.clone(), &ranges, device)?);
-    let qmodel = init.with_seam(seam.clone());
-    let mut trainer = Trainer::from_model(qmodel, tcfg.clone(), data, train.len(), device)?;
-    let mut alpha_per_epoch = vec![seam.alpha_values()?];
+    let (mut trainer, seam) = match start {
+        QatStart::Fresh {
+            model: init,
+            init: start,
+        } => {
+            if init.seam().persist().is_some() {
+                return Err(Error::config(
+                    "qat",
+                    "quantized model",
+                    "QAT starts from a full-precision model",
+                ));
+            }
+            let all: Vec<u32> = (0..calib.len() as u32).collect();
+            let ranges = calibrate(&init.frozen(), calib, &all, 256)?;
+            let seam = Arc::new(PactSeam::new(qcfg.clone(), &ranges, device)?);
+            let qmodel = init.with_seam(seam.clone());
+            let mut trainer = Trainer::from_model(qmodel, tcfg.clone(), data, train.len(), device)?;
+            trainer.state.qat = Some(QatState {
+                init: start,
+                config: qcfg.clone(),
+                alpha_per_epoch: vec![seam.alpha_values()?],
+            });
+            (trainer, seam)
+        }
+        QatStart::Resume => {
+            let latent = latent.ok_or_else(|| {
+                Error::config(
+                    "qat",
+                    "resume",
+                    "resuming needs the latent checkpoint's path",
+                )
+            })?;
+            let (saved, saved_t) = resume_settings(latent)?;
+            if saved.config != *qcfg || saved_t != tcfg {
+                return Err(Error::Checkpoint {
+                    path: CheckpointPaths::new(latent).resume,
+                    problem: "was started with other QAT settings or another recipe".into(),
+                });
+            }
+            let start_alphas = saved.alpha_per_epoch.first().cloned().unwrap_or_default();
+            // α's values come from the resume point; these only name the sites.
+            let seam = Arc::new(PactSeam::new(qcfg.clone(), &start_alphas, device)?);
+            let trainer = Trainer::resume_with_seam(latent, None, seam.clone(), device)?;
+            tracing::info!(
+                "QAT {}: resuming after epoch {} of {}",
+                qcfg.bits.name(),
+                trainer.state.epoch,
+                trainer.state.config.epochs
+            );
+            (trainer, seam)
+        }
+    };
+    let mut epochs_s = 0.0;
     while trainer.state.epoch < trainer.state.config.epochs {
-        trainer.run_epoch(train, test, progress)?;
+        if stop() {
+            return Ok(None);
+        }
+        let r = trainer.run_epoch(train, test, progress)?;
+        epochs_s += r.wall_s;
         let alphas = seam.alpha_values()?;
         let (lo, hi) = alphas
             .values()
@@ -84,7 +159,9 @@ pub fn fine_tune(
             qcfg.bits.name(),
             trainer.state.epoch
         );
-        alpha_per_epoch.push(alphas);
+        if let Some(q) = trainer.state.qat.as_mut() {
+            q.alpha_per_epoch.push(alphas);
+        }
         if let Some(p) = latent {
             trainer.save(p)?;
         }
@@ -104,12 +181,19 @@ pub fn fine_tune(
     let idx = eval_indices(test, tcfg.eval_images, tcfg.seed)?;
     let acc = clean_accuracy(&model, test, &idx, tcfg.eval_batch_size)?;
     let manifest = trainer.manifest()?;
-    Ok(QatOutcome {
+    // Epochs of earlier sessions are in the state; this session adds its own overhead.
+    let wall_s = trainer.state.wall_s + (t.elapsed().as_secs_f64() - epochs_s).max(0.0);
+    Ok(Some(QatOutcome {
         model,
-        alpha_per_epoch,
+        alpha_per_epoch: trainer
+            .state
+            .qat
+            .as_ref()
+            .map(|q| q.alpha_per_epoch.clone())
+            .unwrap_or_default(),
         history: trainer.state.history.clone(),
         manifest,
         test: acc,
-        wall_s: t.elapsed().as_secs_f64(),
-    })
+        wall_s,
+    }))
 }
