@@ -140,3 +140,37 @@ fn glibc_keep() -> AllocatorSetting {
 fn glibc_keep() -> AllocatorSetting {
     AllocatorSetting::NotGlibc
 }
+
+/// CPU seconds (user + system, all threads) this process has used so far; `None` where the
+/// platform's counter is not read (only Linux/glibc is).
+pub fn process_cpu_seconds() -> Option<f64> {
+    process_cpu_seconds_impl()
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn process_cpu_seconds_impl() -> Option<f64> {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage writes a whole rusage into the pointer it is given and reports
+    // failure by its return value; the value is read only after success.
+    let u = unsafe {
+        if libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr()) != 0 {
+            return None;
+        }
+        u.assume_init()
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(u.ru_utime) + secs(u.ru_stime))
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn process_cpu_seconds_impl() -> Option<f64> {
+    None
+}
+
+/// CPU seconds spent since `start` (a [`process_cpu_seconds`] reading), 0 where unread.
+pub fn cpu_seconds_since(start: Option<f64>) -> f64 {
+    match (start, process_cpu_seconds()) {
+        (Some(a), Some(b)) => (b - a).max(0.0),
+        _ => 0.0,
+    }
+}

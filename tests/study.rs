@@ -476,6 +476,8 @@ fn model(spec: ModelSpec, w: usize, raw: Option<usize>, cost: f64) -> ModelResul
             stage_gpu_s: 0.0,
             eval_wall_s: 1.0,
             eval_gpu_s: 0.0,
+            stage_cpu_s: 2.0 * cost,
+            eval_cpu_s: 2.0,
             stage_images: 100,
         },
         spec,

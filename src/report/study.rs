@@ -53,6 +53,118 @@ fn model_row(res: &StudyResults, m: &ModelResult, lead: Vec<String>) -> Vec<Stri
     row
 }
 
+/// PACT α per activation site of every QAT cell that has one, start → end, and the cells
+/// where it ran away.
+fn alpha_section(s: &mut String, res: &StudyResults) {
+    let cells: Vec<&ModelResult> = res.models.iter().filter(|m| m.alpha.is_some()).collect();
+    let Some(first) = cells.first().and_then(|m| m.alpha.as_ref()) else {
+        return;
+    };
+    let _ = writeln!(
+        s,
+        "\n## PACT α per layer (start → after the last epoch)\n\n\
+         α \"ran away\" when it ends at a bound of its clamp or more than {}× from its start; \
+         such cells are left out of the pooled verdicts.\n",
+        res.config.findings.alpha_runaway_factor
+    );
+    let ran: Vec<String> = cells
+        .iter()
+        .filter(|m| m.alpha_ran_away())
+        .map(|m| {
+            let a = m
+                .alpha
+                .as_ref()
+                .map(|a| a.ran_away.join(", "))
+                .unwrap_or_default();
+            format!("`{}` ({a})", m.id)
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        "Ran away: {}.\n",
+        if ran.is_empty() {
+            "none".to_string()
+        } else {
+            ran.join("; ")
+        }
+    );
+    let mut head = vec!["site".to_string()];
+    head.extend(cells.iter().map(|m| m.id.clone()));
+    let rows: Vec<Vec<String>> = first
+        .start
+        .keys()
+        .map(|site| {
+            let mut row = vec![site.clone()];
+            for m in &cells {
+                let a = m.alpha.as_ref();
+                let v = |map: Option<&std::collections::BTreeMap<String, f32>>| {
+                    map.and_then(|x| x.get(site))
+                        .map(|v| format!("{v:.2}"))
+                        .unwrap_or_else(|| "–".into())
+                };
+                let flag = a.is_some_and(|a| a.ran_away.contains(site));
+                row.push(format!(
+                    "{} → {}{}",
+                    v(a.map(|a| &a.start)),
+                    v(a.map(|a| &a.end)),
+                    if flag { " **ran away**" } else { "" }
+                ));
+            }
+            row
+        })
+        .collect();
+    s.push_str(&table(&head, &rows));
+}
+
+/// The cheap attacks on the larger image set (`eval.wide`).
+fn wide_section(s: &mut String, res: &StudyResults) {
+    let Some(w) = res.config.eval.wide.as_ref() else {
+        return;
+    };
+    let n = res
+        .models
+        .iter()
+        .find_map(|m| m.wide.as_ref().map(|w| w.clean.total))
+        .unwrap_or(0);
+    let _ = writeln!(
+        s,
+        "\n## Clean and {:?} on {n} test images\n\nThe same models on more images (straight-through gradients; not the per-example worst case, which the findings use).\n",
+        w.attacks
+    );
+    let mut head = vec!["model".to_string(), "clean".into()];
+    let attacks: Vec<String> = res
+        .models
+        .iter()
+        .find_map(|m| m.wide.as_ref())
+        .map(|w| w.attacks.iter().map(|a| a.attack.clone()).collect())
+        .unwrap_or_default();
+    for a in &attacks {
+        for &e in &w.eps {
+            head.push(format!("{a} {}", eps_label(e)));
+        }
+    }
+    let rows: Vec<Vec<String>> = res
+        .models
+        .iter()
+        .filter_map(|m| {
+            let mw = m.wide.as_ref()?;
+            let mut row = vec![m.id.clone(), pct(&mw.clean)];
+            for a in &attacks {
+                for &e in &w.eps {
+                    row.push(opt_pct(
+                        mw.attacks
+                            .iter()
+                            .find(|x| &x.attack == a)
+                            .and_then(|x| x.per_eps.iter().find(|p| (p.eps - e).abs() < 1e-9)),
+                    ));
+                }
+            }
+            Some(row)
+        })
+        .collect();
+    s.push_str(&table(&head, &rows));
+}
+
 /// The report's markdown.
 pub fn markdown(res: &StudyResults) -> String {
     let c = &res.config;
@@ -319,6 +431,8 @@ pub fn markdown(res: &StudyResults) -> String {
         "stage images",
         "stage",
         "evaluation",
+        "stage CPU s",
+        "evaluation CPU s",
         "AT-QAT / QAT",
     ]
     .map(String::from);
@@ -357,10 +471,37 @@ pub fn markdown(res: &StudyResults) -> String {
                 m.cost.stage_images.to_string(),
                 format!("{:.1}", cost(m.cost.stage_wall_s, m.cost.stage_gpu_s)),
                 format!("{:.1}", cost(m.cost.eval_wall_s, m.cost.eval_gpu_s)),
+                format!("{:.0}", m.cost.stage_cpu_s),
+                format!("{:.0}", m.cost.eval_cpu_s),
                 ratio,
             ]
         })
         .collect();
+    let total = |f: fn(&ModelResult) -> f64| res.models.iter().map(f).sum::<f64>();
+    let mut rows = rows;
+    rows.push(vec![
+        "**total**".into(),
+        String::new(),
+        format!(
+            "{:.1}",
+            if gpu {
+                total(|m| m.cost.stage_gpu_s)
+            } else {
+                total(|m| m.cost.stage_wall_s)
+            }
+        ),
+        format!(
+            "{:.1}",
+            if gpu {
+                total(|m| m.cost.eval_gpu_s)
+            } else {
+                total(|m| m.cost.eval_wall_s)
+            }
+        ),
+        format!("{:.0}", total(|m| m.cost.stage_cpu_s)),
+        format!("{:.0}", total(|m| m.cost.eval_cpu_s)),
+        String::new(),
+    ]);
     s.push_str(&table(&head, &rows));
 
     // Masking.
@@ -420,6 +561,9 @@ pub fn markdown(res: &StudyResults) -> String {
         })
         .collect();
     s.push_str(&table(&head, &rows));
+
+    alpha_section(&mut s, res);
+    wide_section(&mut s, res);
 
     if !res.across_seeds.is_empty() {
         s.push_str("\n## Across seeds (mean and Student-t 95% interval)\n\n");

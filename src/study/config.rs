@@ -384,6 +384,9 @@ pub struct WideEval {
     pub n: Option<usize>,
     /// Attacks (straight-through gradients through quantizers). Default pgd.
     pub attacks: Vec<String>,
+    /// Radii (L∞, pixel units). Default 8/255.
+    #[serde(deserialize_with = "de_eps_list")]
+    pub eps: Vec<f64>,
 }
 
 impl Default for WideEval {
@@ -391,6 +394,7 @@ impl Default for WideEval {
         WideEval {
             n: None,
             attacks: vec!["pgd".into()],
+            eps: vec![8.0 / 255.0],
         }
     }
 }
@@ -427,6 +431,10 @@ pub struct FindingsConfig {
     pub f3_min_cost_ratio: f64,
     /// F4: fractions up to this are "partial data". Default 0.25.
     pub f4_partial_max: f64,
+    /// A QAT cell's PACT α "ran away" when some site's α ends at a bound of its clamp or
+    /// more than this factor above or below where it started; such cells are reported and
+    /// left out of the pooled verdicts. Default 10.
+    pub alpha_runaway_factor: f64,
 }
 
 impl Default for FindingsConfig {
@@ -436,6 +444,7 @@ impl Default for FindingsConfig {
             f1_eps: 2.0 / 255.0,
             f3_min_cost_ratio: 2.0,
             f4_partial_max: 0.25,
+            alpha_runaway_factor: 10.0,
         }
     }
 }
@@ -564,12 +573,20 @@ impl StudyConfig {
         for &x in &e.eps {
             crate::attack::check_eps(crate::attack::Norm::Linf, x)?;
         }
-        if e.wide.as_ref().is_some_and(|w| w.n == Some(0)) {
-            return Err(Error::config(
-                "eval.wide.n",
-                0,
-                "must be ≥ 1 (or null for all)",
-            ));
+        if let Some(w) = &e.wide {
+            if w.n == Some(0) {
+                return Err(Error::config(
+                    "eval.wide.n",
+                    0,
+                    "must be ≥ 1 (or null for all)",
+                ));
+            }
+            if w.eps.is_empty() {
+                return Err(Error::config("eval.wide.eps", "[]", "give at least one ε"));
+            }
+            for &x in &w.eps {
+                crate::attack::check_eps(crate::attack::Norm::Linf, x)?;
+            }
         }
         let wide_attacks = e.wide.iter().flat_map(|w| &w.attacks);
         for a in e.attacks.iter().chain(wide_attacks) {
@@ -609,6 +626,13 @@ impl StudyConfig {
             }
         }
         check_fraction("findings.f4_partial_max", f.f4_partial_max)?;
+        if !(f.alpha_runaway_factor > 1.0 && f.alpha_runaway_factor.is_finite()) {
+            return Err(Error::config(
+                "findings.alpha_runaway_factor",
+                f.alpha_runaway_factor,
+                "must be a finite number > 1",
+            ));
+        }
         Ok(())
     }
 
@@ -794,6 +818,96 @@ pub fn fast() -> StudyConfig {
                 square_queries: 1000,
                 ..AttackSettings::default()
             },
+            ..EvalStage::default()
+        },
+        findings: FindingsConfig::default(),
+    }
+}
+
+/// The real study on a 2-core CPU (the `cpu` preset), on full-precision checkpoints trained
+/// beforehand with `quant-robust train` (natural: the default recipe; robust: PGD-5 AT for
+/// 15 epochs), sized to finish in about 8 hours of such a machine: PTQ at W8A8 … W2A8 plus
+/// weights-only and activations-only rows; QAT W4A4 from random, natural and robust init,
+/// with and without AT; the Figure 2 sweep at 2, 4 and 8 bits; the data curve at 10%, 25%
+/// and 100%; the expensive attacks on 1,000 seeded test images, PGD-10 on all 10,000.
+pub fn cpu_with(natural: GivenCheckpoint, robust: GivenCheckpoint) -> StudyConfig {
+    let finetune = TrainConfig {
+        epochs: 3,
+        lr: 0.01,
+        schedule: LrSchedule::Cosine,
+        eval_images: Some(2000),
+        ..TrainConfig::default()
+    };
+    StudyConfig {
+        name: "cpu".into(),
+        data: "default".into(),
+        seeds: vec![0],
+        natural: FpStage {
+            train_count: None,
+            train: TrainConfig::default(),
+            checkpoint: Some(natural),
+        },
+        robust: FpStage {
+            train_count: None,
+            train: TrainConfig {
+                epochs: 15,
+                adversarial: Adversarial::Pgd(PgdConfig {
+                    eps: 8.0 / 255.0,
+                    step: 2.0 / 255.0,
+                    steps: 5,
+                    random_start: true,
+                }),
+                ..TrainConfig::default()
+            },
+            checkpoint: Some(robust),
+        },
+        ptq: PtqStage::default(),
+        qat: QatStage {
+            finetune: finetune.clone(),
+            from_random: TrainConfig {
+                epochs: 6,
+                eval_images: Some(2000),
+                ..TrainConfig::default()
+            },
+            adversarial: PgdConfig {
+                eps: 8.0 / 255.0,
+                step: 2.5 / 255.0,
+                steps: 3,
+                random_start: true,
+            },
+            ..QatStage::default()
+        },
+        grid: Grid {
+            ptq_table: PtqTable {
+                inits: vec![Init::Natural, Init::Robust],
+                bits: [
+                    "w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8", "w4a32", "w32a4",
+                ]
+                .map(String::from)
+                .to_vec(),
+            },
+            qat_table: QatTable {
+                bits: vec!["w4a4".into()],
+                ..QatTable::default()
+            },
+            bits_sweep: BitsSweep {
+                bits: vec![2, 4, 8],
+                ..BitsSweep::default()
+            },
+            data_curve: DataCurve {
+                fractions: vec![0.1, 0.25, 1.0],
+                ..DataCurve::default()
+            },
+        },
+        eval: EvalStage {
+            n: Some(1000),
+            settings: AttackSettings {
+                pgd_steps: 10,
+                apgd_iterations: 50,
+                square_queries: 1000,
+                ..AttackSettings::default()
+            },
+            wide: Some(WideEval::default()),
             ..EvalStage::default()
         },
         findings: FindingsConfig::default(),

@@ -157,6 +157,8 @@ struct Pooled {
     a: Accuracy,
     b: Accuracy,
     numbers: Vec<Number>,
+    /// Pairs left out because a cell's PACT α ran away.
+    excluded: Vec<String>,
 }
 
 fn pool(r: &StudyResults, pairs: &[(ModelSpec, ModelSpec)], eps: f64) -> Pooled {
@@ -164,11 +166,16 @@ fn pool(r: &StudyResults, pairs: &[(ModelSpec, ModelSpec)], eps: f64) -> Pooled 
         a: zero(),
         b: zero(),
         numbers: Vec::new(),
+        excluded: Vec::new(),
     };
     for (sa, sb) in pairs {
         let (Some(ma), Some(mb)) = (r.model(sa), r.model(sb)) else {
             continue;
         };
+        if ma.alpha_ran_away() || mb.alpha_ran_away() {
+            p.excluded.push(format!("{} vs {}", ma.id, mb.id));
+            continue;
+        }
         let (Some(a), Some(b)) = (worst(ma, eps), worst(mb, eps)) else {
             continue;
         };
@@ -188,11 +195,12 @@ fn pooled_verdict(
     labels: (&str, &str),
 ) -> Verdict {
     if p.a.total == 0 || p.b.total == 0 {
-        return Verdict::not_tested(
-            id,
-            claim,
-            "the study has none of the cells this finding compares",
-        );
+        let why = if p.excluded.is_empty() {
+            "the study has none of the cells this finding compares".to_string()
+        } else {
+            format!("every pair was {}", excluded_note(&p.excluded))
+        };
+        return Verdict::not_tested(id, claim, &why);
     }
     let (d, ci) = diff_ci95(p.a, p.b);
     let mut numbers = vec![
@@ -208,7 +216,15 @@ fn pooled_verdict(
         margin: Some(d),
         margin_ci95: Some(ci),
         numbers,
-        note: String::new(),
+        note: excluded_note(&p.excluded),
+    }
+}
+
+fn excluded_note(excluded: &[String]) -> String {
+    if excluded.is_empty() {
+        String::new()
+    } else {
+        format!("left out, PACT α ran away: {}", excluded.join("; "))
     }
 }
 
@@ -489,7 +505,12 @@ pub fn f5(r: &StudyResults) -> Verdict {
     let eps = r.config.findings.eps;
     let mut counts = [0usize; 3];
     let mut numbers = Vec::new();
+    let mut excluded = Vec::new();
     for m in r.models.iter().filter(|m| m.spec.is_quantized()) {
+        if m.alpha_ran_away() {
+            excluded.push(m.id.clone());
+            continue;
+        }
         if let Some((e, d, _)) = effect(r, m, eps) {
             counts[e as usize] += 1;
             numbers.push(Number::value(format!("{} ({e:?})", m.id), d));
@@ -523,7 +544,14 @@ pub fn f5(r: &StudyResults) -> Verdict {
         margin: None,
         margin_ci95: None,
         numbers: all,
-        note: format!("{classes} of 3 classes present"),
+        note: if excluded.is_empty() {
+            format!("{classes} of 3 classes present")
+        } else {
+            format!(
+                "{classes} of 3 classes present; left out, PACT α ran away: {}",
+                excluded.join(", ")
+            )
+        },
     }
 }
 

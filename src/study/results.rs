@@ -3,6 +3,7 @@
 //! the mean and a t-interval where there are several; the findings' verdicts; and the
 //! manifest (configuration, data, code, device, timings).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -43,10 +44,51 @@ pub struct ModelResult {
     pub raw_zero_gradient_fraction: Option<f64>,
     /// Per ε: examples only Square or the transfer attack broke, and the masking flag.
     pub masking: Vec<crate::eval::robust::MaskingAtEps>,
+    /// PACT α per site (QAT cells with quantized activations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<AlphaLog>,
     /// Clean accuracy and the cheap attacks on the larger image set (`eval.wide`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wide: Option<WideResult>,
     pub cost: Cost,
+}
+
+/// PACT α of a QAT cell: per site at the start and after the last epoch, and the sites
+/// where it ran away (see `findings.alpha_runaway_factor`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlphaLog {
+    pub start: BTreeMap<String, f32>,
+    pub end: BTreeMap<String, f32>,
+    pub ran_away: Vec<String>,
+}
+
+impl AlphaLog {
+    /// From the α history of a QAT record (`None` when it has none: weights-only cells).
+    pub fn from_history(
+        history: &[BTreeMap<String, f32>],
+        bounds: (f64, f64),
+        factor: f64,
+    ) -> Option<Self> {
+        let (start, end) = (history.first()?, history.last()?);
+        if start.is_empty() {
+            return None;
+        }
+        let (lo, hi) = bounds;
+        let ran_away = end
+            .iter()
+            .filter(|(site, &a)| {
+                let a = a as f64;
+                let s = start.get(*site).map(|&v| v as f64).unwrap_or(a);
+                a <= lo * 1.001 || a >= hi * 0.999 || a > s * factor || a < s / factor
+            })
+            .map(|(site, _)| site.clone())
+            .collect();
+        Some(AlphaLog {
+            start: start.clone(),
+            end: end.clone(),
+            ran_away,
+        })
+    }
 }
 
 /// A model's numbers on the larger image set.
@@ -65,6 +107,11 @@ pub struct Cost {
     /// Its evaluation.
     pub eval_wall_s: f64,
     pub eval_gpu_s: f64,
+    /// CPU seconds (all threads) of the stage and of the evaluation (0 where not measured).
+    #[serde(default)]
+    pub stage_cpu_s: f64,
+    #[serde(default)]
+    pub eval_cpu_s: f64,
     /// Images the stage trained on (calibration images for PTQ).
     pub stage_images: usize,
 }
@@ -73,6 +120,11 @@ impl ModelResult {
     /// Worst-case accuracy at `eps` (the robust accuracy of the findings).
     pub fn worst_at(&self, eps: f64) -> Option<&EpsAccuracy> {
         at_eps(&self.worst_case, eps)
+    }
+
+    /// Whether PACT α ran away in this cell.
+    pub fn alpha_ran_away(&self) -> bool {
+        self.alpha.as_ref().is_some_and(|a| !a.ran_away.is_empty())
     }
 
     /// An attack's accuracy at `eps` (`pgd` matches `pgd-10` etc.).
@@ -258,6 +310,17 @@ pub fn collect(
                 .as_ref()
                 .map(|x| x.diagnostics.zero_gradient_fraction),
             masking: r.diagnostics.per_eps.clone(),
+            alpha: m
+                .details
+                .get("alpha_per_epoch")
+                .and_then(|v| serde_json::from_value::<Vec<BTreeMap<String, f32>>>(v.clone()).ok())
+                .and_then(|h| {
+                    AlphaLog::from_history(
+                        &h,
+                        crate::quant::qat::QatConfig::default().alpha_bounds,
+                        cfg.findings.alpha_runaway_factor,
+                    )
+                }),
             wide: e.wide.as_ref().map(|w| WideResult {
                 clean: w.clean.clone(),
                 attacks: w.attacks.iter().map(attack_accuracy).collect(),
@@ -267,6 +330,8 @@ pub fn collect(
                 stage_gpu_s: m.gpu_s,
                 eval_wall_s: e.wall_s,
                 eval_gpu_s: e.gpu_s,
+                stage_cpu_s: m.cpu_s,
+                eval_cpu_s: e.cpu_s,
                 stage_images: m.images,
             },
         });

@@ -52,6 +52,9 @@ pub struct ModelRecord {
     /// Wall and GPU seconds of the stage (training or quantization).
     pub wall_s: f64,
     pub gpu_s: f64,
+    /// CPU seconds of the stage, all threads (0 where not measured).
+    #[serde(default)]
+    pub cpu_s: f64,
     /// Training images the stage used (calibration images for PTQ).
     pub images: usize,
     /// Stage-specific details: training history, α per epoch, breakpoints, ranges.
@@ -75,6 +78,9 @@ pub struct EvalRecord {
     pub wide: Option<RobustnessReport>,
     pub wall_s: f64,
     pub gpu_s: f64,
+    /// CPU seconds, all threads (0 where not measured).
+    #[serde(default)]
+    pub cpu_s: f64,
     pub manifest: Manifest,
 }
 
@@ -290,6 +296,7 @@ impl Runner<'_> {
             checkpoint: format!("cache/{key}/model.safetensors"),
             wall_s: trainer.state.wall_s,
             gpu_s: gpu_seconds(&self.dev, trainer.state.wall_s),
+            cpu_s: trainer.state.cpu_s,
             images: train.len(),
             details: serde_json::json!({ "history": trainer.state.history }),
             manifest: m,
@@ -332,6 +339,7 @@ impl Runner<'_> {
             checkpoint: format!("cache/{key}/model.safetensors"),
             wall_s,
             gpu_s: manifest.timings.iter().map(|t| t.gpu_s).sum(),
+            cpu_s: manifest.metrics.get("train_cpu_s").copied().unwrap_or(0.0),
             images,
             details: serde_json::json!({ "given_checkpoint": given }),
             manifest,
@@ -360,6 +368,7 @@ impl Runner<'_> {
             calib_range: p.calib_range,
         };
         let t = Instant::now();
+        let cpu_start = crate::device::process_cpu_seconds();
         let calib = subset::calibration(
             &self.data.train,
             p.calib.min(self.data.train.len()),
@@ -369,6 +378,7 @@ impl Runner<'_> {
         let q = post_training_quantize(&fp, &cfg, &calib)?;
         crate::device::synchronize(&self.dev)?;
         let wall = t.elapsed().as_secs_f64();
+        let cpu = crate::device::cpu_seconds_since(cpu_start);
         let mut m = Manifest::new("checkpoint", &self.dev);
         m.seed = Some(spec.seed());
         m.data = Some(self.data.identity.clone());
@@ -383,6 +393,7 @@ impl Runner<'_> {
             checkpoint: format!("cache/{key}/model.safetensors"),
             wall_s: wall,
             gpu_s: gpu_seconds(&self.dev, wall),
+            cpu_s: cpu,
             images: calib.len(),
             details: serde_json::json!({
                 "breakpoint_ratio_p_over_m": q.breakpoint_ratios,
@@ -500,6 +511,7 @@ impl Runner<'_> {
             checkpoint: format!("cache/{key}/model.safetensors"),
             wall_s: out.wall_s,
             gpu_s: gpu_seconds(&self.dev, out.wall_s),
+            cpu_s: out.cpu_s,
             images: train.len(),
             details: serde_json::json!({
                 "history": out.history,
@@ -573,6 +585,7 @@ impl Runner<'_> {
             ..RobustnessConfig::default()
         };
         let t = Instant::now();
+        let cpu_start = crate::device::process_cpu_seconds();
         let report = evaluate(
             &model,
             &self.test,
@@ -603,12 +616,16 @@ impl Runner<'_> {
                     .map(|a| crate::attack::build(a, &e.settings, Norm::Linf))
                     .collect::<Result<_>>()?;
                 let idx = crate::eval::eval_indices(&self.test, w.n, e.seed)?;
+                let wcfg = RobustnessConfig {
+                    eps: w.eps.clone(),
+                    ..rcfg.clone()
+                };
                 Some(evaluate(
                     &model,
                     &self.test,
                     &idx,
                     &attacks,
-                    &rcfg,
+                    &wcfg,
                     &mut |_, _, _, _| {},
                 )?)
             }
@@ -616,6 +633,7 @@ impl Runner<'_> {
         };
         crate::device::synchronize(&self.dev)?;
         let wall = t.elapsed().as_secs_f64();
+        let cpu = crate::device::cpu_seconds_since(cpu_start);
         let mut m = Manifest::new("evaluation", &self.dev);
         m.seed = Some(rcfg.seed);
         m.data = Some(self.data.identity.clone());
@@ -634,6 +652,7 @@ impl Runner<'_> {
             wide,
             wall_s: wall,
             gpu_s: gpu_seconds(&self.dev, wall),
+            cpu_s: cpu,
             manifest: m,
         })
     }

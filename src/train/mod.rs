@@ -166,6 +166,10 @@ pub struct TrainState {
     pub history: Vec<EpochRecord>,
     /// Wall seconds of training so far (all sessions).
     pub wall_s: f64,
+    /// CPU seconds of this process's threads during training so far (all sessions; 0
+    /// where the platform's counter is not read).
+    #[serde(default)]
+    pub cpu_s: f64,
     pub data: DataIdentity,
     /// Training images per epoch.
     pub n_train: usize,
@@ -264,6 +268,7 @@ impl Trainer {
             rng: rng.state(),
             history: Vec::new(),
             wall_s: 0.0,
+            cpu_s: 0.0,
             data,
             n_train,
             qat: None,
@@ -451,6 +456,7 @@ impl Trainer {
             ));
         }
         let start = Instant::now();
+        let cpu_start = crate::device::process_cpu_seconds();
         let epoch = self.state.epoch;
         let total = self.total_steps();
         let batches = epoch_batches(train.len(), cfg.batch_size, &mut self.rng);
@@ -527,6 +533,7 @@ impl Trainer {
         };
         self.state.epoch += 1;
         self.state.wall_s += wall;
+        self.state.cpu_s += crate::device::cpu_seconds_since(cpu_start);
         self.state.rng = self.rng.state();
         self.state.history.push(record.clone());
         progress.epoch_end(&record);
@@ -540,6 +547,7 @@ impl Trainer {
         m.data = Some(self.state.data.clone());
         m.config = serde_json::to_value(&self.state.config).unwrap_or_default();
         m.add_timing("train", self.state.wall_s, &self.device);
+        m.metrics.insert("train_cpu_s".into(), self.state.cpu_s);
         m.metrics
             .insert("epochs_done".into(), self.state.epoch as f64);
         m.metrics.insert("steps".into(), self.state.step as f64);

@@ -37,6 +37,8 @@ pub struct QatOutcome {
     /// Wall seconds of the whole stage (calibration, training, export, evaluation), over
     /// every session of a resumed run.
     pub wall_s: f64,
+    /// CPU seconds of the same (0 where the platform's counter is not read).
+    pub cpu_s: f64,
 }
 
 /// Where a QAT run starts.
@@ -89,6 +91,7 @@ pub fn fine_tune(
         return Err(Error::config("qat", 0, "no training images"));
     }
     let t = Instant::now();
+    let cpu_start = crate::device::process_cpu_seconds();
     let (mut trainer, seam) = match start {
         QatStart::Fresh {
             model: init,
@@ -141,7 +144,7 @@ pub fn fine_tune(
             (trainer, seam)
         }
     };
-    let mut epochs_s = 0.0;
+    let (mut epochs_s, cpu_before) = (0.0, trainer.state.cpu_s);
     while trainer.state.epoch < trainer.state.config.epochs {
         if stop() {
             return Ok(None);
@@ -183,6 +186,9 @@ pub fn fine_tune(
     let manifest = trainer.manifest()?;
     // Epochs of earlier sessions are in the state; this session adds its own overhead.
     let wall_s = trainer.state.wall_s + (t.elapsed().as_secs_f64() - epochs_s).max(0.0);
+    let epochs_cpu_s = trainer.state.cpu_s - cpu_before;
+    let cpu_s =
+        trainer.state.cpu_s + (crate::device::cpu_seconds_since(cpu_start) - epochs_cpu_s).max(0.0);
     Ok(Some(QatOutcome {
         model,
         alpha_per_epoch: trainer
@@ -195,5 +201,6 @@ pub fn fine_tune(
         manifest,
         test: acc,
         wall_s,
+        cpu_s,
     }))
 }
