@@ -188,6 +188,11 @@ fn tiny() -> StudyConfig {
     c.eval.settings.pgd_steps = 1;
     c.eval.settings.square_queries = 2;
     c.eval.batch_size = 10;
+    c.eval.wide = Some(config::WideEval {
+        n: Some(20),
+        attacks: vec!["fgsm".into()],
+        eps: vec![8.0 / 255.0],
+    });
     c.validate().unwrap();
     c
 }
@@ -208,6 +213,10 @@ fn strip(v: &mut serde_json::Value) {
                 "stage_gpu_s",
                 "eval_wall_s",
                 "eval_gpu_s",
+                "cpu_s",
+                "train_cpu_s",
+                "stage_cpu_s",
+                "eval_cpu_s",
             ] {
                 m.remove(k);
             }
@@ -470,6 +479,7 @@ fn model(spec: ModelSpec, w: usize, raw: Option<usize>, cost: f64) -> ModelResul
                 masking_suspected: false,
             })
             .collect(),
+        alpha: None,
         wide: None,
         cost: Cost {
             stage_wall_s: cost,
@@ -725,4 +735,207 @@ fn seed_summary_uses_the_t_interval() {
     // s = 0.1, t(2) = 4.303: half-width 4.303 · 0.1 / √3.
     let h = 4.303 * 0.1 / 3f64.sqrt();
     assert!((ci.0 - (0.6 - h)).abs() < 1e-9 && (ci.1 - (0.6 + h)).abs() < 1e-9);
+}
+
+/// PACT α that ends at its clamp or far from its start marks the cell; the pooled verdicts
+/// leave such cells out and say so.
+#[test]
+fn alpha_runaway_is_flagged_and_left_out_of_the_verdicts() {
+    use quant_robust::study::results::AlphaLog;
+    use std::collections::BTreeMap;
+    let h = |pairs: &[(&str, f32)]| -> BTreeMap<String, f32> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    };
+    let bounds = (0.01, 100.0);
+    let calm = [h(&[("a", 4.0), ("b", 6.0)]), h(&[("a", 5.0), ("b", 3.0)])];
+    assert!(AlphaLog::from_history(&calm, bounds, 10.0)
+        .unwrap()
+        .ran_away
+        .is_empty());
+    let clamped = [h(&[("a", 4.0), ("b", 6.0)]), h(&[("a", 100.0), ("b", 3.0)])];
+    assert_eq!(
+        AlphaLog::from_history(&clamped, bounds, 10.0)
+            .unwrap()
+            .ran_away,
+        vec!["a".to_string()]
+    );
+    let grown = [h(&[("a", 4.0), ("b", 6.0)]), h(&[("a", 0.5), ("b", 70.0)])];
+    assert_eq!(
+        AlphaLog::from_history(&grown, bounds, 10.0)
+            .unwrap()
+            .ran_away,
+        vec!["b".to_string()]
+    );
+    assert!(AlphaLog::from_history(&grown, bounds, 20.0)
+        .unwrap()
+        .ran_away
+        .is_empty());
+    assert!(AlphaLog::from_history(&[BTreeMap::new()], bounds, 10.0).is_none());
+    // Calibrated at the bound already (a random network's activations) is not a run-away.
+    let clamped_from_start = [h(&[("a", 100.0)]), h(&[("a", 99.99)])];
+    assert!(AlphaLog::from_history(&clamped_from_start, bounds, 10.0)
+        .unwrap()
+        .ran_away
+        .is_empty());
+
+    // With one activations-only cell's α run away, that pair leaves F1's pool, the note
+    // names it, and the verdict rests on the other bit widths.
+    let g = |p: &str| config::GivenCheckpoint {
+        path: p.into(),
+        sha256: "a".repeat(64),
+    };
+    let mut r = hand_made_for(&config::cpu_with(g("n"), g("r")));
+    let before = r.findings[0].numbers.len();
+    assert_eq!(before, 2 + 2 * 3);
+    let victim = r.models.iter_mut().find(|m| acts_only(&m.spec)).unwrap();
+    victim.alpha = AlphaLog::from_history(&clamped, bounds, 10.0);
+    let id = victim.id.clone();
+    r.findings = findings::all(&r);
+    let v = &r.findings[0];
+    assert!(
+        v.note.contains("ran away") && v.note.contains(&id),
+        "{}",
+        v.note
+    );
+    assert!(v.numbers.iter().all(|n| n.label != id));
+    assert_eq!(v.numbers.len(), before - 2);
+    // F5 leaves the cell out too.
+    let v5 = r.findings.iter().find(|v| v.id == "F5").unwrap();
+    assert!(v5.note.contains(&id), "{}", v5.note);
+    let md = quant_robust::report::study::markdown(&r);
+    assert!(md.contains("PACT α per layer") && md.contains("**ran away**"));
+}
+
+/// A full-precision stage given as a checkpoint: its key is the file's hash (not the
+/// recipe), the file is checked against it, and the study copies it into its cache.
+#[test]
+fn given_checkpoints_are_keyed_by_their_hash_and_checked() {
+    use quant_robust::study::config::GivenCheckpoint;
+    let data = sample();
+    let dir = tempdir();
+    let ck = dir.path().join("natural.safetensors");
+    let model = quant_robust::model::ResNet20::init(
+        &mut quant_robust::rng::Rng::new(0, "init"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let m = quant_robust::manifest::Manifest::new("checkpoint", &Device::Cpu);
+    quant_robust::model::checkpoint::save(&model, &ck, &m).unwrap();
+    let sha = quant_robust::data::file_sha256(&ck).unwrap();
+    let given = GivenCheckpoint {
+        path: ck.to_string_lossy().into_owned(),
+        sha256: sha.clone(),
+    };
+    let mut c = tiny();
+    c.natural.checkpoint = Some(given.clone());
+    c.validate().unwrap();
+    let keys = |c: &StudyConfig| {
+        let k = run::Keys::new(c, &data.identity);
+        k.models.clone()
+    };
+    let k0 = keys(&c);
+    let mut other_recipe = c.clone();
+    other_recipe.natural.train.epochs += 5;
+    assert_eq!(
+        k0,
+        keys(&other_recipe),
+        "a given checkpoint's recipe moved keys"
+    );
+    let mut other_file = c.clone();
+    other_file.natural.checkpoint = Some(GivenCheckpoint {
+        sha256: "0".repeat(64),
+        ..given.clone()
+    });
+    for ((s, a), (_, b)) in k0.iter().zip(keys(&other_file)) {
+        let reads_natural =
+            s.init() == Init::Natural || s.parent().is_some_and(|p| p.init() == Init::Natural);
+        assert_eq!(a != &b, reads_natural, "{}", s.id());
+    }
+    // Not a sha256: a configuration error naming the field.
+    let mut bad = c.clone();
+    bad.natural.checkpoint = Some(GivenCheckpoint {
+        sha256: "abc".into(),
+        ..given.clone()
+    });
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(e.contains("natural.checkpoint.sha256"), "{e}");
+    // The first stage of the run is the given model: copied, not trained.
+    let out = dir.path().join("study");
+    let opts = RunOptions {
+        max_stages: Some(1),
+        ..RunOptions::default()
+    };
+    let st = run::run(&c, data, &out, &Device::Cpu, &opts).unwrap();
+    assert!(
+        matches!(st, RunStatus::Interrupted { computed: 1, .. }),
+        "{st:?}"
+    );
+    let key = &k0[0].1;
+    let copied = run::cache_dir(&out, key).join("model.safetensors");
+    assert_eq!(quant_robust::data::file_sha256(&copied).unwrap(), sha);
+    // The same path with other bytes is refused, with both hashes in the message.
+    let e = run::run(
+        &other_file,
+        data,
+        &dir.path().join("s2"),
+        &Device::Cpu,
+        &opts,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains(&sha) && e.contains(&"0".repeat(64)), "{e}");
+}
+
+#[test]
+fn cpu_grid_has_every_cell_the_findings_rest_on() {
+    use quant_robust::study::config::GivenCheckpoint;
+    let g = |p: &str| GivenCheckpoint {
+        path: p.into(),
+        sha256: "a".repeat(64),
+    };
+    let c = config::cpu_with(g("n.safetensors"), g("r.safetensors"));
+    c.validate().unwrap();
+    let models = plan::models(&c);
+    let count = |f: &dyn Fn(&ModelSpec) -> bool| models.iter().filter(|m| f(m)).count();
+    assert_eq!(count(&|m| !m.is_quantized()), 2);
+    // PTQ: 2 inits × (6 bit widths + weights-only + activations-only).
+    assert_eq!(count(&|m| matches!(m, ModelSpec::Ptq { .. })), 16);
+    // QAT W4A4 table 3 × 2, Figure 2 sweep 3 × 2, the data curve 3 inits × 3 fractions with
+    // AT of which the 3 at fraction 1 are table cells.
+    assert_eq!(
+        count(&|m| matches!(m, ModelSpec::Qat { .. })),
+        6 + 6 + 9 - 3
+    );
+    let r = hand_made_for(&c);
+    for v in &r.findings {
+        assert_ne!(
+            v.status,
+            Status::NotTested,
+            "{} not tested on the cpu grid",
+            v.id
+        );
+    }
+    assert_eq!(c.eval.n, Some(1000));
+    assert_eq!(c.eval.wide.as_ref().unwrap().n, None);
+}
+
+/// Flat hand-made results on any grid (every model 300/1000 worst case).
+fn hand_made_for(c: &StudyConfig) -> StudyResults {
+    let models: Vec<ModelResult> = plan::models(c)
+        .into_iter()
+        .map(|s| {
+            let r = s.is_quantized().then_some(300);
+            model(s.clone(), 300, r, 10.0)
+        })
+        .collect();
+    let mut r = StudyResults {
+        data: sample().identity.clone(),
+        models,
+        across_seeds: Vec::new(),
+        findings: Vec::new(),
+        manifest: quant_robust::manifest::Manifest::new("study", &Device::Cpu),
+        config: c.clone(),
+    };
+    r.findings = findings::all(&r);
+    r
 }

@@ -63,7 +63,7 @@ fn alpha_section(s: &mut String, res: &StudyResults) {
     let _ = writeln!(
         s,
         "\n## PACT α per layer (start → after the last epoch)\n\n\
-         α \"ran away\" when it ends at a bound of its clamp or more than {}× from its start; \
+         α \"ran away\" when it ends at a bound of its clamp or more than {}× above its start; \
          such cells are left out of the pooled verdicts.\n",
         res.config.findings.alpha_runaway_factor
     );

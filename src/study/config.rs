@@ -432,8 +432,8 @@ pub struct FindingsConfig {
     /// F4: fractions up to this are "partial data". Default 0.25.
     pub f4_partial_max: f64,
     /// A QAT cell's PACT α "ran away" when some site's α ends at a bound of its clamp or
-    /// more than this factor above or below where it started; such cells are reported and
-    /// left out of the pooled verdicts. Default 10.
+    /// more than this factor above where it started; such cells are reported and left out
+    /// of the pooled verdicts. Default 10.
     pub alpha_runaway_factor: f64,
 }
 

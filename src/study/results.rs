@@ -54,7 +54,11 @@ pub struct ModelResult {
 }
 
 /// PACT α of a QAT cell: per site at the start and after the last epoch, and the sites
-/// where it ran away (see `findings.alpha_runaway_factor`).
+/// where it ran away: ended at a bound of its clamp that it did not start at (where an
+/// unbounded α would have gone on; a calibrated start can sit at the bound already, on a
+/// random network's huge activations) or grew by more than
+/// `findings.alpha_runaway_factor`. A shrinking α clips more and
+/// is not a failure in itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlphaLog {
     pub start: BTreeMap<String, f32>,
@@ -79,7 +83,8 @@ impl AlphaLog {
             .filter(|(site, &a)| {
                 let a = a as f64;
                 let s = start.get(*site).map(|&v| v as f64).unwrap_or(a);
-                a <= lo * 1.001 || a >= hi * 0.999 || a > s * factor || a < s / factor
+                let (at_lo, at_hi) = (|v: f64| v <= lo * 1.001, |v: f64| v >= hi * 0.999);
+                (at_lo(a) && !at_lo(s)) || (at_hi(a) && !at_hi(s)) || a > s * factor
             })
             .map(|(site, _)| site.clone())
             .collect();
