@@ -136,7 +136,8 @@ pub struct ReproduceArgs {
     /// --preset.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The study directory (cache, results, report). Default runs/study-<name>.
+    /// The study directory (cache, results, report). Default: the configuration's `out`
+    /// (the cpu preset: studies/cpu, committed), else runs/study-<name>.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Run only shard K of N (e.g. 2/4) of the models; merge the shards with `merge`.
@@ -822,10 +823,7 @@ fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
             bail!("--time-budget {t}: must be a positive number of seconds");
         }
     }
-    let out = a
-        .out
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("runs/study-{}", cfg.name)));
+    let out = a.out.clone().unwrap_or_else(|| cfg.default_out());
     let dev = device::select(a.device)?;
     let t = Instant::now();
     let data = run::load_data(&cfg).context("loading the study's data")?;

@@ -36,6 +36,12 @@ pub struct StudyConfig {
     pub data: String,
     /// Seeds; every model of the study is made once per seed. Default [0].
     pub seeds: Vec<u64>,
+    /// The study directory `reproduce` uses when `--out` is not given, relative to the
+    /// working directory. Default null: `runs/study-<name>`. A study whose finished stages
+    /// are committed (the `cpu` preset: `studies/cpu`) names its store here, so that
+    /// `reproduce --preset cpu` on a fresh clone continues from what is committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub out: Option<String>,
     /// The natural ("non-robust") full-precision model.
     pub natural: FpStage,
     /// The robust full-precision model (PGD-AT).
@@ -53,6 +59,7 @@ impl Default for StudyConfig {
             name: "custom".into(),
             data: "default".into(),
             seeds: vec![0],
+            out: None,
             natural: FpStage::default(),
             robust: FpStage::robust_default(),
             ptq: PtqStage::default(),
@@ -482,6 +489,14 @@ fn check_fraction(what: &'static str, f: f64) -> Result<()> {
 }
 
 impl StudyConfig {
+    /// The study directory when none is given: `out`, else `runs/study-<name>`.
+    pub fn default_out(&self) -> std::path::PathBuf {
+        match &self.out {
+            Some(o) => o.into(),
+            None => format!("runs/study-{}", self.name).into(),
+        }
+    }
+
     /// Checks every setting, naming the first bad one.
     pub fn validate(&self) -> Result<()> {
         if self.seeds.is_empty() {
@@ -684,6 +699,7 @@ pub fn smoke() -> StudyConfig {
     };
     StudyConfig {
         name: "smoke".into(),
+        out: None,
         data: "embedded".into(),
         seeds: vec![0],
         natural: FpStage {
@@ -766,6 +782,7 @@ pub fn fast() -> StudyConfig {
     };
     StudyConfig {
         name: "fast".into(),
+        out: None,
         data: "default".into(),
         seeds: vec![0],
         natural: FpStage {
@@ -842,6 +859,7 @@ pub fn cpu_with(natural: GivenCheckpoint, robust: GivenCheckpoint) -> StudyConfi
         name: "cpu".into(),
         data: "default".into(),
         seeds: vec![0],
+        out: Some("studies/cpu".into()),
         natural: FpStage {
             train_count: None,
             train: TrainConfig::default(),
