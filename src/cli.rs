@@ -150,6 +150,10 @@ pub struct ReproduceArgs {
     /// Stop cleanly (resumable) after computing this many stages.
     #[arg(long)]
     pub max_stages: Option<usize>,
+    /// Make the models only (training, PTQ, QAT), not their evaluations; a later run
+    /// without it evaluates them from the cache.
+    #[arg(long)]
+    pub models_only: bool,
     /// Data path (overrides the configuration's `data`; results are keyed by the data's
     /// content hashes, not its path, so the same data anywhere gives the same cache).
     #[arg(long)]
@@ -844,6 +848,7 @@ fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
             .time_budget
             .map(|s| t + std::time::Duration::from_secs_f64(s)),
         progress: true,
+        models_only: a.models_only,
     };
     match run::run(&cfg, &data, &out, &dev, &opts)? {
         run::RunStatus::Interrupted {
@@ -862,6 +867,10 @@ fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
                 t.elapsed().as_secs_f64()
             );
         }
+    }
+    if a.models_only {
+        tracing::info!("every model is made; run again without --models-only to evaluate them");
+        return Ok(ExitCode::SUCCESS);
     }
     if let Some((k, n)) = shard {
         tracing::info!(

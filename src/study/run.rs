@@ -96,6 +96,10 @@ pub struct RunOptions {
     pub deadline: Option<Instant>,
     /// Draw a progress bar.
     pub progress: bool,
+    /// Make the models (training, PTQ, QAT) and skip their evaluations: the expensive
+    /// stages can run while the evaluation settings are still changing (a model's key does
+    /// not depend on them).
+    pub models_only: bool,
 }
 
 /// How a run ended.
@@ -716,7 +720,18 @@ pub fn run(
     let mut cached = 0;
     for (i, spec) in mine.iter().enumerate() {
         let before = r.computed;
-        if let Outcome::Stopped = r.ensure_eval(spec)? {
+        let outcome = if opts.models_only {
+            match r.ensure_model(spec)? {
+                Outcome::Done(_) => Outcome::Done(()),
+                Outcome::Stopped => Outcome::Stopped,
+            }
+        } else {
+            match r.ensure_eval(spec)? {
+                Outcome::Done(_) => Outcome::Done(()),
+                Outcome::Stopped => Outcome::Stopped,
+            }
+        };
+        if let Outcome::Stopped = outcome {
             r.bar.finish_and_clear();
             return Ok(RunStatus::Interrupted {
                 computed: r.computed,
