@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use proptest::prelude::*;
-use quant_robust::attack::apgd::Apgd;
+use quant_robust::attack::apgd::{Apgd, ApgdTargeted};
 use quant_robust::attack::fgsm::Fgsm;
 use quant_robust::attack::pgd::Pgd;
 use quant_robust::attack::square::Square;
@@ -159,6 +159,13 @@ fn all_attacks() -> Vec<Box<dyn Attack>> {
             iterations: 6,
             ..Apgd::dlr()
         }),
+        Box::new(ApgdTargeted {
+            apgd: Apgd {
+                iterations: 4,
+                ..Apgd::dlr()
+            },
+            targets: 3,
+        }),
         Box::new(Square {
             queries: 30,
             ..Square::default()
@@ -299,6 +306,102 @@ fn dlr_loss_matches_its_definition() {
     let lse0 = (3f32.exp() + 1f32.exp() + 2f32.exp() + 1.0).ln();
     assert!((ce[0] - (lse0 - 3.0)).abs() < 1e-5);
     let _ = z.argmax(D::Minus1).unwrap();
+}
+
+#[test]
+fn targeted_dlr_loss_matches_its_definition() {
+    use quant_robust::attack::targeted_dlr;
+    let z = Tensor::new(
+        &[[3.0f32, 1.0, 2.0, 0.0, -1.0], [0.5, 4.0, 1.0, 3.0, 2.0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let y = Tensor::new(&[0u32, 3], &Device::Cpu).unwrap();
+    let t = Tensor::new(&[2u32, 1], &Device::Cpu).unwrap();
+    let l = targeted_dlr(&z, &y, &t).unwrap().to_vec1::<f32>().unwrap();
+    // Row 0: sorted 3 > 2 > 1 > 0: −(3 − 2)/(3 − (1 + 0)/2) = −1/2.5.
+    // Row 1: sorted 4 > 3 > 2 > 1: −(3 − 4)/(4 − (2 + 1)/2) = 1/2.5.
+    assert!(
+        (l[0] + 0.4).abs() < 1e-6 && (l[1] - 0.4).abs() < 1e-6,
+        "{l:?}"
+    );
+    let three = Tensor::new(&[[1.0f32, 2.0, 3.0]], &Device::Cpu).unwrap();
+    let e = targeted_dlr(
+        &three,
+        &Tensor::new(&[0u32], &Device::Cpu).unwrap(),
+        &Tensor::new(&[1u32], &Device::Cpu).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("4 classes"), "{e}");
+}
+
+/// On a linear model the best L∞ step towards class t is known: δ = ε·sign(w_t − w_y) (the
+/// images sit inside the box, so it does not bind), which moves z_t − z_y by
+/// ε·|w_t − w_y|₁. Where that closes the clean gap to the first target, APGD-T with one
+/// target must misclassify the image; where the gap is out of reach of every class, no
+/// attack can, and APGD-T must not either.
+#[test]
+fn apgd_t_reaches_the_target_when_the_linear_margin_allows() {
+    let m = Linear::new(4, false);
+    let n = 100;
+    let x = images(n, 4, 0.4, 0.6);
+    // Labelled as the model classifies them: every image starts correct.
+    let y = m.forward_t(&x, false).unwrap().argmax(D::Minus1).unwrap();
+    let w = m.w.to_vec2::<f32>().unwrap();
+    let z = m.forward_t(&x, false).unwrap().to_vec2::<f32>().unwrap();
+    let yv = y.to_vec1::<u32>().unwrap();
+    let l1 =
+        |t: usize, yy: usize| -> f32 { w[t].iter().zip(&w[yy]).map(|(a, b)| (a - b).abs()).sum() };
+    // ε: the median radius at which the first target becomes reachable, so that about half
+    // of the images are on each side.
+    let mut need: Vec<f32> = (0..n)
+        .map(|i| {
+            let (yy, t) = (
+                yv[i] as usize,
+                quant_robust::attack::descending(&z[i])[1] as usize,
+            );
+            (z[i][yy] - z[i][t]) / l1(t, yy)
+        })
+        .collect();
+    need.sort_by(f32::total_cmp);
+    let eps = need[n / 2] as f64;
+    let gain = |t: usize, yy: usize| -> f32 { l1(t, yy) * eps as f32 };
+    let attack = ApgdTargeted {
+        apgd: Apgd {
+            iterations: 20,
+            ..Apgd::dlr()
+        },
+        targets: 1,
+    };
+    let adv = attack
+        .perturb(&m, &x, &y, Norm::Linf, eps, &mut Rng::new(0, "t"))
+        .unwrap();
+    let pa = quant_robust::attack::predictions(&m.forward_t(&adv, false).unwrap()).unwrap();
+    let (mut reachable, mut unreachable) = (0, 0);
+    for i in 0..n {
+        let yy = yv[i] as usize;
+        let order = quant_robust::attack::descending(&z[i]);
+        if order[0] as usize != yy {
+            continue;
+        }
+        let t = order[1] as usize;
+        let gap = z[i][yy] - z[i][t];
+        if gain(t, yy) > 1.05 * gap {
+            reachable += 1;
+            assert_ne!(
+                pa[i], yv[i],
+                "image {i}: target {t} reachable but not reached"
+            );
+        } else if (0..10).all(|k| k == yy || gain(k, yy) < 0.95 * (z[i][yy] - z[i][k])) {
+            unreachable += 1;
+            assert_eq!(pa[i], yv[i], "image {i}: no class is reachable");
+        }
+    }
+    assert!(
+        reachable >= 3 && unreachable >= 3,
+        "{reachable} / {unreachable}: pick another ε"
+    );
 }
 
 #[test]

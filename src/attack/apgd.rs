@@ -1,6 +1,7 @@
 //! APGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble
 //! of diverse parameter-free attacks", Algorithm 1), with the cross-entropy (APGD-CE) or the
-//! difference-of-logits-ratio loss (APGD-DLR), L∞ or L2.
+//! difference-of-logits-ratio loss (APGD-DLR), L∞ or L2; and APGD-T ([`ApgdTargeted`]):
+//! the same iteration on the targeted DLR loss, once per target class.
 //!
 //! - start: a uniform random point of the ε-ball; first step size η = 2ε;
 //! - each iteration: z = P(x_k + η·d(∇)), x_{k+1} = P(x_k + α(z − x_k) + (1 − α)(x_k − x_{k−1}))
@@ -16,8 +17,8 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    direction, loss_and_gradient, predictions, project, random_start, select, with_restarts,
-    Attack, Loss, Norm,
+    descending, direction, loss_and_gradient, loss_and_gradient_of, predictions, project,
+    random_start, select, targeted_dlr, with_restarts, Attack, Loss, Norm,
 };
 use crate::model::Classifier;
 use crate::rng::Rng;
@@ -75,11 +76,27 @@ impl Apgd {
         out
     }
 
+    /// Logits, per-example loss and input gradient: the configured loss, or the targeted
+    /// DLR loss towards `targets`.
+    fn loss_grad(
+        &self,
+        model: &dyn Classifier,
+        x: &Tensor,
+        y: &Tensor,
+        targets: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        match targets {
+            None => loss_and_gradient(model, x, y, self.loss),
+            Some(t) => loss_and_gradient_of(model, x, |logits| targeted_dlr(logits, y, t)),
+        }
+    }
+
     fn run(
         &self,
         model: &dyn Classifier,
         x: &Tensor,
         y: &Tensor,
+        targets: Option<&Tensor>,
         norm: Norm,
         eps: f64,
         rng: &mut Rng,
@@ -89,7 +106,7 @@ impl Apgd {
         let dev = x.device();
         let checkpoints = Self::checkpoints(self.iterations);
         let mut x_adv = random_start(x, norm, eps, rng)?;
-        let (logits, loss, mut grad) = loss_and_gradient(model, &x_adv, y, self.loss)?;
+        let (logits, loss, mut grad) = self.loss_grad(model, &x_adv, y, targets)?;
         let mut loss_cur = loss.to_vec1::<f32>()?;
         let mut fooled: Vec<bool> = predictions(&logits)?
             .iter()
@@ -123,7 +140,7 @@ impl Apgd {
                 ((&x_adv + ((&z - &x_adv)? * alpha)?)? + ((&x_adv - &x_prev)? * (1.0 - alpha))?)?;
             x_prev = x_adv;
             x_adv = project(&moved, x, norm, eps)?;
-            let (logits, loss, g) = loss_and_gradient(model, &x_adv, y, self.loss)?;
+            let (logits, loss, g) = self.loss_grad(model, &x_adv, y, targets)?;
             grad = g;
             let loss_new = loss.to_vec1::<f32>()?;
             let preds = predictions(&logits)?;
@@ -219,7 +236,104 @@ impl Attack for Apgd {
             return Ok(x);
         }
         with_restarts(model, &x, y, self.restarts, |xs, ys| {
-            self.run(model, xs, ys, norm, eps, rng)
+            self.run(model, xs, ys, None, norm, eps, rng)
         })
+    }
+}
+
+/// APGD-T, AutoAttack's targeted APGD: for each of the `targets` classes ranked highest by
+/// the clean logits after the first (AutoAttack's `-target_class` for target_class in
+/// 2..=targets+1), APGD on the targeted DLR loss, run only on the examples no earlier target
+/// has fooled. An example counts as fooled when it is misclassified, as any class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApgdTargeted {
+    /// The APGD iteration (its loss is replaced by the targeted DLR loss). Default: 100
+    /// iterations, 1 restart.
+    pub apgd: Apgd,
+    /// Target classes. Default 9 (every other class of CIFAR-10).
+    pub targets: usize,
+}
+
+impl Default for ApgdTargeted {
+    fn default() -> Self {
+        ApgdTargeted {
+            apgd: Apgd::dlr(),
+            targets: 9,
+        }
+    }
+}
+
+impl Attack for ApgdTargeted {
+    fn name(&self) -> String {
+        if self.apgd.restarts > 1 {
+            format!("apgd-tx{}", self.apgd.restarts)
+        } else {
+            "apgd-t".into()
+        }
+    }
+    fn supports(&self, _norm: Norm) -> bool {
+        true
+    }
+    fn perturb(
+        &self,
+        model: &dyn Classifier,
+        x: &Tensor,
+        y: &Tensor,
+        norm: Norm,
+        eps: f64,
+        rng: &mut Rng,
+    ) -> Result<Tensor> {
+        super::check_eps(norm, eps)?;
+        let a = &self.apgd;
+        if a.iterations == 0 || a.restarts == 0 || self.targets == 0 {
+            return Err(Error::config(
+                "apgd-t",
+                format!(
+                    "iterations {}, restarts {}, targets {}",
+                    a.iterations, a.restarts, self.targets
+                ),
+                "each must be ≥ 1",
+            ));
+        }
+        let x = x.detach();
+        if eps == 0.0 {
+            return Ok(x);
+        }
+        let labels = y.to_vec1::<u32>()?;
+        let clean = model.forward_t(&x, false)?.to_vec2::<f32>()?;
+        let classes = clean.first().map(Vec::len).unwrap_or(0);
+        if self.targets + 1 > classes {
+            return Err(Error::config(
+                "apgd-t targets",
+                self.targets,
+                format!(
+                    "the model has {classes} classes: at most {}",
+                    classes.saturating_sub(1)
+                ),
+            ));
+        }
+        let ranked: Vec<Vec<u32>> = clean.iter().map(|row| descending(row)).collect();
+        let mut best = x.clone();
+        // Restarts of one target run again on what it has not fooled yet, as
+        // `with_restarts` does for the untargeted attacks.
+        for k in (1..=self.targets).flat_map(|k| std::iter::repeat_n(k, a.restarts)) {
+            let preds = predictions(&model.forward_t(&best, false)?)?;
+            let todo: Vec<u32> = (0..labels.len())
+                .filter(|&i| preds[i] == labels[i])
+                .map(|i| i as u32)
+                .collect();
+            if todo.is_empty() {
+                break;
+            }
+            let ids = Tensor::from_vec(todo.clone(), todo.len(), x.device())?;
+            let targets: Vec<u32> = todo.iter().map(|&i| ranked[i as usize][k]).collect();
+            let targets = Tensor::from_vec(targets, todo.len(), x.device())?;
+            let (xs, ys) = (x.index_select(&ids, 0)?, y.index_select(&ids, 0)?);
+            let next = a.run(model, &xs, &ys, Some(&targets), norm, eps, rng)?;
+            let old = best.index_select(&ids, 0)?;
+            best = best.index_add(&ids, &(next - old)?, 0)?;
+        }
+        Ok(best)
     }
 }

@@ -9,7 +9,7 @@
 //!
 //! - [`fgsm`]: FGSM (L∞) and its L2 analogue FGM;
 //! - [`pgd`]: PGD, L∞ and L2, random start, restarts;
-//! - [`apgd`]: APGD-CE and APGD-DLR (Croce & Hein 2020);
+//! - [`apgd`]: APGD-CE, APGD-DLR and APGD-T (targeted DLR; Croce & Hein 2020);
 //! - [`square`]: Square attack, L∞, gradient-free (Andriushchenko et al. 2020);
 //! - [`transfer`]: examples crafted on a source model, evaluated on the target.
 
@@ -146,6 +146,40 @@ pub fn loss_per_example(loss: Loss, logits: &Tensor, labels: &Tensor) -> Result<
     }
 }
 
+/// Targeted DLR loss per example (Croce & Hein 2020, eq. 7; AutoAttack's
+/// `dlr_loss_targeted`): −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2 + 1e-12), π the logits
+/// sorted decreasingly, t the target class. Needs at least 4 classes.
+pub fn targeted_dlr(logits: &Tensor, labels: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let z = logits.detach().to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let (mut first, mut third, mut fourth) = (Vec::new(), Vec::new(), Vec::new());
+    for row in &z {
+        if row.len() < 4 {
+            return Err(Error::config(
+                "targeted DLR loss",
+                row.len(),
+                "needs at least 4 classes",
+            ));
+        }
+        let order = descending(row);
+        first.push(order[0]);
+        third.push(order[2]);
+        fourth.push(order[3]);
+    }
+    let zy = gather_at(logits, labels.to_vec1::<u32>()?)?;
+    let zt = gather_at(logits, targets.to_vec1::<u32>()?)?;
+    let z1 = gather_at(logits, first)?;
+    let z34 = ((gather_at(logits, third)? + gather_at(logits, fourth)?)? * 0.5)?;
+    let denom = ((z1 - z34)? + 1e-12)?;
+    Ok((zy - zt)?.neg()?.div(&denom)?)
+}
+
+/// Class indices of a row of logits, largest first (ties: lower index first).
+pub fn descending(row: &[f32]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..row.len() as u32).collect();
+    order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+    order
+}
+
 /// Margin z_y − max_{i≠y} z_i per example (host), negative when misclassified.
 pub fn margins(logits: &Tensor, labels: &[u32]) -> Result<Vec<f32>> {
     let z = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -172,9 +206,18 @@ pub fn loss_and_gradient(
     labels: &Tensor,
     loss: Loss,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    loss_and_gradient_of(model, x, |logits| loss_per_example(loss, logits, labels))
+}
+
+/// [`loss_and_gradient`] for any per-example loss of the logits.
+pub fn loss_and_gradient_of(
+    model: &dyn Classifier,
+    x: &Tensor,
+    loss: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let xv = Var::from_tensor(&x.detach())?;
     let logits = model.forward_t(xv.as_tensor(), false)?;
-    let per = loss_per_example(loss, &logits, labels)?;
+    let per = loss(&logits)?;
     let grads = per.sum_all()?.backward()?;
     let g = match grads.get(xv.as_tensor()) {
         Some(g) => g.detach(),
@@ -358,7 +401,7 @@ impl AttackSettings {
 }
 
 /// The attack names [`build`] knows.
-pub const ATTACK_NAMES: [&str; 5] = ["fgsm", "pgd", "apgd-ce", "apgd-dlr", "square"];
+pub const ATTACK_NAMES: [&str; 6] = ["fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square"];
 
 /// Builds a white-box or score-based attack by name (`fgsm`, `pgd`, `apgd-ce`, `apgd-dlr`,
 /// `square`), checking that it supports `norm`. Transfer attacks need a source model and
@@ -376,6 +419,14 @@ pub fn build(name: &str, s: &AttackSettings, norm: Norm) -> Result<Box<dyn Attac
                 apgd::Apgd::dlr()
             }
         }),
+        "apgd-t" => Box::new(apgd::ApgdTargeted {
+            apgd: apgd::Apgd {
+                iterations: s.apgd_iterations,
+                restarts: s.restarts,
+                ..apgd::Apgd::dlr()
+            },
+            ..apgd::ApgdTargeted::default()
+        }),
         "square" => Box::new(square::Square {
             queries: s.square_queries,
             ..square::Square::default()
@@ -384,7 +435,7 @@ pub fn build(name: &str, s: &AttackSettings, norm: Norm) -> Result<Box<dyn Attac
             return Err(Error::config(
                 "attack",
                 other,
-                "unknown (known: fgsm, pgd, apgd-ce, apgd-dlr, square, transfer)",
+                "unknown (known: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, square, transfer)",
             ))
         }
     };
