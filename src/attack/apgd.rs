@@ -91,6 +91,7 @@ impl Apgd {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         model: &dyn Classifier,
