@@ -356,7 +356,8 @@ pub struct AttackArgs {
     /// The checkpoint (safetensors) to attack.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Comma-separated attacks: fgsm, pgd, apgd-ce, apgd-dlr, square, transfer:SOURCE.
+    /// Comma-separated attacks: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square,
+    /// autoattack, transfer:SOURCE.
     #[arg(long, default_value = "fgsm,pgd")]
     pub attacks: String,
     /// Norm of the threat model.
@@ -380,6 +381,9 @@ pub struct AttackArgs {
     /// Square attack query budget.
     #[arg(long, default_value_t = 5000)]
     pub square_queries: usize,
+    /// FAB and FAB-T iterations.
+    #[arg(long, default_value_t = quant_robust::attack::AttackSettings::default().fab_iterations)]
+    pub fab_iterations: usize,
     /// Test images (a seeded, class-stratified subset).
     #[arg(long, default_value_t = 1000)]
     pub n: usize,
@@ -1111,6 +1115,7 @@ fn build_attacks(
         restarts: a.restarts,
         apgd_iterations: a.apgd_iterations,
         square_queries: a.square_queries,
+        fab_iterations: a.fab_iterations,
     };
     let mut out: Vec<Box<dyn quant_robust::attack::Attack>> = Vec::new();
     for name in a
@@ -1259,6 +1264,7 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
         "restarts": a.restarts,
         "apgd_iterations": a.apgd_iterations,
         "square_queries": a.square_queries,
+        "fab_iterations": a.fab_iterations,
         "n": a.n,
         "batch_size": a.batch_size,
         "model": model.seam().describe(),

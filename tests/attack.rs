@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use proptest::prelude::*;
 use quant_robust::attack::apgd::{Apgd, ApgdTargeted};
+use quant_robust::attack::fab::{project_onto_hyperplane_linf, Fab, FabTargeted};
 use quant_robust::attack::fgsm::Fgsm;
 use quant_robust::attack::pgd::Pgd;
 use quant_robust::attack::square::Square;
@@ -165,6 +166,18 @@ fn all_attacks() -> Vec<Box<dyn Attack>> {
                 ..Apgd::dlr()
             },
             targets: 3,
+        }),
+        Box::new(Fab {
+            iterations: 5,
+            restarts: 2,
+            ..Fab::default()
+        }),
+        Box::new(FabTargeted {
+            fab: Fab {
+                iterations: 4,
+                ..Fab::default()
+            },
+            targets: 2,
         }),
         Box::new(Square {
             queries: 30,
@@ -454,4 +467,182 @@ fn masking_is_flagged_when_gradients_are_zero() {
         "{:?}",
         r.diagnostics
     );
+}
+
+/// The L∞ distance from `x` to the region where class k beats y, for the linear model:
+/// (z_y − z_k) / |w_y − w_k|₁ (the dual norm of L∞ is L1; images in the middle of the box,
+/// so [0, 1] does not bind at these radii).
+fn linear_boundary_distance(m: &Linear, z: &[f32], y: usize, k: usize) -> f64 {
+    let w = m.w.to_vec2::<f32>().unwrap();
+    let l1: f64 = w[y]
+        .iter()
+        .zip(&w[k])
+        .map(|(a, b)| f64::from(a - b).abs())
+        .sum();
+    f64::from(z[y] - z[k]) / l1
+}
+
+/// FAB's minimal L∞ adversarial on a linear model is within 5% of the closed-form distance
+/// to the nearest decision boundary (and, being a fooling point, never below it);
+/// FAB-T's is within 5% of the distance to its target's boundary.
+#[test]
+fn fab_finds_the_linear_decision_boundary() {
+    let m = Linear::new(5, false);
+    let n = 40;
+    let x = images(n, 5, 0.4, 0.6);
+    let y = m.forward_t(&x, false).unwrap().argmax(D::Minus1).unwrap();
+    let z = m.forward_t(&x, false).unwrap().to_vec2::<f32>().unwrap();
+    let yv = y.to_vec1::<u32>().unwrap();
+    let fab = Fab {
+        iterations: 20,
+        ..Fab::default()
+    };
+    let found = fab
+        .minimal(&m, &x, &y, None, 8.0 / 255.0, &mut Rng::new(0, "fab"))
+        .unwrap();
+    let preds =
+        quant_robust::attack::predictions(&m.forward_t(&found.x_adv, false).unwrap()).unwrap();
+    let d_adv = (&found.x_adv - &x)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_from(1)
+        .unwrap()
+        .max(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for i in 0..n {
+        let yy = yv[i] as usize;
+        let exact = (0..10)
+            .filter(|&k| k != yy)
+            .map(|k| linear_boundary_distance(&m, &z[i], yy, k))
+            .fold(f64::INFINITY, f64::min);
+        assert!(exact < 0.3, "image {i}: the box would bind");
+        let d = f64::from(found.distance[i]);
+        assert_ne!(preds[i], yv[i], "image {i}: FAB's point does not fool");
+        assert!(
+            (f64::from(d_adv[i]) - d).abs() < 1e-6,
+            "image {i}: distance misreported"
+        );
+        assert!(
+            d <= 1.05 * exact && d >= exact * (1.0 - 1e-3),
+            "image {i}: FAB {d} vs closed form {exact}"
+        );
+    }
+    // Targeted, towards the second-ranked class.
+    let targets: Vec<u32> = z
+        .iter()
+        .map(|row| quant_robust::attack::descending(row)[1])
+        .collect();
+    let t = Tensor::from_vec(targets.clone(), n, &Device::Cpu).unwrap();
+    let found = fab
+        .minimal(&m, &x, &y, Some(&t), 8.0 / 255.0, &mut Rng::new(0, "fab-t"))
+        .unwrap();
+    for i in 0..n {
+        let yy = yv[i] as usize;
+        let to_target = linear_boundary_distance(&m, &z[i], yy, targets[i] as usize);
+        let d = f64::from(found.distance[i]);
+        assert!(d <= 1.05 * to_target, "image {i}: FAB-T {d} vs {to_target}");
+    }
+}
+
+/// In the ε-ball version, FAB-T breaks an image exactly when its minimal distance is ≤ ε.
+#[test]
+fn fab_t_breaks_what_is_within_eps_and_nothing_else() {
+    let m = Linear::new(6, false);
+    let n = 60;
+    let x = images(n, 6, 0.4, 0.6);
+    let y = m.forward_t(&x, false).unwrap().argmax(D::Minus1).unwrap();
+    let yv = y.to_vec1::<u32>().unwrap();
+    let z = m.forward_t(&x, false).unwrap().to_vec2::<f32>().unwrap();
+    let mut nearest: Vec<f64> = (0..n)
+        .map(|i| {
+            let yy = yv[i] as usize;
+            (0..10)
+                .filter(|&k| k != yy)
+                .map(|k| linear_boundary_distance(&m, &z[i], yy, k))
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect();
+    let mut sorted = nearest.clone();
+    sorted.sort_by(f64::total_cmp);
+    let eps = sorted[n / 2];
+    let attack = FabTargeted {
+        fab: Fab {
+            iterations: 30,
+            ..Fab::default()
+        },
+        targets: 9,
+    };
+    let adv = attack
+        .perturb(&m, &x, &y, Norm::Linf, eps, &mut Rng::new(1, "fab-t"))
+        .unwrap();
+    let preds = quant_robust::attack::predictions(&m.forward_t(&adv, false).unwrap()).unwrap();
+    let (mut broken, mut safe) = (0, 0);
+    for (i, d) in nearest.iter_mut().enumerate() {
+        if *d > eps {
+            safe += 1;
+            assert_eq!(
+                preds[i], yv[i],
+                "image {i}: out of reach ({d} > {eps}) yet broken"
+            );
+        } else if *d * 1.06 < eps {
+            broken += 1;
+            assert_ne!(
+                preds[i], yv[i],
+                "image {i}: within reach ({d} < {eps}) yet robust"
+            );
+        }
+    }
+    assert!(broken >= 5 && safe >= 5, "{broken} / {safe}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    /// The L∞ projection onto a hyperplane within [0, 1]: the result is in the box, lies on
+    /// the hyperplane when the box allows it, and no smaller L∞ step reaches the
+    /// hyperplane (checked against the largest change of w·z a step of 0.999·|d|∞ allows).
+    #[test]
+    fn hyperplane_projection_is_the_shortest_step(
+        t in proptest::collection::vec(0.0f32..=1.0, 1..12),
+        w_seed in 0u64..1000,
+        b in -3.0f64..3.0,
+    ) {
+        let n = t.len();
+        let mut rng = Rng::new(w_seed, "w");
+        let mut w = rng.normal_vec(n, 1.0);
+        if w_seed % 5 == 0 {
+            w[0] = 0.0;
+        }
+        let d = project_onto_hyperplane_linf(&t, &w, b);
+        let z: Vec<f64> = t.iter().zip(&d).map(|(&a, &b)| f64::from(a) + f64::from(b)).collect();
+        for &v in &z {
+            prop_assert!((-1e-6..=1.0 + 1e-6).contains(&v), "left the box: {v}");
+        }
+        for (i, &wi) in w.iter().enumerate() {
+            if wi == 0.0 {
+                prop_assert_eq!(d[i], 0.0);
+            }
+        }
+        let wz = |p: &[f64]| -> f64 { p.iter().zip(&w).map(|(a, &b)| a * f64::from(b)).sum() };
+        let t64: Vec<f64> = t.iter().map(|&v| f64::from(v)).collect();
+        let gap = wz(&t64) - b;
+        // The most a step of L∞ size r inside the box can shrink |gap|.
+        let reach = |r: f64| -> f64 {
+            w.iter().zip(&t64).map(|(&wi, &ti)| {
+                let dir = -gap.signum() * f64::from(wi).signum();
+                let cap = if dir > 0.0 { 1.0 - ti } else { ti };
+                f64::from(wi).abs() * r.min(cap)
+            }).sum()
+        };
+        let norm = d.iter().fold(0f64, |m, &v| m.max(f64::from(v).abs()));
+        if reach(1.0) >= gap.abs() * (1.0 + 1e-6) {
+            prop_assert!((wz(&z) - b).abs() < 1e-4 * (1.0 + b.abs()), "off the plane: {} vs {b}", wz(&z));
+            prop_assert!(reach(norm * 0.999) < gap.abs() + 1e-9, "a shorter step reaches it");
+        } else {
+            // Out of reach: every coordinate at its box edge in the closing direction.
+            prop_assert!((reach(1.0) - (gap.abs() - (wz(&z) - b).abs())).abs() < 1e-4);
+        }
+    }
 }

@@ -17,7 +17,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    descending, direction, loss_and_gradient, loss_and_gradient_of, predictions, project,
+    direction, loss_and_gradient, loss_and_gradient_of, per_target, predictions, project,
     random_start, select, targeted_dlr, with_restarts, Attack, Loss, Norm,
 };
 use crate::model::Classifier;
@@ -301,40 +301,14 @@ impl Attack for ApgdTargeted {
         if eps == 0.0 {
             return Ok(x);
         }
-        let labels = y.to_vec1::<u32>()?;
-        let clean = model.forward_t(&x, false)?.to_vec2::<f32>()?;
-        let classes = clean.first().map(Vec::len).unwrap_or(0);
-        if self.targets + 1 > classes {
-            return Err(Error::config(
-                "apgd-t targets",
-                self.targets,
-                format!(
-                    "the model has {classes} classes: at most {}",
-                    classes.saturating_sub(1)
-                ),
-            ));
-        }
-        let ranked: Vec<Vec<u32>> = clean.iter().map(|row| descending(row)).collect();
-        let mut best = x.clone();
-        // Restarts of one target run again on what it has not fooled yet, as
-        // `with_restarts` does for the untargeted attacks.
-        for k in (1..=self.targets).flat_map(|k| std::iter::repeat_n(k, a.restarts)) {
-            let preds = predictions(&model.forward_t(&best, false)?)?;
-            let todo: Vec<u32> = (0..labels.len())
-                .filter(|&i| preds[i] == labels[i])
-                .map(|i| i as u32)
-                .collect();
-            if todo.is_empty() {
-                break;
-            }
-            let ids = Tensor::from_vec(todo.clone(), todo.len(), x.device())?;
-            let targets: Vec<u32> = todo.iter().map(|&i| ranked[i as usize][k]).collect();
-            let targets = Tensor::from_vec(targets, todo.len(), x.device())?;
-            let (xs, ys) = (x.index_select(&ids, 0)?, y.index_select(&ids, 0)?);
-            let next = a.run(model, &xs, &ys, Some(&targets), norm, eps, rng)?;
-            let old = best.index_select(&ids, 0)?;
-            best = best.index_add(&ids, &(next - old)?, 0)?;
-        }
-        Ok(best)
+        per_target(
+            model,
+            &x,
+            y,
+            "apgd-t targets",
+            self.targets,
+            a.restarts,
+            |xs, ys, ts| a.run(model, xs, ys, Some(ts), norm, eps, rng),
+        )
     }
 }

@@ -10,10 +10,12 @@
 //! - [`fgsm`]: FGSM (L∞) and its L2 analogue FGM;
 //! - [`pgd`]: PGD, L∞ and L2, random start, restarts;
 //! - [`apgd`]: APGD-CE, APGD-DLR and APGD-T (targeted DLR; Croce & Hein 2020);
+//! - [`fab`]: FAB and FAB-T, minimum-norm L∞ (Croce & Hein 2020);
 //! - [`square`]: Square attack, L∞, gradient-free (Andriushchenko et al. 2020);
 //! - [`transfer`]: examples crafted on a source model, evaluated on the target.
 
 pub mod apgd;
+pub mod fab;
 pub mod fgsm;
 pub mod pgd;
 pub mod square;
@@ -344,10 +346,79 @@ where
         }
         let ids = Tensor::from_vec(todo.clone(), todo.len(), x.device())?;
         let next = attack(&x.index_select(&ids, 0)?, &y.index_select(&ids, 0)?)?;
-        let old = best.index_select(&ids, 0)?;
-        best = best.index_add(&ids, &(next - old)?, 0)?;
+        best = replace_rows(&best, &todo, &next)?;
     }
     Ok(best)
+}
+
+/// A targeted attack run once per target class, AutoAttack's way: for each of the
+/// `targets` classes ranked highest by the clean logits after the first (AutoAttack's
+/// `-target_class` for target_class in 2..=targets+1), `repeats` times, on the examples
+/// that nothing before has fooled. `run(xs, ys, ts)` attacks images `xs` with labels `ys`
+/// towards classes `ts`. An example counts as fooled when misclassified, as any class.
+pub fn per_target<F>(
+    model: &dyn Classifier,
+    x: &Tensor,
+    y: &Tensor,
+    what: &'static str,
+    targets: usize,
+    repeats: usize,
+    mut run: F,
+) -> Result<Tensor>
+where
+    F: FnMut(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+{
+    let labels = y.to_vec1::<u32>()?;
+    let clean = model.forward_t(x, false)?.to_vec2::<f32>()?;
+    let classes = clean.first().map(Vec::len).unwrap_or(0);
+    if targets + 1 > classes {
+        return Err(Error::config(
+            what,
+            targets,
+            format!(
+                "the model has {classes} classes: at most {}",
+                classes.saturating_sub(1)
+            ),
+        ));
+    }
+    let ranked: Vec<Vec<u32>> = clean.iter().map(|row| descending(row)).collect();
+    let mut best = x.clone();
+    for rank in (1..=targets).flat_map(|k| std::iter::repeat_n(k, repeats)) {
+        let preds = predictions(&model.forward_t(&best, false)?)?;
+        let todo: Vec<u32> = (0..labels.len())
+            .filter(|&i| preds[i] == labels[i])
+            .map(|i| i as u32)
+            .collect();
+        if todo.is_empty() {
+            break;
+        }
+        let ids = Tensor::from_vec(todo.clone(), todo.len(), x.device())?;
+        let ts: Vec<u32> = todo.iter().map(|&i| ranked[i as usize][rank]).collect();
+        let ts = Tensor::from_vec(ts, todo.len(), x.device())?;
+        let next = run(&x.index_select(&ids, 0)?, &y.index_select(&ids, 0)?, &ts)?;
+        best = replace_rows(&best, &todo, &next)?;
+    }
+    Ok(best)
+}
+
+/// `base` with its rows `at` replaced by the rows of `rows`, in order (an exact copy: no
+/// arithmetic touches the values).
+pub fn replace_rows(base: &Tensor, at: &[u32], rows: &Tensor) -> Result<Tensor> {
+    let n = base.dim(0)?;
+    if rows.dim(0)? != at.len() {
+        return Err(Error::config(
+            "replace_rows",
+            format!("{} rows for {} indices", rows.dim(0)?, at.len()),
+            "one row per index",
+        ));
+    }
+    let mut source: Vec<u32> = (0..n as u32).collect();
+    for (j, &i) in at.iter().enumerate() {
+        source[i as usize] = (n + j) as u32;
+    }
+    let all = Tensor::cat(&[base, rows], 0)?;
+    let source = Tensor::from_vec(source, n, base.device())?;
+    Ok(all.index_select(&source, 0)?)
 }
 
 /// A radius for people: `8/255` when ε is a whole number of 255ths, else `0.0314`.
@@ -374,6 +445,8 @@ pub struct AttackSettings {
     pub apgd_iterations: usize,
     /// Square attack queries per image. Default 5,000.
     pub square_queries: usize,
+    /// FAB and FAB-T iterations. Default 100.
+    pub fab_iterations: usize,
 }
 
 impl Default for AttackSettings {
@@ -384,6 +457,7 @@ impl Default for AttackSettings {
             restarts: 1,
             apgd_iterations: 100,
             square_queries: 5000,
+            fab_iterations: 100,
         }
     }
 }
@@ -401,7 +475,9 @@ impl AttackSettings {
 }
 
 /// The attack names [`build`] knows.
-pub const ATTACK_NAMES: [&str; 6] = ["fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "square"];
+pub const ATTACK_NAMES: [&str; 8] = [
+    "fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square",
+];
 
 /// Builds a white-box or score-based attack by name (`fgsm`, `pgd`, `apgd-ce`, `apgd-dlr`,
 /// `square`), checking that it supports `norm`. Transfer attacks need a source model and
@@ -427,17 +503,28 @@ pub fn build(name: &str, s: &AttackSettings, norm: Norm) -> Result<Box<dyn Attac
             },
             ..apgd::ApgdTargeted::default()
         }),
+        "fab" => Box::new(fab::Fab {
+            iterations: s.fab_iterations,
+            restarts: s.restarts,
+            ..fab::Fab::default()
+        }),
+        "fab-t" => Box::new(fab::FabTargeted {
+            fab: fab::Fab {
+                iterations: s.fab_iterations,
+                restarts: s.restarts,
+                ..fab::Fab::default()
+            },
+            ..fab::FabTargeted::default()
+        }),
         "square" => Box::new(square::Square {
             queries: s.square_queries,
             ..square::Square::default()
         }),
-        other => {
-            return Err(Error::config(
-                "attack",
-                other,
-                "unknown (known: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, square, transfer)",
-            ))
-        }
+        other => return Err(Error::config(
+            "attack",
+            other,
+            "unknown (known: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, transfer)",
+        )),
     };
     if !attack.supports(norm) {
         return Err(Error::config(
