@@ -384,6 +384,10 @@ pub struct AttackArgs {
     /// FAB and FAB-T iterations.
     #[arg(long, default_value_t = quant_robust::attack::AttackSettings::default().fab_iterations)]
     pub fab_iterations: usize,
+    /// AutoAttack's stages in order, for a custom version (default: the standard
+    /// apgd-ce,apgd-t,fab-t,square, each with AutoAttack's own settings).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub autoattack_stages: Option<Vec<quant_robust::attack::autoattack::Stage>>,
     /// Test images (a seeded, class-stratified subset).
     #[arg(long, default_value_t = 1000)]
     pub n: usize,
@@ -1137,6 +1141,13 @@ fn build_attacks(
                         ..settings.pgd()
                     },
                 })
+            } else if let (Some(stages), "autoattack") = (&a.autoattack_stages, name) {
+                let aa = quant_robust::attack::autoattack::AutoAttack {
+                    stages: stages.clone(),
+                    ..Default::default()
+                };
+                aa.validate().context("--autoattack-stages")?;
+                Box::new(aa)
             } else {
                 quant_robust::attack::build(name, &settings, a.norm)
                     .with_context(|| "--attacks (transfer is written transfer:CHECKPOINT)")?
@@ -1232,6 +1243,15 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
                 e.total
             );
         }
+        if let Some(st) = &r.stages {
+            for (k, name) in st.names.iter().enumerate() {
+                let after: Vec<String> = st.after[k]
+                    .iter()
+                    .map(|e| format!("{:.2}% at {:.4}", 100.0 * e.accuracy, e.eps))
+                    .collect();
+                tracing::info!("{:>12}   after {name}: {}", "", after.join(", "));
+            }
+        }
     }
     for e in &report.worst_case {
         tracing::info!(
@@ -1265,6 +1285,7 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
         "apgd_iterations": a.apgd_iterations,
         "square_queries": a.square_queries,
         "fab_iterations": a.fab_iterations,
+        "autoattack_stages": a.autoattack_stages,
         "n": a.n,
         "batch_size": a.batch_size,
         "model": model.seam().describe(),

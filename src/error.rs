@@ -49,6 +49,11 @@ pub enum Error {
         loss: f32,
     },
 
+    /// An attack's output failed the final checks (outside the ε-ball or [0, 1], not
+    /// finite): a bug in the attack, never a result.
+    #[error("attack {attack}: {problem}")]
+    AttackCheck { attack: String, problem: String },
+
     /// JSON (de)serialization failed.
     #[error("{path}: {source}")]
     Json {

@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use proptest::prelude::*;
 use quant_robust::attack::apgd::{Apgd, ApgdTargeted};
+use quant_robust::attack::autoattack::{AutoAttack, Stage};
 use quant_robust::attack::fab::{project_onto_hyperplane_linf, Fab, FabTargeted};
 use quant_robust::attack::fgsm::Fgsm;
 use quant_robust::attack::pgd::Pgd;
@@ -183,6 +184,13 @@ fn all_attacks() -> Vec<Box<dyn Attack>> {
             queries: 30,
             ..Square::default()
         }),
+        Box::new(small_autoattack(Stage::STANDARD.to_vec())),
+        // A custom cascade without FAB, for L2 too.
+        Box::new(small_autoattack(vec![
+            Stage::ApgdCe,
+            Stage::ApgdT,
+            Stage::Square,
+        ])),
         Box::new(Transfer {
             source: Box::new(Linear::new(9, false)),
             source_name: "linear-9".into(),
@@ -645,4 +653,201 @@ proptest! {
             prop_assert!((reach(1.0) - (gap.abs() - (wz(&z) - b).abs())).abs() < 1e-4);
         }
     }
+}
+
+/// AutoAttack with every stage shortened, for tests.
+fn small_autoattack(stages: Vec<Stage>) -> AutoAttack {
+    AutoAttack {
+        stages,
+        apgd_iterations: 8,
+        fab_iterations: 8,
+        targets: 3,
+        square_queries: 40,
+    }
+}
+
+/// The cascade's bookkeeping on a batch: a stage's verdict stands on re-evaluation (no
+/// stage "repairs" what an earlier one broke), images nothing broke are returned as they
+/// were, misclassified images are nobody's, and the first stage breaks exactly what it
+/// breaks alone (each stage has its own random stream).
+#[test]
+fn autoattack_keeps_what_each_stage_broke() {
+    let m = Linear::new(7, false);
+    let n = 60;
+    let x = images(n, 7, 0.3, 0.7);
+    let mut yv = m
+        .forward_t(&x, false)
+        .unwrap()
+        .argmax(D::Minus1)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    for v in yv.iter_mut().take(5) {
+        *v = (*v + 1) % 10;
+    }
+    let y = Tensor::from_vec(yv.clone(), n, &Device::Cpu).unwrap();
+    let aa = small_autoattack(Stage::STANDARD.to_vec());
+    // ε: the median distance to the nearest boundary, so that the first stage leaves work.
+    let z = m.forward_t(&x, false).unwrap().to_vec2::<f32>().unwrap();
+    let mut nearest: Vec<f64> = (0..n)
+        .map(|i| {
+            let p = quant_robust::attack::descending(&z[i])[0] as usize;
+            (0..10)
+                .filter(|&k| k != p)
+                .map(|k| linear_boundary_distance(&m, &z[i], p, k))
+                .fold(f64::INFINITY, f64::min)
+        })
+        .collect();
+    nearest.sort_by(f64::total_cmp);
+    let eps = nearest[n / 2];
+    let c = aa
+        .run(&m, &x, &y, Norm::Linf, eps, &mut Rng::new(3, "aa"))
+        .unwrap();
+    let preds = quant_robust::attack::predictions(&m.forward_t(&c.x_adv, false).unwrap()).unwrap();
+    assert_eq!(c.reevaluation_mismatches, 0);
+    let xv = x.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+    let av = c.x_adv.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
+    let mut per_stage = [0usize; 4];
+    for i in 0..n {
+        assert_eq!(c.clean_wrong[i], i < 5);
+        match c.broken_by[i] {
+            Some(k) => {
+                per_stage[k] += 1;
+                assert!(!c.clean_wrong[i]);
+                assert_ne!(
+                    preds[i], yv[i],
+                    "image {i}: stage {k} broke it, re-evaluation disagrees"
+                );
+            }
+            None => assert_eq!(xv[i], av[i], "image {i}: unbroken yet changed"),
+        }
+    }
+    assert!(
+        per_stage[0] > 0 && per_stage[0] < n - 5,
+        "{per_stage:?}: pick another ε"
+    );
+    let first = small_autoattack(vec![Stage::ApgdCe])
+        .run(&m, &x, &y, Norm::Linf, eps, &mut Rng::new(3, "aa"))
+        .unwrap();
+    for i in 0..n {
+        assert_eq!(
+            first.broken_by[i].is_some(),
+            c.broken_by[i] == Some(0),
+            "image {i}"
+        );
+    }
+    let zero = aa
+        .run(&m, &x, &y, Norm::Linf, 0.0, &mut Rng::new(3, "aa"))
+        .unwrap();
+    assert!(zero.broken_by.iter().all(Option::is_none));
+    assert_eq!(
+        zero.x_adv
+            .flatten_from(1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap(),
+        xv,
+        "ε = 0 moved an image"
+    );
+}
+
+/// Through the evaluation: AutoAttack's robust accuracy is at most every one of its stages'
+/// run alone, its per-stage record is consistent (accuracy after each stage never rises,
+/// the last equals the re-evaluated one), and ε = 0 gives clean accuracy.
+#[test]
+fn autoattack_is_at_most_each_of_its_stages() {
+    let s = sample();
+    let dd = DeviceData::new(&s.test, &Device::Cpu).unwrap();
+    let idx: Vec<u32> = (0..s.test.len() as u32).step_by(10).collect();
+    let m = Linear::new(8, false);
+    let aa = small_autoattack(Stage::STANDARD.to_vec());
+    let mut attacks: Vec<Box<dyn Attack>> = vec![Box::new(aa.clone())];
+    for st in Stage::STANDARD {
+        attacks.push(aa.stage_attack(st));
+    }
+    let cfg = RobustnessConfig {
+        eps: vec![0.0, 0.5 / 255.0, 1.0 / 255.0, 2.0 / 255.0],
+        batch_size: 40,
+        ..RobustnessConfig::default()
+    };
+    let r = evaluate(&m, &dd, &idx, &attacks, &cfg, &mut |_, _, _, _| {}).unwrap();
+    let a = &r.attacks[0];
+    let st = a.stages.as_ref().expect("a stage record");
+    assert_eq!(st.names, ["apgd-ce", "apgd-t", "fab-t", "square"]);
+    assert_eq!(st.uses_gradients, [true, true, true, false]);
+    assert_eq!(a.per_eps[0].correct, r.clean.correct);
+    for (ei, e) in a.per_eps.iter().enumerate() {
+        for single in &r.attacks[1..] {
+            assert!(
+                e.correct <= single.per_eps[ei].correct,
+                "ε {}: autoattack {} > {} {}",
+                e.eps,
+                e.correct,
+                single.attack,
+                single.per_eps[ei].correct
+            );
+        }
+        assert_eq!(st.reevaluation_mismatches[ei], 0);
+        assert_eq!(st.broken_by[ei].len(), r.n);
+        let mut prev = r.clean.correct;
+        for after in &st.after {
+            assert!(after[ei].correct <= prev);
+            prev = after[ei].correct;
+        }
+        assert_eq!(prev, e.correct);
+    }
+    // At least one ε where the stages after the first add something.
+    assert!(
+        (1..cfg.eps.len()).any(|ei| st.after[0][ei].correct > a.per_eps[ei].correct),
+        "{:?}",
+        st.after
+    );
+}
+
+/// Masking seen inside the cascade: on a model with zero input gradients only the Square
+/// stage can break images, and the diagnostics say so with AutoAttack as the only attack.
+#[test]
+fn autoattack_flags_masking_through_its_square_stage() {
+    let s = sample();
+    let dd = DeviceData::new(&s.test, &Device::Cpu).unwrap();
+    let idx: Vec<u32> = (0..s.test.len() as u32).step_by(10).collect();
+    let masked = Linear::new(4, true);
+    let aa = AutoAttack {
+        square_queries: 100,
+        ..small_autoattack(vec![Stage::ApgdCe, Stage::Square])
+    };
+    let attacks: Vec<Box<dyn Attack>> = vec![Box::new(aa)];
+    let cfg = RobustnessConfig {
+        eps: vec![0.25],
+        batch_size: 50,
+        ..RobustnessConfig::default()
+    };
+    let r = evaluate(&masked, &dd, &idx, &attacks, &cfg, &mut |_, _, _, _| {}).unwrap();
+    let d = &r.diagnostics.per_eps[0];
+    assert!(d.broken_only_without_gradients > 0, "{d:?}");
+    assert!(d.masking_suspected, "{d:?}");
+    assert_eq!(r.attacks[0].attack, "autoattack[apgd-ce+square]");
+}
+
+#[test]
+fn autoattack_settings_are_checked() {
+    let bad = [
+        small_autoattack(vec![]),
+        small_autoattack(vec![Stage::Square, Stage::Square]),
+        AutoAttack {
+            targets: 0,
+            ..AutoAttack::default()
+        },
+    ];
+    for a in bad {
+        assert!(a.validate().is_err(), "{a:?}");
+    }
+    let aa = AutoAttack::default();
+    assert!(aa.validate().is_ok() && aa.is_standard());
+    assert!(!aa.supports(Norm::L2), "FAB is L∞ only");
+    let e = quant_robust::attack::build("autoattack", &Default::default(), Norm::L2)
+        .err()
+        .expect("an error")
+        .to_string();
+    assert!(e.contains("l2"), "{e}");
 }

@@ -12,9 +12,11 @@
 //! - [`apgd`]: APGD-CE, APGD-DLR and APGD-T (targeted DLR; Croce & Hein 2020);
 //! - [`fab`]: FAB and FAB-T, minimum-norm L∞ (Croce & Hein 2020);
 //! - [`square`]: Square attack, L∞, gradient-free (Andriushchenko et al. 2020);
+//! - [`autoattack`]: the AutoAttack cascade (standard or a custom list of stages);
 //! - [`transfer`]: examples crafted on a source model, evaluated on the target.
 
 pub mod apgd;
+pub mod autoattack;
 pub mod fab;
 pub mod fgsm;
 pub mod pgd;
@@ -69,6 +71,35 @@ pub trait Attack {
         eps: f64,
         rng: &mut Rng,
     ) -> Result<Tensor>;
+    /// [`Attack::perturb`], and for a composite attack which of its stages broke each
+    /// example.
+    fn perturb_staged(
+        &self,
+        model: &dyn Classifier,
+        x: &Tensor,
+        y: &Tensor,
+        norm: Norm,
+        eps: f64,
+        rng: &mut Rng,
+    ) -> Result<Staged> {
+        Ok(Staged {
+            x_adv: self.perturb(model, x, y, norm, eps, rng)?,
+            broken_by: None,
+        })
+    }
+    /// A composite attack's stages: name, and whether it uses the model's gradients
+    /// (empty for a single attack).
+    fn stages(&self) -> Vec<(String, bool)> {
+        Vec::new()
+    }
+}
+
+/// Adversarial images, with the stage that broke each example for composite attacks.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub x_adv: Tensor,
+    /// Per example, the index of the stage that broke it (`None`: not broken).
+    pub broken_by: Option<Vec<Option<usize>>>,
 }
 
 /// Checks ε for a norm.
@@ -475,12 +506,20 @@ impl AttackSettings {
 }
 
 /// The attack names [`build`] knows.
-pub const ATTACK_NAMES: [&str; 8] = [
-    "fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square",
+pub const ATTACK_NAMES: [&str; 9] = [
+    "fgsm",
+    "pgd",
+    "apgd-ce",
+    "apgd-dlr",
+    "apgd-t",
+    "fab",
+    "fab-t",
+    "square",
+    "autoattack",
 ];
 
-/// Builds a white-box or score-based attack by name (`fgsm`, `pgd`, `apgd-ce`, `apgd-dlr`,
-/// `square`), checking that it supports `norm`. Transfer attacks need a source model and
+/// Builds a white-box or score-based attack by name ([`ATTACK_NAMES`]), checking that it
+/// supports `norm`. Transfer attacks need a source model and
 /// are built with [`transfer::Transfer`].
 pub fn build(name: &str, s: &AttackSettings, norm: Norm) -> Result<Box<dyn Attack>> {
     let attack: Box<dyn Attack> = match name {
@@ -520,10 +559,12 @@ pub fn build(name: &str, s: &AttackSettings, norm: Norm) -> Result<Box<dyn Attac
             queries: s.square_queries,
             ..square::Square::default()
         }),
+        // The standard version, whatever the other attacks' settings.
+        "autoattack" => Box::new(autoattack::AutoAttack::default()),
         other => return Err(Error::config(
             "attack",
             other,
-            "unknown (known: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, transfer)",
+            "unknown (known: fgsm, pgd, apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square, autoattack, transfer)",
         )),
     };
     if !attack.supports(norm) {

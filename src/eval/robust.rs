@@ -64,6 +64,37 @@ pub struct AttackResult {
     pub wall_s: f64,
     /// Wall seconds on a GPU (0 on the CPU).
     pub gpu_s: f64,
+    /// For a composite attack (AutoAttack): which stage broke each image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<StageRecord>,
+}
+
+/// The per-example record of a composite attack's stages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    /// The stages, in order.
+    pub names: Vec<String>,
+    /// Per stage: true if it uses the model's gradients.
+    pub uses_gradients: Vec<bool>,
+    /// Per ε, one character per image: the index of the stage that broke it (`0`–`9`, then
+    /// `a`–`z`), `.` robust, `c` misclassified clean.
+    pub broken_by: Vec<String>,
+    /// Per stage, per ε: robust accuracy after the stages up to and including this one.
+    pub after: Vec<Vec<EpsAccuracy>>,
+    /// Per ε: images a stage broke that the final re-evaluation classifies correctly
+    /// (expected 0; the re-evaluation is what counts in `per_eps`).
+    pub reevaluation_mismatches: Vec<usize>,
+}
+
+impl StageRecord {
+    /// The stage that broke image `i` at ε index `ei`, if any.
+    pub fn stage_of(&self, ei: usize, i: usize) -> Option<usize> {
+        self.broken_by
+            .get(ei)
+            .and_then(|s| s.as_bytes().get(i))
+            .and_then(|&c| (c as char).to_digit(36))
+            .map(|d| d as usize)
+    }
 }
 
 /// Masking diagnostics at one ε.
@@ -197,21 +228,29 @@ pub fn evaluate(
         let name = a.name();
         let start = Instant::now();
         let mut broken: Vec<Vec<bool>> = vec![Vec::with_capacity(n); cfg.eps.len()];
+        let stage_list = a.stages();
+        let mut stage_of: Vec<Vec<Option<usize>>> = vec![Vec::with_capacity(n); cfg.eps.len()];
         for (ei, &eps) in cfg.eps.iter().enumerate() {
             let mut done = 0;
             for chunk in idx.chunks(cfg.batch_size) {
                 let (x, y) = data.batch(chunk)?;
                 let labels = y.to_vec1::<u32>()?;
                 let mut rng = Rng::new(cfg.seed, &format!("attack/{name}/{eps}/{}", chunk[0]));
-                let x_adv = a.perturb(model, &x, &y, cfg.norm, eps, &mut rng)?;
-                let preds = predictions(&model.forward_t(&x_adv, false)?)?;
+                let staged = a.perturb_staged(model, &x, &y, cfg.norm, eps, &mut rng)?;
+                let preds = predictions(&model.forward_t(&staged.x_adv, false)?)?;
                 for i in 0..chunk.len() {
                     broken[ei].push(clean_wrong[done + i] || preds[i] != labels[i]);
+                }
+                if let Some(b) = staged.broken_by {
+                    stage_of[ei].extend(b);
                 }
                 done += chunk.len();
                 on_batch(&name, ei, done, n);
             }
         }
+        let stages = (!stage_list.is_empty())
+            .then(|| stage_record(&stage_list, &cfg.eps, &stage_of, &broken, &clean_wrong))
+            .transpose()?;
         crate::device::synchronize(&device)?;
         let wall = start.elapsed().as_secs_f64();
         results.push(AttackResult {
@@ -227,6 +266,7 @@ pub fn evaluate(
             images_per_s: (n * cfg.eps.len()) as f64 / wall.max(1e-9),
             wall_s: wall,
             gpu_s: if device.is_cuda() { wall } else { 0.0 },
+            stages,
         });
         broken_all.push(broken);
     }
@@ -241,17 +281,31 @@ pub fn evaluate(
     let per_eps = (0..cfg.eps.len())
         .map(|ei| {
             let (mut wb, mut gf) = (Vec::new(), Vec::new());
-            for (a, m) in attacks.iter().zip(&broken_all) {
-                if a.uses_gradients() {
-                    wb.push(&m[ei]);
-                } else {
-                    gf.push(&m[ei]);
+            for ((a, m), r) in attacks.iter().zip(&broken_all).zip(&results) {
+                match &r.stages {
+                    // A composite attack: each broken image goes to its stage's side.
+                    Some(st) => {
+                        let side = |gradients: bool| -> Vec<bool> {
+                            (0..n)
+                                .map(|i| {
+                                    clean_wrong[i]
+                                        || st
+                                            .stage_of(ei, i)
+                                            .is_some_and(|s| st.uses_gradients[s] == gradients)
+                                })
+                                .collect()
+                        };
+                        wb.push(side(true));
+                        gf.push(side(false));
+                    }
+                    None if a.uses_gradients() => wb.push(m[ei].clone()),
+                    None => gf.push(m[ei].clone()),
                 }
             }
             let only = (0..n)
                 .filter(|&i| gf.iter().any(|m| m[i]) && !wb.iter().any(|m| m[i]) && !clean_wrong[i])
                 .count();
-            let acc = |ms: &[&Vec<bool>]| {
+            let acc = |ms: &[Vec<bool>]| {
                 (!ms.is_empty()).then(|| {
                     (0..n).filter(|&i| !ms.iter().any(|m| m[i])).count() as f64 / n.max(1) as f64
                 })
@@ -316,5 +370,64 @@ pub fn examples(
         labels: y.to_vec1::<u32>()?,
         clean_pred: clean,
         adv_pred: adv,
+    })
+}
+
+/// The stage record of a composite attack from its per-ε, per-image stages.
+fn stage_record(
+    stages: &[(String, bool)],
+    eps: &[f64],
+    stage_of: &[Vec<Option<usize>>],
+    broken: &[Vec<bool>],
+    clean_wrong: &[bool],
+) -> Result<StageRecord> {
+    let n = clean_wrong.len();
+    let mut broken_by = Vec::with_capacity(eps.len());
+    let mut mismatches = Vec::with_capacity(eps.len());
+    for (ei, per) in stage_of.iter().enumerate() {
+        if per.len() != n {
+            return Err(Error::AttackCheck {
+                attack: stages
+                    .iter()
+                    .map(|s| s.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join("+"),
+                problem: format!("{} stage entries for {n} images", per.len()),
+            });
+        }
+        let mut text = String::with_capacity(n);
+        for (i, s) in per.iter().enumerate() {
+            text.push(match s {
+                _ if clean_wrong[i] => 'c',
+                Some(k) => char::from_digit(*k as u32, 36).unwrap_or('?'),
+                None => '.',
+            });
+        }
+        broken_by.push(text);
+        mismatches.push(
+            (0..n)
+                .filter(|&i| per[i].is_some() && !clean_wrong[i] && !broken[ei][i])
+                .count(),
+        );
+    }
+    let after = (0..stages.len())
+        .map(|k| {
+            eps.iter()
+                .enumerate()
+                .map(|(ei, &e)| {
+                    let b: Vec<bool> = (0..n)
+                        .map(|i| clean_wrong[i] || stage_of[ei][i].is_some_and(|s| s <= k))
+                        .collect();
+                    EpsAccuracy::new(e, &b)
+                })
+                .collect()
+        })
+        .collect();
+    Ok(StageRecord {
+        names: stages.iter().map(|s| s.0.clone()).collect(),
+        uses_gradients: stages.iter().map(|s| s.1).collect(),
+        broken_by,
+        after,
+        reevaluation_mismatches: mismatches,
     })
 }
