@@ -151,6 +151,20 @@ fn keys_change_with_exactly_what_a_stage_reads() {
     for (a, b) in k0.iter().zip(keys(&c)) {
         assert_eq!(a.1 != b.1, a.0.starts_with("ptq-"), "{}", a.0);
     }
+
+    // AutoAttack moves the evaluations of the models it selects, and only those.
+    let mut c = base.clone();
+    c.eval.autoattack = Some(config::AutoAttackEval::default());
+    let specs = plan::models(&base);
+    let sel = c.eval.autoattack.clone().unwrap();
+    let mut selected = 0;
+    for ((a, b), spec) in k0.iter().zip(keys(&c)).zip(&specs) {
+        assert_eq!(a.1, b.1, "{}: model key moved with AutoAttack", a.0);
+        let chosen = sel.models.contains(spec);
+        selected += usize::from(chosen);
+        assert_eq!(a.2 != b.2, chosen, "{}: eval key", a.0);
+    }
+    assert!(selected >= 4 && selected < specs.len(), "{selected}");
 }
 
 /// A study small enough to run several times in a test: the smoke grid shrunk further,
@@ -192,6 +206,16 @@ fn tiny() -> StudyConfig {
         n: Some(20),
         attacks: vec!["fgsm".into()],
         eps: vec![8.0 / 255.0],
+    });
+    c.eval.autoattack = Some(config::AutoAttackEval {
+        attack: quant_robust::attack::autoattack::AutoAttack {
+            apgd_iterations: 2,
+            fab_iterations: 2,
+            targets: 2,
+            square_queries: 4,
+            ..Default::default()
+        },
+        ..Default::default()
     });
     c.validate().unwrap();
     c
@@ -450,6 +474,41 @@ fn fast_preset_runs_end_to_end_at_tiny_sizes() {
     }
     let ids: Vec<&str> = r.findings.iter().map(|v| v.id.as_str()).collect();
     assert_eq!(ids, ["F1", "F2", "F3", "F4", "F5", "F6"]);
+    // AutoAttack on exactly the selected models, beside the other attacks on the same images.
+    let sel = c.eval.autoattack.as_ref().unwrap();
+    let mut with_aa = 0;
+    for m in &r.models {
+        assert_eq!(
+            m.autoattack.is_some(),
+            sel.models.contains(&m.spec),
+            "{}",
+            m.id
+        );
+        let Some(a) = &m.autoattack else { continue };
+        with_aa += 1;
+        let e = a.at(8.0 / 255.0).unwrap();
+        assert_eq!(e.autoattack.total, m.clean.total);
+        assert!(e.autoattack.correct <= m.clean.correct, "{}", m.id);
+        let (w, both) = (
+            e.worst_case.as_ref().unwrap(),
+            e.worst_with_autoattack.as_ref().unwrap(),
+        );
+        assert_eq!(w, m.worst_at(8.0 / 255.0).unwrap(), "{}", m.id);
+        assert!(
+            both.correct <= w.correct.min(e.autoattack.correct),
+            "{}",
+            m.id
+        );
+        assert_eq!(e.after_stage.len(), 4);
+        assert_eq!(e.reevaluation_mismatches, 0);
+        assert!(e.pgd.is_some(), "{}", m.id);
+    }
+    assert!(with_aa >= 4, "{with_aa} models with AutoAttack");
+    let report = std::fs::read_to_string(out.path().join("report.md")).unwrap();
+    assert!(
+        report.contains("## AutoAttack (autoattack[apgd-ce+apgd-t+fab-t+square]"),
+        "{report}"
+    );
 }
 
 // ---- findings on hand-made results ----
@@ -496,6 +555,7 @@ fn model(spec: ModelSpec, w: usize, raw: Option<usize>, cost: f64) -> ModelResul
             .collect(),
         alpha: None,
         wide: None,
+        autoattack: None,
         cost: Cost {
             stage_wall_s: cost,
             stage_gpu_s: 0.0,

@@ -35,7 +35,8 @@ pub struct EpsAccuracy {
 }
 
 impl EpsAccuracy {
-    fn new(eps: f64, broken: &[bool]) -> Self {
+    /// The accuracy of a per-image "broken" mask at `eps`.
+    pub fn new(eps: f64, broken: &[bool]) -> Self {
         let a = Accuracy {
             correct: broken.iter().filter(|&&b| !b).count(),
             total: broken.len(),
@@ -76,8 +77,8 @@ pub struct StageRecord {
     pub names: Vec<String>,
     /// Per stage: true if it uses the model's gradients.
     pub uses_gradients: Vec<bool>,
-    /// Per ε, one character per image: the index of the stage that broke it (`0`–`9`, then
-    /// `a`–`z`), `.` robust, `c` misclassified clean.
+    /// Per ε, one character per image: the index of the stage that broke it (`0`–`9`),
+    /// `.` robust, `x` misclassified clean.
     pub broken_by: Vec<String>,
     /// Per stage, per ε: robust accuracy after the stages up to and including this one.
     pub after: Vec<Vec<EpsAccuracy>>,
@@ -92,8 +93,9 @@ impl StageRecord {
         self.broken_by
             .get(ei)
             .and_then(|s| s.as_bytes().get(i))
-            .and_then(|&c| (c as char).to_digit(36))
+            .and_then(|&c| (c as char).to_digit(10))
             .map(|d| d as usize)
+            .filter(|&d| d < self.names.len())
     }
 }
 
@@ -382,6 +384,13 @@ fn stage_record(
     clean_wrong: &[bool],
 ) -> Result<StageRecord> {
     let n = clean_wrong.len();
+    if stages.len() > 10 {
+        return Err(Error::config(
+            "composite attack stages",
+            stages.len(),
+            "at most 10 are recorded",
+        ));
+    }
     let mut broken_by = Vec::with_capacity(eps.len());
     let mut mismatches = Vec::with_capacity(eps.len());
     for (ei, per) in stage_of.iter().enumerate() {
@@ -398,8 +407,8 @@ fn stage_record(
         let mut text = String::with_capacity(n);
         for (i, s) in per.iter().enumerate() {
             text.push(match s {
-                _ if clean_wrong[i] => 'c',
-                Some(k) => char::from_digit(*k as u32, 36).unwrap_or('?'),
+                _ if clean_wrong[i] => 'x',
+                Some(k) => char::from_digit(*k as u32, 10).unwrap_or('?'),
                 None => '.',
             });
         }

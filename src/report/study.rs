@@ -165,6 +165,81 @@ fn wide_section(s: &mut String, res: &StudyResults) {
     s.push_str(&table(&head, &rows));
 }
 
+/// AutoAttack beside PGD, APGD-CE and the worst case of the other attacks, on the same
+/// images (`eval.autoattack`).
+fn autoattack_section(s: &mut String, res: &StudyResults) {
+    let cells: Vec<&ModelResult> = res
+        .models
+        .iter()
+        .filter(|m| m.autoattack.is_some())
+        .collect();
+    let Some(first) = cells.first().and_then(|m| m.autoattack.as_ref()) else {
+        return;
+    };
+    let stages: Vec<String> = first
+        .per_eps
+        .first()
+        .map(|e| e.after_stage.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "\n## AutoAttack ({}), the robustness number of record\n\n\
+         On the same images as the other attacks. \"worst + AA\" is the per-example worst \
+         case of everything; \"after <stage>\" is the cascade's accuracy after that stage; \
+         \"Square only\" counts images that only a gradient-free attack or stage broke (the \
+         masking diagnostic over all attacks; \"(flag)\" above the masking threshold). The \
+         findings F1-F5 use the worst case of the main attacks, which every model has; F6 \
+         uses the worst case with AutoAttack where it ran.\n",
+        first.attack,
+    );
+    let mut head: Vec<String> = [
+        "model",
+        "ε",
+        "clean",
+        "PGD",
+        "APGD-CE",
+        "worst case",
+        "AutoAttack",
+        "worst + AA",
+    ]
+    .map(String::from)
+    .to_vec();
+    head.extend(stages.iter().map(|n| format!("after {n}")));
+    head.push("Square only".into());
+    let mut rows = Vec::new();
+    for m in &cells {
+        let Some(a) = &m.autoattack else { continue };
+        for e in &a.per_eps {
+            let mut row = vec![
+                m.id.clone(),
+                eps_label(e.eps),
+                pct(&m.clean),
+                opt_pct(e.pgd.as_ref()),
+                opt_pct(e.apgd_ce.as_ref()),
+                opt_pct(e.worst_case.as_ref()),
+                pct(&e.autoattack),
+                opt_pct(e.worst_with_autoattack.as_ref()),
+            ];
+            row.extend(
+                e.after_stage
+                    .iter()
+                    .map(|(_, x)| format!("{:.1}", 100.0 * x.accuracy)),
+            );
+            row.push(format!(
+                "{}{}",
+                e.masking.broken_only_without_gradients,
+                if e.masking.masking_suspected {
+                    " (flag)"
+                } else {
+                    ""
+                }
+            ));
+            rows.push(row);
+        }
+    }
+    s.push_str(&table(&head, &rows));
+}
+
 /// The report's markdown.
 pub fn markdown(res: &StudyResults) -> String {
     let c = &res.config;
@@ -564,6 +639,7 @@ pub fn markdown(res: &StudyResults) -> String {
 
     alpha_section(&mut s, res);
     wide_section(&mut s, res);
+    autoattack_section(&mut s, res);
 
     if !res.across_seeds.is_empty() {
         s.push_str("\n## Across seeds (mean and Student-t 95% interval)\n\n");

@@ -16,6 +16,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::attack::autoattack::AutoAttack;
 use crate::attack::{AttackSettings, PgdConfig, ATTACK_NAMES};
 use crate::quant::ptq::PtqMethod;
 use crate::quant::pwlq::Breakpoint;
@@ -379,6 +380,96 @@ pub struct EvalStage {
     /// for tighter intervals in the tables. Default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wide: Option<WideEval>,
+    /// AutoAttack on the models the findings rest on, on the same images as the attacks
+    /// above. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoattack: Option<AutoAttackEval>,
+}
+
+/// AutoAttack, the robustness number of record, on a selection of models: its robust
+/// accuracy is reported beside PGD and the worst case of the other attacks, on the same
+/// images, and its stages feed the masking diagnostics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoAttackEval {
+    /// The cascade and its settings. Default: the standard version.
+    pub attack: AutoAttack,
+    /// Radii (L∞, pixel units). Default 8/255.
+    #[serde(deserialize_with = "de_eps_list")]
+    pub eps: Vec<f64>,
+    /// Which models. Default: both full-precision models, PTQ W4A4, and QAT W4A4 trained on
+    /// all of the training split (every init, with and without AT).
+    pub models: ModelSelection,
+}
+
+impl Default for AutoAttackEval {
+    fn default() -> Self {
+        AutoAttackEval {
+            attack: AutoAttack::default(),
+            eps: vec![8.0 / 255.0],
+            models: ModelSelection::default(),
+        }
+    }
+}
+
+/// A set of the study's models, by kind and bits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSelection {
+    /// The full-precision models. Default true.
+    pub fp: bool,
+    /// PTQ cells with these bits (every init). Default w4a4.
+    pub ptq: Vec<String>,
+    /// QAT cells with these bits trained on all of the training split (every init, with
+    /// and without AT). Default w4a4.
+    pub qat: Vec<String>,
+}
+
+impl Default for ModelSelection {
+    fn default() -> Self {
+        ModelSelection {
+            fp: true,
+            ptq: vec!["w4a4".into()],
+            qat: vec!["w4a4".into()],
+        }
+    }
+}
+
+impl ModelSelection {
+    /// True if `spec` is in the selection.
+    pub fn contains(&self, spec: &crate::study::plan::ModelSpec) -> bool {
+        use crate::study::plan::ModelSpec;
+        match spec {
+            ModelSpec::Fp { .. } => self.fp,
+            ModelSpec::Ptq { bits, .. } => self.ptq.contains(bits),
+            ModelSpec::Qat { bits, fraction, .. } => *fraction == 1.0 && self.qat.contains(bits),
+        }
+    }
+}
+
+impl EvalStage {
+    /// The AutoAttack evaluation of `spec`, if it is selected for one.
+    pub fn autoattack_for(&self, spec: &crate::study::plan::ModelSpec) -> Option<&AutoAttackEval> {
+        self.autoattack.as_ref().filter(|a| a.models.contains(spec))
+    }
+
+    /// What an evaluation of `spec` depends on: every setting here, except that AutoAttack
+    /// counts only for the models it is selected for (so changing its selection leaves the
+    /// other models' evaluations alone).
+    pub fn key_of(&self, spec: &crate::study::plan::ModelSpec) -> serde_json::Value {
+        let mut v = serde_json::to_value(EvalStage {
+            autoattack: None,
+            ..self.clone()
+        })
+        .unwrap_or_default();
+        if let (Some(a), Some(obj)) = (self.autoattack_for(spec), v.as_object_mut()) {
+            obj.insert(
+                "autoattack".into(),
+                serde_json::to_value(a).unwrap_or_default(),
+            );
+        }
+        v
+    }
 }
 
 /// A second evaluation of every model on more test images, with the attacks cheap enough
@@ -420,6 +511,7 @@ impl Default for EvalStage {
             batch_size: 250,
             seed: 0,
             wide: None,
+            autoattack: None,
         }
     }
 }
@@ -603,6 +695,22 @@ impl StudyConfig {
                 crate::attack::check_eps(crate::attack::Norm::Linf, x)?;
             }
         }
+        if let Some(a) = &e.autoattack {
+            a.attack.validate()?;
+            if a.eps.is_empty() {
+                return Err(Error::config(
+                    "eval.autoattack.eps",
+                    "[]",
+                    "give at least one ε",
+                ));
+            }
+            for &x in &a.eps {
+                crate::attack::check_eps(crate::attack::Norm::Linf, x)?;
+            }
+            for b in a.models.ptq.iter().chain(&a.models.qat) {
+                check_bits(b)?;
+            }
+        }
         let wide_attacks = e.wide.iter().flat_map(|w| &w.attacks);
         for a in e.attacks.iter().chain(wide_attacks) {
             if !ATTACK_NAMES.contains(&a.as_str()) {
@@ -620,12 +728,17 @@ impl StudyConfig {
             return Err(Error::config("eval.batch_size", 0, "must be ≥ 1"));
         }
         let s = &e.settings;
-        if s.pgd_steps == 0 || s.restarts == 0 || s.apgd_iterations == 0 || s.square_queries == 0 {
+        if s.pgd_steps == 0
+            || s.restarts == 0
+            || s.apgd_iterations == 0
+            || s.square_queries == 0
+            || s.fab_iterations == 0
+        {
             return Err(Error::config(
                 "eval.settings",
                 format!(
-                    "steps {} restarts {} apgd {} square {}",
-                    s.pgd_steps, s.restarts, s.apgd_iterations, s.square_queries
+                    "steps {} restarts {} apgd {} square {} fab {}",
+                    s.pgd_steps, s.restarts, s.apgd_iterations, s.square_queries, s.fab_iterations
                 ),
                 "every count must be ≥ 1",
             ));
@@ -767,6 +880,7 @@ pub fn smoke() -> StudyConfig {
             batch_size: 32,
             seed: 0,
             wide: None,
+            autoattack: None,
         },
         findings: FindingsConfig::default(),
     }
@@ -926,6 +1040,7 @@ pub fn cpu_with(natural: GivenCheckpoint, robust: GivenCheckpoint) -> StudyConfi
                 ..AttackSettings::default()
             },
             wide: Some(WideEval::default()),
+            autoattack: Some(AutoAttackEval::default()),
             ..EvalStage::default()
         },
         findings: FindingsConfig::default(),

@@ -310,7 +310,7 @@ pub fn eval_key(
 ) -> String {
     let v = serde_json::json!({
         "version": CACHE_VERSION,
-        "eval": cfg.eval,
+        "eval": cfg.eval.key_of(spec),
         "model": model_key,
         "reference": reference_key,
         "test_data": data.test_sha256,

@@ -13,7 +13,7 @@ use super::findings::{self, Verdict};
 use super::plan::ModelSpec;
 use super::run::{read_record, EvalRecord, Keys, ModelRecord};
 use crate::data::DataIdentity;
-use crate::eval::robust::EpsAccuracy;
+use crate::eval::robust::{EpsAccuracy, RobustnessReport};
 use crate::manifest::Manifest;
 use crate::{Error, Result};
 
@@ -50,7 +50,142 @@ pub struct ModelResult {
     /// Clean accuracy and the cheap attacks on the larger image set (`eval.wide`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wide: Option<WideResult>,
+    /// AutoAttack beside PGD and the worst case (`eval.autoattack`, selected models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoattack: Option<AutoAttackResult>,
     pub cost: Cost,
+}
+
+/// AutoAttack on a model, beside the other attacks on the same images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoAttackResult {
+    /// `autoattack`, or the custom cascade's name.
+    pub attack: String,
+    pub per_eps: Vec<AutoAttackAtEps>,
+}
+
+/// AutoAttack at one ε.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoAttackAtEps {
+    pub eps: f64,
+    /// AutoAttack's robust accuracy (re-evaluated).
+    pub autoattack: EpsAccuracy,
+    /// Robust accuracy after each stage of the cascade, in order.
+    pub after_stage: Vec<(String, EpsAccuracy)>,
+    /// PGD and APGD-CE of the main evaluation at this ε, where they ran.
+    pub pgd: Option<EpsAccuracy>,
+    pub apgd_ce: Option<EpsAccuracy>,
+    /// The per-example worst case of the main evaluation's attacks, without and with
+    /// AutoAttack (`None` where the main evaluation has no such ε).
+    pub worst_case: Option<EpsAccuracy>,
+    pub worst_with_autoattack: Option<EpsAccuracy>,
+    /// Masking diagnostics over the main attacks and AutoAttack's stages together: images
+    /// broken only by a gradient-free attack or stage (Square, transfer).
+    pub masking: crate::eval::robust::MaskingAtEps,
+    /// Images a stage broke that the re-evaluation classified correctly (expected 0).
+    pub reevaluation_mismatches: usize,
+}
+
+impl AutoAttackResult {
+    /// From the main evaluation and the AutoAttack evaluation on the same images.
+    pub fn new(main: &RobustnessReport, aa: &RobustnessReport) -> Result<Self> {
+        let a = aa.attacks.first().ok_or_else(|| {
+            Error::config("autoattack results", "no attack", "expected one attack")
+        })?;
+        if main.n != aa.n {
+            return Err(Error::config(
+                "autoattack results",
+                format!("{} vs {} images", aa.n, main.n),
+                "AutoAttack must run on the main evaluation's images",
+            ));
+        }
+        let n = aa.n;
+        let bits = |s: &str| -> Vec<bool> { s.bytes().map(|c| c == b'1').collect() };
+        let mut per_eps = Vec::new();
+        for (ei, &eps) in aa.eps.iter().enumerate() {
+            let aa_broken = bits(&a.broken[ei]);
+            let st = a.stages.as_ref();
+            let clean_wrong: Vec<bool> = match st {
+                Some(st) => st.broken_by[ei].bytes().map(|c| c == b'x').collect(),
+                None => vec![false; n],
+            };
+            let side = |gradients: bool| -> Vec<bool> {
+                (0..n)
+                    .map(|i| {
+                        st.is_some_and(|st| {
+                            st.stage_of(ei, i)
+                                .is_some_and(|k| st.uses_gradients[k] == gradients)
+                        })
+                    })
+                    .collect()
+            };
+            let (mut wb, mut gf) = (side(true), side(false));
+            let main_ei = main.eps.iter().position(|&e| (e - eps).abs() < 1e-9);
+            let mut worst_main = None;
+            let mut worst_all = None;
+            if let Some(mi) = main_ei {
+                let mut w = clean_wrong.clone();
+                for r in &main.attacks {
+                    let b = bits(&r.broken[mi]);
+                    for i in 0..n {
+                        w[i] |= b[i];
+                        if r.gradient_free {
+                            gf[i] |= b[i];
+                        } else {
+                            wb[i] |= b[i];
+                        }
+                    }
+                }
+                worst_main = Some(EpsAccuracy::new(eps, &w));
+                let both: Vec<bool> = (0..n).map(|i| w[i] || aa_broken[i]).collect();
+                worst_all = Some(EpsAccuracy::new(eps, &both));
+            }
+            let only = (0..n)
+                .filter(|&i| gf[i] && !wb[i] && !clean_wrong[i])
+                .count();
+            let threshold = main.diagnostics.masking_threshold;
+            let find = |name: &str| {
+                main.attacks
+                    .iter()
+                    .find(|r| r.attack == name || r.attack.starts_with(&format!("{name}-")))
+                    .and_then(|r| main_ei.map(|mi| r.per_eps[mi].clone()))
+            };
+            per_eps.push(AutoAttackAtEps {
+                eps,
+                autoattack: a.per_eps[ei].clone(),
+                after_stage: st
+                    .map(|st| {
+                        st.names
+                            .iter()
+                            .cloned()
+                            .zip(st.after.iter().map(|v| v[ei].clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                pgd: find("pgd"),
+                apgd_ce: find("apgd-ce"),
+                worst_case: worst_main,
+                worst_with_autoattack: worst_all,
+                masking: crate::eval::robust::MaskingAtEps {
+                    eps,
+                    white_box_best: None,
+                    gradient_free: None,
+                    broken_only_without_gradients: only,
+                    masking_suspected: only as f64 > threshold * n as f64,
+                },
+                reevaluation_mismatches: st.map_or(0, |st| st.reevaluation_mismatches[ei]),
+            });
+        }
+        Ok(AutoAttackResult {
+            attack: a.attack.clone(),
+            per_eps,
+        })
+    }
+
+    /// AutoAttack at `eps`.
+    pub fn at(&self, eps: f64) -> Option<&AutoAttackAtEps> {
+        self.per_eps.iter().find(|e| (e.eps - eps).abs() < 1e-9)
+    }
 }
 
 /// PACT α of a QAT cell: per site at the start and after the last epoch, and the sites
@@ -330,6 +465,11 @@ pub fn collect(
                 clean: w.clean.clone(),
                 attacks: w.attacks.iter().map(attack_accuracy).collect(),
             }),
+            autoattack: e
+                .autoattack
+                .as_ref()
+                .map(|aa| AutoAttackResult::new(r, aa))
+                .transpose()?,
             cost: Cost {
                 stage_wall_s: m.wall_s,
                 stage_gpu_s: m.gpu_s,

@@ -76,6 +76,9 @@ pub struct EvalRecord {
     /// The cheap attacks on the larger image set (`eval.wide`, when configured).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wide: Option<RobustnessReport>,
+    /// AutoAttack on the same images (`eval.autoattack`, for the models it selects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoattack: Option<RobustnessReport>,
     pub wall_s: f64,
     pub gpu_s: f64,
     /// CPU seconds, all threads (0 where not measured).
@@ -635,6 +638,24 @@ impl Runner<'_> {
             }
             None => None,
         };
+        let autoattack = match e.autoattack_for(spec) {
+            Some(a) => {
+                let attacks: Vec<Box<dyn Attack>> = vec![Box::new(a.attack.clone())];
+                let acfg = RobustnessConfig {
+                    eps: a.eps.clone(),
+                    ..rcfg.clone()
+                };
+                Some(evaluate(
+                    &model,
+                    &self.test,
+                    &idx,
+                    &attacks,
+                    &acfg,
+                    &mut |_, _, _, _| {},
+                )?)
+            }
+            None => None,
+        };
         crate::device::synchronize(&self.dev)?;
         let wall = t.elapsed().as_secs_f64();
         let cpu = crate::device::cpu_seconds_since(cpu_start);
@@ -642,7 +663,7 @@ impl Runner<'_> {
         m.seed = Some(rcfg.seed);
         m.data = Some(self.data.identity.clone());
         m.config = serde_json::json!({
-            "eval": e,
+            "eval": e.key_of(spec),
             "model": self.keys.model(spec)?,
             "reference": spec.reference().map(|r| self.keys.model(&r).map(String::from)).transpose()?,
         });
@@ -654,6 +675,7 @@ impl Runner<'_> {
             report,
             raw,
             wide,
+            autoattack,
             wall_s: wall,
             gpu_s: gpu_seconds(&self.dev, wall),
             cpu_s: cpu,
