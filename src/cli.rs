@@ -1249,7 +1249,13 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
                     .iter()
                     .map(|e| format!("{:.2}% at {:.4}", 100.0 * e.accuracy, e.eps))
                     .collect();
-                tracing::info!("{:>12}   after {name}: {}", "", after.join(", "));
+                tracing::info!(
+                    "{:>12}   after {name}: {} ({} images attacked, {:.1} s)",
+                    "",
+                    after.join(", "),
+                    st.images[k],
+                    st.wall_s[k]
+                );
             }
         }
     }

@@ -100,6 +100,9 @@ pub struct Cascade {
     pub clean_wrong: Vec<bool>,
     /// Images a stage broke that the final re-evaluation classifies correctly.
     pub reevaluation_mismatches: usize,
+    /// Per stage: the images it attacked and its wall seconds.
+    pub stage_images: Vec<usize>,
+    pub stage_wall_s: Vec<f64>,
 }
 
 impl AutoAttack {
@@ -204,6 +207,8 @@ impl AutoAttack {
         let clean_wrong: Vec<bool> = (0..n).map(|i| clean[i] != labels[i]).collect();
         let mut broken_by: Vec<Option<usize>> = vec![None; n];
         let mut x_adv = x.clone();
+        let mut stage_images = vec![0; self.stages.len()];
+        let mut stage_wall_s = vec![0.0; self.stages.len()];
         if eps > 0.0 {
             for (si, &stage) in self.stages.iter().enumerate() {
                 let todo: Vec<u32> = (0..n)
@@ -218,10 +223,14 @@ impl AutoAttack {
                 // Each stage draws from its own stream: a custom list gives each stage the
                 // draws it has in the standard one.
                 let mut stage_rng = rng.fork(stage.name());
+                let t = std::time::Instant::now();
                 let out =
                     self.stage_attack(stage)
                         .perturb(model, &xs, &ys, norm, eps, &mut stage_rng)?;
                 let preds = predictions(&model.forward_t(&out, false)?)?;
+                crate::device::synchronize(x.device())?;
+                stage_images[si] = todo.len();
+                stage_wall_s[si] = t.elapsed().as_secs_f64();
                 let fooled: Vec<usize> = (0..todo.len())
                     .filter(|&j| preds[j] != labels[todo[j] as usize])
                     .collect();
@@ -255,6 +264,8 @@ impl AutoAttack {
             broken_by,
             clean_wrong,
             reevaluation_mismatches,
+            stage_images,
+            stage_wall_s,
         })
     }
 
@@ -330,6 +341,8 @@ impl Attack for AutoAttack {
         Ok(super::Staged {
             x_adv: c.x_adv,
             broken_by: Some(c.broken_by),
+            stage_images: c.stage_images,
+            stage_wall_s: c.stage_wall_s,
         })
     }
     fn stages(&self) -> Vec<(String, bool)> {

@@ -52,10 +52,9 @@ impl Default for Fab {
     }
 }
 
-/// A model linearized at a batch of points: predictions, and per example the logit
-/// difference of the hyperplane's class and its input gradient (flattened).
+/// A model linearized at a batch of points: per example the logit difference of the
+/// hyperplane's class and its input gradient (flattened).
 struct Linearized {
-    preds: Vec<u32>,
     df: Vec<f32>,
     dg: Vec<Vec<f32>>,
 }
@@ -155,8 +154,8 @@ impl Fab {
         Ok(())
     }
 
-    /// The predictions at `x1` (n examples) and the hyperplane of each: the logit
-    /// difference z_k − z_y of the chosen class k and its input gradient. Untargeted: k is the class whose linearized boundary is nearest in L∞,
+    /// The hyperplane of each of the n examples at `x1`: the logit difference z_k − z_y of
+    /// the chosen class k and its input gradient. Untargeted: k is the class whose linearized boundary is nearest in L∞,
     /// |z_k − z_y| / |∇(z_k − z_y)|₁ (eq. 7); targeted: k is the target.
     fn hyperplane(
         &self,
@@ -173,11 +172,10 @@ impl Fab {
                 Tensor::from_vec(labels.to_vec(), (n, 1), dev)?,
                 Tensor::from_vec(t.to_vec(), (n, 1), dev)?,
             );
-            let (logits, df, dg) = loss_and_gradient_of(model, x1, |z| {
+            let (_, df, dg) = loss_and_gradient_of(model, x1, |z| {
                 Ok((z.gather(&ti, 1)? - z.gather(&yi, 1)?)?.squeeze(1)?)
             })?;
             return Ok(Linearized {
-                preds: predictions(&logits)?,
                 df: df.to_vec1::<f32>()?,
                 dg: dg.flatten_from(1)?.to_vec2::<f32>()?,
             });
@@ -189,7 +187,6 @@ impl Fab {
             Vec::with_capacity(n * classes),
             Vec::with_capacity(n * classes),
         );
-        let mut preds = Vec::with_capacity(n);
         for start in (0..n).step_by(per_chunk) {
             let m = per_chunk.min(n - start);
             let rep = x1
@@ -203,10 +200,9 @@ impl Fab {
                 .collect();
             let ki = Tensor::from_vec(k_idx, (m * classes, 1), dev)?;
             let yi = Tensor::from_vec(y_idx, (m * classes, 1), dev)?;
-            let (logits, f, g) = loss_and_gradient_of(model, &rep, |z| {
+            let (_, f, g) = loss_and_gradient_of(model, &rep, |z| {
                 Ok((z.gather(&ki, 1)? - z.gather(&yi, 1)?)?.squeeze(1)?)
             })?;
-            preds.extend(predictions(&logits)?.into_iter().step_by(classes));
             df.extend(f.to_vec1::<f32>()?);
             dg.extend(g.flatten_from(1)?.to_vec2::<f32>()?);
         }
@@ -227,7 +223,6 @@ impl Fab {
             out_g.push(dg[best].clone());
         }
         Ok(Linearized {
-            preds,
             df: out_f,
             dg: out_g,
         })
@@ -285,50 +280,23 @@ impl Fab {
             } else {
                 self.random_start(&x0, &best_d, eps, rng)
             };
-            for k in 0..=self.iterations {
-                let last = k == self.iterations;
-                let mut lin = if last {
-                    let logits = model.forward_t(&to_tensor(&x1)?, false)?;
-                    Linearized {
-                        preds: predictions(&logits)?,
-                        df: Vec::new(),
-                        dg: Vec::new(),
+            for _ in 0..self.iterations {
+                let lin =
+                    self.hyperplane(model, &to_tensor(&x1)?, &lab, tgt.as_deref(), classes)?;
+                self.step(&mut x1, &x0, &lin.df, &lin.dg);
+                // Keep what fools, and pull it back towards the image.
+                let preds = predictions(&model.forward_t(&to_tensor(&x1)?, false)?)?;
+                for i in (0..n).filter(|&i| preds[i] != lab[i]) {
+                    let diff: Vec<f32> = x1[i].iter().zip(&x0[i]).map(|(a, b)| a - b).collect();
+                    let t = linf(&diff);
+                    if t < best_d[i] {
+                        best_d[i] = t;
+                        best[i].clone_from(&x1[i]);
                     }
-                } else {
-                    self.hyperplane(model, &to_tensor(&x1)?, &lab, tgt.as_deref(), classes)?
-                };
-                if k > 0 {
-                    // x1 is the last update: keep what fools, pull it back towards the
-                    // image, and linearize again where it moved.
-                    let fooled: Vec<usize> = (0..n).filter(|&i| lin.preds[i] != lab[i]).collect();
-                    for &i in &fooled {
-                        let diff: Vec<f32> = x1[i].iter().zip(&x0[i]).map(|(a, b)| a - b).collect();
-                        let t = linf(&diff);
-                        if t < best_d[i] {
-                            best_d[i] = t;
-                            best[i].clone_from(&x1[i]);
-                        }
-                        for (v, (o, dv)) in x1[i].iter_mut().zip(x0[i].iter().zip(&diff)) {
-                            *v = o + dv * self.beta as f32;
-                        }
-                    }
-                    if last {
-                        break;
-                    }
-                    if !fooled.is_empty() {
-                        self.relinearize(
-                            model,
-                            &x1,
-                            &fooled,
-                            &lab,
-                            tgt.as_deref(),
-                            classes,
-                            &x0t,
-                            &mut lin,
-                        )?;
+                    for (v, (o, dv)) in x1[i].iter_mut().zip(x0[i].iter().zip(&diff)) {
+                        *v = o + dv * self.beta as f32;
                     }
                 }
-                self.step(&mut x1, &x0, &lin.df, &lin.dg);
             }
         }
         // Write the found points back into the full batch, exactly.
@@ -345,34 +313,6 @@ impl Fab {
             distance[j as usize] = best_d[i];
         }
         Ok(MinimalAdversarial { x_adv, distance })
-    }
-
-    /// The hyperplanes again for the examples in `rows`, the others as they were.
-    #[allow(clippy::too_many_arguments)]
-    fn relinearize(
-        &self,
-        model: &dyn Classifier,
-        x1: &[Vec<f32>],
-        rows: &[usize],
-        lab: &[u32],
-        tgt: Option<&[u32]>,
-        classes: usize,
-        like: &Tensor,
-        lin: &mut Linearized,
-    ) -> Result<()> {
-        let flat: Vec<f32> = rows.iter().flat_map(|&i| x1[i].iter().copied()).collect();
-        let mut dims = like.dims().to_vec();
-        dims[0] = rows.len();
-        let xs = Tensor::from_vec(flat, dims, like.device())?;
-        let sl: Vec<u32> = rows.iter().map(|&i| lab[i]).collect();
-        let st: Option<Vec<u32>> = tgt.map(|t| rows.iter().map(|&i| t[i]).collect());
-        let sub = self.hyperplane(model, &xs, &sl, st.as_deref(), classes)?;
-        for (j, &i) in rows.iter().enumerate() {
-            lin.preds[i] = sub.preds[j];
-            lin.df[i] = sub.df[j];
-            lin.dg[i].clone_from(&sub.dg[j]);
-        }
-        Ok(())
     }
 
     /// One FAB update of every iterate (eq. 9).

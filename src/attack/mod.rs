@@ -85,6 +85,8 @@ pub trait Attack {
         Ok(Staged {
             x_adv: self.perturb(model, x, y, norm, eps, rng)?,
             broken_by: None,
+            stage_images: Vec::new(),
+            stage_wall_s: Vec::new(),
         })
     }
     /// A composite attack's stages: name, and whether it uses the model's gradients
@@ -100,6 +102,9 @@ pub struct Staged {
     pub x_adv: Tensor,
     /// Per example, the index of the stage that broke it (`None`: not broken).
     pub broken_by: Option<Vec<Option<usize>>>,
+    /// Per stage: the images it attacked and its wall seconds (empty for a single attack).
+    pub stage_images: Vec<usize>,
+    pub stage_wall_s: Vec<f64>,
 }
 
 /// Checks ε for a norm.

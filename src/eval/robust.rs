@@ -85,6 +85,10 @@ pub struct StageRecord {
     /// Per ε: images a stage broke that the final re-evaluation classifies correctly
     /// (expected 0; the re-evaluation is what counts in `per_eps`).
     pub reevaluation_mismatches: Vec<usize>,
+    /// Per stage, all ε together: the images it attacked (those still robust when it
+    /// started) and its wall seconds.
+    pub images: Vec<usize>,
+    pub wall_s: Vec<f64>,
 }
 
 impl StageRecord {
@@ -232,6 +236,8 @@ pub fn evaluate(
         let mut broken: Vec<Vec<bool>> = vec![Vec::with_capacity(n); cfg.eps.len()];
         let stage_list = a.stages();
         let mut stage_of: Vec<Vec<Option<usize>>> = vec![Vec::with_capacity(n); cfg.eps.len()];
+        let mut stage_images = vec![0usize; stage_list.len()];
+        let mut stage_wall_s = vec![0f64; stage_list.len()];
         for (ei, &eps) in cfg.eps.iter().enumerate() {
             let mut done = 0;
             for chunk in idx.chunks(cfg.batch_size) {
@@ -246,13 +252,29 @@ pub fn evaluate(
                 if let Some(b) = staged.broken_by {
                     stage_of[ei].extend(b);
                 }
+                for (k, (&m, &w)) in staged
+                    .stage_images
+                    .iter()
+                    .zip(&staged.stage_wall_s)
+                    .enumerate()
+                {
+                    if k < stage_list.len() {
+                        stage_images[k] += m;
+                        stage_wall_s[k] += w;
+                    }
+                }
                 done += chunk.len();
                 on_batch(&name, ei, done, n);
             }
         }
         let stages = (!stage_list.is_empty())
             .then(|| stage_record(&stage_list, &cfg.eps, &stage_of, &broken, &clean_wrong))
-            .transpose()?;
+            .transpose()?
+            .map(|r| StageRecord {
+                images: stage_images,
+                wall_s: stage_wall_s,
+                ..r
+            });
         crate::device::synchronize(&device)?;
         let wall = start.elapsed().as_secs_f64();
         results.push(AttackResult {
@@ -438,5 +460,7 @@ fn stage_record(
         broken_by,
         after,
         reevaluation_mismatches: mismatches,
+        images: Vec::new(),
+        wall_s: Vec::new(),
     })
 }
