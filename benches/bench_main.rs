@@ -1,8 +1,8 @@
 //! CPU benchmarks of the operations that dominate the study: the evaluation forward pass,
 //! one attack step (forward + input gradient), one PGD step (with projection) and one
 //! training step and one QAT (PACT W4A4) step, ResNet-20 at batch 128, and the evaluation
-//! forward pass at batch 1000, reported as images/s (criterion's element throughput); and the
-//! quantizers, in elements/s.
+//! forward pass at batch 1000, reported as images/s (criterion's element throughput);
+//! AutoAttack's stages, in image-iterations/s; and the quantizers, in elements/s.
 //!
 //! `cargo bench` measures; `cargo bench -- --test` runs each once (the CI smoke run).
 
@@ -111,6 +111,87 @@ fn cpu(c: &mut Criterion) {
     g.finish();
 }
 
+/// AutoAttack's stages on a batch of 128, in image-iterations/s (image-queries/s for Square):
+/// a few iterations of each, with one target for the targeted stages. The labels are the
+/// model's own predictions and ε is tiny, so no image stops early and every iteration costs
+/// what it costs on a robust image: the cascade's time is then Σ over stages of images
+/// attacked × iterations × targets / rate.
+fn autoattack(c: &mut Criterion) {
+    use quant_robust::attack::apgd::{Apgd, ApgdTargeted};
+    use quant_robust::attack::fab::{Fab, FabTargeted};
+    use quant_robust::attack::square::Square;
+    let dev = Device::Cpu;
+    let model = ResNet20::init(&mut Rng::new(0, "init"), &dev).expect("model");
+    let frozen = model.frozen();
+    let (x, _) = inputs(&dev);
+    let y = frozen
+        .forward(&x, false)
+        .expect("forward")
+        .argmax(candle_core::D::Minus1)
+        .expect("labels");
+    let iters = 4;
+    let stages: Vec<(&str, usize, Box<dyn Attack>)> = vec![
+        (
+            "apgd_ce_iteration_b128",
+            iters,
+            Box::new(Apgd {
+                iterations: iters,
+                ..Apgd::default()
+            }),
+        ),
+        (
+            "apgd_t_iteration_b128",
+            iters,
+            Box::new(ApgdTargeted {
+                apgd: Apgd {
+                    iterations: iters,
+                    ..Apgd::dlr()
+                },
+                targets: 1,
+            }),
+        ),
+        (
+            "fab_t_iteration_b128",
+            iters,
+            Box::new(FabTargeted {
+                fab: Fab {
+                    iterations: iters,
+                    ..Fab::default()
+                },
+                targets: 1,
+            }),
+        ),
+        (
+            "square_query_b128",
+            5 * iters,
+            Box::new(Square {
+                queries: 5 * iters,
+                ..Square::default()
+            }),
+        ),
+    ];
+    let mut g = c.benchmark_group("autoattack");
+    g.sample_size(10);
+    for (name, per_image, attack) in &stages {
+        g.throughput(Throughput::Elements((BATCH * per_image) as u64));
+        g.bench_function(*name, |b| {
+            b.iter(|| {
+                attack
+                    .perturb(
+                        &frozen,
+                        &x,
+                        &y,
+                        Norm::Linf,
+                        0.5 / 255.0,
+                        &mut Rng::new(0, "aa"),
+                    )
+                    .expect("attack")
+            })
+        });
+    }
+    g.finish();
+}
+
 /// Quantizers, elements/s: per-channel 4-bit weights of a 64×64×3×3 conv, and 4-bit
 /// activations of a 128×16×32×32 batch.
 fn quantizers(c: &mut Criterion) {
@@ -192,7 +273,7 @@ fn convolutions(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, cpu, quantizers, convolutions);
+criterion_group!(benches, cpu, autoattack, quantizers, convolutions);
 
 fn main() {
     // As the CLI does at start (see `device::keep_freed_memory`): the numbers are the CLI's.
