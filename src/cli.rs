@@ -557,7 +557,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
 }
 
 fn load_data(a: &DataArgs) -> Result<data::CifarData> {
-    let source = a.data.clone().unwrap_or_else(data::default_source);
+    let source = match a.data.clone() {
+        Some(s) => s,
+        None => data::default_source().context("--data not given")?,
+    };
     let t = Instant::now();
     let d = data::load(&source).with_context(|| format!("loading data from {source:?}"))?;
     tracing::info!(
@@ -957,7 +960,7 @@ fn golden_check(a: GoldenCheckArgs) -> Result<ExitCode> {
     let dev = device::select(a.device)?;
     let source = match &a.data {
         Some(d) => d.clone(),
-        None => quant_robust::study::run::data_source(&res.config),
+        None => quant_robust::study::run::data_source(&res.config)?,
     };
     let data = data::load(&source)?;
     if data.identity.test_sha256 != g.data.test_sha256 {

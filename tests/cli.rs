@@ -449,3 +449,47 @@ fn golden_check_agrees_with_the_pinned_set() {
         assert!(!ok && err.contains("not the golden study's"), "{err}");
     }
 }
+
+/// Without `--data`, and for a study whose data is `default`, the shipped archive is
+/// required: where it is not found the run stops and says where it looked (it used to fall
+/// back to the 3,000-image sample without a word).
+#[test]
+fn a_missing_default_archive_is_an_error_not_the_sample() {
+    let dir = tempdir();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run quant-robust");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [
+        &["train", "--device", "cpu", "--epochs", "1"][..],
+        &[
+            "reproduce",
+            "--preset",
+            "fast",
+            "--device",
+            "cpu",
+            "--max-stages",
+            "1",
+        ][..],
+    ] {
+        let (ok, err) = run(args);
+        assert!(!ok, "{args:?} ran without data");
+        assert!(
+            err.contains("shipped archive")
+                && err.contains("embedded")
+                && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "a failed run left files behind"
+    );
+}

@@ -195,14 +195,27 @@ pub const DEFAULT_ARCHIVE_CANDIDATES: [&str; 2] = [
     "shared/data/cifar10-jpeg.tar.gz",
 ];
 
-/// The default source: the shipped archive where it exists, else the embedded sample.
-pub fn default_source() -> DataSource {
+/// The default source: the shipped archive. Where it is not found, an error that says where
+/// it was looked for (never a quiet fall back to the 3,000-image sample, which would make a
+/// "study" of the sample).
+pub fn default_source() -> Result<DataSource> {
     for c in DEFAULT_ARCHIVE_CANDIDATES {
         if Path::new(c).is_file() {
-            return DataSource::Path(PathBuf::from(c));
+            return Ok(DataSource::Path(PathBuf::from(c)));
         }
     }
-    DataSource::Embedded
+    Err(Error::config(
+        "data",
+        "default",
+        format!(
+            "the shipped archive is not at {} (relative to {}): give the data's path, or \
+             `embedded` for the committed 3,000-image sample",
+            DEFAULT_ARCHIVE_CANDIDATES.join(" or "),
+            std::env::current_dir()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|_| "the working directory".into())
+        ),
+    ))
 }
 
 /// Loads both splits from a source, detecting the format.

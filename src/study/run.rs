@@ -115,10 +115,18 @@ pub enum RunStatus {
 }
 
 /// The data source a configuration names.
-pub fn data_source(cfg: &StudyConfig) -> DataSource {
+pub fn data_source(cfg: &StudyConfig) -> Result<DataSource> {
     match cfg.data.as_str() {
         "default" => data::default_source(),
-        other => other.parse().unwrap_or(DataSource::Embedded),
+        "" => Err(Error::config(
+            "data",
+            "\"\"",
+            "give a path, `default` (the shipped archive) or `embedded`",
+        )),
+        other => Ok(match other.parse::<DataSource>() {
+            Ok(s) => s,
+            Err(never) => match never {},
+        }),
     }
 }
 
@@ -686,7 +694,7 @@ impl Runner<'_> {
 
 /// Loads the configuration's data (once per run).
 pub fn load_data(cfg: &StudyConfig) -> Result<CifarData> {
-    let source = data_source(cfg);
+    let source = data_source(cfg)?;
     data::load(&source)
 }
 
