@@ -266,6 +266,65 @@ fn wrong_checkpoints_are_named_errors() {
     );
 }
 
+/// Checkpoints whose numbers cannot be weights are refused, naming the tensor: one NaN, one
+/// Inf, integer storage (a loader that converts I64 to f32 would give a model of rounded
+/// numbers), a negative BatchNorm variance. Each of these used to evaluate to an accuracy.
+#[test]
+fn checkpoints_with_impossible_numbers_are_refused() {
+    let m = model(4);
+    let dir = tempdir();
+    let p = dir.path().join("bad.safetensors");
+    let with = |name: &str, t: Tensor| {
+        let mut sd: BTreeMap<String, Tensor> = checkpoint::state_dict(&m).unwrap();
+        sd.insert(name.into(), t);
+        std::fs::write(
+            &p,
+            checkpoint::to_safetensors_bytes(&sd, &Default::default()).unwrap(),
+        )
+        .unwrap();
+        checkpoint::load(&p, &Device::Cpu, false)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let sd = checkpoint::state_dict(&m).unwrap();
+    let poke = |name: &str, v: f32| -> Tensor {
+        let t = &sd[name];
+        let mut x = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mid = x.len() / 2;
+        x[mid] = v;
+        Tensor::from_vec(x, t.shape(), &Device::Cpu).unwrap()
+    };
+    for (name, t, says) in [
+        (
+            "layer1.0.conv1.weight",
+            poke("layer1.0.conv1.weight", f32::NAN),
+            "NaN",
+        ),
+        ("linear.weight", poke("linear.weight", f32::INFINITY), "inf"),
+        (
+            "layer3.2.bn2.running_var",
+            poke("layer3.2.bn2.running_var", -1.0),
+            "negative",
+        ),
+        (
+            "conv1.weight",
+            sd["conv1.weight"].to_dtype(DType::I64).unwrap(),
+            "I64",
+        ),
+    ] {
+        let msg = with(name, t);
+        assert!(msg.contains(name) && msg.contains(says), "{name}: {msg:?}");
+    }
+    // The unmodified state loads.
+    std::fs::write(
+        &p,
+        checkpoint::to_safetensors_bytes(&sd, &Default::default()).unwrap(),
+    )
+    .unwrap();
+    assert!(checkpoint::load(&p, &Device::Cpu, false).is_ok());
+}
+
 #[test]
 fn batchnorm_folding_equals_conv_then_batchnorm() {
     use quant_robust::model::bn_fold::fold;

@@ -92,9 +92,15 @@ pub fn load(path: &Path, device: &Device, trainable: bool) -> Result<ResNet20> {
     let model = ResNet20::from_tensors(map, nbt, device, trainable)?;
     // Quantizers stored with the weights (a PTQ or QAT checkpoint).
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let quant = safetensors::SafeTensors::read_metadata(&bytes)
-        .ok()
-        .and_then(|(_, m)| m.metadata().as_ref().and_then(|m| m.get("quant").cloned()));
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            problem: format!("unreadable header: {e}"),
+        })?;
+    let quant = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("quant").cloned());
     match quant {
         None => Ok(model),
         Some(q) => {

@@ -521,6 +521,34 @@ pub fn check_tensors(tensors: &BTreeMap<String, Tensor>) -> Result<()> {
                 format!("shape {:?}, expected {:?}", t.dims(), s.shape),
             ));
         }
+        // Integers are not weights: converting them would give a model of rounded numbers.
+        if !t.dtype().is_float() {
+            return Err(Error::config(
+                "tensor",
+                &s.name,
+                format!("stored as {:?}, expected a float type (f32)", t.dtype()),
+            ));
+        }
+        let v = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::config(
+                "tensor",
+                &s.name,
+                format!("element {i} is {} (weights must be finite)", v[i]),
+            ));
+        }
+        if s.name.ends_with("running_var") {
+            if let Some(i) = v.iter().position(|&x| x < 0.0) {
+                return Err(Error::config(
+                    "tensor",
+                    &s.name,
+                    format!("element {i} is {} (a variance is never negative)", v[i]),
+                ));
+            }
+        }
     }
     for k in tensors.keys() {
         if !k.ends_with("num_batches_tracked") && !specs.iter().any(|s| &s.name == k) {
