@@ -430,3 +430,48 @@ fn device_batches_and_epochs() {
     part.dedup();
     assert_eq!(part.len(), 9);
 }
+
+/// Less data than a CIFAR-10 layout promises is an error in every format, never a smaller
+/// data set: a split missing, a class folder missing, a class without images in a batch file.
+/// (Each of these used to train without a word: on 9 classes, or with "test acc 0/0".)
+#[test]
+fn missing_splits_and_classes_are_errors() {
+    let s = sample();
+    let train = s
+        .train
+        .select(&(0..s.train.len()).step_by(50).collect::<Vec<_>>());
+    let test = s
+        .test
+        .select(&(0..s.test.len()).step_by(50).collect::<Vec<_>>());
+    let load = |p: &Path| {
+        data::load(&DataSource::Path(p.into()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    // Image folders: no test split; then a class folder missing from train.
+    let dir = tempdir();
+    write_folder(dir.path(), "train", &train);
+    let msg = load(dir.path());
+    assert!(
+        msg.contains("test split") && msg.contains("no images"),
+        "{msg:?}"
+    );
+    write_folder(dir.path(), "test", &test);
+    assert!(data::load(&DataSource::Path(dir.path().into())).is_ok());
+    std::fs::remove_dir_all(dir.path().join("train/cat")).unwrap();
+    let msg = load(dir.path());
+    assert!(
+        msg.contains("train split") && msg.contains("class 3 (cat) has no images"),
+        "{msg:?}"
+    );
+    // The binary release: a test batch without one class.
+    let dir = tempdir();
+    let no_ship: Vec<usize> = (0..test.len()).filter(|&i| test.labels[i] != 8).collect();
+    write_binary_release(dir.path(), &train, &test.select(&no_ship));
+    let msg = load(dir.path());
+    assert!(
+        msg.contains("test split") && msg.contains("class 8 (ship) has no images"),
+        "{msg:?}"
+    );
+}

@@ -218,8 +218,51 @@ pub fn default_source() -> Result<DataSource> {
     ))
 }
 
-/// Loads both splits from a source, detecting the format.
+/// Loads both splits from a source, detecting the format. Every split must hold images of
+/// every class: less data than a CIFAR-10 layout promises is an error, never a smaller set.
 pub fn load(source: &DataSource) -> Result<CifarData> {
+    let d = load_unchecked(source)?;
+    let path = match source {
+        DataSource::Embedded => PathBuf::from("<embedded>"),
+        DataSource::Path(p) => p.clone(),
+    };
+    for (split, ds) in [("train", &d.train), ("test", &d.test)] {
+        check_split(&path, split, ds)?;
+    }
+    Ok(d)
+}
+
+/// A split is usable: 10 classes, labels in range, images of each class, pixel bytes for
+/// each label.
+fn check_split(path: &Path, split: &str, ds: &Dataset) -> Result<()> {
+    let problem = |p: String| Err(Error::bad_data(path, format!("{split} split: {p}")));
+    if ds.classes.len() != CIFAR10_CLASSES.len() {
+        return problem(format!("{} classes, expected 10", ds.classes.len()));
+    }
+    if ds.labels.is_empty() {
+        return problem("no images (a CIFAR-10 layout has both splits)".into());
+    }
+    if ds.images.len() != ds.labels.len() * IMAGE_BYTES {
+        return problem(format!(
+            "{} bytes of pixels for {} labels",
+            ds.images.len(),
+            ds.labels.len()
+        ));
+    }
+    let mut counts = vec![0usize; ds.classes.len()];
+    for &l in &ds.labels {
+        match counts.get_mut(l as usize) {
+            Some(c) => *c += 1,
+            None => return problem(format!("label {l} is not a class (0-9)")),
+        }
+    }
+    if let Some(k) = counts.iter().position(|&c| c == 0) {
+        return problem(format!("class {k} ({}) has no images", ds.classes[k]));
+    }
+    Ok(())
+}
+
+fn load_unchecked(source: &DataSource) -> Result<CifarData> {
     match source {
         DataSource::Embedded => {
             archive::read_archive_bytes(EMBEDDED_SAMPLE, Path::new("<embedded>")).map(|mut d| {
