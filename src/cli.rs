@@ -733,7 +733,15 @@ fn train(a: TrainArgs) -> Result<ExitCode> {
         device::name(&dev)
     );
     let mut bar = Bar { bar: None };
-    trainer.fit(&train_dev, &test_dev, Some(&checkpoint_path), &mut bar)?;
+    if !trainer.fit(&train_dev, &test_dev, Some(&checkpoint_path), &mut bar)? {
+        tracing::warn!(
+            "stopped on SIGTERM after epoch {}/{}; continue with `train --resume {}`",
+            trainer.state.epoch,
+            trainer.state.config.epochs,
+            checkpoint_path.display()
+        );
+        return Ok(ExitCode::from(EXIT_STOPPED_EARLY));
+    }
     let result = json!({
         "checkpoint": checkpoint_path,
         "manifest": trainer.manifest()?,
@@ -1490,11 +1498,17 @@ fn qat(a: QatArgs) -> Result<ExitCode> {
         &test_dev,
         data.identity.clone(),
         Some(&latent),
-        &|| false,
+        &quant_robust::device::stop_requested,
         &mut bar,
         &dev,
-    )?
-    .context("QAT stopped before its last epoch")?;
+    )?;
+    let Some(out) = out else {
+        tracing::warn!(
+            "stopped on SIGTERM; continue with `qat --resume {}`",
+            out_path.display()
+        );
+        return Ok(ExitCode::from(EXIT_STOPPED_EARLY));
+    };
     let (exported, acc, alpha_log) = (out.model, out.test, out.alpha_per_epoch);
     let mut m = out.manifest;
     m.config = json!({ "stage": "qat", "init": init_desc, "qat": qcfg, "train": tcfg });

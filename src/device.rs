@@ -174,3 +174,38 @@ pub fn cpu_seconds_since(start: Option<f64>) -> f64 {
         _ => 0.0,
     }
 }
+
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// True once a stop was asked for from outside (SIGTERM, after [`stop_on_sigterm`]): long
+/// runs then stop at their next safe point (between epochs and stages), resumable.
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Makes SIGTERM, what Slurm and most schedulers send before they kill a job, a request to
+/// stop at the next safe point instead of an immediate death; a second SIGTERM ends the
+/// process at once (exit status 143, as the default action's).
+pub fn stop_on_sigterm() {
+    stop_on_sigterm_impl();
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+extern "C" fn on_sigterm(_: libc::c_int) {
+    if STOP_REQUESTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        // SAFETY: _exit is async-signal-safe; nothing else runs in the handler.
+        unsafe { libc::_exit(143) }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn stop_on_sigterm_impl() {
+    let handler: extern "C" fn(libc::c_int) = on_sigterm;
+    // SAFETY: the handler only touches an atomic and calls _exit, both async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn stop_on_sigterm_impl() {}

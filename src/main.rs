@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     let args = cli::Args::parse();
     cli::init_logging(args.verbose);
     quant_robust::device::keep_freed_memory();
+    quant_robust::device::stop_on_sigterm();
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {

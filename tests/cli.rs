@@ -493,3 +493,69 @@ fn a_missing_default_archive_is_an_error_not_the_sample() {
         "a failed run left files behind"
     );
 }
+
+/// SIGTERM (what Slurm sends first) stops `train` at the next epoch boundary with exit
+/// status 75 and a resume point; `train --resume` then finishes the run.
+#[test]
+fn sigterm_stops_training_cleanly_and_resumably() {
+    let dir = tempdir();
+    let ck = dir.path().join("m.safetensors");
+    let ck_s = ck.to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
+        .args([
+            "train",
+            "--data",
+            "embedded",
+            "--device",
+            "cpu",
+            "--train-count",
+            "128",
+            "--batch-size",
+            "64",
+            "--eval-images",
+            "50",
+            "--epochs",
+            "200",
+            "--checkpoint",
+            ck_s,
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start train");
+    let resume = dir.path().join("m.train.safetensors");
+    let t = std::time::Instant::now();
+    while !resume.is_file() {
+        assert!(t.elapsed().as_secs() < 300, "no epoch finished in 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(75), "{status:?}");
+    let state = quant_robust::train::Trainer::read_state(&ck).expect("a resume point");
+    assert!(
+        state.epoch >= 1 && state.epoch < 200,
+        "epoch {}",
+        state.epoch
+    );
+    let next = (state.epoch + 1).to_string();
+    let (ok, _, err) = qr(&[
+        "train",
+        "--data",
+        "embedded",
+        "--device",
+        "cpu",
+        "--train-count",
+        "128",
+        "--resume",
+        ck_s,
+        "--epochs",
+        &next,
+    ]);
+    assert!(ok, "{err}");
+    let done = quant_robust::train::Trainer::read_state(&ck).expect("state");
+    assert_eq!(done.epoch, state.epoch + 1);
+}

@@ -212,6 +212,7 @@ impl Runner<'_> {
     fn should_stop(&self) -> bool {
         self.opts.max_stages.is_some_and(|m| self.computed >= m)
             || self.opts.deadline.is_some_and(|d| Instant::now() >= d)
+            || crate::device::stop_requested()
     }
 
     fn model_path(&self, key: &str) -> PathBuf {

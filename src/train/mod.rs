@@ -595,20 +595,25 @@ impl Trainer {
         checkpoint::save(&self.model, &paths.weights, &self.manifest()?)
     }
 
-    /// Runs the remaining epochs, saving after each when `out` is given.
+    /// Runs the remaining epochs, saving after each when `out` is given. Returns false when
+    /// it stopped early on a stop request ([`crate::device::stop_requested`], checked
+    /// between epochs), true when every epoch ran.
     pub fn fit(
         &mut self,
         train: &DeviceData,
         test: &DeviceData,
         out: Option<&Path>,
         progress: &mut dyn Progress,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         while self.state.epoch < self.state.config.epochs {
+            if crate::device::stop_requested() {
+                return Ok(false);
+            }
             self.run_epoch(train, test, progress)?;
             if let Some(p) = out {
                 self.save(p)?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
