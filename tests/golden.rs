@@ -262,3 +262,48 @@ fn golden_update_refuses_without_provenance() {
     assert!(e.contains("dirty") || e.contains("uncommitted"), "{e}");
     assert!(!dir.path().join("x").exists(), "nothing written on refusal");
 }
+
+/// The slow tier (`QR_SLOW=1`), on the golden robust checkpoint once it is committed:
+/// AutoAttack ≤ APGD-CE ≤ PGD-10 on the same 1,000 seeded test images at 8/255 (about 40
+/// minutes on 2 cores). The numbers are printed for the record.
+#[test]
+fn autoattack_is_below_apgd_and_pgd_on_the_golden_robust_checkpoint() {
+    use quant_robust::attack::{self, Attack, AttackSettings, Norm};
+    use quant_robust::eval::robust::{evaluate, RobustnessConfig};
+    let ck = root().join("golden/checkpoints/robust.safetensors");
+    if !slow() {
+        return;
+    }
+    assert!(ck.is_file(), "the slow tier needs {}", ck.display());
+    let data = data::load(&data::DataSource::Path(
+        crate::common::shipped_archive().expect("the shipped archive"),
+    ))
+    .unwrap();
+    let dd = DeviceData::new(&data.test, &Device::Cpu).unwrap();
+    let model = checkpoint::load(&ck, &Device::Cpu, false).unwrap();
+    let idx = quant_robust::eval::eval_indices(&dd, Some(1000), 0).unwrap();
+    let s = AttackSettings::default();
+    let attacks: Vec<Box<dyn Attack>> = ["pgd", "apgd-ce", "autoattack"]
+        .iter()
+        .map(|a| attack::build(a, &s, Norm::Linf).unwrap())
+        .collect();
+    let cfg = RobustnessConfig {
+        eps: vec![8.0 / 255.0],
+        ..RobustnessConfig::default()
+    };
+    let r = evaluate(&model, &dd, &idx, &attacks, &cfg, &mut |_, _, _, _| {}).unwrap();
+    for a in &r.attacks {
+        eprintln!(
+            "{}: {}/{} ({:.1} s)",
+            a.attack, a.per_eps[0].correct, a.per_eps[0].total, a.wall_s
+        );
+    }
+    let c: Vec<usize> = r.attacks.iter().map(|a| a.per_eps[0].correct).collect();
+    assert!(
+        c[2] <= c[1] && c[1] <= c[0],
+        "AutoAttack {} APGD-CE {} PGD-10 {}",
+        c[2],
+        c[1],
+        c[0]
+    );
+}
