@@ -325,6 +325,41 @@ fn checkpoints_with_impossible_numbers_are_refused() {
     assert!(checkpoint::load(&p, &Device::Cpu, false).is_ok());
 }
 
+/// A quantized checkpoint's quantizer metadata: the first format (no version) loads, an
+/// unknown version, an unknown field or a non-finite range is refused with the file's name.
+#[test]
+fn quantizer_metadata_is_versioned_and_checked() {
+    let m = model(4);
+    let dir = tempdir();
+    let p = dir.path().join("q.safetensors");
+    let sd = checkpoint::state_dict(&m).unwrap();
+    let with_quant = |q: &str| {
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("quant".to_string(), q.to_string());
+        std::fs::write(&p, checkpoint::to_safetensors_bytes(&sd, &meta).unwrap()).unwrap();
+        checkpoint::load(&p, &Device::Cpu, false)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let cfg = r#""config":{"weight_bits":4,"activation_bits":4,"first_last_bits":8}"#;
+    let first = format!(r#"{{{cfg},"ranges":{{"layer1.0.conv1":2.5}}}}"#);
+    with_quant(&first).expect("the first format (no version) loads");
+    for (q, says) in [
+        (format!(r#"{{"version":2,{cfg},"ranges":{{}}}}"#), "version"),
+        (
+            format!(r#"{{"version":1,"extra":0,{cfg},"ranges":{{}}}}"#),
+            "extra",
+        ),
+        (
+            format!(r#"{{"version":1,{cfg},"ranges":{{"layer1.0.conv1":-1.0}}}}"#),
+            "range",
+        ),
+    ] {
+        let e = with_quant(&q).expect_err(&q);
+        assert!(e.contains("q.safetensors") && e.contains(says), "{q}: {e}");
+    }
+}
+
 #[test]
 fn batchnorm_folding_equals_conv_then_batchnorm() {
     use quant_robust::model::bn_fold::fold;

@@ -109,6 +109,10 @@ pub fn load(path: &Path, device: &Device, trainable: bool) -> Result<ResNet20> {
                     path: path.to_path_buf(),
                     problem: format!("unreadable quantizer settings: {e}"),
                 })?;
+            q.validate().map_err(|e| Error::Checkpoint {
+                path: path.to_path_buf(),
+                problem: e.to_string(),
+            })?;
             Ok(model.with_seam(std::sync::Arc::new(q.seam())))
         }
     }

@@ -199,6 +199,7 @@ impl QuantSeam for UniformSeam {
 
     fn persist(&self) -> Option<String> {
         serde_json::to_string(&PersistedQuant {
+            version: PersistedQuant::VERSION,
             config: self.config.clone(),
             ranges: self.ranges.clone(),
         })
@@ -208,12 +209,47 @@ impl QuantSeam for UniformSeam {
 
 /// The quantizers a checkpoint stores in its metadata (key `quant`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PersistedQuant {
+    /// The format's version ([`PersistedQuant::VERSION`]; absent in the first checkpoints,
+    /// which are version 1).
+    #[serde(default = "PersistedQuant::first_version")]
+    pub version: u32,
     pub config: UniformConfig,
     pub ranges: BTreeMap<String, f32>,
 }
 
 impl PersistedQuant {
+    /// The version this code writes and reads.
+    pub const VERSION: u32 = 1;
+
+    fn first_version() -> u32 {
+        1
+    }
+
+    /// Checks what a file claims: a version this code knows, finite positive ranges.
+    pub fn validate(&self) -> Result<()> {
+        if self.version != Self::VERSION {
+            return Err(Error::config(
+                "quantizer metadata version",
+                self.version,
+                format!("this build reads version {}", Self::VERSION),
+            ));
+        }
+        if let Some((site, r)) = self
+            .ranges
+            .iter()
+            .find(|(_, r)| !(r.is_finite() && **r > 0.0))
+        {
+            return Err(Error::config(
+                "activation range",
+                format!("{site} = {r}"),
+                "must be finite and positive",
+            ));
+        }
+        Ok(())
+    }
+
     /// The seam these settings describe, with straight-through gradients.
     pub fn seam(self) -> UniformSeam {
         UniformSeam {
