@@ -14,12 +14,15 @@ ck=golden/checkpoints/$n.safetensors
 [ -f "$ck" ] || { echo "$ck does not exist" >&2; exit 1; }
 out=golden/checkpoints/checks
 mkdir -p "$out"
+# The quantized checkpoints themselves are not kept.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 "$BIN" eval --device cpu --data "$DATA" --checkpoint "$ck" --out "$out/$n-eval.json"
 for bits in 8:8 4:8 4:4 3:8; do
   w=${bits%:*}; a=${bits#*:}
   for m in pwlq uniform; do
     "$BIN" ptq --device cpu --data "$DATA" --checkpoint "$ck" --method "$m" --wbits "$w" --abits "$a" \
-      --out "$out/$n-ptq-w${w}a${a}-$m.json"
+      --out-checkpoint "$tmp/ptq.safetensors" --out "$out/$n-ptq-w${w}a${a}-$m.json"
   done
 done
 python3 - "$out" "$n" <<'PY'
