@@ -71,3 +71,79 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
         source: e,
     })
 }
+
+/// An exclusive claim of a folder by one process: `<dir>/.lock` holds the owner's process
+/// id and host, is created only if absent, and is removed when the claim is dropped. A lock
+/// left by a process of this host that no longer runs (killed) is taken over with a
+/// warning; a live owner, or one on another host, is an error that names it.
+#[derive(Debug)]
+pub struct DirLock {
+    path: PathBuf,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+impl DirLock {
+    /// The lock file's name inside the folder.
+    pub const FILE: &'static str = ".lock";
+
+    /// Claims `dir` (which must exist).
+    pub fn acquire(dir: &Path) -> Result<DirLock> {
+        let path = dir.join(Self::FILE);
+        let me = format!("{} {}", std::process::id(), host_name());
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(me.as_bytes())
+                        .and_then(|_| f.sync_all())
+                        .map_err(|e| Error::io(&path, e))?;
+                    return Ok(DirLock { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let owner = std::fs::read_to_string(&path).unwrap_or_default();
+                    let mut it = owner.split_whitespace();
+                    let (pid, host) = (it.next().unwrap_or("?"), it.next().unwrap_or("?"));
+                    let here = host == host_name() && host != "unknown";
+                    let alive = Path::new("/proc").join(pid).exists();
+                    if here && !alive {
+                        tracing::warn!(
+                            "{}: taking over the lock of process {pid}, which no longer runs",
+                            dir.display()
+                        );
+                        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                        continue;
+                    }
+                    return Err(Error::config(
+                        "out",
+                        dir.display(),
+                        format!(
+                            "in use by process {pid} on {host} (its lock: {}); wait for it to \
+                             finish, or remove the lock if that process is gone",
+                            path.display()
+                        ),
+                    ));
+                }
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        }
+        Err(Error::config(
+            "out",
+            dir.display(),
+            "another process claimed it while this one took over a stale lock",
+        ))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

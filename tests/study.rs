@@ -1014,3 +1014,47 @@ fn hand_made_for(c: &StudyConfig) -> StudyResults {
     r.findings = findings::all(&r);
     r
 }
+
+/// One run per study folder: a second claim while the first holds it is an error naming the
+/// owner (and `reproduce` refuses the folder); the claim ends with its owner; a lock left by
+/// a killed process of this host is taken over.
+#[test]
+fn a_study_folder_takes_one_run_at_a_time() {
+    use quant_robust::io::DirLock;
+    let dir = tempdir();
+    let first = DirLock::acquire(dir.path()).unwrap();
+    let e = DirLock::acquire(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("in use by process") && e.contains(&std::process::id().to_string()),
+        "{e}"
+    );
+    let c = tiny();
+    let e = run::run(
+        &c,
+        sample(),
+        dir.path(),
+        &Device::Cpu,
+        &RunOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("in use by process"), "{e}");
+    drop(first);
+    assert!(!dir.path().join(DirLock::FILE).exists());
+    // A stale lock: a process id that does not run, on this host.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    std::fs::write(
+        dir.path().join(DirLock::FILE),
+        format!("4194303999 {}", host.trim()),
+    )
+    .unwrap();
+    let taken = DirLock::acquire(dir.path()).expect("a dead owner's lock is taken over");
+    drop(taken);
+    // Another host's lock cannot be judged from here: an error.
+    std::fs::write(dir.path().join(DirLock::FILE), "12 some-other-host").unwrap();
+    let e = DirLock::acquire(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("some-other-host") && e.contains("remove the lock"),
+        "{e}"
+    );
+}

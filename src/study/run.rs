@@ -718,6 +718,8 @@ pub fn run(
         }
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // One run per store: two would train the same stage twice and race on its files.
+    let _lock = crate::io::DirLock::acquire(out)?;
     crate::io::write_json_atomic(&out.join("study.json"), cfg)?;
     let keys = Keys::new(cfg, &data.identity);
     let specs: Vec<ModelSpec> = keys.models.iter().map(|(s, _)| s.clone()).collect();
