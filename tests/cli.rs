@@ -559,3 +559,124 @@ fn sigterm_stops_training_cleanly_and_resumably() {
     let done = quant_robust::train::Trainer::read_state(&ck).expect("state");
     assert_eq!(done.epoch, state.epoch + 1);
 }
+
+/// SIGKILL at seeded moments of a real `train` process (mid-epoch, between epochs, during a
+/// checkpoint write: wherever the delay lands), each time continued with `train --resume`
+/// (or started again when no epoch had finished): the final weights equal an uninterrupted
+/// run's, bit for bit, and every file under its real name is whole.
+#[test]
+fn sigkill_at_seeded_points_then_resume_gives_the_same_weights() {
+    use quant_robust::model::checkpoint;
+    let args = |ck: &str| -> Vec<String> {
+        [
+            "train",
+            "--data",
+            "embedded",
+            "--device",
+            "cpu",
+            "--train-count",
+            "128",
+            "--batch-size",
+            "32",
+            "--eval-images",
+            "50",
+            "--epochs",
+            "3",
+            "--checkpoint",
+            ck,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let bin = env!("CARGO_BIN_EXE_quant-robust");
+    let whole = tempdir();
+    let ck_whole = whole.path().join("m.safetensors");
+    let t = std::time::Instant::now();
+    let st = Command::new(bin)
+        .args(args(ck_whole.to_str().unwrap()))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let full_ms = t.elapsed().as_millis() as u64;
+    let reference = checkpoint::read_safetensors(&ck_whole).unwrap();
+    let mut rng = quant_robust::rng::Rng::new(0, "kill-points");
+    let mut kills = 0;
+    for trial in 0..3 {
+        let dir = tempdir();
+        let ck = dir.path().join("m.safetensors");
+        let ck_s = ck.to_str().unwrap().to_string();
+        let resume = dir.path().join("m.train.safetensors");
+        let mut finished = false;
+        for attempt in 0..12 {
+            let a = if resume.is_file() {
+                [
+                    "train",
+                    "--data",
+                    "embedded",
+                    "--device",
+                    "cpu",
+                    "--train-count",
+                    "128",
+                    "--resume",
+                    &ck_s,
+                ]
+                .map(String::from)
+                .to_vec()
+            } else {
+                args(&ck_s)
+            };
+            let mut child = Command::new(bin)
+                .args(a)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            // After a few kills, let it finish.
+            if attempt < 4 {
+                let delay = (rng.uniform_f32() as f64 * full_ms as f64 * 0.8) as u64 + 20;
+                std::thread::sleep(std::time::Duration::from_millis(delay));
+                if child.try_wait().unwrap().is_none() {
+                    child.kill().unwrap();
+                    kills += 1;
+                }
+            }
+            let status = child.wait().unwrap();
+            // Whatever moment the kill hit, the real-named files are whole.
+            for f in [&ck, &resume] {
+                if f.is_file() {
+                    checkpoint::read_safetensors(f).unwrap_or_else(|e| {
+                        panic!("trial {trial}: {} is not whole: {e}", f.display())
+                    });
+                }
+            }
+            if status.success() {
+                finished = true;
+                break;
+            }
+        }
+        assert!(finished, "trial {trial} never finished");
+        let got = checkpoint::read_safetensors(&ck).unwrap();
+        assert_eq!(got.len(), reference.len());
+        for (name, t) in &reference {
+            let a = t
+                .flatten_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            let b = got[name]
+                .flatten_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            assert_eq!(
+                a, b,
+                "trial {trial}: {name} differs from the uninterrupted run"
+            );
+        }
+    }
+    assert!(kills >= 6, "only {kills} kills landed");
+}
