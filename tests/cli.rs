@@ -560,22 +560,105 @@ fn sigterm_stops_training_cleanly_and_resumably() {
     assert_eq!(done.epoch, state.epoch + 1);
 }
 
+/// Runs `fresh` (or `resume` once `resume_file` exists) again and again, SIGKILLing the
+/// first four runs at seeded moments within 80% of `full_ms`, until one finishes; after every
+/// run, each of `whole` that exists must read as a complete safetensors file. Returns the
+/// number of kills that landed.
+fn kill_until_done(
+    fresh: &[String],
+    resume: &[String],
+    resume_file: &std::path::Path,
+    whole: &[&std::path::Path],
+    full_ms: u64,
+    rng: &mut quant_robust::rng::Rng,
+) -> usize {
+    let mut kills = 0;
+    for attempt in 0..12 {
+        let a = if resume_file.is_file() { resume } else { fresh };
+        let mut child = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
+            .args(a)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        if attempt < 4 {
+            let delay = (rng.uniform_f32() as f64 * full_ms as f64 * 0.8) as u64 + 20;
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap();
+                kills += 1;
+            }
+        }
+        let status = child.wait().unwrap();
+        for f in whole {
+            if f.is_file() {
+                quant_robust::model::checkpoint::read_safetensors(f)
+                    .unwrap_or_else(|e| panic!("{} is not whole: {e}", f.display()));
+            }
+        }
+        if status.success() {
+            return kills;
+        }
+    }
+    panic!("never finished: {fresh:?}");
+}
+
+/// Runs a command to the end and returns its wall milliseconds.
+fn run_ms(args: &[String]) -> u64 {
+    let t = std::time::Instant::now();
+    let st = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "{args:?}");
+    t.elapsed().as_millis() as u64
+}
+
+fn same_tensors(a: &std::path::Path, b: &std::path::Path, what: &str) {
+    let (a, b) = (
+        quant_robust::model::checkpoint::read_safetensors(a).unwrap(),
+        quant_robust::model::checkpoint::read_safetensors(b).unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    let f64s = |t: &candle_core::Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    for (name, t) in &a {
+        assert_eq!(
+            f64s(t),
+            f64s(&b[name]),
+            "{what}: {name} differs from the uninterrupted run"
+        );
+    }
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
 /// SIGKILL at seeded moments of a real `train` process (mid-epoch, between epochs, during a
 /// checkpoint write: wherever the delay lands), each time continued with `train --resume`
 /// (or started again when no epoch had finished): the final weights equal an uninterrupted
 /// run's, bit for bit, and every file under its real name is whole.
 #[test]
 fn sigkill_at_seeded_points_then_resume_gives_the_same_weights() {
-    use quant_robust::model::checkpoint;
-    let args = |ck: &str| -> Vec<String> {
-        [
-            "train",
-            "--data",
-            "embedded",
-            "--device",
-            "cpu",
-            "--train-count",
-            "128",
+    let common = [
+        "--data",
+        "embedded",
+        "--device",
+        "cpu",
+        "--train-count",
+        "128",
+    ];
+    let fresh = |ck: &str| {
+        let mut v = strings(&["train"]);
+        v.extend(strings(&common));
+        v.extend(strings(&[
             "--batch-size",
             "32",
             "--eval-images",
@@ -584,99 +667,109 @@ fn sigkill_at_seeded_points_then_resume_gives_the_same_weights() {
             "3",
             "--checkpoint",
             ck,
-        ]
-        .map(String::from)
-        .to_vec()
+        ]));
+        v
     };
-    let bin = env!("CARGO_BIN_EXE_quant-robust");
     let whole = tempdir();
     let ck_whole = whole.path().join("m.safetensors");
-    let t = std::time::Instant::now();
-    let st = Command::new(bin)
-        .args(args(ck_whole.to_str().unwrap()))
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let full_ms = t.elapsed().as_millis() as u64;
-    let reference = checkpoint::read_safetensors(&ck_whole).unwrap();
+    let full_ms = run_ms(&fresh(ck_whole.to_str().unwrap()));
     let mut rng = quant_robust::rng::Rng::new(0, "kill-points");
     let mut kills = 0;
     for trial in 0..3 {
         let dir = tempdir();
         let ck = dir.path().join("m.safetensors");
-        let ck_s = ck.to_str().unwrap().to_string();
+        let ck_s = ck.to_str().unwrap();
         let resume = dir.path().join("m.train.safetensors");
-        let mut finished = false;
-        for attempt in 0..12 {
-            let a = if resume.is_file() {
-                [
-                    "train",
-                    "--data",
-                    "embedded",
-                    "--device",
-                    "cpu",
-                    "--train-count",
-                    "128",
-                    "--resume",
-                    &ck_s,
-                ]
-                .map(String::from)
-                .to_vec()
-            } else {
-                args(&ck_s)
-            };
-            let mut child = Command::new(bin)
-                .args(a)
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            // After a few kills, let it finish.
-            if attempt < 4 {
-                let delay = (rng.uniform_f32() as f64 * full_ms as f64 * 0.8) as u64 + 20;
-                std::thread::sleep(std::time::Duration::from_millis(delay));
-                if child.try_wait().unwrap().is_none() {
-                    child.kill().unwrap();
-                    kills += 1;
-                }
-            }
-            let status = child.wait().unwrap();
-            // Whatever moment the kill hit, the real-named files are whole.
-            for f in [&ck, &resume] {
-                if f.is_file() {
-                    checkpoint::read_safetensors(f).unwrap_or_else(|e| {
-                        panic!("trial {trial}: {} is not whole: {e}", f.display())
-                    });
-                }
-            }
-            if status.success() {
-                finished = true;
-                break;
-            }
-        }
-        assert!(finished, "trial {trial} never finished");
-        let got = checkpoint::read_safetensors(&ck).unwrap();
-        assert_eq!(got.len(), reference.len());
-        for (name, t) in &reference {
-            let a = t
-                .flatten_all()
-                .unwrap()
-                .to_dtype(candle_core::DType::F64)
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let b = got[name]
-                .flatten_all()
-                .unwrap()
-                .to_dtype(candle_core::DType::F64)
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            assert_eq!(
-                a, b,
-                "trial {trial}: {name} differs from the uninterrupted run"
-            );
-        }
+        let mut again = strings(&["train"]);
+        again.extend(strings(&common));
+        again.extend(strings(&["--resume", ck_s]));
+        kills += kill_until_done(
+            &fresh(ck_s),
+            &again,
+            &resume,
+            &[&ck, &resume],
+            full_ms,
+            &mut rng,
+        );
+        same_tensors(&ck_whole, &ck, &format!("train trial {trial}"));
     }
     assert!(kills >= 6, "only {kills} kills landed");
+}
+
+/// The same for `qat` with adversarial training inside (W4A4 from a natural checkpoint):
+/// killed at seeded moments, resumed with `qat --resume`, the quantized model equals an
+/// uninterrupted run's bit for bit.
+#[test]
+fn sigkill_during_qat_with_at_then_resume_gives_the_same_model() {
+    let dir = tempdir();
+    let fp = dir.path().join("fp.safetensors");
+    run_ms(&strings(&[
+        "train",
+        "--data",
+        "embedded",
+        "--device",
+        "cpu",
+        "--train-count",
+        "128",
+        "--batch-size",
+        "32",
+        "--eval-images",
+        "50",
+        "--epochs",
+        "1",
+        "--checkpoint",
+        fp.to_str().unwrap(),
+    ]));
+    let init = format!("natural:{}", fp.display());
+    let common = strings(&[
+        "--data",
+        "embedded",
+        "--device",
+        "cpu",
+        "--train-count",
+        "128",
+    ]);
+    let fresh = |ck: &str| {
+        let mut v = strings(&["qat", "--init", &init]);
+        v.extend(common.clone());
+        v.extend(strings(&[
+            "--batch-size",
+            "32",
+            "--eval-images",
+            "50",
+            "--epochs",
+            "3",
+            "--adv",
+            "pgd",
+            "--adv-steps",
+            "2",
+            "--checkpoint",
+            ck,
+        ]));
+        v
+    };
+    let whole = dir.path().join("q-whole.safetensors");
+    let full_ms = run_ms(&fresh(whole.to_str().unwrap()));
+    let mut rng = quant_robust::rng::Rng::new(1, "kill-points");
+    let mut kills = 0;
+    for trial in 0..1 {
+        let sub = tempdir();
+        let ck = sub.path().join("q.safetensors");
+        let ck_s = ck.to_str().unwrap();
+        let resume = sub.path().join("q.latent.train.safetensors");
+        let latent = sub.path().join("q.latent.safetensors");
+        let mut again = strings(&["qat"]);
+        again.extend(common.clone());
+        again.extend(strings(&["--resume", ck_s]));
+        kills += kill_until_done(
+            &fresh(ck_s),
+            &again,
+            &resume,
+            &[&ck, &resume, &latent],
+            full_ms,
+            &mut rng,
+        );
+        same_tensors(&whole, &ck, &format!("qat trial {trial}"));
+    }
+    assert!(kills >= 1, "no kill landed");
 }
