@@ -641,23 +641,63 @@ fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-/// SIGKILL at seeded moments of a real `train` process (mid-epoch, between epochs, during a
-/// checkpoint write: wherever the delay lands), each time continued with `train --resume`
-/// (or started again when no epoch had finished): the final weights equal an uninterrupted
-/// run's, bit for bit, and every file under its real name is whole.
-#[test]
-fn sigkill_at_seeded_points_then_resume_gives_the_same_weights() {
-    let common = [
+/// Kill-and-resume trials of `cmd`: an uninterrupted `fresh(m.safetensors)` first, then per
+/// trial [`kill_until_done`] in a new folder, continuing with `cmd COMMON --resume
+/// m.safetensors` once `resume_file` (in that folder) exists; the final model must equal the
+/// uninterrupted one. `also_whole` names more files that must be whole after every kill.
+/// Returns the kills that landed.
+fn kill_trials(
+    cmd: &str,
+    common: &[String],
+    fresh: &dyn Fn(&str) -> Vec<String>,
+    resume_file: &str,
+    also_whole: &[&str],
+    trials: usize,
+    seed: u64,
+) -> usize {
+    let whole = tempdir();
+    let ck_whole = whole.path().join("m.safetensors");
+    let full_ms = run_ms(&fresh(ck_whole.to_str().unwrap()));
+    let mut rng = quant_robust::rng::Rng::new(seed, "kill-points");
+    let mut kills = 0;
+    for trial in 0..trials {
+        let dir = tempdir();
+        let ck = dir.path().join("m.safetensors");
+        let ck_s = ck.to_str().unwrap();
+        let resume = dir.path().join(resume_file);
+        let mut files = vec![ck.clone(), resume.clone()];
+        files.extend(also_whole.iter().map(|f| dir.path().join(f)));
+        let files: Vec<&std::path::Path> = files.iter().map(|f| f.as_path()).collect();
+        let mut again = strings(&[cmd]);
+        again.extend(common.iter().cloned());
+        again.extend(strings(&["--resume", ck_s]));
+        kills += kill_until_done(&fresh(ck_s), &again, &resume, &files, full_ms, &mut rng);
+        same_tensors(&ck_whole, &ck, &format!("{cmd} trial {trial}"));
+    }
+    kills
+}
+
+/// The options every kill test's runs share: the embedded sample, 128 training images.
+fn small_run() -> Vec<String> {
+    strings(&[
         "--data",
         "embedded",
         "--device",
         "cpu",
         "--train-count",
         "128",
-    ];
+    ])
+}
+
+/// SIGKILL at seeded moments of a real `train` process (mid-epoch, between epochs, during a
+/// checkpoint write: wherever the delay lands), each time continued with `train --resume`
+/// (or started again when no epoch had finished): the final weights equal an uninterrupted
+/// run's, bit for bit, and every file under its real name is whole.
+#[test]
+fn sigkill_at_seeded_points_then_resume_gives_the_same_weights() {
     let fresh = |ck: &str| {
         let mut v = strings(&["train"]);
-        v.extend(strings(&common));
+        v.extend(small_run());
         v.extend(strings(&[
             "--batch-size",
             "32",
@@ -670,29 +710,15 @@ fn sigkill_at_seeded_points_then_resume_gives_the_same_weights() {
         ]));
         v
     };
-    let whole = tempdir();
-    let ck_whole = whole.path().join("m.safetensors");
-    let full_ms = run_ms(&fresh(ck_whole.to_str().unwrap()));
-    let mut rng = quant_robust::rng::Rng::new(0, "kill-points");
-    let mut kills = 0;
-    for trial in 0..3 {
-        let dir = tempdir();
-        let ck = dir.path().join("m.safetensors");
-        let ck_s = ck.to_str().unwrap();
-        let resume = dir.path().join("m.train.safetensors");
-        let mut again = strings(&["train"]);
-        again.extend(strings(&common));
-        again.extend(strings(&["--resume", ck_s]));
-        kills += kill_until_done(
-            &fresh(ck_s),
-            &again,
-            &resume,
-            &[&ck, &resume],
-            full_ms,
-            &mut rng,
-        );
-        same_tensors(&ck_whole, &ck, &format!("train trial {trial}"));
-    }
+    let kills = kill_trials(
+        "train",
+        &small_run(),
+        &fresh,
+        "m.train.safetensors",
+        &[],
+        3,
+        0,
+    );
     assert!(kills >= 6, "only {kills} kills landed");
 }
 
@@ -703,14 +729,9 @@ fn sigkill_at_seeded_points_then_resume_gives_the_same_weights() {
 fn sigkill_during_qat_with_at_then_resume_gives_the_same_model() {
     let dir = tempdir();
     let fp = dir.path().join("fp.safetensors");
-    run_ms(&strings(&[
-        "train",
-        "--data",
-        "embedded",
-        "--device",
-        "cpu",
-        "--train-count",
-        "128",
+    let mut train = strings(&["train"]);
+    train.extend(small_run());
+    train.extend(strings(&[
         "--batch-size",
         "32",
         "--eval-images",
@@ -720,18 +741,14 @@ fn sigkill_during_qat_with_at_then_resume_gives_the_same_model() {
         "--checkpoint",
         fp.to_str().unwrap(),
     ]));
+    run_ms(&train);
     let init = format!("natural:{}", fp.display());
-    let common = strings(&[
-        "--data",
-        "embedded",
-        "--device",
-        "cpu",
-        "--train-count",
-        "128",
-    ]);
+    // The per-epoch PGD check on 10 images only: this test is about the kills.
+    let cfg = dir.path().join("train.json");
+    std::fs::write(&cfg, r#"{"eval_adv_images": 10}"#).unwrap();
     let fresh = |ck: &str| {
         let mut v = strings(&["qat", "--init", &init]);
-        v.extend(common.clone());
+        v.extend(small_run());
         v.extend(strings(&[
             "--batch-size",
             "32",
@@ -743,33 +760,21 @@ fn sigkill_during_qat_with_at_then_resume_gives_the_same_model() {
             "pgd",
             "--adv-steps",
             "2",
+            "--config",
+            cfg.to_str().unwrap(),
             "--checkpoint",
             ck,
         ]));
         v
     };
-    let whole = dir.path().join("q-whole.safetensors");
-    let full_ms = run_ms(&fresh(whole.to_str().unwrap()));
-    let mut rng = quant_robust::rng::Rng::new(1, "kill-points");
-    let mut kills = 0;
-    for trial in 0..1 {
-        let sub = tempdir();
-        let ck = sub.path().join("q.safetensors");
-        let ck_s = ck.to_str().unwrap();
-        let resume = sub.path().join("q.latent.train.safetensors");
-        let latent = sub.path().join("q.latent.safetensors");
-        let mut again = strings(&["qat"]);
-        again.extend(common.clone());
-        again.extend(strings(&["--resume", ck_s]));
-        kills += kill_until_done(
-            &fresh(ck_s),
-            &again,
-            &resume,
-            &[&ck, &resume, &latent],
-            full_ms,
-            &mut rng,
-        );
-        same_tensors(&whole, &ck, &format!("qat trial {trial}"));
-    }
+    let kills = kill_trials(
+        "qat",
+        &small_run(),
+        &fresh,
+        "m.latent.train.safetensors",
+        &["m.latent.safetensors"],
+        1,
+        1,
+    );
     assert!(kills >= 1, "no kill landed");
 }

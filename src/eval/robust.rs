@@ -235,9 +235,7 @@ pub fn evaluate(
         let start = Instant::now();
         let mut broken: Vec<Vec<bool>> = vec![Vec::with_capacity(n); cfg.eps.len()];
         let stage_list = a.stages();
-        let mut stage_of: Vec<Vec<Option<usize>>> = vec![Vec::with_capacity(n); cfg.eps.len()];
-        let mut stage_images = vec![0usize; stage_list.len()];
-        let mut stage_wall_s = vec![0f64; stage_list.len()];
+        let mut tally = StageTally::new(stage_list.len(), cfg.eps.len());
         for (ei, &eps) in cfg.eps.iter().enumerate() {
             let mut done = 0;
             for chunk in idx.chunks(cfg.batch_size) {
@@ -249,32 +247,14 @@ pub fn evaluate(
                 for i in 0..chunk.len() {
                     broken[ei].push(clean_wrong[done + i] || preds[i] != labels[i]);
                 }
-                if let Some(b) = staged.broken_by {
-                    stage_of[ei].extend(b);
-                }
-                for (k, (&m, &w)) in staged
-                    .stage_images
-                    .iter()
-                    .zip(&staged.stage_wall_s)
-                    .enumerate()
-                {
-                    if k < stage_list.len() {
-                        stage_images[k] += m;
-                        stage_wall_s[k] += w;
-                    }
-                }
+                tally.add(ei, staged);
                 done += chunk.len();
                 on_batch(&name, ei, done, n);
             }
         }
         let stages = (!stage_list.is_empty())
-            .then(|| stage_record(&stage_list, &cfg.eps, &stage_of, &broken, &clean_wrong))
-            .transpose()?
-            .map(|r| StageRecord {
-                images: stage_images,
-                wall_s: stage_wall_s,
-                ..r
-            });
+            .then(|| stage_record(&stage_list, &cfg.eps, tally, &broken, &clean_wrong))
+            .transpose()?;
         crate::device::synchronize(&device)?;
         let wall = start.elapsed().as_secs_f64();
         results.push(AttackResult {
@@ -397,14 +377,51 @@ pub fn examples(
     })
 }
 
+/// What a composite attack's batches said about its stages, summed over batches.
+struct StageTally {
+    /// Per ε, per image: the stage that broke it.
+    stage_of: Vec<Vec<Option<usize>>>,
+    /// Per stage: images attacked and wall seconds, all ε together.
+    images: Vec<usize>,
+    wall_s: Vec<f64>,
+}
+
+impl StageTally {
+    fn new(stages: usize, eps: usize) -> Self {
+        StageTally {
+            stage_of: vec![Vec::new(); eps],
+            images: vec![0; stages],
+            wall_s: vec![0.0; stages],
+        }
+    }
+
+    fn add(&mut self, ei: usize, staged: crate::attack::Staged) {
+        if let Some(b) = staged.broken_by {
+            self.stage_of[ei].extend(b);
+        }
+        for (k, (m, w)) in staged
+            .stage_images
+            .into_iter()
+            .zip(staged.stage_wall_s)
+            .enumerate()
+        {
+            if k < self.images.len() {
+                self.images[k] += m;
+                self.wall_s[k] += w;
+            }
+        }
+    }
+}
+
 /// The stage record of a composite attack from its per-ε, per-image stages.
 fn stage_record(
     stages: &[(String, bool)],
     eps: &[f64],
-    stage_of: &[Vec<Option<usize>>],
+    tally: StageTally,
     broken: &[Vec<bool>],
     clean_wrong: &[bool],
 ) -> Result<StageRecord> {
+    let stage_of = &tally.stage_of;
     let n = clean_wrong.len();
     if stages.len() > 10 {
         return Err(Error::config(
@@ -460,7 +477,7 @@ fn stage_record(
         broken_by,
         after,
         reevaluation_mismatches: mismatches,
-        images: Vec::new(),
-        wall_s: Vec::new(),
+        images: tally.images,
+        wall_s: tally.wall_s,
     })
 }

@@ -17,6 +17,12 @@ use crate::eval::robust::{EpsAccuracy, RobustnessReport};
 use crate::manifest::Manifest;
 use crate::{Error, Result};
 
+/// True if the result name `name` is of the attack `attack` (`pgd` matches `pgd-10`).
+fn is_attack(name: &str, attack: &str) -> bool {
+    name.strip_prefix(attack)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+}
+
 /// One attack's accuracy per ε.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttackAccuracy {
@@ -147,7 +153,7 @@ impl AutoAttackResult {
             let find = |name: &str| {
                 main.attacks
                     .iter()
-                    .find(|r| r.attack == name || r.attack.starts_with(&format!("{name}-")))
+                    .find(|r| is_attack(&r.attack, name))
                     .and_then(|r| main_ei.map(|mi| r.per_eps[mi].clone()))
             };
             per_eps.push(AutoAttackAtEps {
@@ -271,7 +277,7 @@ impl ModelResult {
     pub fn attack_at(&self, attack: &str, eps: f64) -> Option<&EpsAccuracy> {
         self.attacks
             .iter()
-            .find(|a| a.attack == attack || a.attack.starts_with(&format!("{attack}-")))
+            .find(|a| is_attack(&a.attack, attack))
             .and_then(|a| at_eps(&a.per_eps, eps))
     }
 

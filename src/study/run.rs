@@ -123,10 +123,10 @@ pub fn data_source(cfg: &StudyConfig) -> Result<DataSource> {
             "\"\"",
             "give a path, `default` (the shipped archive) or `embedded`",
         )),
-        other => Ok(match other.parse::<DataSource>() {
-            Ok(s) => s,
-            Err(never) => match never {},
-        }),
+        other => {
+            let Ok(source) = other.parse::<DataSource>();
+            Ok(source)
+        }
     }
 }
 
