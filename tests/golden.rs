@@ -307,3 +307,44 @@ fn autoattack_is_below_apgd_and_pgd_on_the_golden_robust_checkpoint() {
         c[0]
     );
 }
+
+/// The committed golden FP checkpoints (golden/checkpoints/) are what their manifests say:
+/// the file hashes to its `.sha256`, and it classifies exactly the recorded number of the
+/// 10,000 test images (a count, so any change to the weights, the data decoding or the
+/// forward pass that moves one image fails here).
+#[test]
+fn golden_fp_checkpoints_keep_their_hash_and_test_count() {
+    use sha2::{Digest, Sha256};
+    let Some(archive) = crate::common::shipped_archive() else {
+        eprintln!("skipped: the shipped archive is not beside the checkout");
+        return;
+    };
+    let data = data::load(&data::DataSource::Path(archive)).unwrap();
+    let dd = DeviceData::new(&data.test, &Device::Cpu).unwrap();
+    let idx: Vec<u32> = (0..dd.len() as u32).collect();
+    let mut checked = 0;
+    for name in ["natural", "robust"] {
+        let ck = root().join(format!("golden/checkpoints/{name}.safetensors"));
+        if !ck.is_file() {
+            continue;
+        }
+        let pinned = std::fs::read_to_string(ck.with_extension("sha256")).unwrap();
+        let hash = format!("{:x}", Sha256::digest(std::fs::read(&ck).unwrap()));
+        assert!(
+            pinned.starts_with(&hash),
+            "{name}: sha256 {hash}, pinned {pinned}"
+        );
+        let manifest = checkpoint::load_manifest(&ck).unwrap().unwrap();
+        let recorded = manifest.metrics["test_accuracy"] * manifest.metrics["test_images"];
+        let model = checkpoint::load(&ck, &Device::Cpu, false).unwrap();
+        let acc = quant_robust::eval::clean_accuracy(&model, &dd, &idx, 500).unwrap();
+        assert_eq!(acc.total, 10_000);
+        assert_eq!(
+            acc.correct as f64,
+            recorded.round(),
+            "{name}: test count moved"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 1, "no golden FP checkpoint is committed");
+}
