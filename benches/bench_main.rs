@@ -74,7 +74,10 @@ fn cpu(c: &mut Criterion) {
     // QAT (PACT W4A4 activations, DoReFa W4 weights): one training step.
     let qat_model = {
         use quant_robust::quant::qat::{PactSeam, QatConfig};
-        use quant_robust::quant::seam::{CalibMethod, Calibration, UniformConfig};
+        use quant_robust::quant::{
+            seam::{CalibMethod, Calibration, UniformConfig},
+            Bits,
+        };
         let cal = std::sync::Arc::new(Calibration::new(CalibMethod::Max));
         model
             .frozen()
@@ -82,7 +85,7 @@ fn cpu(c: &mut Criterion) {
             .forward(&x, false)
             .expect("calibrate");
         let cfg = QatConfig {
-            bits: UniformConfig::parse("w4a4").expect("bits"),
+            bits: UniformConfig::from(Bits::of(4, 4)),
             ..QatConfig::default()
         };
         let seam = std::sync::Arc::new(PactSeam::new(cfg, &cal.ranges(), &dev).expect("seam"));

@@ -403,7 +403,7 @@ pub struct AttackArgs {
     /// Attack the checkpoint uniformly post-training-quantized to these bits, e.g. w4a4
     /// (32 = full precision; first conv and last linear keep 8-bit weights).
     #[arg(long)]
-    pub quantize: Option<String>,
+    pub quantize: Option<quant_robust::quant::Bits>,
     /// Training images that calibrate the activation ranges of --quantize (seeded, stratified).
     #[arg(long, default_value_t = 512)]
     pub calib: usize,
@@ -1188,9 +1188,7 @@ fn attack(a: AttackArgs) -> Result<ExitCode> {
     }
     let quantize = a
         .quantize
-        .as_deref()
-        .map(quant_robust::quant::seam::UniformConfig::parse)
-        .transpose()?;
+        .map(quant_robust::quant::seam::UniformConfig::from);
     let model = checkpoint::load(&a.checkpoint, &dev, false)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
     let mut ranges = None;
@@ -1571,7 +1569,7 @@ fn parse_bits(
     abits: u32,
     first_last: u32,
 ) -> Result<quant_robust::quant::seam::UniformConfig> {
-    let bits = quant_robust::quant::seam::UniformConfig::parse(&format!("w{wbits}a{abits}"))?;
+    let bits = quant_robust::quant::Bits::new(wbits, abits).context("--wbits / --abits")?;
     quant_robust::quant::uniform::code_range(
         first_last,
         quant_robust::quant::uniform::Signedness::Symmetric,
@@ -1579,7 +1577,7 @@ fn parse_bits(
     .context("--first-last-bits")?;
     Ok(quant_robust::quant::seam::UniformConfig {
         first_last_bits: first_last,
-        ..bits
+        ..bits.into()
     })
 }
 

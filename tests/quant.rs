@@ -9,7 +9,7 @@ use quant_robust::quant::seam::UniformConfig;
 use quant_robust::quant::uniform::{
     code_range, codes, fake_quant, quantize_slice, quantize_weight, scale_for, Signedness,
 };
-use quant_robust::quant::GradientMode;
+use quant_robust::quant::{Bits, GradientMode};
 
 fn t(v: &[f32]) -> Tensor {
     Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap()
@@ -163,17 +163,29 @@ fn no_nan_on_zero_or_constant_tensors() {
 }
 
 #[test]
-fn bit_settings_parse_and_reject_clearly() {
-    let c = UniformConfig::parse("W4A8").unwrap();
-    assert_eq!((c.weight_bits, c.activation_bits), (Some(4), Some(8)));
-    let c = UniformConfig::parse("w32a4").unwrap();
-    assert_eq!((c.weight_bits, c.activation_bits), (None, Some(4)));
-    assert_eq!(c.name(), "w32a4");
-    for bad in ["w0a8", "w17a8", "w4", "4a4", "wxa8"] {
-        assert!(UniformConfig::parse(bad).is_err(), "{bad}");
+fn bit_settings_parse_once_and_reject_clearly() {
+    let b: Bits = "W4A8".parse().unwrap();
+    assert_eq!((b.weights(), b.activations()), (Some(4), Some(8)));
+    let b: Bits = "w32a4".parse().unwrap();
+    assert_eq!((b.weights(), b.activations()), (None, Some(4)));
+    assert_eq!(b.to_string(), "w32a4");
+    assert_eq!(UniformConfig::from(b).name(), "w32a4");
+    assert!("w32a32".parse::<Bits>().unwrap().is_full_precision());
+    for bad in ["w0a8", "w17a8", "w1a8", "w4", "4a4", "wxa8", "w4a", ""] {
+        let msg = bad.parse::<Bits>().unwrap_err().to_string();
+        assert!(
+            msg.contains(&format!("\"{bad}\"")) || msg.contains(bad),
+            "{msg}"
+        );
+        assert!(msg.contains("bits"), "{msg}");
     }
-    let msg = UniformConfig::parse("w1a8").unwrap_err().to_string();
-    assert!(msg.contains("bits") && msg.contains("2 and 16"), "{msg}");
+    let msg = "w1a8".parse::<Bits>().unwrap_err().to_string();
+    assert!(msg.contains("between 2 and 16"), "{msg}");
+    assert!(Bits::new(4, 1).is_err() && Bits::new(33, 4).is_err());
+    // One spelling on the wire: any case in, lower case out.
+    let b: Bits = serde_json::from_str("\"W2A8\"").unwrap();
+    assert_eq!(serde_json::to_string(&b).unwrap(), "\"w2a8\"");
+    assert!(serde_json::from_str::<Bits>("\"w0a4\"").is_err());
 }
 
 #[test]
@@ -197,7 +209,7 @@ fn uniform_ptq_at_8_bits_keeps_the_model_and_raw_gradients_vanish() {
     let fp = model.frozen().forward(&x, false).unwrap();
     let q8 = uniform_ptq(
         &model.frozen(),
-        UniformConfig::parse("w8a8").unwrap(),
+        UniformConfig::from(Bits::of(8, 8)),
         ranges.clone(),
         GradientMode::Ste,
     )
@@ -223,7 +235,7 @@ fn uniform_ptq_at_8_bits_keeps_the_model_and_raw_gradients_vanish() {
     let q4 = |mode| {
         uniform_ptq(
             &model.frozen(),
-            UniformConfig::parse("w32a4").unwrap(),
+            UniformConfig::from(Bits::of(32, 4)),
             ranges.clone(),
             mode,
         )
@@ -370,7 +382,7 @@ fn ptq_folding_keeps_the_function_and_quantized_checkpoints_reload_exactly() {
     // W4A4 PWLQ: a checkpoint that reloads to the same logits, quantizers included.
     let cfg = PtqConfig {
         method: PtqMethod::Pwlq,
-        bits: UniformConfig::parse("w4a4").unwrap(),
+        bits: UniformConfig::from(Bits::of(4, 4)),
         ..PtqConfig::default()
     };
     let (state, ratios) = quantize_weights(&fp, &cfg).unwrap();
@@ -485,7 +497,7 @@ fn qat_trains_alpha_stays_bounded_and_exports_the_same_model() {
     let all: Vec<u32> = (0..64).collect();
     let ranges = calibrate(&model.frozen(), &train, &all, 32).unwrap();
     let cfg = QatConfig {
-        bits: UniformConfig::parse("w4a4").unwrap(),
+        bits: UniformConfig::from(Bits::of(4, 4)),
         alpha_bounds: (0.01, 3.0),
         ..QatConfig::default()
     };

@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::Device;
 use quant_robust::eval::robust::{EpsAccuracy, MaskingAtEps};
 use quant_robust::eval::wilson95;
+use quant_robust::quant::Bits;
 use quant_robust::study::config::{self, Init, StudyConfig};
 use quant_robust::study::findings::{self, Status};
 use quant_robust::study::plan::{self, ModelSpec};
@@ -96,7 +97,7 @@ fn presets_are_valid_and_cover_the_papers_tables() {
         for adversarial in [false, true] {
             assert!(models.contains(&ModelSpec::Qat {
                 init,
-                bits: "w4a4".into(),
+                bits: Bits::of(4, 4),
                 adversarial,
                 fraction: 1.0,
                 seed: 0
@@ -104,7 +105,7 @@ fn presets_are_valid_and_cover_the_papers_tables() {
         }
     }
     for b in [2, 3, 4, 8] {
-        for bits in [format!("w32a{b}"), format!("w{b}a32")] {
+        for bits in [Bits::of(32, b), Bits::of(b, 32)] {
             assert!(models.iter().any(|m| m.bits() == bits), "{bits}");
         }
     }
@@ -191,7 +192,7 @@ fn tiny() -> StudyConfig {
     c.qat.adversarial.steps = 1;
     c.qat.calib = 32;
     c.ptq.calib = 32;
-    c.grid.ptq_table.bits = vec!["w4a4".into()];
+    c.grid.ptq_table.bits = vec![Bits::of(4, 4)];
     c.grid.qat_table.inits = vec![Init::Random, Init::Robust];
     c.grid.qat_table.fraction = 0.02;
     c.grid.data_curve.inits = vec![Init::Random, Init::Robust];
@@ -609,11 +610,11 @@ fn status(r: &StudyResults, id: &str) -> Status {
 }
 
 fn acts_only(s: &ModelSpec) -> bool {
-    matches!(s, ModelSpec::Qat { bits, .. } if bits.starts_with("w32a"))
+    matches!(s, ModelSpec::Qat { bits, .. } if bits.weights().is_none())
 }
 
 fn weights_only(s: &ModelSpec) -> bool {
-    matches!(s, ModelSpec::Qat { bits, .. } if bits.ends_with("a32"))
+    matches!(s, ModelSpec::Qat { bits, .. } if bits.activations().is_none())
 }
 
 #[test]
@@ -689,7 +690,7 @@ fn f3_needs_both_robustness_and_a_large_cost() {
 
 #[test]
 fn f4_compares_robust_init_with_every_other_init() {
-    let curve = |s: &ModelSpec, init: Init| matches!(s, ModelSpec::Qat { init: i, adversarial: true, bits, .. } if *i == init && bits == "w4a4");
+    let curve = |s: &ModelSpec, init: Init| matches!(s, ModelSpec::Qat { init: i, adversarial: true, bits, .. } if *i == init && *bits == Bits::of(4, 4));
     let r = hand_made(
         |s| {
             if curve(s, Init::Robust) {

@@ -188,7 +188,7 @@ fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
 #[test]
 fn qat_resume_gives_the_same_model_as_an_uninterrupted_run() {
     use quant_robust::quant::qat::QatConfig;
-    use quant_robust::quant::seam::UniformConfig;
+    use quant_robust::quant::{seam::UniformConfig, Bits};
     use quant_robust::train::qat::{can_resume, fine_tune, QatStart};
     let (train, test) = tiny_data(64);
     let s = sample();
@@ -198,7 +198,7 @@ fn qat_resume_gives_the_same_model_as_an_uninterrupted_run() {
         || quant_robust::model::ResNet20::init(&mut Rng::new(3, "init"), &Device::Cpu).unwrap();
     let (init_a, init_b) = (new_init(), new_init());
     let qcfg = QatConfig {
-        bits: UniformConfig::parse("w4a4").unwrap(),
+        bits: UniformConfig::from(Bits::of(4, 4)),
         bn_reestimate_batches: 1,
         ..QatConfig::default()
     };

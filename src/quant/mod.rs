@@ -1,5 +1,6 @@
 //! Quantizers and the quantized model's seam.
 //!
+//! - [`bits`]: [`Bits`], the `w4a8` widths of weights and activations, parsed once;
 //! - [`round`]: round half to even (PyTorch's rounding; candle's `round` is half away from
 //!   zero);
 //! - [`uniform`]: the uniform fake quantizer (b bits, symmetric narrow-range or unsigned,
@@ -18,6 +19,7 @@
 //! estimator by default (identity inside the clipping range, zero outside); `raw` keeps the
 //! true gradient of rounding, zero almost everywhere, to show gradient masking.
 
+pub mod bits;
 pub mod pact;
 pub mod ptq;
 pub mod pwlq;
@@ -25,6 +27,8 @@ pub mod qat;
 pub mod round;
 pub mod seam;
 pub mod uniform;
+
+pub use bits::Bits;
 
 use serde::{Deserialize, Serialize};
 

@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::uniform::{code_range, quantize_activation, quantize_weight, Signedness};
+use super::bits::Bits;
+use super::uniform::{quantize_activation, quantize_weight};
 use super::GradientMode;
 use crate::model::QuantSeam;
 use crate::{Error, Result};
@@ -41,33 +42,24 @@ impl Default for UniformConfig {
     }
 }
 
-impl UniformConfig {
-    /// Parses `W4A8`-style names (`32` = full precision): `w4a8`, `w32a4`, `w8a32`.
-    pub fn parse(s: &str) -> Result<Self> {
-        let bad = || {
-            Error::config(
-                "quantize",
-                s,
-                "expected WxAy, e.g. w4a8 (32 = full precision)",
-            )
-        };
-        let l = s.to_ascii_lowercase();
-        let rest = l.strip_prefix('w').ok_or_else(bad)?;
-        let (w, a) = rest.split_once('a').ok_or_else(bad)?;
-        let bits = |t: &str| -> Result<Option<u32>> {
-            let b: u32 = t.parse().map_err(|_| bad())?;
-            if b == 32 {
-                Ok(None)
-            } else {
-                code_range(b, Signedness::Unsigned)?;
-                Ok(Some(b))
-            }
-        };
-        Ok(UniformConfig {
-            weight_bits: bits(w)?,
-            activation_bits: bits(a)?,
+impl From<Bits> for UniformConfig {
+    /// The widths of `bits`, first and last layers at the default 8 bits.
+    fn from(bits: Bits) -> Self {
+        UniformConfig {
+            weight_bits: bits.weights(),
+            activation_bits: bits.activations(),
             ..UniformConfig::default()
-        })
+        }
+    }
+}
+
+impl UniformConfig {
+    /// The widths as [`Bits`].
+    pub fn bits(&self) -> Result<Bits> {
+        Bits::new(
+            self.weight_bits.unwrap_or(32),
+            self.activation_bits.unwrap_or(32),
+        )
     }
 
     /// `w4a8`-style name.

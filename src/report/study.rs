@@ -7,9 +7,10 @@ use std::path::Path;
 use super::plots::{LinePlot, Series};
 use crate::attack::eps_label;
 use crate::eval::robust::EpsAccuracy;
+use crate::study::config::BitsSweep;
 use crate::study::config::Init;
 use crate::study::findings::{effect, Status};
-use crate::study::plan::{canonical_bits, ModelSpec};
+use crate::study::plan::ModelSpec;
 use crate::study::results::{ModelResult, StudyResults};
 use crate::Result;
 
@@ -348,7 +349,7 @@ pub fn markdown(res: &StudyResults) -> String {
                 m,
                 vec![
                     m.spec.init().to_string(),
-                    m.spec.bits(),
+                    m.spec.bits().to_string(),
                     m.spec.seed().to_string(),
                 ],
             )
@@ -375,10 +376,10 @@ pub fn markdown(res: &StudyResults) -> String {
     for &seed in &c.seeds {
         for &init in &t.inits {
             for &adversarial in &t.adversarial {
-                for bits in &t.bits {
+                for &bits in &t.bits {
                     let spec = ModelSpec::Qat {
                         init,
-                        bits: canonical_bits(bits),
+                        bits,
                         adversarial,
                         fraction: t.fraction,
                         seed,
@@ -390,7 +391,7 @@ pub fn markdown(res: &StudyResults) -> String {
                             vec![
                                 init.to_string(),
                                 if adversarial { "yes" } else { "no" }.into(),
-                                m.spec.bits(),
+                                m.spec.bits().to_string(),
                                 seed.to_string(),
                             ],
                         ));
@@ -425,10 +426,8 @@ pub fn markdown(res: &StudyResults) -> String {
     let mut rows = Vec::new();
     for &seed in &c.seeds {
         for &bits in &b.bits {
-            for (what, name) in [
-                ("activations", format!("w32a{bits}")),
-                ("weights", format!("w{bits}a32")),
-            ] {
+            let (activations_only, weights_only) = BitsSweep::pair(bits);
+            for (what, name) in [("activations", activations_only), ("weights", weights_only)] {
                 let spec = ModelSpec::Qat {
                     init: b.init,
                     bits: name,
@@ -472,7 +471,7 @@ pub fn markdown(res: &StudyResults) -> String {
             for &init in &d.inits {
                 let spec = ModelSpec::Qat {
                     init,
-                    bits: canonical_bits(&d.bits),
+                    bits: d.bits,
                     adversarial: d.adversarial,
                     fraction: f,
                     seed,
@@ -684,11 +683,11 @@ pub fn plots(res: &StudyResults) -> Vec<(&'static str, LinePlot)> {
         }
     };
     for m in res.models.iter().filter(|m| m.spec.seed() == seed) {
-        let first_bits = c.grid.qat_table.bits.first().map(|b| canonical_bits(b));
+        let first_bits = c.grid.qat_table.bits.first();
         let in_table = match &m.spec {
             ModelSpec::Fp { .. } => true,
             ModelSpec::Qat { bits, fraction, .. } => {
-                Some(bits) == first_bits.as_ref() && *fraction == c.grid.qat_table.fraction
+                Some(bits) == first_bits && *fraction == c.grid.qat_table.fraction
             }
             ModelSpec::Ptq { .. } => false,
         };
@@ -716,10 +715,11 @@ pub fn plots(res: &StudyResults) -> Vec<(&'static str, LinePlot)> {
             .bits
             .iter()
             .filter_map(|&k| {
+                let (activations_only, weights_only) = BitsSweep::pair(k);
                 let bits = if *acts {
-                    format!("w32a{k}")
+                    activations_only
                 } else {
-                    format!("w{k}a32")
+                    weights_only
                 };
                 let m = res.model(&ModelSpec::Qat {
                     init: b.init,
@@ -753,7 +753,7 @@ pub fn plots(res: &StudyResults) -> Vec<(&'static str, LinePlot)> {
                 .filter_map(|&f| {
                     let m = res.model(&ModelSpec::Qat {
                         init,
-                        bits: canonical_bits(&d.bits),
+                        bits: d.bits,
                         adversarial: d.adversarial,
                         fraction: f,
                         seed,

@@ -21,7 +21,8 @@ use crate::attack::{AttackSettings, PgdConfig, ATTACK_NAMES};
 use crate::quant::ptq::PtqMethod;
 use crate::quant::pwlq::Breakpoint;
 use crate::quant::qat::AlphaInit;
-use crate::quant::seam::{CalibMethod, UniformConfig};
+use crate::quant::seam::CalibMethod;
+use crate::quant::Bits;
 use crate::train::{Adversarial, LrSchedule, TrainConfig};
 use crate::{Error, Result};
 
@@ -263,17 +264,22 @@ pub struct Grid {
 pub struct PtqTable {
     /// Default [natural, robust] (PTQ needs a trained model: no random).
     pub inits: Vec<Init>,
-    /// `wXaY` names (32 = full precision). Default w8a8, w6a6, w4a8, w4a4, w3a8, w2a8.
-    pub bits: Vec<String>,
+    /// `wXaY` widths (32 = full precision). Default w8a8, w6a6, w4a8, w4a4, w3a8, w2a8.
+    pub bits: Vec<Bits>,
 }
 
 impl Default for PtqTable {
     fn default() -> Self {
         PtqTable {
             inits: vec![Init::Natural, Init::Robust],
-            bits: ["w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8"]
-                .map(String::from)
-                .to_vec(),
+            bits: vec![
+                Bits::of(8, 8),
+                Bits::of(6, 6),
+                Bits::of(4, 8),
+                Bits::of(4, 4),
+                Bits::of(3, 8),
+                Bits::of(2, 8),
+            ],
         }
     }
 }
@@ -287,7 +293,7 @@ pub struct QatTable {
     /// AT inside QAT: default [false, true].
     pub adversarial: Vec<bool>,
     /// Default w4a4, w8a8.
-    pub bits: Vec<String>,
+    pub bits: Vec<Bits>,
     /// Fraction of the training split fine-tuned on. Default 1.
     pub fraction: f64,
 }
@@ -297,7 +303,7 @@ impl Default for QatTable {
         QatTable {
             inits: vec![Init::Random, Init::Natural, Init::Robust],
             adversarial: vec![false, true],
-            bits: vec!["w4a4".into(), "w8a8".into()],
+            bits: vec![Bits::of(4, 4), Bits::of(8, 8)],
             fraction: 1.0,
         }
     }
@@ -316,6 +322,14 @@ pub struct BitsSweep {
     pub bits: Vec<u32>,
     /// Default 1.
     pub fraction: f64,
+}
+
+impl BitsSweep {
+    /// The sweep's pair at width `b`: activations only (W32Ab), weights only (WbA32).
+    /// `b` is one of `bits`, which `StudyConfig::validate` checked.
+    pub fn pair(b: u32) -> (Bits, Bits) {
+        (Bits::of(32, b), Bits::of(b, 32))
+    }
 }
 
 impl Default for BitsSweep {
@@ -338,7 +352,7 @@ pub struct DataCurve {
     /// AT inside QAT. Default true.
     pub adversarial: bool,
     /// Default w4a4.
-    pub bits: String,
+    pub bits: Bits,
     /// Default 0.01, 0.05, 0.1, 0.25, 0.5, 1.
     pub fractions: Vec<f64>,
 }
@@ -348,7 +362,7 @@ impl Default for DataCurve {
         DataCurve {
             inits: vec![Init::Random, Init::Natural, Init::Robust],
             adversarial: true,
-            bits: "w4a4".into(),
+            bits: Bits::of(4, 4),
             fractions: vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0],
         }
     }
@@ -419,18 +433,18 @@ pub struct ModelSelection {
     /// The full-precision models. Default true.
     pub fp: bool,
     /// PTQ cells with these bits (every init). Default w4a4.
-    pub ptq: Vec<String>,
+    pub ptq: Vec<Bits>,
     /// QAT cells with these bits trained on all of the training split (every init, with
     /// and without AT). Default w4a4.
-    pub qat: Vec<String>,
+    pub qat: Vec<Bits>,
 }
 
 impl Default for ModelSelection {
     fn default() -> Self {
         ModelSelection {
             fp: true,
-            ptq: vec!["w4a4".into()],
-            qat: vec!["w4a4".into()],
+            ptq: vec![Bits::of(4, 4)],
+            qat: vec![Bits::of(4, 4)],
         }
     }
 }
@@ -569,10 +583,6 @@ fn de_eps_list<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Vec<f64>,
         .collect()
 }
 
-fn check_bits(name: &str) -> Result<UniformConfig> {
-    UniformConfig::parse(name)
-}
-
 fn check_fraction(what: &'static str, f: f64) -> Result<()> {
     if !(f > 0.0 && f <= 1.0) {
         return Err(Error::config(what, f, "must be in (0, 1]"));
@@ -654,10 +664,6 @@ impl StudyConfig {
             crate::quant::uniform::code_range(b, crate::quant::uniform::Signedness::Symmetric)?;
         }
         let g = &self.grid;
-        for b in g.ptq_table.bits.iter().chain(&g.qat_table.bits) {
-            check_bits(b)?;
-        }
-        check_bits(&g.data_curve.bits)?;
         if g.ptq_table.inits.contains(&Init::Random) {
             return Err(Error::config(
                 "grid.ptq_table.inits",
@@ -666,7 +672,17 @@ impl StudyConfig {
             ));
         }
         for &b in &g.bits_sweep.bits {
-            check_bits(&format!("w{b}a{b}"))?;
+            Bits::new(b, b).map_err(|_| {
+                Error::config(
+                    "grid.bits_sweep.bits",
+                    b,
+                    format!(
+                        "each width must be between {} and {}, or 32",
+                        crate::quant::bits::MIN_BITS,
+                        crate::quant::bits::MAX_BITS
+                    ),
+                )
+            })?;
         }
         check_fraction("grid.qat_table.fraction", g.qat_table.fraction)?;
         check_fraction("grid.bits_sweep.fraction", g.bits_sweep.fraction)?;
@@ -706,9 +722,6 @@ impl StudyConfig {
             }
             for &x in &a.eps {
                 crate::attack::check_eps(crate::attack::Norm::Linf, x)?;
-            }
-            for b in a.models.ptq.iter().chain(&a.models.qat) {
-                check_bits(b)?;
             }
         }
         let wide_attacks = e.wide.iter().flat_map(|w| &w.attacks);
@@ -771,7 +784,7 @@ impl StudyConfig {
         Ok(c)
     }
 
-    /// A preset by name: `smoke`, `fast` or `full`.
+    /// A preset by name: one of [`PRESETS`].
     pub fn preset(name: &str) -> Result<Self> {
         let c = match name {
             "smoke" => smoke(),
@@ -781,7 +794,7 @@ impl StudyConfig {
                 return Err(Error::config(
                     "preset",
                     other,
-                    "unknown (known: smoke, fast, full)",
+                    format!("unknown (known: {})", PRESETS.join(", ")),
                 ))
             }
         };
@@ -842,12 +855,12 @@ pub fn smoke() -> StudyConfig {
         grid: Grid {
             ptq_table: PtqTable {
                 inits: vec![Init::Natural, Init::Robust],
-                bits: vec!["w8a8".into(), "w4a4".into()],
+                bits: vec![Bits::of(8, 8), Bits::of(4, 4)],
             },
             qat_table: QatTable {
                 inits: vec![Init::Random, Init::Natural, Init::Robust],
                 adversarial: vec![false, true],
-                bits: vec!["w4a4".into()],
+                bits: vec![Bits::of(4, 4)],
                 fraction: 0.1,
             },
             bits_sweep: BitsSweep {
@@ -859,7 +872,7 @@ pub fn smoke() -> StudyConfig {
             data_curve: DataCurve {
                 inits: vec![Init::Random, Init::Natural, Init::Robust],
                 adversarial: true,
-                bits: "w4a4".into(),
+                bits: Bits::of(4, 4),
                 fractions: vec![0.05, 0.1],
             },
         },
@@ -1013,13 +1026,20 @@ pub fn cpu_with(natural: GivenCheckpoint, robust: GivenCheckpoint) -> StudyConfi
             ptq_table: PtqTable {
                 inits: vec![Init::Natural, Init::Robust],
                 bits: [
-                    "w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8", "w4a32", "w32a4",
+                    (8, 8),
+                    (6, 6),
+                    (4, 8),
+                    (4, 4),
+                    (3, 8),
+                    (2, 8),
+                    (4, 32),
+                    (32, 4),
                 ]
-                .map(String::from)
+                .map(|(w, a)| Bits::of(w, a))
                 .to_vec(),
             },
             qat_table: QatTable {
-                bits: vec!["w4a4".into()],
+                bits: vec![Bits::of(4, 4)],
                 ..QatTable::default()
             },
             bits_sweep: BitsSweep {

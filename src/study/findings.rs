@@ -15,7 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::config::Init;
+use super::config::{BitsSweep, Init};
 use super::plan::ModelSpec;
 use super::results::{ModelResult, StudyResults};
 use crate::attack::eps_label;
@@ -238,14 +238,15 @@ pub fn f1(r: &StudyResults) -> Verdict {
     let mut pairs = Vec::new();
     for &seed in &r.config.seeds {
         for &b in &s.bits {
-            let cell = |bits: String| ModelSpec::Qat {
+            let cell = |bits| ModelSpec::Qat {
                 init: s.init,
                 bits,
                 adversarial: s.adversarial,
                 fraction: s.fraction,
                 seed,
             };
-            pairs.push((cell(format!("w32a{b}")), cell(format!("w{b}a32"))));
+            let (activations_only, weights_only) = BitsSweep::pair(b);
+            pairs.push((cell(activations_only), cell(weights_only)));
         }
     }
     pooled_verdict(
@@ -269,12 +270,8 @@ pub fn f2(r: &StudyResults) -> Verdict {
     let eps = r.config.findings.eps;
     let mut pairs = Vec::new();
     for &seed in &r.config.seeds {
-        for bits in &r.config.grid.ptq_table.bits {
-            let cell = |init| ModelSpec::Ptq {
-                init,
-                bits: super::plan::canonical_bits(bits),
-                seed,
-            };
+        for &bits in &r.config.grid.ptq_table.bits {
+            let cell = |init| ModelSpec::Ptq { init, bits, seed };
             pairs.push((cell(Init::Robust), cell(Init::Natural)));
         }
     }
@@ -322,10 +319,10 @@ pub fn f3(r: &StudyResults) -> Verdict {
     let mut pairs = Vec::new();
     for &seed in &r.config.seeds {
         for &init in &t.inits {
-            for bits in &t.bits {
+            for &bits in &t.bits {
                 let cell = |adversarial| ModelSpec::Qat {
                     init,
-                    bits: super::plan::canonical_bits(bits),
+                    bits,
                     adversarial,
                     fraction: t.fraction,
                     seed,
@@ -403,7 +400,7 @@ pub fn f4(r: &StudyResults) -> Verdict {
         .collect();
     let cell = |init, fraction, seed| ModelSpec::Qat {
         init,
-        bits: super::plan::canonical_bits(&c.bits),
+        bits: c.bits,
         adversarial: c.adversarial,
         fraction,
         seed,

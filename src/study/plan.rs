@@ -9,9 +9,9 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::config::{FpStage, Init, StudyConfig};
+use super::config::{BitsSweep, FpStage, Init, StudyConfig};
 use crate::data::DataIdentity;
-use crate::quant::seam::UniformConfig;
+use crate::quant::Bits;
 use crate::train::{Adversarial, TrainConfig};
 
 /// Bumped whenever a stage's code changes what it computes for the same configuration.
@@ -24,12 +24,12 @@ pub enum ModelSpec {
     /// A full-precision model: `natural` or `robust` (PGD-AT).
     Fp { init: Init, seed: u64 },
     /// Post-training quantization of a full-precision model.
-    Ptq { init: Init, bits: String, seed: u64 },
+    Ptq { init: Init, bits: Bits, seed: u64 },
     /// Quantization-aware training from `init`, on `fraction` of the training split,
     /// with or without PGD-AT inside.
     Qat {
         init: Init,
-        bits: String,
+        bits: Bits,
         adversarial: bool,
         fraction: f64,
         seed: u64,
@@ -78,11 +78,11 @@ impl ModelSpec {
         }
     }
 
-    /// Bits as `wXaY` (`w32a32` for full precision).
-    pub fn bits(&self) -> String {
+    /// The bit widths (`w32a32` for full precision).
+    pub fn bits(&self) -> Bits {
         match self {
-            ModelSpec::Fp { .. } => "w32a32".into(),
-            ModelSpec::Ptq { bits, .. } | ModelSpec::Qat { bits, .. } => bits.clone(),
+            ModelSpec::Fp { .. } => Bits::FULL_PRECISION,
+            ModelSpec::Ptq { bits, .. } | ModelSpec::Qat { bits, .. } => *bits,
         }
     }
 
@@ -157,20 +157,16 @@ pub fn models(cfg: &StudyConfig) -> Vec<ModelSpec> {
     }
     for &seed in &cfg.seeds {
         for &init in &g.ptq_table.inits {
-            for bits in &g.ptq_table.bits {
-                push(ModelSpec::Ptq {
-                    init,
-                    bits: canonical_bits(bits),
-                    seed,
-                });
+            for &bits in &g.ptq_table.bits {
+                push(ModelSpec::Ptq { init, bits, seed });
             }
         }
         for &init in &g.qat_table.inits {
             for &adversarial in &g.qat_table.adversarial {
-                for bits in &g.qat_table.bits {
+                for &bits in &g.qat_table.bits {
                     push(ModelSpec::Qat {
                         init,
-                        bits: canonical_bits(bits),
+                        bits,
                         adversarial,
                         fraction: g.qat_table.fraction,
                         seed,
@@ -180,7 +176,8 @@ pub fn models(cfg: &StudyConfig) -> Vec<ModelSpec> {
         }
         let s = &g.bits_sweep;
         for &b in &s.bits {
-            for bits in [format!("w32a{b}"), format!("w{b}a32")] {
+            let (activations_only, weights_only) = BitsSweep::pair(b);
+            for bits in [activations_only, weights_only] {
                 push(ModelSpec::Qat {
                     init: s.init,
                     bits,
@@ -195,7 +192,7 @@ pub fn models(cfg: &StudyConfig) -> Vec<ModelSpec> {
             for &fraction in &c.fractions {
                 push(ModelSpec::Qat {
                     init,
-                    bits: canonical_bits(&c.bits),
+                    bits: c.bits,
                     adversarial: c.adversarial,
                     fraction,
                     seed,
@@ -204,13 +201,6 @@ pub fn models(cfg: &StudyConfig) -> Vec<ModelSpec> {
         }
     }
     out
-}
-
-/// `W4A4` → `w4a4` (validated names only).
-pub fn canonical_bits(name: &str) -> String {
-    UniformConfig::parse(name)
-        .map(|c| c.name())
-        .unwrap_or_else(|_| name.to_ascii_lowercase())
 }
 
 /// SHA-256 (hex, first 16 characters) of a JSON value.

@@ -365,7 +365,7 @@ impl Runner<'_> {
     fn bits(&self, spec: &ModelSpec, first_last_bits: u32) -> Result<UniformConfig> {
         Ok(UniformConfig {
             first_last_bits,
-            ..UniformConfig::parse(&spec.bits())?
+            ..spec.bits().into()
         })
     }
 
