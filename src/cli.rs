@@ -1,4 +1,5 @@
-//! Subcommands over the library: `train`, `eval`, `make-sample`.
+//! The subcommands, each a thin layer over the library: parse the arguments, call the
+//! library, write the result.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -6,23 +6,33 @@
 //! PWLQ, QAT with PACT, robust/natural/random initialization, adversarial training, L_p
 //! attacks) on candle, on the CPU and on CUDA.
 //!
-//! The pipeline, one module per concept (dependencies point down the list):
-//! - [`rng`]: the only source of randomness (seeded, named streams);
-//! - [`data`]: CIFAR-10 from the shipped JPEG archive, the canonical binary release, or an
-//!   image folder; stratified subsets; on-device augmentation and batches;
-//! - [`model`]: the [`model::Classifier`] interface, the quantizer seam, ResNet-20 and its
-//!   PyTorch-compatible safetensors checkpoints;
-//! - [`quant`]: round half to even, the uniform quantizer (STE or raw gradients), uniform
-//!   PTQ through the model's seam;
-//! - [`attack`]: FGSM, PGD (L∞, L2), APGD-CE/DLR, Square, transfer (input gradients only);
-//! - [`eval`]: clean and robust accuracy, per-example worst case, masking diagnostics;
-//! - [`report`]: pictures of results (adversarial-example grids);
-//! - [`train`]: SGD (momentum, Nesterov, weight decay), schedules, natural and PGD
-//!   adversarial training, resumable;
-//! - [`manifest`], [`io`]: what produced a result; atomic writes;
-//! - [`device`]: CPU/CUDA selection;
-//! - [`kernels`]: fast CPU convolution (direct 3×3 SIMD tiles, im2col + GEMM; bias and ReLU in
-//!   the store), BatchNorm, ReLU and fake quantizers with their gradients.
+//! The pipeline, one module per concept, in the order a study uses them:
+//!
+//! ```text
+//! rng, io, error, device     seeded streams; atomic writes; errors; cpu / cuda / auto
+//! manifest                   what produced a result (code, data, configuration, timings)
+//! kernels/                   CPU convolution (Winograd, direct SIMD, im2col + GEMM), BatchNorm,
+//!                            ReLU, fake quantizers, PACT, each with its gradients
+//! data/                      cifar10-jpeg archive, binary batches, image folders; subsets
+//!                            (subset.rs); augmentation; device batches (batch.rs)
+//! model/                     Classifier + QuantSeam (mod.rs), ResNet-20 (resnet20.rs),
+//!                            BatchNorm folding (bn_fold.rs), safetensors checkpoints
+//! quant/                     Bits (bits.rs); rounding; uniform quantizer; PWLQ and its
+//!                            breakpoint (pwlq.rs); PACT + DoReFa (pact.rs); the uniform
+//!                            seam and calibration (seam.rs); PTQ (ptq.rs); QAT export (qat.rs)
+//! train/                     SGD, schedules, natural and PGD-AT training, resume; QAT (qat.rs)
+//! attack/                    FGSM (fgsm.rs), PGD (pgd.rs), APGD-CE/DLR/T (apgd.rs), FAB
+//!                            (fab.rs), Square (square.rs), transfer, AutoAttack (autoattack.rs)
+//! eval/                      clean accuracy, Wilson intervals; robust.rs: many attacks and ε,
+//!                            per-example worst case, masking diagnostics
+//! study/                     config.rs: presets and the grid; plan.rs: cells and cache keys;
+//!                            run.rs: the runner (cache, resume, shards); results.rs;
+//!                            findings.rs: F1-F6 as verdicts; golden.rs: pinned sets
+//! report/                    report.md tables, SVG plots, adversarial-example grids
+//! ```
+//!
+//! The command-line interface (`src/main.rs`, `src/cli.rs`) parses arguments into these
+//! types and calls them.
 
 pub mod attack;
 pub mod data;

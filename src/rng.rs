@@ -3,7 +3,7 @@
 //! Every random draw (weight init, shuffling, augmentation, subsets, attack random starts)
 //! comes from a [`Rng`]: ChaCha8 seeded from the run's seed and a *stream name*, so that
 //! two uses never share a sequence and adding a use elsewhere does not shift this one.
-//! candle's own CPU generator cannot be seeded (CANDLE.md), so it is never used.
+//! candle's own CPU generator cannot be seeded, so it is never used.
 //!
 //! A generator's position can be saved ([`RngState`]) and restored exactly, which is what
 //! resuming a training run needs.

@@ -1,7 +1,7 @@
 //! Adversarial attacks over any [`Classifier`], in evaluation mode, computing the input
 //! gradient only.
 //!
-//! Conventions (ANCHORS.md): images in [0, 1]; ε in pixel units (8/255); random starts
+//! Conventions (those of torchattacks and AutoAttack): images in [0, 1]; ε in pixel units (8/255); random starts
 //! uniform in the ε-ball, then clipped to [0, 1]; every output inside the ball and in
 //! [0, 1]; random draws from the caller's seeded [`Rng`]. An attack returns adversarial
 //! images; success is judged by [`crate::eval::robust`], per example, so that the worst case

@@ -110,7 +110,7 @@ pub fn pgd_linf(
 pub struct Pgd {
     /// Steps. Default 10.
     pub steps: usize,
-    /// Step size as a fraction of ε. Default 0.25 (STUDY.md: ε/4).
+    /// Step size as a fraction of ε. Default 0.25 (ε/4, the study's recipe).
     pub step_fraction: f64,
     /// Random starts (≥ 1). Default 1.
     pub restarts: usize,

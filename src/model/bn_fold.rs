@@ -1,7 +1,7 @@
 //! Folding BatchNorm (evaluation mode) into the preceding convolution:
 //! `BN(conv(x, W)) = conv(x, W') + b'` with, per output channel o,
 //! `W'_o = W_o·γ_o/√(σ²_o + ε)` and `b'_o = β_o − μ_o·γ_o/√(σ²_o + ε)`.
-//! PWLQ quantizes the folded weights (the quantizer issue).
+//! PWLQ quantizes the folded weights.
 
 use candle_core::Tensor;
 

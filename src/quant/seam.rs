@@ -6,7 +6,7 @@
 //! calibrated as the maximum over a calibration set (the [`Calibration`] seam records them
 //! on a full-precision pass). `None` bits = full precision, so weights-only,
 //! activations-only and both are all expressible. PWLQ, PACT and DoReFa build on the same
-//! seam (the quantizer issue).
+//! seam.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

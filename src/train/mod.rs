@@ -47,7 +47,8 @@ pub enum Adversarial {
 }
 
 impl Adversarial {
-    /// The PGD-AT defaults of STUDY.md: ε 8/255, step 2/255, 7 steps, random start.
+    /// The PGD-AT defaults (Madry et al. 2018 on CIFAR-10): ε 8/255, step 2/255, 7 steps,
+    /// random start.
     pub fn pgd_default() -> Self {
         Adversarial::Pgd(PgdConfig {
             eps: 8.0 / 255.0,
@@ -58,7 +59,7 @@ impl Adversarial {
     }
 }
 
-/// Everything that defines a training run. Defaults: STUDY.md's natural FP recipe.
+/// Everything that defines a training run. Defaults: the study's natural FP recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
