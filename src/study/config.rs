@@ -788,6 +788,7 @@ impl StudyConfig {
     pub fn preset(name: &str) -> Result<Self> {
         let c = match name {
             "smoke" => smoke(),
+            "cpu" => cpu(),
             "fast" => fast(),
             "full" => full(),
             other => {
@@ -804,7 +805,30 @@ impl StudyConfig {
 }
 
 /// The preset names.
-pub const PRESETS: [&str; 3] = ["smoke", "fast", "full"];
+pub const PRESETS: [&str; 4] = ["smoke", "cpu", "fast", "full"];
+
+/// The committed golden full-precision checkpoints the `cpu` preset starts from, by name
+/// (`natural`, `robust`) with the sha256 of their bytes. `scripts/train-golden.sh` trained
+/// them; their manifests, per-epoch logs and commands lie beside them.
+pub const GOLDEN_CHECKPOINTS: [(&str, &str); 2] = [
+    (
+        "natural",
+        "1834a181dd62d5706e5f328b3fb4eb5a29aeaa47ad503d41c701fe840de43b02",
+    ),
+    (
+        "robust",
+        "cfd63fe0fbe78bfd98103068bd9bf71da8f73bf509021b7c8cd01bfe9d6d9f42",
+    ),
+];
+
+/// `cpu`: [`cpu_with`] on the golden checkpoints of [`GOLDEN_CHECKPOINTS`].
+pub fn cpu() -> StudyConfig {
+    let [natural, robust] = GOLDEN_CHECKPOINTS.map(|(name, sha256)| GivenCheckpoint {
+        path: format!("golden/checkpoints/{name}.safetensors"),
+        sha256: sha256.into(),
+    });
+    cpu_with(natural, robust)
+}
 
 /// `smoke`: the whole pipeline on the embedded sample in a few CPU minutes. Its numbers
 /// mean nothing (tiny models); it proves the code path end to end.
@@ -899,8 +923,8 @@ pub fn smoke() -> StudyConfig {
     }
 }
 
-/// `fast`: every table and finding on the full data at reduced epochs (the GPU run of the
-/// study issue; on 2 CPU cores it takes days).
+/// `fast`: every table and finding on the full data at reduced epochs (meant for a GPU; on
+/// 2 CPU cores it takes days).
 pub fn fast() -> StudyConfig {
     let fp = |epochs| TrainConfig {
         epochs,
