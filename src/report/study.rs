@@ -525,7 +525,7 @@ pub fn markdown(res: &StudyResults) -> String {
                 } => res
                     .model(&ModelSpec::Qat {
                         init: *init,
-                        bits: bits.clone(),
+                        bits: *bits,
                         adversarial: false,
                         fraction: *fraction,
                         seed: *seed,
