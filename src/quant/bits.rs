@@ -97,12 +97,13 @@ impl FromStr for Bits {
             (Ok(w), Ok(a)) => (w, a),
             _ => return Err(form()),
         };
-        Bits::new(w, a).map_err(|_| {
-            bad(format!(
-                "each width must be between {MIN_BITS} and {MAX_BITS}, or 32 for full precision"
-            ))
-        })
+        Bits::new(w, a).map_err(|_| bad(width_rule()))
     }
+}
+
+/// What a width may be, for error messages.
+pub(crate) fn width_rule() -> String {
+    format!("each width must be between {MIN_BITS} and {MAX_BITS}, or 32 for full precision")
 }
 
 impl fmt::Display for Bits {

@@ -54,14 +54,6 @@ impl From<Bits> for UniformConfig {
 }
 
 impl UniformConfig {
-    /// The widths as [`Bits`].
-    pub fn bits(&self) -> Result<Bits> {
-        Bits::new(
-            self.weight_bits.unwrap_or(32),
-            self.activation_bits.unwrap_or(32),
-        )
-    }
-
     /// `w4a8`-style name.
     pub fn name(&self) -> String {
         format!(

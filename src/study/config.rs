@@ -673,15 +673,7 @@ impl StudyConfig {
         }
         for &b in &g.bits_sweep.bits {
             Bits::new(b, b).map_err(|_| {
-                Error::config(
-                    "grid.bits_sweep.bits",
-                    b,
-                    format!(
-                        "each width must be between {} and {}, or 32",
-                        crate::quant::bits::MIN_BITS,
-                        crate::quant::bits::MAX_BITS
-                    ),
-                )
+                Error::config("grid.bits_sweep.bits", b, crate::quant::bits::width_rule())
             })?;
         }
         check_fraction("grid.qat_table.fraction", g.qat_table.fraction)?;

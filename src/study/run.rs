@@ -362,11 +362,11 @@ impl Runner<'_> {
         })
     }
 
-    fn bits(&self, spec: &ModelSpec, first_last_bits: u32) -> Result<UniformConfig> {
-        Ok(UniformConfig {
+    fn bits(&self, spec: &ModelSpec, first_last_bits: u32) -> UniformConfig {
+        UniformConfig {
             first_last_bits,
             ..spec.bits().into()
-        })
+        }
     }
 
     fn ptq(&mut self, spec: &ModelSpec, key: &str) -> Result<ModelRecord> {
@@ -377,7 +377,7 @@ impl Runner<'_> {
         let p = &self.cfg.ptq;
         let cfg = PtqConfig {
             method: p.method,
-            bits: self.bits(spec, p.first_last_bits)?,
+            bits: self.bits(spec, p.first_last_bits),
             breakpoint: p.breakpoint,
             bias_correction: p.bias_correction,
             calib: p.calib,
@@ -457,7 +457,7 @@ impl Runner<'_> {
         };
         let q = &self.cfg.qat;
         let qcfg = QatConfig {
-            bits: self.bits(spec, q.first_last_bits)?,
+            bits: self.bits(spec, q.first_last_bits),
             alpha_init: q.alpha_init,
             alpha_decay: q.alpha_decay,
             ..QatConfig::default()
