@@ -476,9 +476,11 @@ pub struct QatArgs {
     /// Weight bits of the first conv and the last linear layer.
     #[arg(long, default_value_t = 8)]
     pub first_last_bits: u32,
-    /// Initial α: `calibrated` (the site's full-precision maximum) or a number.
-    #[arg(long, default_value = "calibrated")]
-    pub alpha_init: String,
+    /// Initial α: `calibrated` (the site's full-precision maximum) or a number > 0. Default:
+    /// 10 from random init (an untrained network's activations say nothing about their
+    /// trained range), calibrated from a trained model.
+    #[arg(long)]
+    pub alpha_init: Option<String>,
     /// Training options (epochs, lr, fraction, adversarial training, seed, device, data…).
     #[command(flatten)]
     pub train: TrainArgs,
@@ -1413,6 +1415,7 @@ fn ptq(a: PtqArgs) -> Result<ExitCode> {
 
 fn qat(a: QatArgs) -> Result<ExitCode> {
     use quant_robust::quant::qat::{AlphaInit, QatConfig};
+    use quant_robust::study::config::{Init, QatStage};
     use quant_robust::train::qat::{resume_settings, QatStart};
     // A resumed run writes where it was started; --checkpoint names a fresh run's output.
     let out_path = a.train.resume.clone().unwrap_or(a.train.checkpoint.clone());
@@ -1432,12 +1435,18 @@ fn qat(a: QatArgs) -> Result<ExitCode> {
         }
         Some(init) => {
             let bits = parse_bits(a.wbits, a.abits, a.first_last_bits)?;
-            let alpha_init = match a.alpha_init.as_str() {
-                "calibrated" => AlphaInit::Calibrated,
-                v => AlphaInit::Fixed(
+            let alpha_init = match a.alpha_init.as_deref() {
+                None => QatStage::default().alpha_init_for(if init == "random" {
+                    Init::Random
+                } else {
+                    Init::Natural
+                }),
+                Some("calibrated") => AlphaInit::Calibrated,
+                Some(v) => AlphaInit::Fixed(
                     parse_number(v).map_err(|e| anyhow::anyhow!("--alpha-init: {e}"))?,
                 ),
             };
+            alpha_init.validate("--alpha-init")?;
             let qcfg = QatConfig {
                 bits,
                 alpha_init,

@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::Device;
 use quant_robust::eval::robust::{EpsAccuracy, MaskingAtEps};
 use quant_robust::eval::wilson95;
+use quant_robust::quant::qat::AlphaInit;
 use quant_robust::quant::Bits;
 use quant_robust::study::config::{self, Init, StudyConfig};
 use quant_robust::study::findings::{self, Status};
@@ -51,6 +52,13 @@ fn config_errors_name_the_setting() {
     assert!(e.contains("w4b4"), "{e}");
     let e = err_of(r#"{"eval": {"n": 0}}"#);
     assert!(e.contains("eval.n"), "{e}");
+    let e = err_of(r#"{"qat": {"alpha_init_random": {"fixed": -3.0}}}"#);
+    assert!(
+        e.contains("qat.alpha_init_random") && e.contains("-3"),
+        "{e}"
+    );
+    let e = err_of(r#"{"qat": {"alpha_init": {"fixed": 0.0}}}"#);
+    assert!(e.contains("qat.alpha_init"), "{e}");
     let e = StudyConfig::preset("huge").unwrap_err().to_string();
     assert!(e.contains("huge") && e.contains("smoke"), "{e}");
     // ε written either way; fields left out take their defaults.
@@ -151,6 +159,19 @@ fn keys_change_with_exactly_what_a_stage_reads() {
     c.ptq.calib += 1;
     for (a, b) in k0.iter().zip(keys(&c)) {
         assert_eq!(a.1 != b.1, a.0.starts_with("ptq-"), "{}", a.0);
+    }
+
+    // α's start: one setting for cells from random init, one for cells from a trained model.
+    let mut c = base.clone();
+    c.qat.alpha_init_random = AlphaInit::Fixed(5.0);
+    for (a, b) in k0.iter().zip(keys(&c)) {
+        assert_eq!(a.1 != b.1, a.0.starts_with("qat-random-"), "{}", a.0);
+    }
+    let mut c = base.clone();
+    c.qat.alpha_init = AlphaInit::Fixed(5.0);
+    for (a, b) in k0.iter().zip(keys(&c)) {
+        let trained_init = a.0.starts_with("qat-") && !a.0.starts_with("qat-random-");
+        assert_eq!(a.1 != b.1, trained_init, "{}", a.0);
     }
 
     // AutoAttack moves the evaluations of the models it selects, and only those.

@@ -35,6 +35,20 @@ pub enum AlphaInit {
     Fixed(f64),
 }
 
+impl AlphaInit {
+    /// A fixed start must be a finite, positive number.
+    pub fn validate(self, name: &'static str) -> Result<()> {
+        match self {
+            AlphaInit::Fixed(v) if !(v.is_finite() && v > 0.0) => Err(Error::config(
+                name,
+                v,
+                "α's start must be a finite number > 0 (or \"calibrated\")",
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// QAT settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -84,6 +98,7 @@ impl PactSeam {
                 "need 0 < low < high",
             ));
         }
+        config.alpha_init.validate("alpha_init")?;
         let mut alphas = BTreeMap::new();
         for (site, &r) in ranges {
             let a = match config.alpha_init {

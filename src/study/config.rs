@@ -193,8 +193,14 @@ pub struct QatStage {
     pub from_random: TrainConfig,
     /// The PGD inner loop of AT cells. Default ε 8/255, step 2/255, 7 steps, random start.
     pub adversarial: PgdConfig,
-    /// α's start. Default calibrated (max activation on `calib` images).
+    /// α's start in cells from a trained (natural or robust) model. Default calibrated (max
+    /// activation on `calib` images).
     pub alpha_init: AlphaInit,
+    /// α's start in cells from random initialization. Default 10 (PACT's paper): an untrained
+    /// network's activations grow through the residual stages, so calibrating on them puts
+    /// every layer3 α at the upper bound (100), a 4-bit step of ~6 that zeroes most
+    /// activations.
+    pub alpha_init_random: AlphaInit,
     /// L2 penalty on α. Default 2e-4.
     pub alpha_decay: f64,
     /// Calibration images for α's start. Default 512.
@@ -221,9 +227,20 @@ impl Default for QatStage {
             },
             adversarial: pgd,
             alpha_init: AlphaInit::Calibrated,
+            alpha_init_random: AlphaInit::Fixed(10.0),
             alpha_decay: 2e-4,
             calib: 512,
             first_last_bits: 8,
+        }
+    }
+}
+
+impl QatStage {
+    /// α's start for a cell from `init`.
+    pub fn alpha_init_for(&self, init: Init) -> AlphaInit {
+        match init {
+            Init::Random => self.alpha_init_random,
+            Init::Natural | Init::Robust => self.alpha_init,
         }
     }
 }
@@ -660,6 +677,12 @@ impl StudyConfig {
             }
         }
         self.qat.adversarial.validate()?;
+        for (name, a) in [
+            ("qat.alpha_init", self.qat.alpha_init),
+            ("qat.alpha_init_random", self.qat.alpha_init_random),
+        ] {
+            a.validate(name)?;
+        }
         for b in [self.ptq.first_last_bits, self.qat.first_last_bits] {
             crate::quant::uniform::code_range(b, crate::quant::uniform::Signedness::Symmetric)?;
         }

@@ -274,7 +274,7 @@ pub fn model_key(
         ModelSpec::Ptq { .. } => serde_json::json!({ "ptq": cfg.ptq }),
         ModelSpec::Qat { .. } => serde_json::json!({
             "train": qat_train_config(cfg, spec),
-            "alpha_init": cfg.qat.alpha_init,
+            "alpha_init": cfg.qat.alpha_init_for(spec.init()),
             "alpha_decay": cfg.qat.alpha_decay,
             "calib": cfg.qat.calib,
             "first_last_bits": cfg.qat.first_last_bits,

@@ -458,7 +458,7 @@ impl Runner<'_> {
         let q = &self.cfg.qat;
         let qcfg = QatConfig {
             bits: self.bits(spec, q.first_last_bits),
-            alpha_init: q.alpha_init,
+            alpha_init: q.alpha_init_for(spec.init()),
             alpha_decay: q.alpha_decay,
             ..QatConfig::default()
         };
