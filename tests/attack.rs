@@ -295,6 +295,71 @@ fn eps_zero_is_clean_accuracy_and_robust_never_exceeds_clean() {
     }
 }
 
+/// Returns its input unchanged and records the labels of every image it was given.
+struct Recorder(std::rc::Rc<std::cell::RefCell<Vec<u32>>>);
+
+impl Attack for Recorder {
+    fn name(&self) -> String {
+        "recorder".into()
+    }
+    fn supports(&self, _: Norm) -> bool {
+        true
+    }
+    fn perturb(
+        &self,
+        _: &dyn Classifier,
+        x: &Tensor,
+        y: &Tensor,
+        _: Norm,
+        _: f64,
+        _: &mut Rng,
+    ) -> quant_robust::Result<Tensor> {
+        self.0.borrow_mut().extend(y.to_vec1::<u32>()?);
+        Ok(x.clone())
+    }
+}
+
+#[test]
+fn attacks_see_only_the_correctly_classified_images() {
+    let s = sample();
+    let dd = DeviceData::new(&s.test, &Device::Cpu).unwrap();
+    let model = Linear::new(5, false);
+    let idx: Vec<u32> = (0..s.test.len() as u32).step_by(7).collect();
+    let cfg = RobustnessConfig {
+        eps: vec![2.0 / 255.0, 8.0 / 255.0],
+        batch_size: 16,
+        ..RobustnessConfig::default()
+    };
+    let seen = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let attacks: Vec<Box<dyn Attack>> = vec![Box::new(Recorder(seen.clone()))];
+    let r = evaluate(&model, &dd, &idx, &attacks, &cfg, &mut |_, _, _, _| {}).unwrap();
+    let (x, y) = dd.batch(&idx).unwrap();
+    let labels = y.to_vec1::<u32>().unwrap();
+    let preds = quant_robust::attack::predictions(&model.forward_t(&x, false).unwrap()).unwrap();
+    let wrong: Vec<bool> = preds.iter().zip(&labels).map(|(p, l)| p != l).collect();
+    let right: Vec<u32> = labels
+        .iter()
+        .zip(&wrong)
+        .filter(|(_, w)| !**w)
+        .map(|(l, _)| *l)
+        .collect();
+    assert!(
+        !right.is_empty() && right.len() < idx.len(),
+        "{}",
+        right.len()
+    );
+    assert_eq!(r.clean.correct, right.len());
+    // The attack was given the correctly classified images, in order, once per ε.
+    assert_eq!(*seen.borrow(), [right.clone(), right.clone()].concat());
+    // The identity "attack" breaks nothing: robust = clean, and the per-image string marks
+    // exactly the misclassified images, each in its place.
+    for (e, b) in r.attacks[0].per_eps.iter().zip(&r.attacks[0].broken) {
+        assert_eq!(e.correct, right.len());
+        let marked: Vec<bool> = b.chars().map(|c| c == '1').collect();
+        assert_eq!(marked, wrong);
+    }
+}
+
 #[test]
 fn apgd_checkpoints_follow_the_paper() {
     // p = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 of N = 100 iterations.

@@ -60,7 +60,8 @@ pub struct AttackResult {
     pub per_eps: Vec<EpsAccuracy>,
     /// Per ε, one character per image: `1` broken, `0` robust.
     pub broken: Vec<String>,
-    /// Images attacked per second (all ε together).
+    /// Images attacked per second (all ε together; only the correctly classified ones are
+    /// attacked).
     pub images_per_s: f64,
     pub wall_s: f64,
     /// Wall seconds on a GPU (0 on the CPU).
@@ -228,28 +229,34 @@ pub fn evaluate(
         }
     }
     let clean = EpsAccuracy::new(0.0, &clean_wrong);
+    // An image misclassified clean is broken at every ε whatever an attack does, so the
+    // attacks run on the correctly classified ones only (as AutoAttack does); `pos` maps
+    // each attacked image back to its place in `idx`.
+    let pos: Vec<usize> = (0..n).filter(|&i| !clean_wrong[i]).collect();
+    let attacked: Vec<u32> = pos.iter().map(|&i| idx[i]).collect();
     let mut results = Vec::new();
     let mut broken_all: Vec<Vec<Vec<bool>>> = Vec::new();
     for a in attacks {
         let name = a.name();
         let start = Instant::now();
-        let mut broken: Vec<Vec<bool>> = vec![Vec::with_capacity(n); cfg.eps.len()];
+        let mut broken: Vec<Vec<bool>> = vec![clean_wrong.clone(); cfg.eps.len()];
         let stage_list = a.stages();
-        let mut tally = StageTally::new(stage_list.len(), cfg.eps.len());
+        let mut tally = StageTally::new(&name, stage_list.len(), cfg.eps.len(), n);
         for (ei, &eps) in cfg.eps.iter().enumerate() {
             let mut done = 0;
-            for chunk in idx.chunks(cfg.batch_size) {
+            for chunk in attacked.chunks(cfg.batch_size) {
                 let (x, y) = data.batch(chunk)?;
                 let labels = y.to_vec1::<u32>()?;
                 let mut rng = Rng::new(cfg.seed, &format!("attack/{name}/{eps}/{}", chunk[0]));
                 let staged = a.perturb_staged(model, &x, &y, cfg.norm, eps, &mut rng)?;
                 let preds = predictions(&model.forward_t(&staged.x_adv, false)?)?;
-                for i in 0..chunk.len() {
-                    broken[ei].push(clean_wrong[done + i] || preds[i] != labels[i]);
+                let at = &pos[done..done + chunk.len()];
+                for (j, &i) in at.iter().enumerate() {
+                    broken[ei][i] = preds[j] != labels[j];
                 }
-                tally.add(ei, staged);
+                tally.add(ei, staged, at)?;
                 done += chunk.len();
-                on_batch(&name, ei, done, n);
+                on_batch(&name, ei, done, attacked.len());
             }
         }
         let stages = (!stage_list.is_empty())
@@ -267,7 +274,7 @@ pub fn evaluate(
                 .map(|(&e, b)| EpsAccuracy::new(e, b))
                 .collect(),
             broken: broken.iter().map(|b| bits(b)).collect(),
-            images_per_s: (n * cfg.eps.len()) as f64 / wall.max(1e-9),
+            images_per_s: (attacked.len() * cfg.eps.len()) as f64 / wall.max(1e-9),
             wall_s: wall,
             gpu_s: if device.is_cuda() { wall } else { 0.0 },
             stages,
@@ -379,6 +386,7 @@ pub fn examples(
 
 /// What a composite attack's batches said about its stages, summed over batches.
 struct StageTally {
+    attack: String,
     /// Per ε, per image: the stage that broke it.
     stage_of: Vec<Vec<Option<usize>>>,
     /// Per stage: images attacked and wall seconds, all ε together.
@@ -387,17 +395,27 @@ struct StageTally {
 }
 
 impl StageTally {
-    fn new(stages: usize, eps: usize) -> Self {
+    fn new(attack: &str, stages: usize, eps: usize, images: usize) -> Self {
         StageTally {
-            stage_of: vec![Vec::new(); eps],
+            attack: attack.into(),
+            stage_of: vec![vec![None; images]; eps],
             images: vec![0; stages],
             wall_s: vec![0.0; stages],
         }
     }
 
-    fn add(&mut self, ei: usize, staged: crate::attack::Staged) {
+    /// A batch's stages; `at` places the batch's images among all the images.
+    fn add(&mut self, ei: usize, staged: crate::attack::Staged, at: &[usize]) -> Result<()> {
         if let Some(b) = staged.broken_by {
-            self.stage_of[ei].extend(b);
+            if b.len() != at.len() {
+                return Err(Error::AttackCheck {
+                    attack: self.attack.clone(),
+                    problem: format!("{} stage entries for a batch of {}", b.len(), at.len()),
+                });
+            }
+            for (&i, s) in at.iter().zip(b) {
+                self.stage_of[ei][i] = s;
+            }
         }
         for (k, (m, w)) in staged
             .stage_images
@@ -410,6 +428,7 @@ impl StageTally {
                 self.wall_s[k] += w;
             }
         }
+        Ok(())
     }
 }
 
@@ -433,16 +452,6 @@ fn stage_record(
     let mut broken_by = Vec::with_capacity(eps.len());
     let mut mismatches = Vec::with_capacity(eps.len());
     for (ei, per) in stage_of.iter().enumerate() {
-        if per.len() != n {
-            return Err(Error::AttackCheck {
-                attack: stages
-                    .iter()
-                    .map(|s| s.0.as_str())
-                    .collect::<Vec<_>>()
-                    .join("+"),
-                problem: format!("{} stage entries for {n} images", per.len()),
-            });
-        }
         let mut text = String::with_capacity(n);
         for (i, s) in per.iter().enumerate() {
             text.push(match s {

@@ -3,7 +3,7 @@
 //!
 //! A key is the SHA-256 of the stage's kind, its configuration (defaults included), the
 //! identity of the data it reads and the keys of the stages it reads, plus
-//! [`CACHE_VERSION`]. Changing any of them gives a new key, so a re-run recomputes exactly
+//! [`CACHE_VERSION`] (and, for evaluations, [`EVAL_VERSION`]). Changing any of them gives a new key, so a re-run recomputes exactly
 //! what changed; everything else is read from the cache.
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,11 @@ use crate::train::{Adversarial, TrainConfig};
 
 /// Bumped whenever a stage's code changes what it computes for the same configuration.
 pub const CACHE_VERSION: u32 = 1;
+
+/// Bumped whenever an evaluation's code changes what it computes for the same
+/// configuration, leaving the model keys alone. 2: attacks run on the correctly classified
+/// images only (the batches, and so the attacks' random draws, differ from version 1's).
+pub const EVAL_VERSION: u32 = 2;
 
 /// One model of the study.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -300,6 +305,7 @@ pub fn eval_key(
 ) -> String {
     let v = serde_json::json!({
         "version": CACHE_VERSION,
+        "eval_version": EVAL_VERSION,
         "eval": cfg.eval.key_of(spec),
         "model": model_key,
         "reference": reference_key,
