@@ -33,6 +33,48 @@ fn rounding_is_half_to_even_like_pytorch() {
     assert_eq!(r, expect.to_vec());
 }
 
+/// The vectorizable rounding gives the standard library's bits for every f32 tested: a
+/// stride through all 2^32 bit patterns, every value near 2^22 and 2^23 (where the trick's
+/// branch switches and f32 loses its fraction bits), every tie up to 2^12, and the specials.
+#[test]
+fn fast_rounding_has_the_bits_of_round_ties_even() {
+    let check = |x: f32| {
+        let (a, b) = (round_half_even(x), x.round_ties_even());
+        assert!(
+            a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+            "{x:e} ({:#010x}): {a:e} vs {b:e}",
+            x.to_bits()
+        );
+    };
+    for u in (0..=u32::MAX).step_by(257) {
+        check(f32::from_bits(u));
+    }
+    for base in [4_194_304.0f32, 8_388_608.0] {
+        let u = base.to_bits();
+        for v in u - 50_000..u + 50_000 {
+            check(f32::from_bits(v));
+            check(-f32::from_bits(v));
+        }
+    }
+    for k in -4096..4096 {
+        check(k as f32 + 0.5);
+    }
+    for x in [
+        0.0,
+        -0.0,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+        1e-45,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MAX,
+        f32::MIN,
+    ] {
+        check(x);
+    }
+}
+
 fn bits_and_sign() -> impl Strategy<Value = (u32, Signedness)> {
     (2u32..=8, prop::bool::ANY).prop_map(|(b, s)| {
         (

@@ -28,6 +28,11 @@ mod winograd;
 
 pub use direct::Isa;
 
+/// The best instruction set this machine runs for the SIMD kernels, if any.
+pub(crate) fn direct_isa() -> Option<Isa> {
+    direct::best()
+}
+
 /// Which CPU algorithm computes a convolution and its gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvPath {

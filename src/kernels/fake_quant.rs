@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::slice;
+use crate::quant::round::round_half_even;
 
 /// The fused op's settings.
 #[derive(Debug, Clone, Copy)]
@@ -30,11 +31,7 @@ impl CustomOp1 for FakeQuant {
         let (sc, lo, hi) = (self.scale, self.q_min, self.q_max);
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, i)| {
-                for (o, &v) in o.iter_mut().zip(i) {
-                    *o = (v / sc).round_ties_even().clamp(lo, hi) * sc;
-                }
-            });
+            .for_each(|(o, i)| fake_quant_slice(o, i, sc, lo, hi));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -48,6 +45,24 @@ impl CustomOp1 for FakeQuant {
             hi_inclusive: true,
         };
         Ok(Some(inside.apply(x, dy)?))
+    }
+}
+
+super::multiversion! {
+    /// `o = clamp(round_half_even(i / sc), lo, hi)·sc`, branch-free so that it vectorizes;
+    /// `clamp` written out keeps `f32::clamp`'s NaN (a NaN stays NaN).
+    fn fake_quant_slice(o: &mut [f32], i: &[f32], sc: f32, lo: f32, hi: f32) {
+        for (o, &v) in o.iter_mut().zip(i) {
+            let q = round_half_even(v / sc);
+            let q = if q < lo {
+                lo
+            } else if q > hi {
+                hi
+            } else {
+                q
+            };
+            *o = q * sc;
+        }
     }
 }
 

@@ -11,6 +11,39 @@
 //! (PTQ's and QAT's). On CUDA the model keeps candle's own operations. Results equal
 //! candle's reference path within float tolerance (tested on random shapes).
 
+/// Defines an elementwise function compiled three times, for AVX-512, for AVX2 + FMA and for
+/// the baseline, and run as the best this machine has: a plain loop then vectorizes at the
+/// machine's width (a baseline x86-64 build otherwise gets 4-wide SSE, or scalar code).
+/// Elementwise IEEE operations give the same bits at every width.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) {
+            #[inline(always)]
+            fn inner($($a: $t),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+                unsafe fn avx512($($a: $t),*) {
+                    inner($($a),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($a: $t),*) {
+                    inner($($a),*)
+                }
+                match $crate::kernels::conv2d::direct_isa() {
+                    // SAFETY: the machine runs the instruction set (checked at run time).
+                    Some($crate::kernels::Isa::Avx512) => return unsafe { avx512($($a),*) },
+                    Some($crate::kernels::Isa::Avx2) => return unsafe { avx2($($a),*) },
+                    None => {}
+                }
+            }
+            inner($($a),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
 pub mod batch_norm;
 pub mod conv2d;
 pub mod fake_quant;
