@@ -105,7 +105,7 @@ pub enum Command {
     /// or robust initialization, optionally with PGD adversarial training.
     #[command(after_help = QAT_EXAMPLES)]
     Qat(Box<QatArgs>),
-    /// Run the study (presets smoke, fast, full, or a configuration file): every stage is
+    /// Run the study (presets smoke, cpu, fast, full, or a configuration file): every stage is
     /// cached by the hash of its configuration and inputs, so a re-run computes only what
     /// changed and an interrupted run resumes; writes results.json, report.md and plots.
     #[command(after_help = STUDY_EXAMPLES)]
@@ -130,7 +130,8 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct ReproduceArgs {
-    /// A preset: smoke (CPU, minutes), fast (reduced epochs, GPU), full (3 seeds).
+    /// A preset: smoke (CPU, minutes), cpu (the real study on 2 CPU cores, from the golden
+    /// checkpoints), fast (reduced epochs, GPU), full (3 seeds).
     #[arg(long, default_value = "smoke")]
     pub preset: String,
     /// A study configuration file (JSON; fields left out take their defaults). Overrides
