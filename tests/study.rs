@@ -167,6 +167,12 @@ fn keys_change_with_exactly_what_a_stage_reads() {
     for (a, b) in k0.iter().zip(keys(&c)) {
         assert_eq!(a.1 != b.1, a.0.starts_with("qat-random-"), "{}", a.0);
     }
+    // BatchNorm re-estimation after QAT moves every QAT key, and nothing else.
+    let mut c = base.clone();
+    c.qat.bn_reestimate_batches = 0;
+    for (a, b) in k0.iter().zip(keys(&c)) {
+        assert_eq!(a.1 != b.1, a.0.starts_with("qat-"), "{}", a.0);
+    }
     let mut c = base.clone();
     c.qat.alpha_init = AlphaInit::Fixed(5.0);
     for (a, b) in k0.iter().zip(keys(&c)) {

@@ -207,6 +207,9 @@ pub struct QatStage {
     pub calib: usize,
     /// Weight bits of the first conv and last linear. Default 8.
     pub first_last_bits: u32,
+    /// Training batches over which BatchNorm's statistics are re-estimated after the last
+    /// epoch (0: keep the running statistics). Default 16.
+    pub bn_reestimate_batches: usize,
 }
 
 impl Default for QatStage {
@@ -231,6 +234,7 @@ impl Default for QatStage {
             alpha_decay: 2e-4,
             calib: 512,
             first_last_bits: 8,
+            bn_reestimate_batches: 16,
         }
     }
 }

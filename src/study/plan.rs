@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::config::{BitsSweep, FpStage, Init, StudyConfig};
+use super::config::{BitsSweep, FpStage, Init, QatStage, StudyConfig};
 use crate::data::DataIdentity;
 use crate::quant::Bits;
 use crate::train::{Adversarial, TrainConfig};
@@ -277,13 +277,20 @@ pub fn model_key(
             }),
         },
         ModelSpec::Ptq { .. } => serde_json::json!({ "ptq": cfg.ptq }),
-        ModelSpec::Qat { .. } => serde_json::json!({
-            "train": qat_train_config(cfg, spec),
-            "alpha_init": cfg.qat.alpha_init_for(spec.init()),
-            "alpha_decay": cfg.qat.alpha_decay,
-            "calib": cfg.qat.calib,
-            "first_last_bits": cfg.qat.first_last_bits,
-        }),
+        ModelSpec::Qat { .. } => {
+            let mut v = serde_json::json!({
+                "train": qat_train_config(cfg, spec),
+                "alpha_init": cfg.qat.alpha_init_for(spec.init()),
+                "alpha_decay": cfg.qat.alpha_decay,
+                "calib": cfg.qat.calib,
+                "first_last_bits": cfg.qat.first_last_bits,
+            });
+            // Keys made before this setting entered them had the default, 16.
+            if cfg.qat.bn_reestimate_batches != QatStage::default().bn_reestimate_batches {
+                v["bn_reestimate_batches"] = cfg.qat.bn_reestimate_batches.into();
+            }
+            v
+        }
     };
     let v = serde_json::json!({
         "version": CACHE_VERSION,

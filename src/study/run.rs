@@ -460,6 +460,7 @@ impl Runner<'_> {
             bits: self.bits(spec, q.first_last_bits),
             alpha_init: q.alpha_init_for(spec.init()),
             alpha_decay: q.alpha_decay,
+            bn_reestimate_batches: q.bn_reestimate_batches,
             ..QatConfig::default()
         };
         let tcfg = plan::qat_train_config(self.cfg, spec);
