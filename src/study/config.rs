@@ -208,7 +208,8 @@ pub struct QatStage {
     /// Weight bits of the first conv and last linear. Default 8.
     pub first_last_bits: u32,
     /// Training batches over which BatchNorm's statistics are re-estimated after the last
-    /// epoch (0: keep the running statistics). Default 16.
+    /// epoch (0: keep the running statistics; see `QatConfig::bn_reestimate_batches`).
+    /// Default 0.
     pub bn_reestimate_batches: usize,
 }
 
@@ -234,7 +235,7 @@ impl Default for QatStage {
             alpha_decay: 2e-4,
             calib: 512,
             first_last_bits: 8,
-            bn_reestimate_batches: 16,
+            bn_reestimate_batches: 0,
         }
     }
 }

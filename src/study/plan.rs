@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::config::{BitsSweep, FpStage, Init, QatStage, StudyConfig};
+use super::config::{BitsSweep, FpStage, Init, StudyConfig};
 use crate::data::DataIdentity;
 use crate::quant::Bits;
 use crate::train::{Adversarial, TrainConfig};
@@ -278,18 +278,15 @@ pub fn model_key(
         },
         ModelSpec::Ptq { .. } => serde_json::json!({ "ptq": cfg.ptq }),
         ModelSpec::Qat { .. } => {
-            let mut v = serde_json::json!({
+            serde_json::json!({
                 "train": qat_train_config(cfg, spec),
                 "alpha_init": cfg.qat.alpha_init_for(spec.init()),
                 "alpha_decay": cfg.qat.alpha_decay,
                 "calib": cfg.qat.calib,
                 "first_last_bits": cfg.qat.first_last_bits,
-            });
-            // Keys made before this setting entered them had the default, 16.
-            if cfg.qat.bn_reestimate_batches != QatStage::default().bn_reestimate_batches {
-                v["bn_reestimate_batches"] = cfg.qat.bn_reestimate_batches.into();
-            }
-            v
+                // Always present: keys without it were made with un-augmented re-estimation.
+                "bn_reestimate_batches": cfg.qat.bn_reestimate_batches,
+            })
         }
     };
     let v = serde_json::json!({

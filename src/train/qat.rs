@@ -14,6 +14,7 @@ use std::time::Instant;
 use candle_core::Device;
 
 use super::{CheckpointPaths, EpochRecord, Progress, QatState, TrainConfig, Trainer};
+use crate::data::augment::{self, AugmentDraw};
 use crate::data::batch::DeviceData;
 use crate::data::DataIdentity;
 use crate::eval::{clean_accuracy, eval_indices, Accuracy};
@@ -172,11 +173,17 @@ pub fn fine_tune(
     if qcfg.bn_reestimate_batches > 0 {
         let mut rng = crate::rng::Rng::new(tcfg.seed, "bn-reestimate");
         let order = rng.permutation(train.len());
+        // The statistics the weights were trained under: with the training's augmentation
+        // (pad-and-crop's zero borders shift every layer's statistics).
         let batches: Vec<candle_core::Tensor> = order
             .chunks(tcfg.batch_size)
             .filter(|c| c.len() > 1)
             .take(qcfg.bn_reestimate_batches)
-            .map(|c| train.batch(c).map(|(x, _)| x))
+            .map(|c| {
+                let (x, _) = train.batch(c)?;
+                let draw = AugmentDraw::sample(&tcfg.augment, c.len(), &mut rng);
+                augment::apply(&x, tcfg.augment.pad, &draw)
+            })
             .collect::<Result<_>>()?;
         trainer.model.reestimate_batch_norm(&batches)?;
     }
