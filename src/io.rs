@@ -13,7 +13,10 @@ fn temp_path(path: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
-    name.push(format!(".{}.tmp", std::process::id()));
+    // Unique per write: threads of one process may write the same file at once.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    name.push(format!(".{}.{n}.tmp", std::process::id()));
     path.with_file_name(name)
 }
 
@@ -75,10 +78,20 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 /// An exclusive claim of a folder by one process: `<dir>/.lock` holds the owner's process
 /// id and host, is created only if absent, and is removed when the claim is dropped. A lock
 /// left by a process of this host that no longer runs (killed) is taken over with a
-/// warning; a live owner, or one on another host, is an error that names it.
+/// warning; a live owner, or one on another host (whose liveness cannot be seen from here),
+/// holds it.
 #[derive(Debug)]
 pub struct DirLock {
     path: PathBuf,
+}
+
+/// The outcome of [`DirLock::try_acquire`].
+#[derive(Debug)]
+pub enum Claim {
+    /// This process holds the folder until the lock is dropped.
+    Mine(DirLock),
+    /// Another process holds it.
+    Held { pid: String, host: String },
 }
 
 fn host_name() -> String {
@@ -91,10 +104,18 @@ impl DirLock {
     /// The lock file's name inside the folder.
     pub const FILE: &'static str = ".lock";
 
-    /// Claims `dir` (which must exist).
-    pub fn acquire(dir: &Path) -> Result<DirLock> {
+    /// Claims `dir` (which must exist), or names the process that holds it.
+    pub fn try_acquire(dir: &Path) -> Result<Claim> {
         let path = dir.join(Self::FILE);
         let me = format!("{} {}", std::process::id(), host_name());
+        let owner = || {
+            let owner = std::fs::read_to_string(&path).unwrap_or_default();
+            let mut it = owner.split_whitespace();
+            (
+                it.next().unwrap_or("?").to_string(),
+                it.next().unwrap_or("?").to_string(),
+            )
+        };
         for _ in 0..2 {
             match std::fs::OpenOptions::new()
                 .write(true)
@@ -105,40 +126,48 @@ impl DirLock {
                     f.write_all(me.as_bytes())
                         .and_then(|_| f.sync_all())
                         .map_err(|e| Error::io(&path, e))?;
-                    return Ok(DirLock { path });
+                    return Ok(Claim::Mine(DirLock { path }));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let owner = std::fs::read_to_string(&path).unwrap_or_default();
-                    let mut it = owner.split_whitespace();
-                    let (pid, host) = (it.next().unwrap_or("?"), it.next().unwrap_or("?"));
+                    let (pid, host) = owner();
                     let here = host == host_name() && host != "unknown";
-                    let alive = Path::new("/proc").join(pid).exists();
+                    let alive = Path::new("/proc").join(&pid).exists();
                     if here && !alive {
                         tracing::warn!(
                             "{}: taking over the lock of process {pid}, which no longer runs",
                             dir.display()
                         );
-                        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-                        continue;
+                        match std::fs::remove_file(&path) {
+                            Ok(()) => continue,
+                            // Another process took it over first.
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                            Err(e) => return Err(Error::io(&path, e)),
+                        }
                     }
-                    return Err(Error::config(
-                        "out",
-                        dir.display(),
-                        format!(
-                            "in use by process {pid} on {host} (its lock: {}); wait for it to \
-                             finish, or remove the lock if that process is gone",
-                            path.display()
-                        ),
-                    ));
+                    return Ok(Claim::Held { pid, host });
                 }
                 Err(e) => return Err(Error::io(&path, e)),
             }
         }
-        Err(Error::config(
-            "out",
-            dir.display(),
-            "another process claimed it while this one took over a stale lock",
-        ))
+        let (pid, host) = owner();
+        Ok(Claim::Held { pid, host })
+    }
+
+    /// Claims `dir` (which must exist); a folder held by another process is an error that
+    /// names it.
+    pub fn acquire(dir: &Path) -> Result<DirLock> {
+        match Self::try_acquire(dir)? {
+            Claim::Mine(lock) => Ok(lock),
+            Claim::Held { pid, host } => Err(Error::config(
+                "out",
+                dir.display(),
+                format!(
+                    "in use by process {pid} on {host} (its lock: {}); wait for it to \
+                     finish, or remove the lock if that process is gone",
+                    dir.join(Self::FILE).display()
+                ),
+            )),
+        }
     }
 }
 

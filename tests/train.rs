@@ -381,3 +381,69 @@ fn invalid_training_settings_are_named() {
         assert!(msg.contains(name), "{msg}");
     }
 }
+
+/// A training step's bits do not depend on the number of threads: the same weights after
+/// two SGD steps (forward, backward through every convolution, update) with 1, 2 and 3
+/// threads, at a batch that does not split evenly.
+#[test]
+fn training_steps_give_the_same_bits_on_any_number_of_threads() {
+    use quant_robust::attack::cross_entropy;
+    use quant_robust::model::ResNet20;
+    let dev = Device::Cpu;
+    let s = sample();
+    let data = DeviceData::new(&s.train.take(37), &dev).unwrap();
+    let idx: Vec<u32> = (0..37).collect();
+    let (x, y) = data.batch(&idx).unwrap();
+    let weights = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let model = ResNet20::init(&mut Rng::new(5, "init"), &dev).unwrap();
+            let mut opt = Sgd::new(model.trainable_vars(), SgdConfig::default()).unwrap();
+            for _ in 0..2 {
+                let loss = cross_entropy(&model.forward(&x, true).unwrap(), &y).unwrap();
+                opt.step(&loss.backward().unwrap(), 0.05).unwrap();
+            }
+            model
+                .trainable_vars()
+                .into_iter()
+                .map(|(n, v)| {
+                    (
+                        n,
+                        v.as_tensor()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let one = weights(1);
+    let moved = one.iter().zip(
+        ResNet20::init(&mut Rng::new(5, "init"), &dev)
+            .unwrap()
+            .trainable_vars(),
+    );
+    assert!(
+        moved
+            .filter(|((_, a), (_, v))| *a
+                != v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap())
+            .count()
+            > 40,
+        "the steps moved the weights"
+    );
+    for threads in [2, 3] {
+        for ((n, a), (_, b)) in one.iter().zip(weights(threads)) {
+            let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{n}: 1 thread and {threads} threads differ");
+        }
+    }
+}

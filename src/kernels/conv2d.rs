@@ -499,9 +499,13 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Forward) -> Vec<f32> {
     dx
 }
 
+/// The weight gradient is summed over the batch in this many parts, whatever the number of
+/// threads, so that its bits (and a training run's) do not depend on the machine's cores.
+const WEIGHT_GRAD_PARTS: usize = 2;
+
 fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], isa: Option<Isa>) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
-    let per = chunk(g.n);
+    let per = g.n.div_ceil(WEIGHT_GRAD_PARTS).max(1);
     let tasks = g.n.div_ceil(per);
     if let Some(isa) = isa {
         let plane = direct::Plane {

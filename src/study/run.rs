@@ -12,6 +12,11 @@
 //! saves a resume point after every epoch, so an interrupted run continues mid-stage; the
 //! other stages are short and restart.
 //!
+//! Several processes may run on one study directory at once: a stage is computed by the
+//! process that holds the lock in its cache folder (`DIR/cache/<key>/.lock`, removed once the
+//! record is written); the others skip it, go on with other stages, and wait for it at the
+//! end. A lock left by a killed process of the same host is taken over.
+//!
 //! Sharding: the jobs (a model and its evaluation) are numbered in plan order and shard
 //! K of N runs those with index ≡ K-1 (mod N). A shard makes the full-precision models it
 //! needs itself when they are not in its cache (deterministic: the same bits on the same
@@ -206,6 +211,18 @@ struct Stop;
 enum Outcome<T> {
     Done(T),
     Stopped,
+    /// Another process is computing the stage (or one it needs).
+    Busy,
+}
+
+impl<T> Outcome<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Outcome<U> {
+        match self {
+            Outcome::Done(t) => Outcome::Done(f(t)),
+            Outcome::Stopped => Outcome::Stopped,
+            Outcome::Busy => Outcome::Busy,
+        }
+    }
 }
 
 impl Runner<'_> {
@@ -224,6 +241,20 @@ impl Runner<'_> {
         checkpoint::load(&self.model_path(key), &self.dev, trainable)
     }
 
+    /// Claims the stage `key` for this process, or `None` while another process computes it.
+    /// The claim is held until the stage's record is written.
+    fn claim(&self, key: &str) -> Result<Option<crate::io::DirLock>> {
+        let dir = cache_dir(self.out, key);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(match crate::io::DirLock::try_acquire(&dir)? {
+            crate::io::Claim::Mine(lock) => Some(lock),
+            crate::io::Claim::Held { pid, host } => {
+                tracing::debug!("{key}: computed by process {pid} on {host}");
+                None
+            }
+        })
+    }
+
     /// Makes sure the model is in the cache (computing its dependencies first).
     fn ensure_model(&mut self, spec: &ModelSpec) -> Result<Outcome<ModelRecord>> {
         let key = self.keys.model(spec)?.to_string();
@@ -231,12 +262,21 @@ impl Runner<'_> {
             return Ok(Outcome::Done(r));
         }
         for dep in spec.needs() {
-            if let Outcome::Stopped = self.ensure_model(&dep)? {
-                return Ok(Outcome::Stopped);
+            match self.ensure_model(&dep)? {
+                Outcome::Done(_) => {}
+                Outcome::Stopped => return Ok(Outcome::Stopped),
+                Outcome::Busy => return Ok(Outcome::Busy),
             }
         }
         if self.should_stop() {
             return Ok(Outcome::Stopped);
+        }
+        let Some(_claim) = self.claim(&key)? else {
+            return Ok(Outcome::Busy);
+        };
+        // Another process may have finished it between the first look and the claim.
+        if let Some(r) = read_record::<ModelRecord>(self.out, &key)? {
+            return Ok(Outcome::Done(r));
         }
         self.bar.set_message(format!("making {}", spec.id()));
         let record = match spec {
@@ -544,16 +584,21 @@ impl Runner<'_> {
         if let Some(r) = read_record::<EvalRecord>(self.out, &key)? {
             return Ok(Outcome::Done(r));
         }
-        if let Outcome::Stopped = self.ensure_model(spec)? {
-            return Ok(Outcome::Stopped);
-        }
-        for dep in spec.needs() {
-            if let Outcome::Stopped = self.ensure_model(&dep)? {
-                return Ok(Outcome::Stopped);
+        for m in std::iter::once(spec.clone()).chain(spec.needs()) {
+            match self.ensure_model(&m)? {
+                Outcome::Done(_) => {}
+                Outcome::Stopped => return Ok(Outcome::Stopped),
+                Outcome::Busy => return Ok(Outcome::Busy),
             }
         }
         if self.should_stop() {
             return Ok(Outcome::Stopped);
+        }
+        let Some(_claim) = self.claim(&key)? else {
+            return Ok(Outcome::Busy);
+        };
+        if let Some(r) = read_record::<EvalRecord>(self.out, &key)? {
+            return Ok(Outcome::Done(r));
         }
         self.bar.set_message(format!("attacking {}", spec.id()));
         let record = self.evaluate(spec, &key)?;
@@ -719,8 +764,6 @@ pub fn run(
         }
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    // One run per store: two would train the same stage twice and race on its files.
-    let _lock = crate::io::DirLock::acquire(out)?;
     crate::io::write_json_atomic(&out.join("study.json"), cfg)?;
     let keys = Keys::new(cfg, &data.identity);
     let specs: Vec<ModelSpec> = keys.models.iter().map(|(s, _)| s.clone()).collect();
@@ -751,31 +794,57 @@ pub fn run(
         computed: 0,
         bar,
     };
-    let mut cached = 0;
-    for (i, spec) in mine.iter().enumerate() {
-        let before = r.computed;
-        let outcome = if opts.models_only {
-            match r.ensure_model(spec)? {
-                Outcome::Done(_) => Outcome::Done(()),
-                Outcome::Stopped => Outcome::Stopped,
+    // Several processes may share one store: each stage is claimed by the process that
+    // computes it (a lock in its cache folder), the others go on with other stages and come
+    // back to it once everything else is done.
+    let (mut pending, mut cached) = (mine, 0);
+    loop {
+        let mut busy = Vec::new();
+        for (i, spec) in pending.iter().enumerate() {
+            let before = r.computed;
+            let outcome = if opts.models_only {
+                r.ensure_model(spec)?.map(|_| ())
+            } else {
+                r.ensure_eval(spec)?.map(|_| ())
+            };
+            match outcome {
+                Outcome::Done(()) => {
+                    if r.computed == before {
+                        cached += 1;
+                    }
+                    r.bar.inc(1);
+                }
+                Outcome::Busy => busy.push(*spec),
+                Outcome::Stopped => {
+                    r.bar.finish_and_clear();
+                    return Ok(RunStatus::Interrupted {
+                        computed: r.computed,
+                        remaining: pending.len() - i + busy.len(),
+                    });
+                }
             }
-        } else {
-            match r.ensure_eval(spec)? {
-                Outcome::Done(_) => Outcome::Done(()),
-                Outcome::Stopped => Outcome::Stopped,
+        }
+        if busy.is_empty() {
+            break;
+        }
+        let ids: Vec<String> = busy.iter().map(|s| s.id()).collect();
+        r.bar
+            .set_message(format!("waiting for other processes: {}", ids.join(", ")));
+        tracing::debug!(
+            "waiting for stages other processes compute: {}",
+            ids.join(", ")
+        );
+        for _ in 0..WAIT_POLLS {
+            if r.should_stop() {
+                r.bar.finish_and_clear();
+                return Ok(RunStatus::Interrupted {
+                    computed: r.computed,
+                    remaining: busy.len(),
+                });
             }
-        };
-        if let Outcome::Stopped = outcome {
-            r.bar.finish_and_clear();
-            return Ok(RunStatus::Interrupted {
-                computed: r.computed,
-                remaining: mine.len() - i,
-            });
+            std::thread::sleep(WAIT_POLL);
         }
-        if r.computed == before {
-            cached += 1;
-        }
-        r.bar.inc(1);
+        pending = busy;
     }
     r.bar.finish_and_clear();
     Ok(RunStatus::Complete {
@@ -783,6 +852,10 @@ pub fn run(
         cached,
     })
 }
+
+/// How often a run looks again at a stage another process is computing.
+const WAIT_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+const WAIT_POLLS: usize = 10;
 
 /// Copies the caches of shard directories into `out` (entries already there are kept).
 /// The shards must have run the same configuration.
@@ -834,7 +907,7 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<StudyConfig> {
             for f in std::fs::read_dir(&src).map_err(|e| Error::io(&src, e))? {
                 let f = f.map_err(|e| Error::io(&src, e))?;
                 let name = f.file_name();
-                if name == "record.json" {
+                if name == "record.json" || name == crate::io::DirLock::FILE {
                     continue;
                 }
                 crate::io::copy_atomic(&f.path(), &dst.join(&name))?;
