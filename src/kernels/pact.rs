@@ -82,9 +82,16 @@ impl CustomOp2 for Pact {
             hi_inclusive: false,
         }
         .apply(x, &dy)?;
-        // dα = Σ dy·[x ≥ α].
-        let above = x.ge(&alpha.broadcast_as(x.shape())?)?.to_dtype(x.dtype())?;
-        let da = (dy * above)?.sum_all()?.reshape(alpha.shape())?;
+        // dα = Σ dy·[x ≥ α], the terms in one parallel pass and summed by candle (so in
+        // the order, and to the bits, of the composed version).
+        let above = super::IntervalGrad {
+            lo: a,
+            lo_inclusive: true,
+            hi: f32::INFINITY,
+            hi_inclusive: true,
+        }
+        .apply(x, &dy)?;
+        let da = above.sum_all()?.reshape(alpha.shape())?;
         Ok((Some(dx), Some(da)))
     }
 }
