@@ -646,6 +646,7 @@ impl Runner<'_> {
             seed: e.seed.wrapping_add(spec.seed()),
             ..RobustnessConfig::default()
         };
+        let id = spec.id();
         let t = Instant::now();
         let cpu_start = crate::device::process_cpu_seconds();
         let report = evaluate(
@@ -654,7 +655,7 @@ impl Runner<'_> {
             &idx,
             &attacks,
             &rcfg,
-            &mut |_, _, _, _| {},
+            &mut progress(&id, "attacks", &rcfg.eps),
         )?;
         let raw = if e.raw_gradients && spec.is_quantized() {
             let raw_model = with_gradient_mode(&model, GradientMode::Raw);
@@ -665,7 +666,7 @@ impl Runner<'_> {
                 &idx,
                 &pgd,
                 &rcfg,
-                &mut |_, _, _, _| {},
+                &mut progress(&id, "raw gradients", &rcfg.eps),
             )?)
         } else {
             None
@@ -682,13 +683,9 @@ impl Runner<'_> {
                     eps: w.eps.clone(),
                     ..rcfg.clone()
                 };
+                let mut log = progress(&id, "wide", &wcfg.eps);
                 Some(evaluate(
-                    &model,
-                    &self.test,
-                    &idx,
-                    &attacks,
-                    &wcfg,
-                    &mut |_, _, _, _| {},
+                    &model, &self.test, &idx, &attacks, &wcfg, &mut log,
                 )?)
             }
             None => None,
@@ -700,13 +697,9 @@ impl Runner<'_> {
                     eps: a.eps.clone(),
                     ..rcfg.clone()
                 };
+                let mut log = progress(&id, "autoattack", &acfg.eps);
                 Some(evaluate(
-                    &model,
-                    &self.test,
-                    &idx,
-                    &attacks,
-                    &acfg,
-                    &mut |_, _, _, _| {},
+                    &model, &self.test, &idx, &attacks, &acfg, &mut log,
                 )?)
             }
             None => None,
@@ -736,6 +729,23 @@ impl Runner<'_> {
             cpu_s: cpu,
             manifest: m,
         })
+    }
+}
+
+/// Logs the end of each attack at each ε: an evaluation runs for many minutes and the study's
+/// log (or terminal) shows how far it is.
+fn progress<'a>(
+    id: &'a str,
+    part: &'a str,
+    eps: &'a [f64],
+) -> impl FnMut(&str, usize, usize, usize) + 'a {
+    move |attack, ei, done, total| {
+        if done == total {
+            tracing::info!(
+                "{id} ({part}): {attack} at ε {:.2}/255 done on {total} images",
+                eps[ei] * 255.0
+            );
+        }
     }
 }
 
