@@ -562,13 +562,13 @@ fn sigterm_stops_training_cleanly_and_resumably() {
 
 /// Runs `fresh` (or `resume` once `resume_file` exists) again and again, SIGKILLing the
 /// first four runs at seeded moments within 80% of `full_ms`, until one finishes; after every
-/// run, each of `whole` that exists must read as a complete safetensors file. Returns the
-/// number of kills that landed.
+/// run, each file that `whole` lists and that exists must read as a complete file (see
+/// [`assert_whole`]). Returns the number of kills that landed.
 fn kill_until_done(
     fresh: &[String],
     resume: &[String],
     resume_file: &std::path::Path,
-    whole: &[&std::path::Path],
+    whole: &dyn Fn() -> Vec<std::path::PathBuf>,
     full_ms: u64,
     rng: &mut quant_robust::rng::Rng,
 ) -> usize {
@@ -589,10 +589,9 @@ fn kill_until_done(
             }
         }
         let status = child.wait().unwrap();
-        for f in whole {
+        for f in whole() {
             if f.is_file() {
-                quant_robust::model::checkpoint::read_safetensors(f)
-                    .unwrap_or_else(|e| panic!("{} is not whole: {e}", f.display()));
+                assert_whole(&f);
             }
         }
         if status.success() {
@@ -600,6 +599,23 @@ fn kill_until_done(
         }
     }
     panic!("never finished: {fresh:?}");
+}
+
+/// A safetensors file must load, a JSON file must parse: a file under its real name is never
+/// half-written.
+fn assert_whole(f: &std::path::Path) {
+    match f.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => {
+            quant_robust::model::checkpoint::read_safetensors(f)
+                .unwrap_or_else(|e| panic!("{} is not whole: {e}", f.display()));
+        }
+        Some("json") => {
+            let s = std::fs::read_to_string(f).unwrap();
+            serde_json::from_str::<serde_json::Value>(&s)
+                .unwrap_or_else(|e| panic!("{} is not whole: {e}", f.display()));
+        }
+        _ => {}
+    }
 }
 
 /// Runs a command to the end and returns its wall milliseconds.
@@ -667,11 +683,17 @@ fn kill_trials(
         let resume = dir.path().join(resume_file);
         let mut files = vec![ck.clone(), resume.clone()];
         files.extend(also_whole.iter().map(|f| dir.path().join(f)));
-        let files: Vec<&std::path::Path> = files.iter().map(|f| f.as_path()).collect();
         let mut again = strings(&[cmd]);
         again.extend(common.iter().cloned());
         again.extend(strings(&["--resume", ck_s]));
-        kills += kill_until_done(&fresh(ck_s), &again, &resume, &files, full_ms, &mut rng);
+        kills += kill_until_done(
+            &fresh(ck_s),
+            &again,
+            &resume,
+            &|| files.clone(),
+            full_ms,
+            &mut rng,
+        );
         same_tensors(&ck_whole, &ck, &format!("{cmd} trial {trial}"));
     }
     kills
@@ -777,4 +799,217 @@ fn sigkill_during_qat_with_at_then_resume_gives_the_same_model() {
         1,
     );
     assert!(kills >= 1, "no kill landed");
+}
+
+/// SIGKILL at seeded moments of a real `reproduce` (mid-training, mid-evaluation, during a
+/// write: wherever the delay lands), each time followed by the same command again: every
+/// file of the study folder under its real name is whole after every kill, and the finished
+/// study equals an uninterrupted run's (its results, timings aside, and every model bit for
+/// bit).
+#[test]
+fn sigkill_during_reproduce_then_the_same_command_gives_the_same_study() {
+    let dir = tempdir();
+    let cfg = dir.path().join("tiny.json");
+    std::fs::write(&cfg, serde_json::to_string(&crate::study::tiny()).unwrap()).unwrap();
+    let args = |out: &std::path::Path| {
+        strings(&[
+            "reproduce",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let whole = dir.path().join("whole");
+    let full_ms = run_ms(&args(&whole));
+    let results = |out: &std::path::Path| {
+        let s = std::fs::read_to_string(out.join("results.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        crate::study::strip(&mut v);
+        v
+    };
+    let models = |out: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut m: Vec<_> = crate::study::walk(&out.join("cache"))
+            .into_iter()
+            .filter(|f| f.file_name().is_some_and(|n| n == "model.safetensors"))
+            .map(|f| f.strip_prefix(out).unwrap().to_path_buf())
+            .collect();
+        m.sort();
+        m
+    };
+    let never = dir.path().join("no-resume-file");
+    let mut rng = quant_robust::rng::Rng::new(2, "kill-points");
+    let mut kills = 0;
+    for trial in 0..2 {
+        let out = dir.path().join(format!("trial{trial}"));
+        let listing = || {
+            if out.is_dir() {
+                crate::study::walk(&out)
+            } else {
+                Vec::new()
+            }
+        };
+        let a = args(&out);
+        kills += kill_until_done(&a, &a, &never, &listing, full_ms, &mut rng);
+        assert_eq!(results(&out), results(&whole), "trial {trial}");
+        assert_eq!(models(&out), models(&whole), "trial {trial}");
+        for m in models(&whole) {
+            same_tensors(
+                &whole.join(&m),
+                &out.join(&m),
+                &format!("trial {trial}: {m:?}"),
+            );
+        }
+    }
+    assert!(kills >= 4, "only {kills} kills landed");
+}
+
+/// A tmpfs mounted for one test (unmounted on drop), or `None` where this process may not
+/// mount (not root, or a container without the capability).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, bytes: usize) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(dir.to_path_buf()))
+    }
+
+    fn remount(&self, opt: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,{opt}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount {opt}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Copies the files of `src` into `dst` (made), keeping the tree.
+fn copy_tree(src: &std::path::Path, dst: &std::path::Path) {
+    for f in crate::study::walk(src) {
+        let to = dst.join(f.strip_prefix(src).unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&f, &to).unwrap();
+    }
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    crate::study::walk(dir)
+        .into_iter()
+        .map(|f| (f.clone(), std::fs::read(&f).unwrap()))
+        .collect()
+}
+
+/// A full disk and a read-only output folder: `reproduce` stops with an error that names
+/// the file it could not write and the system's reason, exits non-zero without a panic,
+/// leaves every finished stage byte for byte as it was and no temporary file behind; once
+/// the fault is gone the same command finishes the study with an uninterrupted run's
+/// results. Needs a tmpfs (root, as on this project's machines and CI); elsewhere it says
+/// that it could not mount and checks nothing.
+#[test]
+fn a_full_disk_or_a_read_only_folder_is_an_error_and_loses_no_finished_stage() {
+    let dir = tempdir();
+    let cfg = dir.path().join("tiny.json");
+    std::fs::write(&cfg, serde_json::to_string(&crate::study::tiny()).unwrap()).unwrap();
+    let reproduce = |out: &std::path::Path, more: &[&str]| {
+        let mut a = vec![
+            "reproduce",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend(more);
+        qr_code(&a)
+    };
+    // A study with some finished stages, and the same study finished.
+    let part = dir.path().join("part");
+    let (code, err) = reproduce(&part, &["--max-stages", "4"]);
+    assert_eq!(code, Some(75), "{err}");
+    let whole = dir.path().join("whole");
+    let (code, err) = reproduce(&whole, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let results = |out: &std::path::Path| {
+        let s = std::fs::read_to_string(out.join("results.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        crate::study::strip(&mut v);
+        v
+    };
+    let mnt = dir.path().join("mnt");
+    let Some(fs) = Tmpfs::mount(&mnt, 256 << 20) else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs root); full-disk and read-only not checked"
+        );
+        return;
+    };
+    for fault in ["full", "read-only"] {
+        let out = mnt.join(fault);
+        copy_tree(&part, &out);
+        let before = snapshot(&out);
+        let filler = mnt.join("filler");
+        match fault {
+            "full" => {
+                // Fill the tmpfs but for 600 kB: the small files fit, the next model
+                // checkpoint (1.1 MB) runs out of space half-way.
+                use std::io::Write;
+                let mut f = std::fs::File::create(&filler).unwrap();
+                let block = vec![0u8; 1 << 20];
+                while f.write_all(&block).is_ok() {}
+                while f.write_all(&block[..4096]).is_ok() {}
+                let len = f.metadata().unwrap().len();
+                f.set_len(len - 600_000).unwrap();
+            }
+            _ => fs.remount("ro"),
+        }
+        let (code, err) = reproduce(&out, &[]);
+        let reason = match fault {
+            "full" => "No space left on device",
+            _ => "Read-only file system",
+        };
+        assert_eq!(code, Some(1), "{fault}: {err}");
+        assert!(
+            err.contains(out.to_str().unwrap()) && err.contains(reason),
+            "{fault}: the error should name the file and the reason: {err}"
+        );
+        assert!(!err.contains("panicked"), "{fault}: {err}");
+        match fault {
+            "full" => std::fs::remove_file(&filler).unwrap(),
+            _ => fs.remount("rw"),
+        }
+        let after = snapshot(&out);
+        for (f, bytes) in &before {
+            assert!(
+                after.get(f) == Some(bytes),
+                "{fault}: {} changed",
+                f.display()
+            );
+        }
+        let extra: Vec<_> = after.keys().filter(|f| !before.contains_key(*f)).collect();
+        assert!(
+            extra
+                .iter()
+                .all(|f| f.ends_with(".lock") || !f.to_string_lossy().ends_with(".tmp")),
+            "{fault}: temporary files left behind: {extra:?}"
+        );
+        let (code, err) = reproduce(&out, &[]);
+        assert_eq!(code, Some(0), "{fault}, then freed: {err}");
+        assert_eq!(results(&out), results(&whole), "{fault}, then freed");
+    }
 }

@@ -197,7 +197,7 @@ fn keys_change_with_exactly_what_a_stage_reads() {
 
 /// A study small enough to run several times in a test: the smoke grid shrunk further,
 /// through configuration only.
-fn tiny() -> StudyConfig {
+pub(crate) fn tiny() -> StudyConfig {
     let mut c = config::smoke();
     c.name = "tiny".into();
     let t = |epochs| TrainConfig {
@@ -251,7 +251,7 @@ fn tiny() -> StudyConfig {
 
 /// The results without what legitimately differs between runs: timings, dates, device
 /// speed.
-fn strip(v: &mut serde_json::Value) {
+pub(crate) fn strip(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(m) => {
             for k in [
@@ -288,7 +288,7 @@ fn strip(v: &mut serde_json::Value) {
 }
 
 /// Every file under `dir`.
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+pub(crate) fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
