@@ -916,3 +916,24 @@ fn autoattack_settings_are_checked() {
         .to_string();
     assert!(e.contains("l2"), "{e}");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// ε strings: any text parses to a finite number or is refused with a message that
+    /// quotes it, never a panic; `a/b` is a ÷ b, and a zero denominator is refused.
+    #[test]
+    fn eps_strings_parse_or_are_refused(s in "\\PC{0,12}", a in -1e3f64..1e3, b in -300i32..300) {
+        use quant_robust::attack::parse_fraction;
+        match parse_fraction(&s) {
+            Ok(v) => prop_assert!(v.is_finite()),
+            Err(e) => prop_assert!(e.contains(&format!("`{s}`")), "{}", e),
+        }
+        let r = parse_fraction(&format!("{a}/{b}"));
+        if b == 0 {
+            prop_assert!(r.is_err());
+        } else {
+            prop_assert_eq!(r.unwrap(), a / b as f64);
+        }
+    }
+}

@@ -863,7 +863,10 @@ fn sigkill_during_reproduce_then_the_same_command_gives_the_same_study() {
             );
         }
     }
-    assert!(kills >= 4, "only {kills} kills landed");
+    // The first kill of each trial lands (a fresh run lasts as long as the uninterrupted
+    // one); later ones may find the rerun, which skips the finished stages, already done.
+    eprintln!("reproduce: {kills} kills landed");
+    assert!(kills >= 2, "only {kills} kills landed");
 }
 
 /// A tmpfs mounted for one test (unmounted on drop), or `None` where this process may not

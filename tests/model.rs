@@ -537,3 +537,66 @@ fn evaluation_forward_equals_candles_reference_ops() {
         "logits differ by {d} (scale {scale})"
     );
 }
+
+/// A valid checkpoint's bytes, without metadata (so every header byte is structure).
+fn valid_checkpoint_bytes() -> &'static [u8] {
+    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BYTES.get_or_init(|| {
+        let sd = checkpoint::state_dict(&model(5)).unwrap();
+        checkpoint::to_safetensors_bytes(&sd, &Default::default()).unwrap()
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// A valid checkpoint truncated anywhere, with one byte of its header changed (but for
+    /// one JSON whitespace character into another), or with one weight set to NaN or
+    /// infinity: refused with an error naming the file. Any byte of its tensor data changed:
+    /// never a panic (a weight that is still a finite float is a different, valid model).
+    #[test]
+    fn mutated_checkpoint_bytes_never_panic_and_damage_is_refused(
+        kind in 0u8..4,
+        pos in 0.0f64..1.0,
+        flip in 1u8..=255,
+    ) {
+        let good = valid_checkpoint_bytes();
+        let header_end = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+        let at = |lo: usize, hi: usize| (lo + (pos * (hi - lo) as f64) as usize).min(hi - 1);
+        let mut b = good.to_vec();
+        let must_fail = match kind {
+            0 => {
+                b.truncate(at(0, good.len()));
+                true
+            }
+            1 => {
+                let i = at(0, header_end);
+                let ws = |c: u8| b" \t\n\r".contains(&c);
+                let (old, new) = (b[i], b[i] ^ flip);
+                b[i] = new;
+                !(i >= 8 && ws(old) && ws(new))
+            }
+            2 => {
+                let k = header_end + 4 * at(0, (good.len() - header_end) / 4);
+                let v = if flip % 2 == 0 { f32::NAN } else { f32::NEG_INFINITY };
+                b[k..k + 4].copy_from_slice(&v.to_le_bytes());
+                true
+            }
+            _ => {
+                let i = at(header_end, good.len());
+                b[i] ^= flip;
+                false
+            }
+        };
+        let dir = tempdir();
+        let p = dir.path().join("mutated.safetensors");
+        std::fs::write(&p, &b).unwrap();
+        let r = checkpoint::load(&p, &Device::Cpu, false);
+        if must_fail {
+            proptest::prop_assert!(r.is_err(), "accepted (kind {}, pos {}, flip {})", kind, pos, flip);
+        }
+        if let Err(e) = r {
+            proptest::prop_assert!(e.to_string().contains("mutated.safetensors"), "{}", e);
+        }
+    }
+}

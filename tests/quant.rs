@@ -648,3 +648,28 @@ fn cpu_and_cuda_quantizers_agree_exactly() {
         );
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Bit specs: any text is a `Bits` that prints back to itself or an error naming it,
+    /// never a panic; `wXaY` is accepted exactly when each width is in 2..=16 or 32.
+    #[test]
+    fn bit_specs_parse_or_are_refused(s in "\\PC{0,8}", w in 0u32..40, a in 0u32..40, upper in proptest::bool::ANY) {
+        match s.parse::<Bits>() {
+            Ok(b) => prop_assert_eq!(b.to_string().parse::<Bits>().unwrap(), b),
+            Err(e) => prop_assert!(e.to_string().contains(s.as_str()), "{}", e),
+        }
+        let ok = |x: u32| x == 32 || (2..=16).contains(&x);
+        let spec = if upper { format!("W{w}A{a}") } else { format!("w{w}a{a}") };
+        match spec.parse::<Bits>() {
+            Ok(b) => {
+                prop_assert!(ok(w) && ok(a), "{} accepted", spec);
+                prop_assert_eq!(b.to_string(), format!("w{w}a{a}"));
+            }
+            Err(e) => {
+                prop_assert!(!(ok(w) && ok(a)), "{} refused: {}", spec, e);
+            }
+        }
+    }
+}

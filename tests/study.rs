@@ -1118,3 +1118,64 @@ fn a_folder_lock_names_its_owner_and_a_dead_owners_lock_is_taken_over() {
         "{e}"
     );
 }
+
+/// Every path to a number in a JSON value, as keys and indices.
+fn number_paths(v: &serde_json::Value, at: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    match v {
+        serde_json::Value::Number(_) => out.push(at.clone()),
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                at.push(k.clone());
+                number_paths(x, at, out);
+                at.pop();
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                at.push(i.to_string());
+                number_paths(x, at, out);
+                at.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+    /// The smoke preset's configuration with one number replaced by an edge value (negative,
+    /// zero, a fraction where a count belongs, huge): never a panic; an ε or a data fraction
+    /// outside its range is refused; a configuration that is accepted can be planned.
+    #[test]
+    fn a_config_with_one_bad_number_is_refused_or_usable(
+        which in 0usize..10_000,
+        value in proptest::sample::select(vec![-1.0, -1e-9, 0.0, 0.5, 1.0, 1.5, 2.0, 255.0, 1e9, 1e300]),
+    ) {
+        let mut v = serde_json::to_value(config::smoke()).unwrap();
+        let mut paths = Vec::new();
+        number_paths(&v, &mut Vec::new(), &mut paths);
+        let path = &paths[which % paths.len()];
+        let mut slot = &mut v;
+        for k in path {
+            slot = match slot {
+                serde_json::Value::Array(a) => &mut a[k.parse::<usize>().unwrap()],
+                other => &mut other[k.as_str()],
+            };
+        }
+        *slot = serde_json::json!(value);
+        let dir = tempdir();
+        let p = dir.path().join("study.json");
+        std::fs::write(&p, serde_json::to_string(&v).unwrap()).unwrap();
+        let joined = path.join(".");
+        let r = StudyConfig::from_file(&p);
+        let out_of_range = (joined.contains("eps") && !(0.0..=1.0).contains(&value))
+            || (joined.contains("fraction") && !(value > 0.0 && value <= 1.0));
+        if out_of_range {
+            proptest::prop_assert!(r.is_err(), "{} = {} accepted", joined, value);
+        }
+        if let Ok(c) = r {
+            let _ = plan::models(&c);
+        }
+    }
+}

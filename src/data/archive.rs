@@ -22,39 +22,7 @@ pub fn read_archive_bytes(bytes: &[u8], path: &Path) -> Result<CifarData> {
         use sha2::{Digest, Sha256};
         super::hex(&Sha256::digest(bytes))
     };
-    let gz = flate2::read::GzDecoder::new(bytes);
-    let mut tar = tar::Archive::new(gz);
-    let mut raw = Vec::new();
-    let entries = tar
-        .entries()
-        .map_err(|e| Error::bad_data(path, format!("not a tar.gz archive: {e}")))?;
-    for entry in entries {
-        let mut entry = entry
-            .map_err(|e| Error::bad_data(path, format!("corrupt or truncated archive: {e}")))?;
-        let rel: PathBuf = entry
-            .path()
-            .map_err(|e| Error::bad_data(path, format!("bad entry name: {e}")))?
-            .into_owned();
-        if !entry.header().entry_type().is_file() {
-            continue;
-        }
-        let Some((split, class, name)) = parse_image_path(&rel) else {
-            continue;
-        };
-        let entry_path = path.join(&rel);
-        let label = class_label(&class, &entry_path)?;
-        let mut data = Vec::with_capacity(entry.size() as usize);
-        entry.read_to_end(&mut data).map_err(|e| {
-            Error::bad_data(&entry_path, format!("corrupt or truncated archive: {e}"))
-        })?;
-        raw.push(RawImage {
-            split,
-            label,
-            name,
-            path: entry_path,
-            bytes: data,
-        });
-    }
+    let raw = raw_images(bytes, path)?;
     if raw.is_empty() {
         return Err(Error::bad_data(
             path,
@@ -112,35 +80,63 @@ pub struct RawEntry {
 /// class and name.
 pub fn read_raw_entries(path: &Path) -> Result<Vec<RawEntry>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(bytes.as_slice()));
-    let mut out = Vec::new();
-    for entry in tar
+    let mut out: Vec<RawEntry> = raw_images(&bytes, path)?
+        .into_iter()
+        .map(|r| {
+            let train = r.split == super::Split::Train;
+            let dir = if train { "train" } else { "test" };
+            let class = super::CIFAR10_CLASSES[r.label as usize];
+            RawEntry {
+                path: format!("{dir}/{class}/{}", r.name),
+                train,
+                label: r.label,
+                bytes: r.bytes,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (!a.train, a.label, &a.path).cmp(&(!b.train, b.label, &b.path)));
+    Ok(out)
+}
+
+/// The `{train,test}/<class>/*` image entries of a tar.gz in memory, in archive order, their
+/// bytes undecoded. `path` names the archive in messages and prefixes each entry's path.
+fn raw_images(bytes: &[u8], path: &Path) -> Result<Vec<RawImage>> {
+    let gz = flate2::read::GzDecoder::new(bytes);
+    let mut tar = tar::Archive::new(gz);
+    let mut raw = Vec::new();
+    let entries = tar
         .entries()
-        .map_err(|e| Error::bad_data(path, format!("not a tar.gz archive: {e}")))?
-    {
+        .map_err(|e| Error::bad_data(path, format!("not a tar.gz archive: {e}")))?;
+    for entry in entries {
         let mut entry = entry
             .map_err(|e| Error::bad_data(path, format!("corrupt or truncated archive: {e}")))?;
-        let rel = entry
+        let rel: PathBuf = entry
             .path()
             .map_err(|e| Error::bad_data(path, format!("bad entry name: {e}")))?
             .into_owned();
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
         let Some((split, class, name)) = parse_image_path(&rel) else {
             continue;
         };
-        let label = class_label(&class, &path.join(&rel))?;
-        let mut data = Vec::new();
-        entry
-            .read_to_end(&mut data)
-            .map_err(|e| Error::bad_data(path.join(&rel), format!("truncated: {e}")))?;
-        let train = split == super::Split::Train;
-        let dir = if train { "train" } else { "test" };
-        out.push(RawEntry {
-            path: format!("{dir}/{class}/{name}"),
-            train,
+        let entry_path = path.join(&rel);
+        let label = class_label(&class, &entry_path)?;
+        let mut data = Vec::with_capacity(entry.size() as usize);
+        entry.read_to_end(&mut data).map_err(|e| {
+            Error::bad_data(&entry_path, format!("corrupt or truncated archive: {e}"))
+        })?;
+        raw.push(RawImage {
+            split,
             label,
+            name,
+            path: entry_path,
             bytes: data,
         });
     }
-    out.sort_by(|a, b| (!a.train, a.label, &a.path).cmp(&(!b.train, b.label, &b.path)));
-    Ok(out)
+    // tar stops at its end-of-archive blocks; reading the gzip stream to its end checks its
+    // CRC, which covers every byte: a changed byte that still inflates is caught here.
+    std::io::copy(&mut tar.into_inner(), &mut std::io::sink())
+        .map_err(|e| Error::bad_data(path, format!("corrupt or truncated archive: {e}")))?;
+    Ok(raw)
 }
