@@ -471,8 +471,10 @@ fn the_direct_and_winograd_kernels_give_the_same_bits_with_avx2_and_avx512() {
         eprintln!("skipping: this machine does not run both AVX2 and AVX-512VL");
         return;
     }
-    // 6×8 images: 12 Winograd tiles, padded to 16.
-    for (stride, h, wd) in [(1, 16, 16), (2, 16, 16), (1, 6, 8)] {
+    // Winograd tiles per image, padded to a multiple of 8, run through the products in
+    // vectors of 8 (AVX2) or 16 (AVX-512): 16×16 images 64 tiles, 6×8 12 (padded to 16),
+    // 6×16 24 (a pair and a single vector), 10×32 80 (runs of four and a pair).
+    for (stride, h, wd) in [(1, 16, 16), (2, 16, 16), (1, 6, 8), (1, 6, 16), (1, 10, 32)] {
         let x = Var::from_tensor(&rand(&[3, 13, h, wd], 21)).unwrap();
         let w = Var::from_tensor(&rand(&[11, 13, 3, 3], 22)).unwrap();
         let r = rand(&[3, 11, h / stride, wd / stride], 23);

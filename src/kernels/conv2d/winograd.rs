@@ -215,25 +215,34 @@ mod x86 {
         pub y: *mut f32,
     }
 
+    /// With 512-bit registers: runs of 4 vectors of 8 tiles as 2 of 16.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
     pub(super) unsafe fn products_avx512(p: Plane, v: &[f32], u: &[f32], out: Out) {
-        products::<8, 3>(p, v, u, out)
+        products::<8, 4, true>(p, v, u, out)
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn products_avx2(p: Plane, v: &[f32], u: &[f32], out: Out) {
-        products::<4, 2>(p, v, u, out)
+        products::<4, 2, false>(p, v, u, out)
     }
 
-    /// The most floats a block of products needs: 16 positions × 8 channels × 3 vectors.
-    const BLOCK: usize = 16 * 8 * 3 * 8;
+    /// The most floats a block of products needs: 16 positions × 8 channels × 4 vectors.
+    const BLOCK: usize = 16 * 8 * 4 * 8;
 
     /// For each block of `OB` output channels and `N` vectors of 8 tiles (then pairs and
     /// single vectors for the remainder): `M[ξ] = U[ξ] · V[ξ]` for the 16 positions ξ, into a
-    /// buffer that stays in the L1 cache, then the output transform of that block.
+    /// buffer that stays in the L1 cache, then the output transform of that block. `WIDE`
+    /// (AVX-512 only) computes the runs of `N` = 4 and the pairs on 512-bit registers, 16
+    /// tiles each: every lane sums the same products in the same order, so the bits are
+    /// those of 256-bit registers.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn products<const OB: usize, const N: usize>(p: Plane, v: &[f32], u: &[f32], out: Out) {
+    unsafe fn products<const OB: usize, const N: usize, const WIDE: bool>(
+        p: Plane,
+        v: &[f32],
+        u: &[f32],
+        out: Out,
+    ) {
         let Plane { h, w, c, o, .. } = p;
         let (_, _, pp) = tiles(h, w);
         let xs = position_stride(c, pp);
@@ -255,9 +264,11 @@ mod x86 {
                         row,
                         valid,
                     };
-                    match n {
-                        1 => tile::<OB, 1>(t),
-                        2 => tile::<OB, 2>(t),
+                    match (WIDE, n) {
+                        (true, 4) => tile16::<OB, 2>(t),
+                        (true, 2) => tile16::<OB, 1>(t),
+                        (_, 1) => tile::<OB, 1>(t),
+                        (_, 2) => tile::<OB, 2>(t),
                         _ => tile::<OB, N>(t),
                     }
                 }
@@ -312,6 +323,32 @@ mod x86 {
         for (oo, row) in acc.iter().enumerate().take(t.valid) {
             for (k, val) in row.iter().enumerate() {
                 _mm256_storeu_ps(t.m.add(oo * t.row + k * 8), *val);
+            }
+        }
+    }
+
+    /// [`tile`] on 512-bit registers: `NZ` vectors of 16 tiles (2·`NZ` of `tile`'s).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile16<const OB: usize, const NZ: usize>(t: Tile) {
+        let mut acc = [[_mm512_setzero_ps(); NZ]; OB];
+        for ci in 0..t.c {
+            let vc = t.v.add(ci * t.pp);
+            let mut xv = [_mm512_setzero_ps(); NZ];
+            for (k, x) in xv.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(vc.add(k * 16));
+            }
+            let uc = t.u.add(ci * OB);
+            for (oo, row) in acc.iter_mut().enumerate() {
+                let wv = _mm512_set1_ps(*uc.add(oo));
+                for k in 0..NZ {
+                    row[k] = _mm512_fmadd_ps(wv, xv[k], row[k]);
+                }
+            }
+        }
+        for (oo, row) in acc.iter().enumerate().take(t.valid) {
+            for (k, val) in row.iter().enumerate() {
+                _mm512_storeu_ps(t.m.add(oo * t.row + k * 16), *val);
             }
         }
     }
