@@ -59,7 +59,7 @@ fn isas() -> impl Iterator<Item = Isa> {
 /// even height, a width that is a multiple of 8).
 fn paths_for(stride: usize, h: usize, w: usize) -> Vec<ConvPath> {
     let mut p = paths();
-    if stride == 1 && h % 2 == 0 && w % 8 == 0 {
+    if stride == 1 && h.is_multiple_of(2) && w.is_multiple_of(8) {
         p.extend(isas().map(ConvPath::Winograd));
     }
     p

@@ -28,7 +28,7 @@ pub const TEST_FILE: &str = "test_batch.bin";
 
 /// Parses one batch file's bytes (any whole number of records) into `ds`.
 pub fn parse_batch(bytes: &[u8], path: &Path, ds: &mut Dataset) -> Result<()> {
-    if bytes.is_empty() || bytes.len() % RECORD_BYTES != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD_BYTES) {
         return Err(Error::bad_data(
             path,
             format!(

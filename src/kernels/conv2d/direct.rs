@@ -44,8 +44,8 @@ impl Isa {
 /// Whether `g` has the direct path's shape: 3×3, stride 1, pad 1, whole vectors per row.
 pub(super) fn fits(g: &Geom) -> bool {
     let rows = match g.stride {
-        1 => g.w % 8 == 0,
-        2 => g.w % 16 == 0 && g.h % 2 == 0,
+        1 => g.w.is_multiple_of(8),
+        2 => g.w.is_multiple_of(16) && g.h.is_multiple_of(2),
         _ => false,
     };
     g.k == 3 && g.pad == 1 && rows && g.w > 0 && g.h > 0
@@ -259,7 +259,9 @@ pub(super) fn grad_weight(
     let pd = Padded::new(p);
     let (per_x, per_dy) = (c * h * w, o * pd.ho * pd.wo);
     assert!(
-        x.len() % per_x == 0 && dy.len() / per_dy == x.len() / per_x && dw.len() == o * c * 9,
+        x.len().is_multiple_of(per_x)
+            && dy.len() / per_dy == x.len() / per_x
+            && dw.len() == o * c * 9,
         "direct conv weight gradient: buffer sizes do not match {p:?}"
     );
     for (xg, dyg) in x.chunks(GROUP * per_x).zip(dy.chunks(GROUP * per_dy)) {

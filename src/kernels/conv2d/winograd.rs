@@ -41,7 +41,13 @@ use super::Geom;
 /// Whether `g` has the Winograd path's shape: 3×3, stride 1, pad 1, an even height and a
 /// width that is a multiple of 8.
 pub(super) fn fits(g: &Geom) -> bool {
-    g.k == 3 && g.pad == 1 && g.stride == 1 && g.w % 8 == 0 && g.h % 2 == 0 && g.w > 0 && g.h > 0
+    g.k == 3
+        && g.pad == 1
+        && g.stride == 1
+        && g.w.is_multiple_of(8)
+        && g.h.is_multiple_of(2)
+        && g.w > 0
+        && g.h > 0
 }
 
 /// The kernel transform `U = G g Gᵀ` of every (output, input) channel pair of `w` (O×C×3×3),
