@@ -911,8 +911,8 @@ fn finish(
     out: &Path,
     dev: &candle_core::Device,
 ) -> Result<ExitCode> {
-    use quant_robust::study::results;
-    let res = results::collect(cfg, data, out, dev)?;
+    use quant_robust::study::{findings, results};
+    let res = findings::judged(results::collect(cfg, data, out, dev)?);
     results::write(&res, out)?;
     quant_robust::report::study::write(&res, out)?;
     for v in &res.findings {

@@ -302,7 +302,7 @@ pub(crate) fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 fn results_json(c: &StudyConfig, out: &Path) -> serde_json::Value {
-    let r = results::collect(c, &sample().identity, out, &Device::Cpu).unwrap();
+    let r = findings::judged(results::collect(c, &sample().identity, out, &Device::Cpu).unwrap());
     serde_json::to_value(&r).unwrap()
 }
 
@@ -527,7 +527,9 @@ fn fast_preset_runs_end_to_end_at_tiny_sizes() {
             cached: 0
         }
     );
-    let r = results::collect(&c, &sample().identity, out.path(), &Device::Cpu).unwrap();
+    let r = findings::judged(
+        results::collect(&c, &sample().identity, out.path(), &Device::Cpu).unwrap(),
+    );
     results::write(&r, out.path()).unwrap();
     quant_robust::report::study::write(&r, out.path()).unwrap();
     assert_eq!(r.models.len(), n);

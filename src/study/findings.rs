@@ -13,96 +13,13 @@
 //!
 //! [`FindingsConfig`]: super::config::FindingsConfig
 
-use serde::{Deserialize, Serialize};
-
 use super::config::{BitsSweep, Init};
 use super::plan::ModelSpec;
 use super::results::{ModelResult, StudyResults};
+pub use super::verdict::{Number, Status, Verdict};
 use crate::attack::eps_label;
 use crate::eval::{wilson95, Accuracy};
-
-/// A verdict's status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Holds,
-    DoesNotHold,
-    Undecided,
-    NotTested,
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Status::Holds => "holds",
-            Status::DoesNotHold => "does not hold",
-            Status::Undecided => "undecided",
-            Status::NotTested => "not tested",
-        })
-    }
-}
-
-/// A number a verdict used.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Number {
-    pub label: String,
-    pub value: f64,
-    pub correct: Option<usize>,
-    pub total: Option<usize>,
-    pub ci95: Option<(f64, f64)>,
-}
-
-impl Number {
-    fn count(label: impl Into<String>, a: Accuracy) -> Self {
-        Number {
-            label: label.into(),
-            value: a.fraction(),
-            correct: Some(a.correct),
-            total: Some(a.total),
-            ci95: Some(a.interval95()),
-        }
-    }
-    fn value(label: impl Into<String>, value: f64) -> Self {
-        Number {
-            label: label.into(),
-            value,
-            correct: None,
-            total: None,
-            ci95: None,
-        }
-    }
-}
-
-/// One finding's verdict, with the numbers and margin it rests on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Verdict {
-    /// `F1` .. `F6`.
-    pub id: String,
-    pub claim: String,
-    pub status: Status,
-    /// What was compared, in words.
-    pub measure: String,
-    /// The compared difference (first group − second) and its 95% interval.
-    pub margin: Option<f64>,
-    pub margin_ci95: Option<(f64, f64)>,
-    pub numbers: Vec<Number>,
-    pub note: String,
-}
-
-impl Verdict {
-    fn not_tested(id: &str, claim: &str, why: &str) -> Self {
-        Verdict {
-            id: id.into(),
-            claim: claim.into(),
-            status: Status::NotTested,
-            measure: String::new(),
-            margin: None,
-            margin_ci95: None,
-            numbers: Vec::new(),
-            note: why.into(),
-        }
-    }
-}
+use serde::{Deserialize, Serialize};
 
 /// Newcombe's hybrid-score 95% interval of p1 − p2 for independent proportions.
 pub fn diff_ci95(a: Accuracy, b: Accuracy) -> (f64, (f64, f64)) {
@@ -150,6 +67,12 @@ fn worst(m: &ModelResult, eps: f64) -> Option<Accuracy> {
 /// Every finding, F1 to F6.
 pub fn all(r: &StudyResults) -> Vec<Verdict> {
     vec![f1(r), f2(r), f3(r), f4(r), f5(r), f6(r)]
+}
+
+/// The results with their verdicts (see [`all`]).
+pub fn judged(mut r: StudyResults) -> StudyResults {
+    r.findings = all(&r);
+    r
 }
 
 /// Pooled comparison of pairs of models (first − second).

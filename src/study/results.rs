@@ -9,9 +9,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::config::StudyConfig;
-use super::findings::{self, Verdict};
 use super::plan::ModelSpec;
 use super::run::{read_record, EvalRecord, Keys, ModelRecord};
+use super::verdict::Verdict;
 use crate::data::DataIdentity;
 use crate::eval::robust::{EpsAccuracy, RobustnessReport};
 use crate::manifest::Manifest;
@@ -408,7 +408,8 @@ fn attack_accuracy(a: &crate::eval::robust::AttackResult) -> AttackAccuracy {
 }
 
 /// Builds the results from the cache; every stage must be there (else the error names the
-/// missing ones: run `reproduce` again, or merge the missing shards).
+/// missing ones: run `reproduce` again, or merge the missing shards). The verdicts are left
+/// empty: [`super::findings::judged`] adds them.
 pub fn collect(
     cfg: &StudyConfig,
     data: &DataIdentity,
@@ -512,16 +513,14 @@ pub fn collect(
     manifest
         .metrics
         .insert("models".into(), models.len() as f64);
-    let mut res = StudyResults {
+    Ok(StudyResults {
         config: cfg.clone(),
         data: data.clone(),
         across_seeds: seed_summaries(cfg, &models),
         models,
         findings: Vec::new(),
         manifest,
-    };
-    res.findings = findings::all(&res);
-    Ok(res)
+    })
 }
 
 /// Writes `results.json` and one `cells/<id>.json` per model (its full records).
