@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
 
 use super::{Classifier, FullPrecision, Seam};
 use crate::kernels;
@@ -560,9 +560,4 @@ pub fn check_tensors(tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Predicted classes (argmax of logits) as u32.
-pub fn predict(logits: &Tensor) -> Result<Tensor> {
-    Ok(logits.argmax(D::Minus1)?)
 }
