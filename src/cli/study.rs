@@ -1,0 +1,276 @@
+//! `reproduce`, `merge`, `report` and `golden`.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use quant_robust::data::{self, batch::DeviceData};
+use quant_robust::device;
+use quant_robust::model::checkpoint;
+
+use super::args::*;
+use super::{write_result, EXIT_STOPPED_EARLY};
+
+pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
+    use quant_robust::study::{run, StudyConfig};
+    let mut cfg = match &a.config {
+        Some(p) => StudyConfig::from_file(p)
+            .with_context(|| format!("reading the study configuration {}", p.display()))?,
+        None => StudyConfig::preset(&a.preset)?,
+    };
+    if let Some(d) = &a.data {
+        cfg.data = d.clone();
+    }
+    if a.print_config {
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let shard = a
+        .shard
+        .as_deref()
+        .map(|s| -> Result<(usize, usize)> {
+            let (k, n) = s
+                .split_once('/')
+                .with_context(|| format!("--shard {s}: expected K/N, e.g. 2/4"))?;
+            let k: usize = k.trim().parse().with_context(|| format!("--shard {s}"))?;
+            let n: usize = n.trim().parse().with_context(|| format!("--shard {s}"))?;
+            if k == 0 || n == 0 || k > n {
+                bail!("--shard {s}: expected K/N with 1 ≤ K ≤ N");
+            }
+            Ok((k, n))
+        })
+        .transpose()?;
+    if let Some(t) = a.time_budget {
+        if !(t > 0.0 && t.is_finite()) {
+            bail!("--time-budget {t}: must be a positive number of seconds");
+        }
+    }
+    let out = a.out.clone().unwrap_or_else(|| cfg.default_out());
+    let dev = device::select(a.device)?;
+    let t = Instant::now();
+    let data = run::load_data(&cfg).context("loading the study's data")?;
+    tracing::info!(
+        "study `{}`: data {} ({} train / {} test), {} models, device {}, directory {}",
+        cfg.name,
+        data.identity.name,
+        data.train.len(),
+        data.test.len(),
+        quant_robust::study::plan::models(&cfg).len(),
+        device::name(&dev),
+        out.display()
+    );
+    let opts = run::RunOptions {
+        shard,
+        max_stages: a.max_stages,
+        deadline: a
+            .time_budget
+            .map(|s| t + std::time::Duration::from_secs_f64(s)),
+        progress: true,
+        models_only: a.models_only,
+    };
+    match run::run(&cfg, &data, &out, &dev, &opts)? {
+        run::RunStatus::Interrupted {
+            computed,
+            remaining,
+        } => {
+            tracing::warn!(
+                "stopped early after {computed} new stages ({remaining} models left, {:.0}s); run the same command again to continue",
+                t.elapsed().as_secs_f64()
+            );
+            return Ok(ExitCode::from(EXIT_STOPPED_EARLY));
+        }
+        run::RunStatus::Complete { computed, cached } => {
+            tracing::info!(
+                "{computed} stages computed, {cached} models read from the cache, {:.0}s",
+                t.elapsed().as_secs_f64()
+            );
+        }
+    }
+    if a.models_only {
+        tracing::info!("every model is made; run again without --models-only to evaluate them");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some((k, n)) = shard {
+        tracing::info!(
+            "shard {k}/{n} done; `quant-robust merge --out DIR SHARD_DIRS...` when all are"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    finish(&cfg, &data.identity, &out, &dev)
+}
+
+/// Collects the results from the cache, writes them and the report, logs the verdicts.
+pub(super) fn finish(
+    cfg: &quant_robust::study::StudyConfig,
+    data: &data::DataIdentity,
+    out: &Path,
+    dev: &candle_core::Device,
+) -> Result<ExitCode> {
+    use quant_robust::study::{findings, results};
+    let res = findings::judged(results::collect(cfg, data, out, dev)?);
+    results::write(&res, out)?;
+    quant_robust::report::study::write(&res, out)?;
+    for v in &res.findings {
+        tracing::info!(
+            "{} {}: {}{}",
+            v.id,
+            v.status,
+            v.claim,
+            v.margin
+                .map(|m| format!(" (margin {:+.1} pp)", 100.0 * m))
+                .unwrap_or_default()
+        );
+    }
+    tracing::info!(
+        "wrote {}, {} and {}",
+        out.join("results.json").display(),
+        out.join("report.md").display(),
+        out.join("plots").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn merge(a: MergeArgs) -> Result<ExitCode> {
+    let cfg = quant_robust::study::run::merge(&a.out, &a.shards)?;
+    let data = quant_robust::study::run::load_data(&cfg).context("loading the study's data")?;
+    finish(&cfg, &data.identity, &a.out, &candle_core::Device::Cpu)
+}
+
+pub(super) fn golden_update(a: GoldenUpdateArgs) -> Result<ExitCode> {
+    let g = quant_robust::study::golden::update(
+        &a.study,
+        &a.golden,
+        &a.name,
+        &a.device_label,
+        &a.command,
+        Path::new("."),
+    )?;
+    tracing::info!(
+        "wrote {} ({} models, study code {}, device {} / {}, data {}); now run `cargo insta test --review` and `QR_SLOW=1 cargo insta test --review`",
+        a.golden.join(&a.name).display(),
+        g.models.len(),
+        g.code.git_commit,
+        g.device,
+        g.device_label,
+        g.data.name
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn golden_check(a: GoldenCheckArgs) -> Result<ExitCode> {
+    use quant_robust::attack::{fgsm::Fgsm, Attack, Norm};
+    use quant_robust::eval::robust::{evaluate, RobustnessConfig};
+    use quant_robust::study::golden;
+    let g = golden::read(&a.dir)?;
+    let res: quant_robust::study::StudyResults =
+        quant_robust::io::read_json(&a.dir.join("results.json"))?;
+    let dev = device::select(a.device)?;
+    let source = match &a.data {
+        Some(d) => d.clone(),
+        None => quant_robust::study::run::data_source(&res.config)?,
+    };
+    let data = data::load(&source)?;
+    if data.identity.test_sha256 != g.data.test_sha256 {
+        bail!(
+            "the data's test split ({}) is not the golden study's ({}, sha256 {})",
+            data.identity.name,
+            g.data.name,
+            g.data.test_sha256
+        );
+    }
+    let test = DeviceData::new(&data.test, &dev)?;
+    let n = match a.n.as_deref() {
+        None => res.config.eval.n,
+        Some("all") => None,
+        Some(v) => Some(v.parse().with_context(|| format!("--n {v}"))?),
+    };
+    let idx = quant_robust::eval::eval_indices(&test, n, res.config.eval.seed)?;
+    let mut rows = Vec::new();
+    let mut failed = 0;
+    let t = Instant::now();
+    for m in &g.models {
+        let model = checkpoint::load(&golden::checkpoint_path(&a.dir, m), &dev, false)?;
+        let attacks: Vec<Box<dyn Attack>> = vec![Box::new(Fgsm)];
+        let rcfg = RobustnessConfig {
+            norm: Norm::Linf,
+            eps: res.config.eval.eps.clone(),
+            batch_size: res.config.eval.batch_size,
+            seed: res.config.eval.seed.wrapping_add(m.spec.seed()),
+            ..RobustnessConfig::default()
+        };
+        let r = evaluate(&model, &test, &idx, &attacks, &rcfg, &mut |_, _, _, _| {})?;
+        let golden_model = res
+            .model(&m.spec)
+            .with_context(|| format!("{} is not in results.json", m.id))?;
+        let mut cmp = vec![(
+            "clean".to_string(),
+            r.clean.correct,
+            r.clean.total,
+            Some(golden_model.clean.clone()),
+        )];
+        for e in &r.attacks[0].per_eps {
+            cmp.push((
+                format!("fgsm {:.2}/255", e.eps * 255.0),
+                e.correct,
+                e.total,
+                golden_model.attack_at("fgsm", e.eps).cloned(),
+            ));
+        }
+        for (what, k, total, gold) in cmp {
+            let Some(gold) = gold else { continue };
+            // Same images: compare counts; other sizes: compare rates via the intervals.
+            let ok = if gold.total == total {
+                k.abs_diff(gold.correct) <= a.tolerance
+            } else {
+                let (lo, hi) = quant_robust::eval::wilson95(k, total);
+                gold.ci95.0 <= hi && lo <= gold.ci95.1
+            };
+            if !ok {
+                failed += 1;
+                tracing::error!(
+                    "{} {what}: {k}/{total} now, golden {}/{}",
+                    m.id,
+                    gold.correct,
+                    gold.total
+                );
+            }
+            rows.push(
+                json!({"model": m.id, "measure": what, "correct": k, "total": total,
+                "golden_correct": gold.correct, "golden_total": gold.total, "agrees": ok}),
+            );
+        }
+    }
+    tracing::info!(
+        "{} models, {} comparisons, {failed} disagree (tolerance {} images, {} test images, device {}, {:.0}s)",
+        g.models.len(),
+        rows.len(),
+        a.tolerance,
+        idx.len(),
+        device::name(&dev),
+        t.elapsed().as_secs_f64()
+    );
+    let mut man = quant_robust::manifest::Manifest::new("golden-check", &dev);
+    man.data = Some(data.identity.clone());
+    man.config = json!({"dir": a.dir, "n": idx.len(), "tolerance": a.tolerance});
+    write_result(
+        a.out.as_deref(),
+        &json!({"golden": g.name, "disagreements": failed, "comparisons": rows, "manifest": man}),
+    )?;
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub(super) fn report(a: ReportArgs) -> Result<ExitCode> {
+    let p = a.dir.join("results.json");
+    let res: quant_robust::study::StudyResults = quant_robust::io::read_json(&p)
+        .with_context(|| format!("reading {} (run `reproduce` first)", p.display()))?;
+    quant_robust::report::study::write(&res, &a.dir)?;
+    tracing::info!("wrote {}", a.dir.join("report.md").display());
+    Ok(ExitCode::SUCCESS)
+}
