@@ -801,6 +801,21 @@ fn sigkill_during_qat_with_at_then_resume_gives_the_same_model() {
     assert!(kills >= 1, "no kill landed");
 }
 
+/// Writes the tests' tiny study configuration into `dir` and returns its path.
+fn tiny_study_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let cfg = dir.join("tiny.json");
+    std::fs::write(&cfg, serde_json::to_string(&crate::study::tiny()).unwrap()).unwrap();
+    cfg
+}
+
+/// A finished study's `results.json` without what legitimately differs between runs.
+fn stripped_results(out: &std::path::Path) -> serde_json::Value {
+    let s = std::fs::read_to_string(out.join("results.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
+    crate::study::strip(&mut v);
+    v
+}
+
 /// SIGKILL at seeded moments of a real `reproduce` (mid-training, mid-evaluation, during a
 /// write: wherever the delay lands), each time followed by the same command again: every
 /// file of the study folder under its real name is whole after every kill, and the finished
@@ -809,8 +824,7 @@ fn sigkill_during_qat_with_at_then_resume_gives_the_same_model() {
 #[test]
 fn sigkill_during_reproduce_then_the_same_command_gives_the_same_study() {
     let dir = tempdir();
-    let cfg = dir.path().join("tiny.json");
-    std::fs::write(&cfg, serde_json::to_string(&crate::study::tiny()).unwrap()).unwrap();
+    let cfg = tiny_study_config(dir.path());
     let args = |out: &std::path::Path| {
         strings(&[
             "reproduce",
@@ -824,12 +838,6 @@ fn sigkill_during_reproduce_then_the_same_command_gives_the_same_study() {
     };
     let whole = dir.path().join("whole");
     let full_ms = run_ms(&args(&whole));
-    let results = |out: &std::path::Path| {
-        let s = std::fs::read_to_string(out.join("results.json")).unwrap();
-        let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        crate::study::strip(&mut v);
-        v
-    };
     let models = |out: &std::path::Path| -> Vec<std::path::PathBuf> {
         let mut m: Vec<_> = crate::study::walk(&out.join("cache"))
             .into_iter()
@@ -853,7 +861,11 @@ fn sigkill_during_reproduce_then_the_same_command_gives_the_same_study() {
         };
         let a = args(&out);
         kills += kill_until_done(&a, &a, &never, &listing, full_ms, &mut rng);
-        assert_eq!(results(&out), results(&whole), "trial {trial}");
+        assert_eq!(
+            stripped_results(&out),
+            stripped_results(&whole),
+            "trial {trial}"
+        );
         assert_eq!(models(&out), models(&whole), "trial {trial}");
         for m in models(&whole) {
             same_tensors(
@@ -927,8 +939,7 @@ fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<std::path::Path
 #[test]
 fn a_full_disk_or_a_read_only_folder_is_an_error_and_loses_no_finished_stage() {
     let dir = tempdir();
-    let cfg = dir.path().join("tiny.json");
-    std::fs::write(&cfg, serde_json::to_string(&crate::study::tiny()).unwrap()).unwrap();
+    let cfg = tiny_study_config(dir.path());
     let reproduce = |out: &std::path::Path, more: &[&str]| {
         let mut a = vec![
             "reproduce",
@@ -949,12 +960,6 @@ fn a_full_disk_or_a_read_only_folder_is_an_error_and_loses_no_finished_stage() {
     let whole = dir.path().join("whole");
     let (code, err) = reproduce(&whole, &[]);
     assert_eq!(code, Some(0), "{err}");
-    let results = |out: &std::path::Path| {
-        let s = std::fs::read_to_string(out.join("results.json")).unwrap();
-        let mut v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        crate::study::strip(&mut v);
-        v
-    };
     let mnt = dir.path().join("mnt");
     let Some(fs) = Tmpfs::mount(&mnt, 256 << 20) else {
         eprintln!(
@@ -1013,6 +1018,10 @@ fn a_full_disk_or_a_read_only_folder_is_an_error_and_loses_no_finished_stage() {
         );
         let (code, err) = reproduce(&out, &[]);
         assert_eq!(code, Some(0), "{fault}, then freed: {err}");
-        assert_eq!(results(&out), results(&whole), "{fault}, then freed");
+        assert_eq!(
+            stripped_results(&out),
+            stripped_results(&whole),
+            "{fault}, then freed"
+        );
     }
 }
