@@ -776,6 +776,8 @@ impl StudyConfig {
                 "every count must be ≥ 1",
             ));
         }
+        // A step beyond ε only saturates at the ball's edge; a negative one climbs down.
+        check_fraction("eval.settings.pgd_step_fraction", s.pgd_step_fraction)?;
         let f = &self.findings;
         for (what, x) in [("findings.eps", f.eps), ("findings.f1_eps", f.f1_eps)] {
             if !e.eps.iter().any(|&v| (v - x).abs() < 1e-9) {
