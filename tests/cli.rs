@@ -1025,3 +1025,49 @@ fn a_full_disk_or_a_read_only_folder_is_an_error_and_loses_no_finished_stage() {
         );
     }
 }
+
+/// Inside a Slurm array task, `reproduce` runs the task's shard and says so in its first log
+/// line; a `--shard` that contradicts the array is an error before any work.
+#[test]
+fn reproduce_takes_its_shard_from_a_slurm_array() {
+    let dir = tempdir();
+    let cfg = tiny_study_config(dir.path());
+    let out = dir.path().join("study");
+    let run = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_quant-robust"));
+        c.args([
+            "reproduce",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
+        .args(["--out", out.to_str().unwrap(), "--max-stages", "1"])
+        .args(extra)
+        .envs([
+            ("SLURM_ARRAY_TASK_ID", "2"),
+            ("SLURM_ARRAY_TASK_MIN", "1"),
+            ("SLURM_ARRAY_TASK_MAX", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "3"),
+        ]);
+        let o = c.output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(75), "{err}");
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("shard 2/3 (from the Slurm array"),
+        "first log line: {first}\n{err}"
+    );
+    let (code, err) = run(&["--shard", "1/3"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("contradicts the Slurm array task, which is shard 2/3"),
+        "{err}"
+    );
+    assert!(!err.contains("study `tiny`"), "{err}");
+}

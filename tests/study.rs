@@ -415,7 +415,7 @@ fn cache_resume_and_shards_give_the_same_results() {
     c_elsewhere.data = "/elsewhere/cifar10-jpeg-sample.tar.gz".into();
     for (k, dir, cfg) in [(1, &s1, &c), (2, &s2, &c_elsewhere)] {
         let o = RunOptions {
-            shard: Some((k, 2)),
+            shard: Some(quant_robust::study::shard::Shard::new(k, 2).unwrap()),
             ..RunOptions::default()
         };
         assert!(matches!(
@@ -1180,4 +1180,114 @@ proptest::proptest! {
             let _ = plan::models(&c);
         }
     }
+}
+
+#[test]
+fn the_shard_comes_from_the_flag_or_the_slurm_array_and_they_must_agree() {
+    use quant_robust::study::shard::Shard;
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+    let s = |k, n| Shard::new(k, n).unwrap();
+    // Outside an array job: the flag, or nothing.
+    assert_eq!(Shard::from_slurm(env(&[])).unwrap(), None);
+    assert_eq!(Shard::resolve(None, env(&[])).unwrap(), None);
+    assert_eq!(
+        Shard::resolve(Some(s(2, 4)), env(&[])).unwrap(),
+        Some((s(2, 4), "--shard"))
+    );
+    // `--array=0-3`, `--array=1-4`, `--array=10-16:3`.
+    for (vars, want) in [
+        (
+            &[
+                ("SLURM_ARRAY_TASK_ID", "0"),
+                ("SLURM_ARRAY_TASK_MIN", "0"),
+                ("SLURM_ARRAY_TASK_MAX", "3"),
+                ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ][..],
+            s(1, 4),
+        ),
+        (
+            &[
+                ("SLURM_ARRAY_TASK_ID", "4"),
+                ("SLURM_ARRAY_TASK_MIN", "1"),
+                ("SLURM_ARRAY_TASK_MAX", "4"),
+            ][..],
+            s(4, 4),
+        ),
+        (
+            &[
+                ("SLURM_ARRAY_TASK_ID", "13"),
+                ("SLURM_ARRAY_TASK_MIN", "10"),
+                ("SLURM_ARRAY_TASK_MAX", "16"),
+                ("SLURM_ARRAY_TASK_STEP", "3"),
+                ("SLURM_ARRAY_TASK_COUNT", "3"),
+            ][..],
+            s(2, 3),
+        ),
+    ] {
+        assert_eq!(
+            Shard::from_slurm(env(vars)).unwrap(),
+            Some(want),
+            "{vars:?}"
+        );
+        let (got, from) = Shard::resolve(None, env(vars)).unwrap().unwrap();
+        assert_eq!(got, want);
+        assert!(from.contains("Slurm"), "{from}");
+        // The flag may repeat the array's shard, never contradict it.
+        assert!(Shard::resolve(Some(want), env(vars)).is_ok());
+        let other = s(want.index() % want.count() + 1, want.count());
+        if other != want {
+            let e = Shard::resolve(Some(other), env(vars))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("contradicts") && e.contains(&want.to_string()),
+                "{e}"
+            );
+        }
+    }
+    // Arrays that no K/N describes, and broken variables: errors naming the variable.
+    for (vars, names) in [
+        (
+            &[
+                ("SLURM_ARRAY_TASK_ID", "3"),
+                ("SLURM_ARRAY_TASK_MIN", "1"),
+                ("SLURM_ARRAY_TASK_MAX", "7"),
+                ("SLURM_ARRAY_TASK_COUNT", "3"),
+            ][..],
+            "SLURM_ARRAY_TASK_COUNT",
+        ),
+        (&[("SLURM_ARRAY_TASK_ID", "3")][..], "SLURM_ARRAY_TASK_MIN"),
+        (
+            &[
+                ("SLURM_ARRAY_TASK_ID", "x"),
+                ("SLURM_ARRAY_TASK_MIN", "1"),
+                ("SLURM_ARRAY_TASK_MAX", "3"),
+            ][..],
+            "SLURM_ARRAY_TASK_ID",
+        ),
+        (
+            &[
+                ("SLURM_ARRAY_TASK_ID", "9"),
+                ("SLURM_ARRAY_TASK_MIN", "1"),
+                ("SLURM_ARRAY_TASK_MAX", "3"),
+            ][..],
+            "SLURM_ARRAY_TASK_ID",
+        ),
+    ] {
+        let e = Shard::from_slurm(env(vars)).unwrap_err().to_string();
+        assert!(e.contains(names), "{vars:?}: {e}");
+    }
+    // `K/N` strings.
+    assert_eq!("3/5".parse::<Shard>().unwrap(), s(3, 5));
+    for bad in ["0/3", "4/3", "3", "a/b", "1/0", ""] {
+        assert!(bad.parse::<Shard>().is_err(), "{bad}");
+    }
+    // Shard K of N owns the jobs K-1, K-1+N, ...
+    assert!(s(2, 3).owns(1) && s(2, 3).owns(4) && !s(2, 3).owns(2));
 }

@@ -135,7 +135,7 @@ pub struct ReproduceArgs {
     pub out: Option<PathBuf>,
     /// Run only shard K of N (e.g. 2/4) of the models; merge the shards with `merge`.
     #[arg(long)]
-    pub shard: Option<String>,
+    pub shard: Option<quant_robust::study::shard::Shard>,
     /// Stop cleanly (resumable) once this many seconds have passed: checked between stages
     /// and between training epochs. Exit status 75 means "stopped early, run again".
     #[arg(long)]

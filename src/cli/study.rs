@@ -10,6 +10,7 @@ use serde_json::json;
 use quant_robust::data::{self, batch::DeviceData};
 use quant_robust::device;
 use quant_robust::model::checkpoint;
+use quant_robust::study::shard::Shard;
 
 use super::args::*;
 use super::{write_result, EXIT_STOPPED_EARLY};
@@ -28,21 +29,10 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let shard = a
-        .shard
-        .as_deref()
-        .map(|s| -> Result<(usize, usize)> {
-            let (k, n) = s
-                .split_once('/')
-                .with_context(|| format!("--shard {s}: expected K/N, e.g. 2/4"))?;
-            let k: usize = k.trim().parse().with_context(|| format!("--shard {s}"))?;
-            let n: usize = n.trim().parse().with_context(|| format!("--shard {s}"))?;
-            if k == 0 || n == 0 || k > n {
-                bail!("--shard {s}: expected K/N with 1 ≤ K ≤ N");
-            }
-            Ok((k, n))
-        })
-        .transpose()?;
+    let shard = Shard::resolve(a.shard, |v| std::env::var(v).ok())?;
+    if let Some((s, from)) = shard {
+        tracing::info!("shard {s} (from {from})");
+    }
     if let Some(t) = a.time_budget {
         if !(t > 0.0 && t.is_finite()) {
             bail!("--time-budget {t}: must be a positive number of seconds");
@@ -63,7 +53,7 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
         out.display()
     );
     let opts = run::RunOptions {
-        shard,
+        shard: shard.map(|(s, _)| s),
         max_stages: a.max_stages,
         deadline: a
             .time_budget
@@ -93,10 +83,8 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
         tracing::info!("every model is made; run again without --models-only to evaluate them");
         return Ok(ExitCode::SUCCESS);
     }
-    if let Some((k, n)) = shard {
-        tracing::info!(
-            "shard {k}/{n} done; `quant-robust merge --out DIR SHARD_DIRS...` when all are"
-        );
+    if let Some((s, _)) = shard {
+        tracing::info!("shard {s} done; `quant-robust merge --out DIR SHARD_DIRS...` when all are");
         return Ok(ExitCode::SUCCESS);
     }
     finish(&cfg, &data.identity, &out, &dev)

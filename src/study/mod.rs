@@ -10,6 +10,7 @@ pub mod golden;
 pub mod plan;
 pub mod results;
 pub mod run;
+pub mod shard;
 pub mod verdict;
 
 pub use config::StudyConfig;

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::{GivenCheckpoint, Init, StudyConfig};
 use super::plan::{self, ModelSpec};
+use super::shard::Shard;
 use crate::attack::{pgd::Pgd, transfer::Transfer, Attack, Norm};
 use crate::data::batch::DeviceData;
 use crate::data::{self, subset, CifarData, DataSource};
@@ -95,8 +96,8 @@ pub struct EvalRecord {
 /// How a run stops early.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Shard `k` of `n` (1-based).
-    pub shard: Option<(usize, usize)>,
+    /// Run one shard of the jobs only.
+    pub shard: Option<Shard>,
     /// Stop (cleanly, resumable) after computing this many stages.
     pub max_stages: Option<usize>,
     /// Stop (cleanly, resumable) once this instant has passed: checked between stages and
@@ -764,15 +765,6 @@ pub fn run(
     opts: &RunOptions,
 ) -> Result<RunStatus> {
     cfg.validate()?;
-    if let Some((k, n)) = opts.shard {
-        if n == 0 || k == 0 || k > n {
-            return Err(Error::config(
-                "shard",
-                format!("{k}/{n}"),
-                "expected K/N with 1 ≤ K ≤ N",
-            ));
-        }
-    }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     crate::io::write_json_atomic(&out.join("study.json"), cfg)?;
     let keys = Keys::new(cfg, &data.identity);
@@ -780,7 +772,7 @@ pub fn run(
     let mine: Vec<&ModelSpec> = specs
         .iter()
         .enumerate()
-        .filter(|(i, _)| opts.shard.is_none_or(|(k, n)| i % n == k - 1))
+        .filter(|(i, _)| opts.shard.is_none_or(|s| s.owns(*i)))
         .map(|(_, s)| s)
         .collect();
     let bar = if opts.progress {
