@@ -1027,14 +1027,18 @@ fn a_full_disk_or_a_read_only_folder_is_an_error_and_loses_no_finished_stage() {
 }
 
 /// Inside a Slurm array task, `reproduce` runs the task's shard and says so in its first log
-/// line; a `--shard` that contradicts the array is an error before any work.
+/// line; a job about to end stops cleanly before its next stage; a `--shard` that
+/// contradicts the array is an error before any work.
 #[test]
 fn reproduce_takes_its_shard_from_a_slurm_array() {
     let dir = tempdir();
     let cfg = tiny_study_config(dir.path());
     let out = dir.path().join("study");
-    let run = |extra: &[&str]| {
+    let run = |extra: &[&str], job_end: Option<String>| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_quant-robust"));
+        if let Some(t) = job_end {
+            c.env("SLURM_JOB_END_TIME", t);
+        }
         c.args([
             "reproduce",
             "--config",
@@ -1056,14 +1060,26 @@ fn reproduce_takes_its_shard_from_a_slurm_array() {
             String::from_utf8_lossy(&o.stderr).into_owned(),
         )
     };
-    let (code, err) = run(&[]);
+    let (code, err) = run(&[], None);
     assert_eq!(code, Some(75), "{err}");
     let first = err.lines().next().unwrap_or_default();
     assert!(
         first.contains("shard 2/3 (from the Slurm array"),
         "first log line: {first}\n{err}"
     );
-    let (code, err) = run(&["--shard", "1/3"]);
+    // A job whose end is already inside the margin stops before its first stage.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (code, err) = run(&[], Some((now + 60).to_string()));
+    assert_eq!(code, Some(75), "{err}");
+    assert!(
+        err.contains("time budget 0 s (from SLURM_JOB_END_TIME"),
+        "{err}"
+    );
+    assert!(err.contains("stopped early after 0 new stages"), "{err}");
+    let (code, err) = run(&["--shard", "1/3"], None);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("contradicts the Slurm array task, which is shard 2/3"),

@@ -1291,3 +1291,23 @@ fn the_shard_comes_from_the_flag_or_the_slurm_array_and_they_must_agree() {
     // Shard K of N owns the jobs K-1, K-1+N, ...
     assert!(s(2, 3).owns(1) && s(2, 3).owns(4) && !s(2, 3).owns(2));
 }
+
+#[test]
+fn a_slurm_jobs_end_time_becomes_the_time_left_less_a_margin() {
+    use quant_robust::study::slurm::seconds_left;
+    let var = |v: &'static str| move |k: &str| (k == "SLURM_JOB_END_TIME").then(|| v.to_string());
+    assert_eq!(seconds_left(|_| None, 1000.0, 300.0).unwrap(), None);
+    assert_eq!(
+        seconds_left(var("5000"), 1000.0, 300.0).unwrap(),
+        Some(3700.0)
+    );
+    // Already inside the margin: stop at once, not a negative budget.
+    assert_eq!(seconds_left(var("1100"), 1000.0, 300.0).unwrap(), Some(0.0));
+    let e = seconds_left(var("soon"), 1000.0, 300.0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("SLURM_JOB_END_TIME") && e.contains("soon"),
+        "{e}"
+    );
+}

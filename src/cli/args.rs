@@ -140,6 +140,11 @@ pub struct ReproduceArgs {
     /// and between training epochs. Exit status 75 means "stopped early, run again".
     #[arg(long)]
     pub time_budget: Option<f64>,
+    /// Inside a Slurm job with a time limit and no --time-budget: stop cleanly this many
+    /// seconds before the job's end (`SLURM_JOB_END_TIME`). A stage still running at the
+    /// end is lost and redone by the next run. Default 300.
+    #[arg(long, default_value_t = 300.0)]
+    pub end_margin: f64,
     /// Stop cleanly (resumable) after computing this many stages.
     #[arg(long)]
     pub max_stages: Option<usize>,

@@ -38,6 +38,33 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
             bail!("--time-budget {t}: must be a positive number of seconds");
         }
     }
+    if !(a.end_margin >= 0.0 && a.end_margin.is_finite()) {
+        bail!(
+            "--end-margin {}: must be a number of seconds ≥ 0",
+            a.end_margin
+        );
+    }
+    let budget = match a.time_budget {
+        Some(t) => Some(t),
+        None => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            let left = quant_robust::study::slurm::seconds_left(
+                |v| std::env::var(v).ok(),
+                now,
+                a.end_margin,
+            )?;
+            if let Some(s) = left {
+                tracing::info!(
+                    "time budget {s:.0} s (from SLURM_JOB_END_TIME, less --end-margin {:.0} s)",
+                    a.end_margin
+                );
+            }
+            left
+        }
+    };
     let out = a.out.clone().unwrap_or_else(|| cfg.default_out());
     let dev = device::select(a.device)?;
     let t = Instant::now();
@@ -55,9 +82,7 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
     let opts = run::RunOptions {
         shard: shard.map(|(s, _)| s),
         max_stages: a.max_stages,
-        deadline: a
-            .time_budget
-            .map(|s| t + std::time::Duration::from_secs_f64(s)),
+        deadline: budget.map(|s| t + std::time::Duration::from_secs_f64(s)),
         progress: true,
         models_only: a.models_only,
     };

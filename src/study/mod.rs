@@ -11,6 +11,7 @@ pub mod plan;
 pub mod results;
 pub mod run;
 pub mod shard;
+pub mod slurm;
 pub mod verdict;
 
 pub use config::StudyConfig;
