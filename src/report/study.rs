@@ -243,9 +243,30 @@ fn autoattack_section(s: &mut String, res: &StudyResults) {
 
 /// The report's markdown.
 pub fn markdown(res: &StudyResults) -> String {
+    let mut s = String::new();
+    header(&mut s, res);
+    findings_section(&mut s, res);
+    fp_section(&mut s, res);
+    ptq_section(&mut s, res);
+    qat_section(&mut s, res);
+    bits_section(&mut s, res);
+    data_curve_section(&mut s, res);
+    cost_section(&mut s, res);
+    masking_section(&mut s, res);
+    alpha_section(&mut s, res);
+    wide_section(&mut s, res);
+    autoattack_section(&mut s, res);
+    seeds_section(&mut s, res);
+    s.push_str(
+        "\n## Plots\n\n![robust accuracy vs eps](plots/eps.svg)\n\n![robust accuracy vs bits](plots/bits.svg)\n\n![robust accuracy vs data fraction](plots/fraction.svg)\n",
+    );
+    s
+}
+
+/// The title, the smoke warning, the provenance and what the numbers are.
+fn header(s: &mut String, res: &StudyResults) {
     let c = &res.config;
     let man = &res.manifest;
-    let mut s = String::new();
     let _ = writeln!(s, "# quant-robust study `{}`\n", c.name);
     if c.name == "smoke" {
         s.push_str(
@@ -280,7 +301,10 @@ pub fn markdown(res: &StudyResults) -> String {
         c.eval.settings.apgd_iterations,
         c.eval.settings.square_queries,
     );
+}
 
+/// The verdicts F1-F6.
+fn findings_section(s: &mut String, res: &StudyResults) {
     // Findings.
     s.push_str("## Findings\n\n");
     let rows: Vec<Vec<String>> = res
@@ -317,7 +341,10 @@ pub fn markdown(res: &StudyResults) -> String {
     s.push_str(
         "\nThe numbers behind each verdict are in `results.json` (`findings[].numbers`).\n\n",
     );
+}
 
+/// The full-precision models.
+fn fp_section(s: &mut String, res: &StudyResults) {
     // Full-precision models.
     s.push_str("## Full-precision models\n\n");
     let mut head = vec!["model".to_string(), "clean".into()];
@@ -329,7 +356,10 @@ pub fn markdown(res: &StudyResults) -> String {
         .map(|m| model_row(res, m, vec![m.id.clone()]))
         .collect();
     s.push_str(&table(&head, &rows));
+}
 
+/// The PTQ table.
+fn ptq_section(s: &mut String, res: &StudyResults) {
     // PTQ table.
     s.push_str("\n## PTQ (PWLQ weights, calibrated uniform activations)\n\n");
     let mut head = vec![
@@ -356,7 +386,11 @@ pub fn markdown(res: &StudyResults) -> String {
         })
         .collect();
     s.push_str(&table(&head, &rows));
+}
 
+/// The QAT table.
+fn qat_section(s: &mut String, res: &StudyResults) {
+    let c = &res.config;
     // QAT table.
     let t = &c.grid.qat_table;
     let _ = writeln!(
@@ -401,7 +435,11 @@ pub fn markdown(res: &StudyResults) -> String {
         }
     }
     s.push_str(&table(&head, &rows));
+}
 
+/// The bits sweep (the paper's Figure 2 analog).
+fn bits_section(s: &mut String, res: &StudyResults) {
+    let c = &res.config;
     // Figure 2 analog.
     let b = &c.grid.bits_sweep;
     let e1 = c.findings.f1_eps;
@@ -447,7 +485,11 @@ pub fn markdown(res: &StudyResults) -> String {
         }
     }
     s.push_str(&table(&head, &rows));
+}
 
+/// The data curve.
+fn data_curve_section(s: &mut String, res: &StudyResults) {
+    let c = &res.config;
     // Data curve.
     let d = &c.grid.data_curve;
     let e = c.findings.eps;
@@ -492,7 +534,10 @@ pub fn markdown(res: &StudyResults) -> String {
         }
     }
     s.push_str(&table(&head, &rows));
+}
 
+/// The cost per model and the totals.
+fn cost_section(s: &mut String, res: &StudyResults) {
     // Cost.
     let gpu = res.models.iter().any(|m| m.cost.stage_gpu_s > 0.0);
     let unit = if gpu { "GPU-s" } else { "CPU wall s" };
@@ -577,7 +622,11 @@ pub fn markdown(res: &StudyResults) -> String {
         String::new(),
     ]);
     s.push_str(&table(&head, &rows));
+}
 
+/// The gradient-masking diagnostics per quantized model.
+fn masking_section(s: &mut String, res: &StudyResults) {
+    let e = res.config.findings.eps;
     // Masking.
     let _ = writeln!(
         s,
@@ -635,11 +684,10 @@ pub fn markdown(res: &StudyResults) -> String {
         })
         .collect();
     s.push_str(&table(&head, &rows));
+}
 
-    alpha_section(&mut s, res);
-    wide_section(&mut s, res);
-    autoattack_section(&mut s, res);
-
+/// Means and intervals across seeds, where there are several.
+fn seeds_section(s: &mut String, res: &StudyResults) {
     if !res.across_seeds.is_empty() {
         s.push_str("\n## Across seeds (mean and Student-t 95% interval)\n\n");
         let mut head = vec!["model".to_string(), "seeds".into(), "clean".into()];
@@ -662,10 +710,6 @@ pub fn markdown(res: &StudyResults) -> String {
             .collect();
         s.push_str(&table(&head, &rows));
     }
-    s.push_str(
-        "\n## Plots\n\n![robust accuracy vs eps](plots/eps.svg)\n\n![robust accuracy vs bits](plots/bits.svg)\n\n![robust accuracy vs data fraction](plots/fraction.svg)\n",
-    );
-    s
 }
 
 /// The three plots.
