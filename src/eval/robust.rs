@@ -188,47 +188,12 @@ pub fn evaluate(
     cfg: &RobustnessConfig,
     on_batch: &mut OnBatch<'_>,
 ) -> Result<RobustnessReport> {
-    if cfg.eps.is_empty() {
-        return Err(Error::config("eps", "[]", "give at least one ε"));
-    }
-    for &e in &cfg.eps {
-        crate::attack::check_eps(cfg.norm, e)?;
-    }
-    if cfg.batch_size == 0 {
-        return Err(Error::config("batch_size", 0, "must be ≥ 1"));
-    }
-    for a in attacks {
-        if !a.supports(cfg.norm) {
-            return Err(Error::config(
-                "attack",
-                a.name(),
-                format!("does not support the {} norm", cfg.norm),
-            ));
-        }
-    }
+    check(attacks, cfg)?;
     let n = idx.len();
     let device = data.images.device().clone();
-    // Clean predictions and zero-gradient diagnostics.
-    let mut clean_wrong = Vec::with_capacity(n);
-    let (mut zero_grad, mut correct_total) = (0usize, 0usize);
-    for chunk in idx.chunks(cfg.batch_size) {
-        let (x, y) = data.batch(chunk)?;
-        let labels = y.to_vec1::<u32>()?;
-        let preds = predictions(&model.forward_t(&x, false)?)?;
-        let (_, g) = input_gradient(model, &x, &y)?;
-        let gsum = g.abs()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()?;
-        for i in 0..chunk.len() {
-            let wrong = preds[i] != labels[i];
-            clean_wrong.push(wrong);
-            if !wrong {
-                correct_total += 1;
-                if gsum[i] == 0.0 {
-                    zero_grad += 1;
-                }
-            }
-        }
-    }
-    let clean = EpsAccuracy::new(0.0, &clean_wrong);
+    let clean_pass = clean_pass(model, data, idx, cfg)?;
+    let clean_wrong = &clean_pass.wrong;
+    let clean = EpsAccuracy::new(0.0, clean_wrong);
     // An image misclassified clean is broken at every ε whatever an attack does, so the
     // attacks run on the correctly classified ones only (as AutoAttack does); `pos` maps
     // each attacked image back to its place in `idx`.
@@ -237,35 +202,20 @@ pub fn evaluate(
     let mut results = Vec::new();
     let mut broken_all: Vec<Vec<Vec<bool>>> = Vec::new();
     for a in attacks {
-        let name = a.name();
         let start = Instant::now();
-        let mut broken: Vec<Vec<bool>> = vec![clean_wrong.clone(); cfg.eps.len()];
-        let stage_list = a.stages();
-        let mut tally = StageTally::new(&name, stage_list.len(), cfg.eps.len(), n);
-        for (ei, &eps) in cfg.eps.iter().enumerate() {
-            let mut done = 0;
-            for chunk in attacked.chunks(cfg.batch_size) {
-                let (x, y) = data.batch(chunk)?;
-                let labels = y.to_vec1::<u32>()?;
-                let mut rng = Rng::new(cfg.seed, &format!("attack/{name}/{eps}/{}", chunk[0]));
-                let staged = a.perturb_staged(model, &x, &y, cfg.norm, eps, &mut rng)?;
-                let preds = predictions(&model.forward_t(&staged.x_adv, false)?)?;
-                let at = &pos[done..done + chunk.len()];
-                for (j, &i) in at.iter().enumerate() {
-                    broken[ei][i] = preds[j] != labels[j];
-                }
-                tally.add(ei, staged, at)?;
-                done += chunk.len();
-                on_batch(&name, ei, done, attacked.len());
-            }
-        }
-        let stages = (!stage_list.is_empty())
-            .then(|| stage_record(&stage_list, &cfg.eps, tally, &broken, &clean_wrong))
-            .transpose()?;
+        let (stages, broken) = run_attack(
+            model,
+            data,
+            a.as_ref(),
+            cfg,
+            clean_wrong,
+            (&pos, &attacked),
+            on_batch,
+        )?;
         crate::device::synchronize(&device)?;
         let wall = start.elapsed().as_secs_f64();
         results.push(AttackResult {
-            attack: name,
+            attack: a.name(),
             gradient_free: !a.uses_gradients(),
             per_eps: cfg
                 .eps
@@ -290,51 +240,7 @@ pub fn evaluate(
         })
         .collect();
     let per_eps = (0..cfg.eps.len())
-        .map(|ei| {
-            let (mut wb, mut gf) = (Vec::new(), Vec::new());
-            for ((a, m), r) in attacks.iter().zip(&broken_all).zip(&results) {
-                match &r.stages {
-                    // A composite attack: each broken image goes to its stage's side.
-                    Some(st) => {
-                        let side = |gradients: bool| -> Vec<bool> {
-                            (0..n)
-                                .map(|i| {
-                                    clean_wrong[i]
-                                        || st
-                                            .stage_of(ei, i)
-                                            .is_some_and(|s| st.uses_gradients[s] == gradients)
-                                })
-                                .collect()
-                        };
-                        wb.push(side(true));
-                        gf.push(side(false));
-                    }
-                    None if a.uses_gradients() => wb.push(m[ei].clone()),
-                    None => gf.push(m[ei].clone()),
-                }
-            }
-            let only = (0..n)
-                .filter(|&i| gf.iter().any(|m| m[i]) && !wb.iter().any(|m| m[i]) && !clean_wrong[i])
-                .count();
-            let acc = |ms: &[Vec<bool>]| {
-                (!ms.is_empty()).then(|| {
-                    (0..n).filter(|&i| !ms.iter().any(|m| m[i])).count() as f64 / n.max(1) as f64
-                })
-            };
-            let best_wb = wb
-                .iter()
-                .map(|m| m.iter().filter(|&&b| !b).count() as f64 / n.max(1) as f64)
-                .fold(None, |acc: Option<f64>, v| {
-                    Some(acc.map_or(v, |a| a.min(v)))
-                });
-            MaskingAtEps {
-                eps: cfg.eps[ei],
-                white_box_best: best_wb,
-                gradient_free: acc(&gf),
-                broken_only_without_gradients: only,
-                masking_suspected: !wb.is_empty() && only as f64 > cfg.masking_threshold * n as f64,
-            }
-        })
+        .map(|ei| masking_at(ei, attacks, &results, &broken_all, clean_wrong, cfg))
         .collect();
     Ok(RobustnessReport {
         norm: cfg.norm,
@@ -344,11 +250,170 @@ pub fn evaluate(
         attacks: results,
         worst_case,
         diagnostics: Diagnostics {
-            zero_gradient_fraction: zero_grad as f64 / correct_total.max(1) as f64,
+            zero_gradient_fraction: clean_pass.zero_gradient as f64
+                / clean_pass.correct.max(1) as f64,
             masking_threshold: cfg.masking_threshold,
             per_eps,
         },
     })
+}
+
+/// The settings an evaluation cannot run with: no ε, an ε out of range, batch size 0, an
+/// attack without the norm.
+fn check(attacks: &[Box<dyn Attack>], cfg: &RobustnessConfig) -> Result<()> {
+    if cfg.eps.is_empty() {
+        return Err(Error::config("eps", "[]", "give at least one ε"));
+    }
+    for &e in &cfg.eps {
+        crate::attack::check_eps(cfg.norm, e)?;
+    }
+    if cfg.batch_size == 0 {
+        return Err(Error::config("batch_size", 0, "must be ≥ 1"));
+    }
+    for a in attacks {
+        if !a.supports(cfg.norm) {
+            return Err(Error::config(
+                "attack",
+                a.name(),
+                format!("does not support the {} norm", cfg.norm),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The clean pass: which images are misclassified, and how many of the correct ones have an
+/// input gradient of exactly zero.
+struct CleanPass {
+    wrong: Vec<bool>,
+    correct: usize,
+    zero_gradient: usize,
+}
+
+fn clean_pass(
+    model: &dyn Classifier,
+    data: &DeviceData,
+    idx: &[u32],
+    cfg: &RobustnessConfig,
+) -> Result<CleanPass> {
+    let mut clean_wrong = Vec::with_capacity(idx.len());
+    let (mut zero_grad, mut correct_total) = (0usize, 0usize);
+    for chunk in idx.chunks(cfg.batch_size) {
+        let (x, y) = data.batch(chunk)?;
+        let labels = y.to_vec1::<u32>()?;
+        let preds = predictions(&model.forward_t(&x, false)?)?;
+        let (_, g) = input_gradient(model, &x, &y)?;
+        let gsum = g.abs()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()?;
+        for i in 0..chunk.len() {
+            let wrong = preds[i] != labels[i];
+            clean_wrong.push(wrong);
+            if !wrong {
+                correct_total += 1;
+                if gsum[i] == 0.0 {
+                    zero_grad += 1;
+                }
+            }
+        }
+    }
+    Ok(CleanPass {
+        wrong: clean_wrong,
+        correct: correct_total,
+        zero_gradient: zero_grad,
+    })
+}
+
+/// One attack at every ε on the `attacked` images (at `pos` in the evaluation's order): its
+/// per-stage record (composite attacks) and, per ε, which images are broken.
+fn run_attack(
+    model: &dyn Classifier,
+    data: &DeviceData,
+    a: &dyn Attack,
+    cfg: &RobustnessConfig,
+    clean_wrong: &[bool],
+    (pos, attacked): (&[usize], &[u32]),
+    on_batch: &mut OnBatch<'_>,
+) -> Result<(Option<StageRecord>, Vec<Vec<bool>>)> {
+    let n = clean_wrong.len();
+    let name = a.name();
+    let mut broken: Vec<Vec<bool>> = vec![clean_wrong.to_vec(); cfg.eps.len()];
+    let stage_list = a.stages();
+    let mut tally = StageTally::new(&name, stage_list.len(), cfg.eps.len(), n);
+    for (ei, &eps) in cfg.eps.iter().enumerate() {
+        let mut done = 0;
+        for chunk in attacked.chunks(cfg.batch_size) {
+            let (x, y) = data.batch(chunk)?;
+            let labels = y.to_vec1::<u32>()?;
+            let mut rng = Rng::new(cfg.seed, &format!("attack/{name}/{eps}/{}", chunk[0]));
+            let staged = a.perturb_staged(model, &x, &y, cfg.norm, eps, &mut rng)?;
+            let preds = predictions(&model.forward_t(&staged.x_adv, false)?)?;
+            let at = &pos[done..done + chunk.len()];
+            for (j, &i) in at.iter().enumerate() {
+                broken[ei][i] = preds[j] != labels[j];
+            }
+            tally.add(ei, staged, at)?;
+            done += chunk.len();
+            on_batch(&name, ei, done, attacked.len());
+        }
+    }
+    let stages = (!stage_list.is_empty())
+        .then(|| stage_record(&stage_list, &cfg.eps, tally, &broken, clean_wrong))
+        .transpose()?;
+    Ok((stages, broken))
+}
+
+/// The masking diagnostics at ε number `ei`: the best white-box accuracy, the gradient-free
+/// attacks' accuracy, and the images only a gradient-free attack broke.
+fn masking_at(
+    ei: usize,
+    attacks: &[Box<dyn Attack>],
+    results: &[AttackResult],
+    broken_all: &[Vec<Vec<bool>>],
+    clean_wrong: &[bool],
+    cfg: &RobustnessConfig,
+) -> MaskingAtEps {
+    let n = clean_wrong.len();
+    let (mut wb, mut gf) = (Vec::new(), Vec::new());
+    for ((a, m), r) in attacks.iter().zip(broken_all).zip(results) {
+        match &r.stages {
+            // A composite attack: each broken image goes to its stage's side.
+            Some(st) => {
+                let side = |gradients: bool| -> Vec<bool> {
+                    (0..n)
+                        .map(|i| {
+                            clean_wrong[i]
+                                || st
+                                    .stage_of(ei, i)
+                                    .is_some_and(|s| st.uses_gradients[s] == gradients)
+                        })
+                        .collect()
+                };
+                wb.push(side(true));
+                gf.push(side(false));
+            }
+            None if a.uses_gradients() => wb.push(m[ei].clone()),
+            None => gf.push(m[ei].clone()),
+        }
+    }
+    let only = (0..n)
+        .filter(|&i| gf.iter().any(|m| m[i]) && !wb.iter().any(|m| m[i]) && !clean_wrong[i])
+        .count();
+    let acc = |ms: &[Vec<bool>]| {
+        (!ms.is_empty())
+            .then(|| (0..n).filter(|&i| !ms.iter().any(|m| m[i])).count() as f64 / n.max(1) as f64)
+    };
+    let best_wb = wb
+        .iter()
+        .map(|m| m.iter().filter(|&&b| !b).count() as f64 / n.max(1) as f64)
+        .fold(None, |acc: Option<f64>, v| {
+            Some(acc.map_or(v, |a| a.min(v)))
+        });
+    MaskingAtEps {
+        eps: cfg.eps[ei],
+        white_box_best: best_wb,
+        gradient_free: acc(&gf),
+        broken_only_without_gradients: only,
+        masking_suspected: !wb.is_empty() && only as f64 > cfg.masking_threshold * n as f64,
+    }
 }
 
 /// A few images with their adversarial versions, labels and predictions.
