@@ -808,6 +808,19 @@ fn tiny_study_config(dir: &std::path::Path) -> std::path::PathBuf {
     cfg
 }
 
+/// `reproduce --config CFG --device cpu --out OUT`.
+fn reproduce_args(cfg: &std::path::Path, out: &std::path::Path) -> Vec<String> {
+    strings(&[
+        "reproduce",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 /// A finished study's `results.json` without what legitimately differs between runs.
 fn stripped_results(out: &std::path::Path) -> serde_json::Value {
     let s = std::fs::read_to_string(out.join("results.json")).unwrap();
@@ -825,17 +838,7 @@ fn stripped_results(out: &std::path::Path) -> serde_json::Value {
 fn sigkill_during_reproduce_then_the_same_command_gives_the_same_study() {
     let dir = tempdir();
     let cfg = tiny_study_config(dir.path());
-    let args = |out: &std::path::Path| {
-        strings(&[
-            "reproduce",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-    };
+    let args = |out: &std::path::Path| reproduce_args(&cfg, out);
     let whole = dir.path().join("whole");
     let full_ms = run_ms(&args(&whole));
     let models = |out: &std::path::Path| -> Vec<std::path::PathBuf> {
@@ -941,16 +944,9 @@ fn a_full_disk_or_a_read_only_folder_is_an_error_and_loses_no_finished_stage() {
     let dir = tempdir();
     let cfg = tiny_study_config(dir.path());
     let reproduce = |out: &std::path::Path, more: &[&str]| {
-        let mut a = vec![
-            "reproduce",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        a.extend(more);
+        let mut a = reproduce_args(&cfg, out);
+        a.extend(strings(more));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
         qr_code(&a)
     };
     // A study with some finished stages, and the same study finished.
