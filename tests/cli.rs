@@ -749,6 +749,18 @@ fn sigkill_at_seeded_points_then_resume_gives_the_same_weights() {
 /// uninterrupted run's bit for bit.
 #[test]
 fn sigkill_during_qat_with_at_then_resume_gives_the_same_model() {
+    qat_kill_trials(true, 1);
+}
+
+/// The same for plain `qat` (no adversarial training).
+#[test]
+fn sigkill_during_qat_then_resume_gives_the_same_model() {
+    qat_kill_trials(false, 3);
+}
+
+/// Kill-and-resume trials of `qat` W4A4 from a natural checkpoint trained here, with or
+/// without PGD-AT inside.
+fn qat_kill_trials(adversarial: bool, seed: u64) {
     let dir = tempdir();
     let fp = dir.path().join("fp.safetensors");
     let mut train = strings(&["train"]);
@@ -778,15 +790,14 @@ fn sigkill_during_qat_with_at_then_resume_gives_the_same_model() {
             "50",
             "--epochs",
             "3",
-            "--adv",
-            "pgd",
-            "--adv-steps",
-            "2",
             "--config",
             cfg.to_str().unwrap(),
             "--checkpoint",
             ck,
         ]));
+        if adversarial {
+            v.extend(strings(&["--adv", "pgd", "--adv-steps", "2"]));
+        }
         v
     };
     let kills = kill_trials(
@@ -796,7 +807,7 @@ fn sigkill_during_qat_with_at_then_resume_gives_the_same_model() {
         "m.latent.train.safetensors",
         &["m.latent.safetensors"],
         1,
-        1,
+        seed,
     );
     assert!(kills >= 1, "no kill landed");
 }
