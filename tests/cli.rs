@@ -1094,3 +1094,48 @@ fn reproduce_takes_its_shard_from_a_slurm_array() {
     );
     assert!(!err.contains("study `tiny`"), "{err}");
 }
+
+/// SIGTERM stops `reproduce` once the stage in progress is finished (that stage is kept),
+/// with exit status 75; the same command then finishes the study.
+#[test]
+fn sigterm_stops_reproduce_after_its_current_stage() {
+    let dir = tempdir();
+    let cfg = tiny_study_config(dir.path());
+    let out = dir.path().join("study");
+    let args = reproduce_args(&cfg, &out);
+    let records = || {
+        if !out.join("cache").is_dir() {
+            return 0;
+        }
+        crate::study::walk(&out.join("cache"))
+            .iter()
+            .filter(|f| f.ends_with("record.json"))
+            .count()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
+        .args(&args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start reproduce");
+    let t = std::time::Instant::now();
+    while records() == 0 {
+        assert!(t.elapsed().as_secs() < 300, "no stage finished in 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(75), "{status:?}");
+    let kept = records();
+    assert!(kept >= 1);
+    for f in crate::study::walk(&out) {
+        assert_whole(&f);
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, err) = qr_code(&a);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(records() > kept && out.join("results.json").is_file());
+}
