@@ -26,13 +26,17 @@
 //! eval/                      clean accuracy, Wilson intervals; robust.rs: many attacks and ε,
 //!                            per-example worst case, masking diagnostics
 //! study/                     config.rs: presets and the grid; plan.rs: cells and cache keys;
-//!                            run.rs: the runner (cache, resume, shards); results.rs;
-//!                            findings.rs: F1-F6 as verdicts; golden.rs: pinned sets
+//!                            run.rs: the runner (cache, resume, shards); shard.rs and
+//!                            slurm.rs: which shard and how long (flags or a Slurm job);
+//!                            results.rs; verdict.rs + findings.rs: F1-F6 as verdicts;
+//!                            golden.rs: pinned sets
 //! report/                    report.md tables, SVG plots, adversarial-example grids
 //! ```
 //!
-//! The command-line interface (`src/main.rs`, `src/cli.rs`) parses arguments into these
-//! types and calls them.
+//! The command-line interface (`src/main.rs`, `src/cli/`: the arguments in args.rs, one
+//! file per group of subcommands) parses arguments into these types and calls them.
+//! `vendor/candle-core` is candle 0.11.1 with one change to its backward pass
+//! (vendor/README.md).
 
 pub mod attack;
 pub mod data;
