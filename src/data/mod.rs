@@ -50,6 +50,9 @@ pub const CIFAR10_CLASSES: [&str; 10] = [
 /// `quant-robust make-sample` (README, "Data").
 pub const EMBEDDED_SAMPLE: &[u8] = include_bytes!("embedded/cifar10-jpeg-sample.tar.gz");
 
+/// The data set name of [`EMBEDDED_SAMPLE`].
+pub const SAMPLE_NAME: &str = "cifar10-jpeg-sample";
+
 /// One split of a data set, in memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
@@ -160,6 +163,14 @@ pub struct DataIdentity {
     pub n_test: usize,
 }
 
+impl DataIdentity {
+    /// Whether this is the committed sample (numbers on it prove the code path, nothing
+    /// about the paper).
+    pub fn is_sample(&self) -> bool {
+        self.name == SAMPLE_NAME
+    }
+}
+
 /// A loaded data set: both splits and where they came from.
 #[derive(Debug, Clone)]
 pub struct CifarData {
@@ -266,7 +277,7 @@ fn load_unchecked(source: &DataSource) -> Result<CifarData> {
     match source {
         DataSource::Embedded => {
             archive::read_archive_bytes(EMBEDDED_SAMPLE, Path::new("<embedded>")).map(|mut d| {
-                d.identity.name = "cifar10-jpeg-sample".into();
+                d.identity.name = SAMPLE_NAME.into();
                 d
             })
         }

@@ -268,7 +268,7 @@ fn header(s: &mut String, res: &StudyResults) {
     let c = &res.config;
     let man = &res.manifest;
     let _ = writeln!(s, "# quant-robust study `{}`\n", c.name);
-    if c.name == "smoke" {
+    if res.data.is_sample() {
         s.push_str(
             "> **Smoke run.** Tiny models trained for seconds on the embedded 2,000-image sample and \
              evaluated on a few dozen images: the numbers and verdicts below mean nothing about the paper. \
