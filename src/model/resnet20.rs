@@ -376,13 +376,12 @@ impl ResNet20 {
     /// (and the running-statistics update); in evaluation mode BatchNorm folds into the
     /// convolution, `conv(x, w·a) + b` with `a = γ/√(σ² + ε)` and `b = β − μ·a` per output
     /// channel, and a plain-ReLU activation into the convolution's store.
-    fn conv_bn(
-        &self,
-        x: &Tensor,
-        (layer, bn, site): (&str, &str, Option<&str>),
-        stride: usize,
-        train: bool,
-    ) -> Result<Tensor> {
+    fn conv_bn(&self, x: &Tensor, names: ConvBn<'_>, stride: usize, train: bool) -> Result<Tensor> {
+        let ConvBn {
+            conv: layer,
+            bn,
+            act: site,
+        } = names;
         let w = self.layer_weight(layer)?;
         if train {
             let gamma = self.t(&format!("{bn}.weight"));
@@ -432,11 +431,11 @@ impl ResNet20 {
         let relu1 = format!("{name}.relu1");
         let out = self.conv_bn(
             x,
-            (
-                &format!("{name}.conv1"),
-                &format!("{name}.bn1"),
-                Some(&relu1),
-            ),
+            ConvBn {
+                conv: &format!("{name}.conv1"),
+                bn: &format!("{name}.bn1"),
+                act: Some(&relu1),
+            },
             stride,
             train,
         )?;
@@ -454,7 +453,16 @@ impl ResNet20 {
                 &out, &w, &shift, &shortcut, 1, 1,
             )?);
         }
-        let out = self.conv_bn(&out, (&conv2, &bn2, None), 1, train)?;
+        let out = self.conv_bn(
+            &out,
+            ConvBn {
+                conv: &conv2,
+                bn: &bn2,
+                act: None,
+            },
+            1,
+            train,
+        )?;
         if self.seam.plain_relu(&relu2) {
             Ok(kernels::add_relu(&out, &shortcut)?)
         } else {
@@ -477,7 +485,12 @@ impl ResNet20 {
             self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
         }
         let x = x.broadcast_sub(&self.mean)?.broadcast_div(&self.std)?;
-        let mut x = self.conv_bn(&x, ("conv1", "bn1", Some("relu")), 1, train)?;
+        let stem = ConvBn {
+            conv: "conv1",
+            bn: "bn1",
+            act: Some("relu"),
+        };
+        let mut x = self.conv_bn(&x, stem, 1, train)?;
         for (name, i, o, s) in blocks() {
             x = self.block(&x, &name, i, o, s, train)?;
         }
@@ -493,6 +506,15 @@ impl Classifier for ResNet20 {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward(x, train)
     }
+}
+
+/// The tensors of one convolution + BatchNorm, and the activation site after it (`None`:
+/// none, as before a residual sum).
+#[derive(Clone, Copy)]
+struct ConvBn<'a> {
+    conv: &'a str,
+    bn: &'a str,
+    act: Option<&'a str>,
 }
 
 /// Option-A shortcut: every other pixel, new channels zero-padded half on each side.
