@@ -379,7 +379,7 @@ fn cache_resume_and_shards_give_the_same_results() {
     // The models alone next (the first 8 stages were the first 4 models, each a model and
     // then its evaluation), then the evaluations from the cached models.
     let models_only = RunOptions {
-        models_only: true,
+        scope: run::Scope::Models,
         ..RunOptions::default()
     };
     let st = run::run(&c, data, &two, &dev, &models_only).unwrap();

@@ -16,6 +16,8 @@ mod kernels;
 mod model;
 // Quantizers: invariants (proptest), gradients, uniform PTQ.
 mod quant;
+// The study as Slurm jobs: scripts, options, and a real single-node Slurm cluster.
+mod slurm;
 // The study: configuration, plan and keys, cache, resume, shards, findings, report.
 mod study;
 // SGD update, schedules, training runs, resume, divergence.

@@ -65,6 +65,17 @@ Examples:
   # redraw report.md and the plots from results.json only
   quant-robust report runs/study-fast";
 
+const SLURM_EXAMPLES: &str = "\
+Examples:
+  # the smoke study as 3 array tasks + merge; print the scripts first
+  quant-robust slurm --preset smoke --out /shared/studies/smoke --tasks 3 --dry-run
+  quant-robust slurm --preset smoke --out /shared/studies/smoke --tasks 3
+  # the fast study on GPU nodes, 8 tasks, 4 at a time, 4-hour jobs that requeue themselves
+  quant-robust slurm --preset fast --out /shared/studies/fast --tasks 8 --throttle 4 \\
+      --partition gpu --gres gpu:1 --cpus 8 --time 4:00:00 --device cuda
+  # after a failure (a cancelled task, a spent requeue count): the same command again;
+  # every finished stage is read from the study folder's cache";
+
 /// quant-robust: does quantization make a network more or less robust to adversarial attacks?
 #[derive(Debug, Parser)]
 #[command(version, about, after_help = EXAMPLES)]
@@ -105,6 +116,11 @@ pub enum Command {
     /// the report.
     #[command(after_help = STUDY_EXAMPLES)]
     Merge(MergeArgs),
+    /// Submit the study to Slurm: the full-precision models, then the grid as a job array
+    /// (`afterok`), then the merge and report (`afterok`), in one folder on the shared
+    /// filesystem. --dry-run prints the scripts.
+    #[command(after_help = SLURM_EXAMPLES)]
+    Slurm(Box<SlurmArgs>),
     /// Redraw report.md and the plots of a study directory from its results.json.
     #[command(after_help = STUDY_EXAMPLES)]
     Report(ReportArgs),
@@ -150,8 +166,12 @@ pub struct ReproduceArgs {
     pub max_stages: Option<usize>,
     /// Make the models only (training, PTQ, QAT), not their evaluations; a later run
     /// without it evaluates them from the cache.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fp_only")]
     pub models_only: bool,
+    /// Make the full-precision models only (the checkpoints every other cell starts from):
+    /// a cluster's first job, before the grid's array.
+    #[arg(long)]
+    pub fp_only: bool,
     /// Data path (overrides the configuration's `data`; results are keyed by the data's
     /// content hashes, not its path, so the same data anywhere gives the same cache).
     #[arg(long)]
@@ -162,6 +182,68 @@ pub struct ReproduceArgs {
     /// Device: cpu, cuda, or auto (CUDA if built in and present).
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SlurmArgs {
+    /// A preset: smoke, cpu, fast, full (as `reproduce`).
+    #[arg(long, default_value = "smoke")]
+    pub preset: String,
+    /// A study configuration file (JSON). Overrides --preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Data path (overrides the configuration's `data`; relative paths are read from the
+    /// directory of the submission).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// The study folder, on a filesystem every node sees. Default: the configuration's
+    /// `out`, else runs/study-<name>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Tasks of the grid's job array (the models are split over them).
+    #[arg(long, default_value_t = 4)]
+    pub tasks: usize,
+    /// Run at most this many of the array's tasks at once (`--array=1-N%K`).
+    #[arg(long)]
+    pub throttle: Option<usize>,
+    /// Slurm partition.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Each job's time limit (Slurm's forms: M, H:M:S, D-H:M:S). The run stops cleanly
+    /// --end-margin seconds before it and the job requeues itself to go on.
+    #[arg(long)]
+    pub time: Option<quant_robust::study::slurm::TimeLimit>,
+    /// CPUs per task (the run's threads).
+    #[arg(long, default_value_t = 2)]
+    pub cpus: usize,
+    /// Generic resources per job, e.g. gpu:1.
+    #[arg(long)]
+    pub gres: Option<String>,
+    /// Memory per node, e.g. 8G.
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// Seconds before the time limit at which a run stops cleanly (a stage still running
+    /// then is redone by the requeued job).
+    #[arg(long, default_value_t = 300)]
+    pub end_margin: u64,
+    /// How often a job stopped at its time limit requeues itself before it fails.
+    #[arg(long, default_value_t = 3)]
+    pub requeues: u32,
+    /// The jobs' name prefix. Default: qr-<study name>.
+    #[arg(long)]
+    pub job_name: Option<String>,
+    /// The quant-robust binary the jobs run (on the shared filesystem). Default: this one.
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+    /// The sbatch program.
+    #[arg(long, default_value = "sbatch")]
+    pub sbatch: PathBuf,
+    /// Device of every run: cpu, cuda, or auto.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Print the scripts and the submission commands; write and submit nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -24,7 +24,7 @@ pub use args::*;
 use data_cmds::{export_bin, make_sample};
 use eval::{attack, eval};
 use quant::{calibration_set, ptq, qat, train_subset};
-use study::{golden_check, golden_update, merge, report, reproduce};
+use study::{golden_check, golden_update, merge, report, reproduce, slurm};
 use train::{train, train_config};
 
 /// Parses `8/255`, `0.0314` or `1e-3` (clap's value parser).
@@ -44,6 +44,7 @@ pub fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -58,6 +59,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Command::Qat(a) => qat(*a),
         Command::Reproduce(a) => reproduce(a),
         Command::Merge(a) => merge(a),
+        Command::Slurm(a) => slurm(*a),
         Command::Report(a) => report(a),
         Command::Golden(GoldenCommand::Update(a)) => golden_update(a),
         Command::Golden(GoldenCommand::Check(a)) => golden_check(a),

@@ -16,15 +16,8 @@ use super::args::*;
 use super::{write_result, EXIT_STOPPED_EARLY};
 
 pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
-    use quant_robust::study::{run, StudyConfig};
-    let mut cfg = match &a.config {
-        Some(p) => StudyConfig::from_file(p)
-            .with_context(|| format!("reading the study configuration {}", p.display()))?,
-        None => StudyConfig::preset(&a.preset)?,
-    };
-    if let Some(d) = &a.data {
-        cfg.data = d.clone();
-    }
+    use quant_robust::study::run;
+    let cfg = study_config(&a.preset, a.config.as_deref(), a.data.as_deref())?;
     if a.print_config {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(ExitCode::SUCCESS);
@@ -84,7 +77,13 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
         max_stages: a.max_stages,
         deadline: budget.map(|s| t + std::time::Duration::from_secs_f64(s)),
         progress: true,
-        models_only: a.models_only,
+        scope: if a.fp_only {
+            run::Scope::Fp
+        } else if a.models_only {
+            run::Scope::Models
+        } else {
+            run::Scope::All
+        },
     };
     match run::run(&cfg, &data, &out, &dev, &opts)? {
         run::RunStatus::Interrupted {
@@ -104,8 +103,16 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
             );
         }
     }
-    if a.models_only {
-        tracing::info!("every model is made; run again without --models-only to evaluate them");
+    if a.models_only || a.fp_only {
+        tracing::info!(
+            "every {} is made; run again without --{} to go on",
+            if a.fp_only {
+                "full-precision model"
+            } else {
+                "model"
+            },
+            if a.fp_only { "fp-only" } else { "models-only" }
+        );
         return Ok(ExitCode::SUCCESS);
     }
     if let Some((s, _)) = shard {
@@ -113,6 +120,112 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     finish(&cfg, &data.identity, &out, &dev)
+}
+
+/// The study configuration: the file if given, else the preset; `data` overrides its data.
+fn study_config(
+    preset: &str,
+    config: Option<&Path>,
+    data: Option<&str>,
+) -> Result<quant_robust::study::StudyConfig> {
+    use quant_robust::study::StudyConfig;
+    let mut cfg = match config {
+        Some(p) => StudyConfig::from_file(p)
+            .with_context(|| format!("reading the study configuration {}", p.display()))?,
+        None => StudyConfig::preset(preset)?,
+    };
+    if let Some(d) = data {
+        cfg.data = d.to_string();
+    }
+    Ok(cfg)
+}
+
+pub(super) fn slurm(a: SlurmArgs) -> Result<ExitCode> {
+    use clap::ValueEnum;
+    use quant_robust::study::{plan, slurm};
+    let cfg = study_config(&a.preset, a.config.as_deref(), a.data.as_deref())?;
+    cfg.validate()?;
+    let workdir = std::env::current_dir().context("reading the current directory")?;
+    let out = workdir.join(a.out.clone().unwrap_or_else(|| cfg.default_out()));
+    let binary = match &a.binary {
+        Some(b) => workdir.join(b),
+        None => std::env::current_exe().context("locating this binary")?,
+    };
+    let layout = slurm::Layout {
+        binary,
+        workdir,
+        out,
+        device: a
+            .device
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_else(|| "auto".into()),
+    };
+    let opts = slurm::JobOptions {
+        name: a
+            .job_name
+            .clone()
+            .unwrap_or_else(|| format!("qr-{}", cfg.name)),
+        tasks: a.tasks,
+        throttle: a.throttle,
+        partition: a.partition.clone(),
+        time: a.time,
+        cpus_per_task: a.cpus,
+        gres: a.gres.clone(),
+        mem: a.mem.clone(),
+        end_margin_s: a.end_margin,
+        requeues: a.requeues,
+    };
+    let n_fp = plan::models(&cfg)
+        .iter()
+        .filter(|m| matches!(m, plan::ModelSpec::Fp { .. }))
+        .count();
+    let scripts = slurm::scripts(&opts, &layout, n_fp)?;
+    let dir = layout.slurm_dir();
+    if a.dry_run {
+        for (stage, text) in [
+            ("fp", &scripts.fp),
+            ("grid", &scripts.grid),
+            ("merge", &scripts.merge),
+        ] {
+            println!(
+                "# {}\n{text}",
+                dir.join(format!("{stage}.sbatch")).display()
+            );
+        }
+        println!(
+            "# would run: sbatch --parsable fp.sbatch; sbatch --parsable \
+             --dependency=afterok:<fp> --kill-on-invalid-dep=yes grid.sbatch; sbatch \
+             --parsable --dependency=afterok:<grid> --kill-on-invalid-dep=yes merge.sbatch \
+             (in {}), after writing the configuration to {}",
+            dir.display(),
+            layout.config_path().display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    quant_robust::io::write_json_atomic(&layout.config_path(), &cfg)?;
+    let jobs = slurm::submit(&scripts, &layout, &a.sbatch).with_context(|| {
+        format!(
+            "submitting with {} (is Slurm installed here? --dry-run prints the scripts)",
+            a.sbatch.display()
+        )
+    })?;
+    tracing::info!(
+        "submitted study `{}` into {}: full-precision job {} ({n_fp} tasks), grid {} ({} tasks), merge {}; logs in {}; `squeue -j {},{},{}` to follow",
+        cfg.name,
+        layout.out.display(),
+        jobs.fp,
+        jobs.grid,
+        opts.tasks,
+        jobs.merge,
+        dir.join("logs").display(),
+        jobs.fp,
+        jobs.grid,
+        jobs.merge
+    );
+    println!("{} {} {}", jobs.fp, jobs.grid, jobs.merge);
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Collects the results from the cache, writes them and the report, logs the verdicts.

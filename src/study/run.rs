@@ -105,10 +105,23 @@ pub struct RunOptions {
     pub deadline: Option<Instant>,
     /// Draw a progress bar.
     pub progress: bool,
-    /// Make the models (training, PTQ, QAT) and skip their evaluations: the expensive
-    /// stages can run while the evaluation settings are still changing (a model's key does
-    /// not depend on them).
-    pub models_only: bool,
+    /// Which stages to run: everything, the models only, or the full-precision models only.
+    pub scope: Scope,
+}
+
+/// Which of the study's stages a run computes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Every model and its evaluation.
+    #[default]
+    All,
+    /// The models (training, PTQ, QAT), not their evaluations: the expensive stages can run
+    /// while the evaluation settings are still changing (a model's key does not depend on
+    /// them).
+    Models,
+    /// The full-precision models only: the checkpoints every other cell starts from (a
+    /// cluster's first job, before the grid's array).
+    Fp,
 }
 
 /// How a run ended.
@@ -769,8 +782,11 @@ pub fn run(
     crate::io::write_json_atomic(&out.join("study.json"), cfg)?;
     let keys = Keys::new(cfg, &data.identity);
     let specs: Vec<ModelSpec> = keys.models.iter().map(|(s, _)| s.clone()).collect();
+    // A shard owns every N-th job of the plan (of its full-precision models under
+    // `Scope::Fp`).
     let mine: Vec<&ModelSpec> = specs
         .iter()
+        .filter(|s| opts.scope != Scope::Fp || matches!(s, ModelSpec::Fp { .. }))
         .enumerate()
         .filter(|(i, _)| opts.shard.is_none_or(|s| s.owns(*i)))
         .map(|(_, s)| s)
@@ -804,7 +820,7 @@ pub fn run(
         let mut busy = Vec::new();
         for (i, spec) in pending.iter().enumerate() {
             let before = r.computed;
-            let outcome = if opts.models_only {
+            let outcome = if opts.scope != Scope::All {
                 r.ensure_model(spec)?.map(|_| ())
             } else {
                 r.ensure_eval(spec)?.map(|_| ())
@@ -890,7 +906,16 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<StudyConfig> {
     let cfg = cfg.ok_or_else(|| Error::config("merge", "[]", "give at least one shard"))?;
     std::fs::create_dir_all(out.join("cache")).map_err(|e| Error::io(out, e))?;
     crate::io::write_json_atomic(&out.join("study.json"), &cfg)?;
+    // A shard that is `out` itself (every task wrote to one shared folder, as the Slurm jobs
+    // do) has nothing to copy: the merge only collects.
+    let same_dir = |s: &Path| match (s.canonicalize(), out.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
     for s in shards {
+        if same_dir(s) {
+            continue;
+        }
         let cache = s.join("cache");
         let entries = match std::fs::read_dir(&cache) {
             Ok(e) => e,
