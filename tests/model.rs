@@ -228,6 +228,34 @@ fn checkpoint_round_trip_is_exact_and_atomic() {
     assert_eq!(mb.code.name, "quant-robust");
 }
 
+/// The same tensors and metadata give the same checkpoint bytes every time (the metadata
+/// is written sorted, not in a hash map's order), and they read back.
+#[test]
+fn a_checkpoint_is_the_same_bytes_every_time() {
+    let m = model(4);
+    let sd = checkpoint::state_dict(&m).unwrap();
+    let bytes = || {
+        let meta: std::collections::HashMap<String, String> =
+            ["seam", "format", "quant", "a", "zz"]
+                .iter()
+                .map(|k| (k.to_string(), format!("value of {k}")))
+                .collect();
+        checkpoint::to_safetensors_bytes(&sd, &meta).unwrap()
+    };
+    let first = bytes();
+    for _ in 0..8 {
+        assert!(bytes() == first, "two serializations differ");
+    }
+    let n = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&first[8..8 + n]).unwrap();
+    assert!(
+        header.starts_with(r#"{"__metadata__":{"a":"value of a","format":"value of format","quant":"value of quant","seam":"value of seam","zz":"value of zz"},"#),
+        "{header}"
+    );
+    let back = safetensors::SafeTensors::deserialize(&first).unwrap();
+    assert_eq!(back.len(), sd.len());
+}
+
 #[test]
 fn wrong_checkpoints_are_named_errors() {
     let m = model(4);

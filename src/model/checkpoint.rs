@@ -35,14 +35,39 @@ pub fn state_dict(model: &ResNet20) -> Result<BTreeMap<String, Tensor>> {
     Ok(out)
 }
 
-/// Serializes named tensors to safetensors bytes with metadata.
+/// Serializes named tensors to safetensors bytes with metadata. The same tensors and
+/// metadata always give the same bytes: the metadata's keys are written sorted (the
+/// safetensors crate writes them in a hash map's random order).
 pub fn to_safetensors_bytes(
     tensors: &BTreeMap<String, Tensor>,
     metadata: &HashMap<String, String>,
 ) -> Result<Vec<u8>> {
     let data: Vec<(&String, &Tensor)> = tensors.iter().collect();
-    safetensors::serialize(data, Some(metadata.clone()))
-        .map_err(|e| Error::config("safetensors", "serialize", e.to_string()))
+    let bad = |why: String| Error::config("safetensors", "serialize", why);
+    let mut bytes =
+        safetensors::serialize(data, Some(metadata.clone())).map_err(|e| bad(e.to_string()))?;
+    // The header (after its 8-byte length) starts with the metadata object; the sorted one
+    // has the same length, so it replaces it in place.
+    let sorted: BTreeMap<&String, &String> = metadata.iter().collect();
+    let sorted = serde_json::to_string(&sorted).map_err(|e| bad(e.to_string()))?;
+    const PREFIX: &[u8] = b"{\"__metadata__\":";
+    let at = 8 + PREFIX.len();
+    let n = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| bad("no header".into()))?);
+    let header_end = 8 + n as usize;
+    if !metadata.is_empty() {
+        if bytes.get(8..at) != Some(PREFIX) || at + sorted.len() > header_end {
+            return Err(bad("the header does not start with its metadata".into()));
+        }
+        let before: serde_json::Value =
+            serde_json::from_slice(&bytes[8..header_end]).map_err(|e| bad(e.to_string()))?;
+        bytes[at..at + sorted.len()].copy_from_slice(sorted.as_bytes());
+        let after: serde_json::Value = serde_json::from_slice(&bytes[8..header_end])
+            .map_err(|e| bad(format!("sorting the metadata broke the header: {e}")))?;
+        if before != after {
+            return Err(bad("sorting the metadata changed the header".into()));
+        }
+    }
+    Ok(bytes)
 }
 
 /// Writes `model` to `path` (safetensors) and `manifest` beside it, both atomically.
