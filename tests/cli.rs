@@ -416,6 +416,12 @@ fn readme_main_job_reproduces_the_smoke_study() {
     for (g, v) in golden.findings.iter().zip(&res.findings) {
         assert_eq!(g.status, v.status, "{} moved", v.id);
     }
+    // And every number of results.json but the timings, to the last bit.
+    assert_eq!(
+        crate::study::comparable_results(&out),
+        crate::study::comparable_results(&golden_dir),
+        "results.json differs from golden/smoke-cpu's beyond timings"
+    );
     // `report` redraws from results.json alone.
     std::fs::remove_file(out.join("report.md")).unwrap();
     let (ok, _, err) = qr(&["report", o]);

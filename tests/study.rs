@@ -287,6 +287,19 @@ pub(crate) fn strip(v: &mut serde_json::Value) {
     }
 }
 
+/// A study folder's `results.json` without what differs between two runs of the same study
+/// (timings, the code's commit): equal for a sharded, a resumed and a single-process run.
+pub(crate) fn comparable_results(out: &Path) -> serde_json::Value {
+    let f = out.join("results.json");
+    let text = std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    strip(&mut v);
+    if let Some(m) = v["manifest"].as_object_mut() {
+        m.remove("code");
+    }
+    v
+}
+
 /// Every file under `dir`.
 pub(crate) fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
