@@ -76,13 +76,16 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 /// An exclusive claim of a folder by one process: `<dir>/.lock` holds the owner's process
-/// id and host, is created only if absent, and is removed when the claim is dropped. A lock
-/// left by a process of this host that no longer runs (killed) is taken over with a
-/// warning; a live owner, or one on another host (whose liveness cannot be seen from here),
-/// holds it.
+/// id and host, is created only if absent, and is removed when the claim is dropped. While
+/// held, a thread of the owner touches it every [`DirLock::HEARTBEAT`]. A lock left by a
+/// process of this host that no longer runs (killed) is taken over with a warning; so is a
+/// lock of another host (whose processes cannot be seen from here: a cluster's nodes sharing
+/// the folder) whose heartbeat is older than [`DirLock::STALE`]. A live owner holds it.
 #[derive(Debug)]
 pub struct DirLock {
     path: PathBuf,
+    /// Dropping it ends the heartbeat thread.
+    _heartbeat: std::sync::mpsc::Sender<()>,
 }
 
 /// The outcome of [`DirLock::try_acquire`].
@@ -103,6 +106,44 @@ fn host_name() -> String {
 impl DirLock {
     /// The lock file's name inside the folder.
     pub const FILE: &'static str = ".lock";
+    /// How often the owner touches its lock.
+    pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(30);
+    /// Another host's lock untouched for this long is taken over: its owner was killed
+    /// (a cancelled or timed-out cluster job). Generous, for clocks that differ between
+    /// hosts.
+    pub const STALE: std::time::Duration = std::time::Duration::from_secs(600);
+
+    fn held(path: PathBuf) -> DirLock {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let beat = path.clone();
+        std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                rx.recv_timeout(Self::HEARTBEAT)
+            {
+                let touched = File::options()
+                    .write(true)
+                    .open(&beat)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                if touched.is_err() {
+                    break;
+                }
+            }
+        });
+        DirLock {
+            path,
+            _heartbeat: tx,
+        }
+    }
+
+    /// How long ago the lock at `path` was last touched (zero if in the future).
+    fn age(path: &Path) -> Option<std::time::Duration> {
+        let m = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+        Some(
+            std::time::SystemTime::now()
+                .duration_since(m)
+                .unwrap_or_default(),
+        )
+    }
 
     /// Claims `dir` (which must exist), or names the process that holds it.
     pub fn try_acquire(dir: &Path) -> Result<Claim> {
@@ -126,16 +167,25 @@ impl DirLock {
                     f.write_all(me.as_bytes())
                         .and_then(|_| f.sync_all())
                         .map_err(|e| Error::io(&path, e))?;
-                    return Ok(Claim::Mine(DirLock { path }));
+                    return Ok(Claim::Mine(DirLock::held(path)));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let (pid, host) = owner();
                     let here = host == host_name() && host != "unknown";
-                    let alive = Path::new("/proc").join(&pid).exists();
-                    if here && !alive {
+                    let dead = if here {
+                        !Path::new("/proc").join(&pid).exists()
+                    } else {
+                        Self::age(&path).is_some_and(|a| a > Self::STALE)
+                    };
+                    if dead {
                         tracing::warn!(
-                            "{}: taking over the lock of process {pid}, which no longer runs",
-                            dir.display()
+                            "{}: taking over the lock of process {pid} on {host}, which {}",
+                            dir.display(),
+                            if here {
+                                "no longer runs".to_string()
+                            } else {
+                                format!("has not touched it for over {} s", Self::STALE.as_secs())
+                            }
                         );
                         match std::fs::remove_file(&path) {
                             Ok(()) => continue,
@@ -163,8 +213,10 @@ impl DirLock {
                 dir.display(),
                 format!(
                     "in use by process {pid} on {host} (its lock: {}); wait for it to \
-                     finish, or remove the lock if that process is gone",
-                    dir.join(Self::FILE).display()
+                     finish, or remove the lock if that process is gone (a lock of another \
+                     host is taken over once untouched for {} s)",
+                    dir.join(Self::FILE).display(),
+                    Self::STALE.as_secs()
                 ),
             )),
         }

@@ -364,11 +364,13 @@ impl Cluster {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
-    /// `quant-robust slurm` for the smoke study into `out`: the (fp, grid, merge) job ids.
-    fn submit(&self, out: &Path) -> [String; 3] {
+    /// `quant-robust slurm` for the smoke study into `out` (and `extra` options): the (fp,
+    /// grid, merge) job ids.
+    fn submit(&self, out: &Path, extra: &[&str]) -> [String; 3] {
         let o = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
             .args(["slurm", "--preset", "smoke", "--tasks", "3", "--cpus", "1"])
             .args(["--device", "cpu", "--out", out.to_str().unwrap()])
+            .args(extra)
             .env("SLURM_CONF", self.conf())
             .output()
             .unwrap();
@@ -427,7 +429,8 @@ fn logs(out: &Path) -> String {
 /// merge, chained with `afterok`, gives exactly the single-process smoke run's results (the
 /// pinned golden/smoke-cpu). Then a study whose grid task is cancelled mid-run: Slurm drops
 /// the merge, the finished stages stay, and the same submission again finishes the study with
-/// the same results.
+/// the same results. The slow tier (`QR_SLOW=1`) adds jobs too short for their share, which
+/// stop at their time budget and requeue themselves until done, with the same results.
 #[test]
 fn a_real_slurm_runs_the_smoke_study_and_a_cancelled_task_is_finished_by_resubmitting() {
     let Some(cluster) = Cluster::start() else {
@@ -438,7 +441,7 @@ fn a_real_slurm_runs_the_smoke_study_and_a_cancelled_task_is_finished_by_resubmi
 
     let work = tempdir();
     let whole = work.path().join("whole");
-    let [fp, grid, merge] = cluster.submit(&whole);
+    let [fp, grid, merge] = cluster.submit(&whole, &[]);
     cluster.wait_gone(&[&fp, &grid, &merge], limit);
     assert!(
         whole.join("results.json").is_file(),
@@ -466,7 +469,7 @@ fn a_real_slurm_runs_the_smoke_study_and_a_cancelled_task_is_finished_by_resubmi
 
     // Cancel a grid task once it has finished a stage of its own.
     let cut = work.path().join("cut");
-    let [fp, grid, merge] = cluster.submit(&cut);
+    let [fp, grid, merge] = cluster.submit(&cut, &[]);
     let task = format!("{grid}_2");
     let log = cut.join(format!("slurm/logs/grid-{grid}_2.out"));
     let t = Instant::now();
@@ -492,7 +495,7 @@ fn a_real_slurm_runs_the_smoke_study_and_a_cancelled_task_is_finished_by_resubmi
         .filter(|f| f.ends_with("record.json"))
         .count();
     assert!(kept > 2, "the finished stages are gone: {kept} records");
-    let [fp, grid, merge] = cluster.submit(&cut);
+    let [fp, grid, merge] = cluster.submit(&cut, &[]);
     cluster.wait_gone(&[&fp, &grid, &merge], limit);
     assert_eq!(
         results(&cut),
@@ -504,4 +507,18 @@ fn a_real_slurm_runs_the_smoke_study_and_a_cancelled_task_is_finished_by_resubmi
         logs(&cut).contains("read from the cache"),
         "the resubmission recomputed everything"
     );
+
+    // The slow tier: 2-minute jobs whose runs stop 75 s before the limit and requeue
+    // themselves (Slurm delays a requeued job by ~2 minutes) until the study is done.
+    if std::env::var("QR_SLOW").is_ok_and(|v| v == "1") {
+        let short = work.path().join("short");
+        let [fp, grid, merge] = cluster.submit(&short, &["--time", "2", "--end-margin", "75"]);
+        cluster.wait_gone(&[&fp, &grid, &merge], Duration::from_secs(1800));
+        let all = logs(&short);
+        assert!(
+            all.contains("stopped at the time budget; requeueing"),
+            "{all}"
+        );
+        assert_eq!(results(&short), golden, "the requeued study differs\n{all}");
+    }
 }

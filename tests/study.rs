@@ -1099,7 +1099,8 @@ fn hand_made_for(c: &StudyConfig) -> StudyResults {
 }
 
 /// A folder lock names its owner while it is held and ends with it; a lock left by a killed
-/// process of this host is taken over; another host's lock holds.
+/// process of this host is taken over; another host's lock holds while it is touched and is
+/// taken over once stale; the owner's heartbeat keeps it fresh.
 #[test]
 fn a_folder_lock_names_its_owner_and_a_dead_owners_lock_is_taken_over() {
     use quant_robust::io::{Claim, DirLock};
@@ -1125,13 +1126,57 @@ fn a_folder_lock_names_its_owner_and_a_dead_owners_lock_is_taken_over() {
     .unwrap();
     let taken = DirLock::acquire(dir.path()).expect("a dead owner's lock is taken over");
     drop(taken);
-    // Another host's lock cannot be judged from here: an error.
-    std::fs::write(dir.path().join(DirLock::FILE), "12 some-other-host").unwrap();
+    // Another host's processes cannot be seen from here: its lock holds while its owner
+    // touches it ...
+    let lock = dir.path().join(DirLock::FILE);
+    std::fs::write(&lock, "12 some-other-host").unwrap();
+    let touch = |ago: std::time::Duration| {
+        std::fs::File::options()
+            .write(true)
+            .open(&lock)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - ago)
+            .unwrap()
+    };
+    touch(DirLock::STALE - std::time::Duration::from_secs(30));
     let e = DirLock::acquire(dir.path()).unwrap_err().to_string();
     assert!(
         e.contains("some-other-host") && e.contains("remove the lock"),
         "{e}"
     );
+    // ... and is taken over once its heartbeat is older than STALE (a killed cluster job).
+    touch(DirLock::STALE + std::time::Duration::from_secs(30));
+    let mine = DirLock::acquire(dir.path()).expect("a stale lock of another host is taken over");
+    assert_eq!(
+        std::fs::read_to_string(&lock).unwrap(),
+        format!("{} {}", std::process::id(), host.trim())
+    );
+    // The owner's heartbeat keeps its own lock fresh.
+    touch(DirLock::STALE * 2);
+    let t = std::time::Instant::now();
+    while t.elapsed() < DirLock::HEARTBEAT + std::time::Duration::from_secs(5) {
+        let age = std::fs::metadata(&lock)
+            .unwrap()
+            .modified()
+            .unwrap()
+            .elapsed();
+        if age.is_ok_and(|a| a < DirLock::HEARTBEAT) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let age = std::fs::metadata(&lock)
+        .unwrap()
+        .modified()
+        .unwrap()
+        .elapsed()
+        .unwrap();
+    assert!(
+        age < DirLock::HEARTBEAT,
+        "the heartbeat did not touch the lock: {age:?}"
+    );
+    drop(mine);
+    assert!(!lock.exists());
 }
 
 /// Every path to a number in a JSON value, as keys and indices.
