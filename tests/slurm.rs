@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use quant_robust::study::slurm::{scripts, JobOptions, Layout, TimeLimit};
 
 use crate::common::tempdir;
+use crate::study::comparable_results as results;
 
 #[test]
 fn time_limits_parse_in_slurms_forms() {
@@ -400,16 +401,6 @@ impl Cluster {
             std::thread::sleep(Duration::from_secs(1));
         }
     }
-}
-
-/// results.json without what differs between runs (timings, the code's commit).
-fn results(out: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(out.join("results.json"))
-        .unwrap_or_else(|e| panic!("{}: {e}", out.join("results.json").display()));
-    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    crate::study::strip(&mut v);
-    v["manifest"].as_object_mut().unwrap().remove("code");
-    v
 }
 
 fn logs(out: &Path) -> String {
