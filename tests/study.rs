@@ -404,7 +404,14 @@ fn cache_resume_and_shards_give_the_same_results() {
         },
         "{st:?}"
     );
-    assert!(results::collect(&c, &data.identity, &two, &dev).is_err());
+    // Models without evaluations are not results: the error lists every missing one.
+    let e = results::collect(&c, &data.identity, &two, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&format!("{} missing", n_models - 4)), "{e}");
+    for spec in plan::models(&c).iter().skip(4) {
+        assert!(e.contains(&spec.id()), "{} not listed: {e}", spec.id());
+    }
     let st = run::run(&c, data, &two, &dev, &opts).unwrap();
     assert_eq!(
         st,
