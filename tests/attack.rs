@@ -12,7 +12,7 @@ use quant_robust::attack::square::Square;
 use quant_robust::attack::transfer::Transfer;
 use quant_robust::attack::{loss_per_example, Attack, Loss, Norm};
 use quant_robust::data::batch::DeviceData;
-use quant_robust::eval::robust::{evaluate, RobustnessConfig};
+use quant_robust::eval::robust::{evaluate, evaluate_with, Hooks, RobustnessConfig, Unit};
 use quant_robust::model::{Classifier, ResNet20};
 use quant_robust::rng::Rng;
 
@@ -892,6 +892,100 @@ fn autoattack_flags_masking_through_its_square_stage() {
     assert!(d.broken_only_without_gradients > 0, "{d:?}");
     assert!(d.masking_suspected, "{d:?}");
     assert_eq!(r.attacks[0].attack, "autoattack[apgd-ce+square]");
+}
+
+/// Units kept in memory (through their JSON form, as the study keeps them on disk); stops
+/// before the unit after the first `budget` computed ones.
+struct Interrupting {
+    kept: std::collections::HashMap<String, String>,
+    budget: usize,
+    computed: usize,
+    reused: usize,
+}
+
+impl Hooks for Interrupting {
+    fn finished(&mut self, key: &str) -> quant_robust::Result<Option<Unit>> {
+        Ok(self.kept.get(key).map(|j| serde_json::from_str(j).unwrap()))
+    }
+    fn reusing(&mut self, _unit: &Unit) {
+        self.reused += 1;
+    }
+    fn keep(&mut self, key: &str, unit: &Unit) -> quant_robust::Result<()> {
+        self.computed += 1;
+        self.kept
+            .insert(key.into(), serde_json::to_string(unit).unwrap());
+        Ok(())
+    }
+    fn should_stop(&self) -> bool {
+        self.computed >= self.budget
+    }
+}
+
+/// An evaluation stopped between units again and again, each time resumed from the units kept
+/// so far, ends with the report of an uninterrupted run (timings aside): per attack, per ε and
+/// per image, AutoAttack's stage record included; each unit is computed exactly once.
+#[test]
+fn an_evaluation_stopped_between_units_resumes_to_the_same_report() {
+    let s = sample();
+    let dd = DeviceData::new(&s.test, &Device::Cpu).unwrap();
+    let idx: Vec<u32> = (0..s.test.len() as u32).step_by(4).collect();
+    let m = Linear::new(9, false);
+    let attacks: Vec<Box<dyn Attack>> = vec![
+        Box::new(Fgsm),
+        Box::new(Pgd {
+            steps: 3,
+            ..Pgd::default()
+        }),
+        Box::new(Square {
+            queries: 30,
+            ..Square::default()
+        }),
+        Box::new(small_autoattack(Stage::STANDARD.to_vec())),
+    ];
+    let cfg = RobustnessConfig {
+        eps: vec![0.5 / 255.0, 2.0 / 255.0],
+        batch_size: 12,
+        ..RobustnessConfig::default()
+    };
+    let whole = evaluate(&m, &dd, &idx, &attacks, &cfg, &mut |_, _, _, _| {}).unwrap();
+    let batches = (whole.clean.correct).div_ceil(cfg.batch_size);
+    let units = attacks.len() * cfg.eps.len() * batches;
+    assert!(batches >= 2, "{batches} batches");
+    let mut hooks = Interrupting {
+        kept: Default::default(),
+        budget: 0,
+        computed: 0,
+        reused: 0,
+    };
+    let mut runs = 0;
+    let resumed = loop {
+        runs += 1;
+        hooks.budget = hooks.computed + 3;
+        if let Some(r) = evaluate_with(&m, &dd, &idx, &attacks, &cfg, &mut hooks).unwrap() {
+            break r;
+        }
+        assert!(runs <= units, "no progress after {runs} runs");
+    };
+    assert_eq!(hooks.computed, units);
+    assert_eq!(runs, units.div_ceil(3));
+    assert!(hooks.reused > 0);
+    let stripped = |r: &quant_robust::eval::robust::RobustnessReport| {
+        let mut v = serde_json::to_value(r).unwrap();
+        crate::study::strip(&mut v);
+        v
+    };
+    assert_eq!(stripped(&resumed), stripped(&whole));
+    // A unit kept for other images (another evaluation's) is not taken: it is redone.
+    let mut other = Interrupting {
+        kept: hooks.kept.clone(),
+        budget: usize::MAX,
+        computed: 0,
+        reused: 0,
+    };
+    let shifted: Vec<u32> = idx.iter().map(|i| i + 1).collect();
+    evaluate_with(&m, &dd, &shifted, &attacks, &cfg, &mut other).unwrap();
+    assert_eq!(other.reused, 0);
+    assert!(other.computed > 0);
 }
 
 #[test]

@@ -846,6 +846,79 @@ fn stripped_results(out: &std::path::Path) -> serde_json::Value {
     v
 }
 
+/// SIGTERM during an evaluation stops `reproduce` after the unit in progress (one attack at
+/// one ε on one batch) with exit status 75, the finished units kept in the stage's `partial/`
+/// folder; the same command reuses them (the manifest says how much time they had cost),
+/// removes the folder, and ends with the results of an uninterrupted run.
+#[test]
+fn sigterm_stops_an_evaluation_between_units_and_the_rerun_reuses_them() {
+    let dir = tempdir();
+    let cfg = tiny_study_config(dir.path());
+    let whole = dir.path().join("whole");
+    let (code, err) = qr_code(
+        &reproduce_args(&cfg, &whole)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let out = dir.path().join("study");
+    let args = reproduce_args(&cfg, &out);
+    let units = || -> Vec<std::path::PathBuf> {
+        if !out.join("cache").is_dir() {
+            return Vec::new();
+        }
+        crate::study::walk(&out.join("cache"))
+            .into_iter()
+            .filter(|f| f.components().any(|c| c.as_os_str() == "partial"))
+            .filter(|f| f.extension().is_some_and(|e| e == "json"))
+            .collect()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
+        .args(&args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start reproduce");
+    let t = std::time::Instant::now();
+    while units().is_empty() {
+        assert!(t.elapsed().as_secs() < 300, "no unit finished in 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(75), "{status:?}");
+    let kept = units();
+    assert!(!kept.is_empty());
+    // The stage whose units are kept is not finished.
+    let stage = kept[0]
+        .ancestors()
+        .find(|p| p.parent().is_some_and(|q| q.ends_with("cache")))
+        .unwrap()
+        .to_path_buf();
+    assert!(!stage.join("record.json").exists(), "{}", stage.display());
+    for f in crate::study::walk(&out) {
+        assert_whole(&f);
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, err) = qr_code(&a);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(units().is_empty(), "{:?}", units());
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(stage.join("record.json")).unwrap()).unwrap();
+    let timings = record["manifest"]["timings"].as_array().unwrap();
+    assert!(
+        timings.iter().any(
+            |t| t["stage"] == "eval: units of earlier runs" && t["wall_s"].as_f64() > Some(0.0)
+        ),
+        "{timings:?}"
+    );
+    assert_eq!(stripped_results(&out), stripped_results(&whole));
+}
+
 /// SIGKILL at seeded moments of a real `reproduce` (mid-training, mid-evaluation, during a
 /// write: wherever the delay lands), each time followed by the same command again: every
 /// file of the study folder under its real name is whole after every kill, and the finished
@@ -1101,8 +1174,8 @@ fn reproduce_takes_its_shard_from_a_slurm_array() {
     assert!(!err.contains("study `tiny`"), "{err}");
 }
 
-/// SIGTERM stops `reproduce` once the stage in progress is finished (that stage is kept),
-/// with exit status 75; the same command then finishes the study.
+/// SIGTERM stops `reproduce` once the stage (or evaluation unit) in progress is finished (what
+/// it finished is kept), with exit status 75; the same command then finishes the study.
 #[test]
 fn sigterm_stops_reproduce_after_its_current_stage() {
     let dir = tempdir();

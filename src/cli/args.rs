@@ -152,8 +152,8 @@ pub struct ReproduceArgs {
     /// Run only shard K of N (e.g. 2/4) of the models; merge the shards with `merge`.
     #[arg(long)]
     pub shard: Option<quant_robust::study::shard::Shard>,
-    /// Stop cleanly (resumable) once this many seconds have passed: checked between stages
-    /// and between training epochs. Exit status 75 means "stopped early, run again".
+    /// Stop cleanly (resumable) once this many seconds have passed: checked between stages,
+    /// between training epochs and between evaluation units. Exit status 75 means "stopped early, run again".
     #[arg(long)]
     pub time_budget: Option<f64>,
     /// Inside a Slurm job with a time limit and no --time-budget: stop cleanly this many

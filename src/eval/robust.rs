@@ -179,6 +179,84 @@ fn bits(v: &[bool]) -> String {
 /// Per-batch progress: (attack, ε index, images done, images total).
 pub type OnBatch<'a> = dyn FnMut(&str, usize, usize, usize) + 'a;
 
+/// One finished piece of an evaluation: one attack at one ε on one batch of the images it
+/// attacks. An evaluation is a sequence of units, each with its own random stream, so the
+/// units an interrupted evaluation finished can be kept and reused by the next run, which then
+/// gives the same report, bit for bit, as an uninterrupted one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unit {
+    pub attack: String,
+    pub eps: f64,
+    /// The batch's images (indices into the data set).
+    pub images: Vec<u32>,
+    /// One character per image: `1` misclassified after the attack, `0` not.
+    pub broken: String,
+    /// For a composite attack: per image, the stage that broke it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken_by: Option<Vec<Option<usize>>>,
+    /// For a composite attack: per stage, the images it attacked and its wall seconds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage_images: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage_wall_s: Vec<f64>,
+    pub wall_s: f64,
+    pub gpu_s: f64,
+    /// CPU seconds of the whole process while the unit ran.
+    pub cpu_s: f64,
+}
+
+impl Unit {
+    /// Whether this unit is the one `attack` at `eps` on `images` would compute.
+    pub fn is_for(&self, attack: &str, eps: f64, images: &[u32]) -> bool {
+        self.attack == attack && self.eps.to_bits() == eps.to_bits() && self.images == images
+    }
+
+    fn broken_flags(&self) -> Result<Vec<bool>> {
+        let flags: Vec<bool> = self.broken.chars().map(|c| c == '1').collect();
+        if flags.len() != self.images.len() || self.broken.chars().any(|c| c != '0' && c != '1') {
+            return Err(Error::AttackCheck {
+                attack: self.attack.clone(),
+                problem: format!(
+                    "a kept unit has {} flags for {} images",
+                    self.broken.len(),
+                    self.images.len()
+                ),
+            });
+        }
+        Ok(flags)
+    }
+}
+
+/// What the caller of [`evaluate_with`] hooks into an evaluation: progress, the units an
+/// earlier run finished, and a request to stop.
+pub trait Hooks {
+    /// An attack finished a batch at ε number `ei`: `done` of `total` images.
+    fn batch_done(&mut self, _attack: &str, _ei: usize, _done: usize, _total: usize) {}
+    /// The unit named `key` (unique within one evaluation) if an earlier run kept it.
+    fn finished(&mut self, _key: &str) -> Result<Option<Unit>> {
+        Ok(None)
+    }
+    /// A unit from [`Hooks::finished`] is used (it is the one this evaluation would compute).
+    fn reusing(&mut self, _unit: &Unit) {}
+    /// Keeps a unit just computed.
+    fn keep(&mut self, _key: &str, _unit: &Unit) -> Result<()> {
+        Ok(())
+    }
+    /// True to stop before computing the next unit.
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+/// Progress only: what [`evaluate`] hooks in.
+struct ProgressOnly<'a, 'b>(&'a mut OnBatch<'b>);
+
+impl Hooks for ProgressOnly<'_, '_> {
+    fn batch_done(&mut self, attack: &str, ei: usize, done: usize, total: usize) {
+        (self.0)(attack, ei, done, total)
+    }
+}
+
 /// Runs every attack at every ε on the images `idx` of `data`.
 pub fn evaluate(
     model: &dyn Classifier,
@@ -188,6 +266,20 @@ pub fn evaluate(
     cfg: &RobustnessConfig,
     on_batch: &mut OnBatch<'_>,
 ) -> Result<RobustnessReport> {
+    let report = evaluate_with(model, data, idx, attacks, cfg, &mut ProgressOnly(on_batch))?;
+    report.ok_or_else(|| Error::config("evaluation", "stopped", "nothing asked it to stop"))
+}
+
+/// [`evaluate`], unit by unit through `hooks`: reuses the units it already has, keeps the
+/// ones it computes, and returns `None` when asked to stop before the end.
+pub fn evaluate_with(
+    model: &dyn Classifier,
+    data: &DeviceData,
+    idx: &[u32],
+    attacks: &[Box<dyn Attack>],
+    cfg: &RobustnessConfig,
+    hooks: &mut dyn Hooks,
+) -> Result<Option<RobustnessReport>> {
     check(attacks, cfg)?;
     let n = idx.len();
     let device = data.images.device().clone();
@@ -201,19 +293,25 @@ pub fn evaluate(
     let attacked: Vec<u32> = pos.iter().map(|&i| idx[i]).collect();
     let mut results = Vec::new();
     let mut broken_all: Vec<Vec<Vec<bool>>> = Vec::new();
-    for a in attacks {
-        let start = Instant::now();
-        let (stages, broken) = run_attack(
+    for (ai, a) in attacks.iter().enumerate() {
+        let Some(outcome) = run_attack(
             model,
             data,
-            a.as_ref(),
+            (ai, a.as_ref()),
             cfg,
             clean_wrong,
             (&pos, &attacked),
-            on_batch,
-        )?;
-        crate::device::synchronize(&device)?;
-        let wall = start.elapsed().as_secs_f64();
+            hooks,
+        )?
+        else {
+            return Ok(None);
+        };
+        let AttackOutcome {
+            stages,
+            broken,
+            wall_s,
+            gpu_s,
+        } = outcome;
         results.push(AttackResult {
             attack: a.name(),
             gradient_free: !a.uses_gradients(),
@@ -224,13 +322,14 @@ pub fn evaluate(
                 .map(|(&e, b)| EpsAccuracy::new(e, b))
                 .collect(),
             broken: broken.iter().map(|b| bits(b)).collect(),
-            images_per_s: (attacked.len() * cfg.eps.len()) as f64 / wall.max(1e-9),
-            wall_s: wall,
-            gpu_s: if device.is_cuda() { wall } else { 0.0 },
+            images_per_s: (attacked.len() * cfg.eps.len()) as f64 / wall_s.max(1e-9),
+            wall_s,
+            gpu_s,
             stages,
         });
         broken_all.push(broken);
     }
+    crate::device::synchronize(&device)?;
     let worst_case: Vec<EpsAccuracy> = (0..cfg.eps.len())
         .map(|ei| {
             let b: Vec<bool> = (0..n)
@@ -242,7 +341,7 @@ pub fn evaluate(
     let per_eps = (0..cfg.eps.len())
         .map(|ei| masking_at(ei, attacks, &results, &broken_all, clean_wrong, cfg))
         .collect();
-    Ok(RobustnessReport {
+    Ok(Some(RobustnessReport {
         norm: cfg.norm,
         eps: cfg.eps.clone(),
         n,
@@ -255,7 +354,7 @@ pub fn evaluate(
             masking_threshold: cfg.masking_threshold,
             per_eps,
         },
-    })
+    }))
 }
 
 /// The settings an evaluation cannot run with: no ε, an ε out of range, batch size 0, an
@@ -322,43 +421,108 @@ fn clean_pass(
     })
 }
 
-/// One attack at every ε on the `attacked` images (at `pos` in the evaluation's order): its
-/// per-stage record (composite attacks) and, per ε, which images are broken.
+/// One attack's outcome: its per-stage record (composite attacks), per ε which images are
+/// broken, and its seconds (the sum of its units', whichever run computed them).
+struct AttackOutcome {
+    stages: Option<StageRecord>,
+    broken: Vec<Vec<bool>>,
+    wall_s: f64,
+    gpu_s: f64,
+}
+
+/// Attack number `ai`, `a`, at every ε on the `attacked` images (at `pos` in the
+/// evaluation's order), one unit (ε, batch) at a time; `None` if `hooks` asked to stop.
 fn run_attack(
     model: &dyn Classifier,
     data: &DeviceData,
-    a: &dyn Attack,
+    (ai, a): (usize, &dyn Attack),
     cfg: &RobustnessConfig,
     clean_wrong: &[bool],
     (pos, attacked): (&[usize], &[u32]),
-    on_batch: &mut OnBatch<'_>,
-) -> Result<(Option<StageRecord>, Vec<Vec<bool>>)> {
+    hooks: &mut dyn Hooks,
+) -> Result<Option<AttackOutcome>> {
     let n = clean_wrong.len();
     let name = a.name();
     let mut broken: Vec<Vec<bool>> = vec![clean_wrong.to_vec(); cfg.eps.len()];
     let stage_list = a.stages();
     let mut tally = StageTally::new(&name, stage_list.len(), cfg.eps.len(), n);
+    let (mut wall_s, mut gpu_s) = (0.0, 0.0);
     for (ei, &eps) in cfg.eps.iter().enumerate() {
         let mut done = 0;
-        for chunk in attacked.chunks(cfg.batch_size) {
-            let (x, y) = data.batch(chunk)?;
-            let labels = y.to_vec1::<u32>()?;
-            let mut rng = Rng::new(cfg.seed, &format!("attack/{name}/{eps}/{}", chunk[0]));
-            let staged = a.perturb_staged(model, &x, &y, cfg.norm, eps, &mut rng)?;
-            let preds = predictions(&model.forward_t(&staged.x_adv, false)?)?;
+        for (bi, chunk) in attacked.chunks(cfg.batch_size).enumerate() {
+            let key = format!("a{ai}-e{ei}-b{bi}");
+            let unit = match hooks.finished(&key)? {
+                Some(u) if u.is_for(&name, eps, chunk) => {
+                    hooks.reusing(&u);
+                    u
+                }
+                kept => {
+                    if kept.is_some() {
+                        tracing::warn!("unit {key} kept for another attack, ε or batch: redone");
+                    }
+                    if hooks.should_stop() {
+                        return Ok(None);
+                    }
+                    let u = attack_batch(model, data, a, cfg, eps, chunk)?;
+                    hooks.keep(&key, &u)?;
+                    u
+                }
+            };
             let at = &pos[done..done + chunk.len()];
-            for (j, &i) in at.iter().enumerate() {
-                broken[ei][i] = preds[j] != labels[j];
+            for (&i, b) in at.iter().zip(unit.broken_flags()?) {
+                broken[ei][i] = b;
             }
-            tally.add(ei, staged, at)?;
+            wall_s += unit.wall_s;
+            gpu_s += unit.gpu_s;
+            tally.add(ei, unit, at)?;
             done += chunk.len();
-            on_batch(&name, ei, done, attacked.len());
+            hooks.batch_done(&name, ei, done, attacked.len());
         }
     }
     let stages = (!stage_list.is_empty())
         .then(|| stage_record(&stage_list, &cfg.eps, tally, &broken, clean_wrong))
         .transpose()?;
-    Ok((stages, broken))
+    Ok(Some(AttackOutcome {
+        stages,
+        broken,
+        wall_s,
+        gpu_s,
+    }))
+}
+
+/// One unit: `a` at `eps` on the images `chunk`, re-evaluated.
+fn attack_batch(
+    model: &dyn Classifier,
+    data: &DeviceData,
+    a: &dyn Attack,
+    cfg: &RobustnessConfig,
+    eps: f64,
+    chunk: &[u32],
+) -> Result<Unit> {
+    let start = Instant::now();
+    let cpu_start = crate::device::process_cpu_seconds();
+    let name = a.name();
+    let (x, y) = data.batch(chunk)?;
+    let labels = y.to_vec1::<u32>()?;
+    let mut rng = Rng::new(cfg.seed, &format!("attack/{name}/{eps}/{}", chunk[0]));
+    let staged = a.perturb_staged(model, &x, &y, cfg.norm, eps, &mut rng)?;
+    let preds = predictions(&model.forward_t(&staged.x_adv, false)?)?;
+    let device = x.device().clone();
+    crate::device::synchronize(&device)?;
+    let wall_s = start.elapsed().as_secs_f64();
+    let broken: Vec<bool> = preds.iter().zip(&labels).map(|(p, l)| p != l).collect();
+    Ok(Unit {
+        attack: name,
+        eps,
+        images: chunk.to_vec(),
+        broken: bits(&broken),
+        broken_by: staged.broken_by,
+        stage_images: staged.stage_images,
+        stage_wall_s: staged.stage_wall_s,
+        wall_s,
+        gpu_s: if device.is_cuda() { wall_s } else { 0.0 },
+        cpu_s: crate::device::cpu_seconds_since(cpu_start),
+    })
 }
 
 /// The masking diagnostics at ε number `ei`: the best white-box accuracy, the gradient-free
@@ -469,9 +633,9 @@ impl StageTally {
         }
     }
 
-    /// A batch's stages; `at` places the batch's images among all the images.
-    fn add(&mut self, ei: usize, staged: crate::attack::Staged, at: &[usize]) -> Result<()> {
-        if let Some(b) = staged.broken_by {
+    /// A unit's stages; `at` places the batch's images among all the images.
+    fn add(&mut self, ei: usize, unit: Unit, at: &[usize]) -> Result<()> {
+        if let Some(b) = unit.broken_by {
             if b.len() != at.len() {
                 return Err(Error::AttackCheck {
                     attack: self.attack.clone(),
@@ -482,10 +646,10 @@ impl StageTally {
                 self.stage_of[ei][i] = s;
             }
         }
-        for (k, (m, w)) in staged
+        for (k, (m, w)) in unit
             .stage_images
             .into_iter()
-            .zip(staged.stage_wall_s)
+            .zip(unit.stage_wall_s)
             .enumerate()
         {
             if k < self.images.len() {

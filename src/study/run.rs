@@ -6,11 +6,14 @@
 //! DIR/cache/<model key>/model.safetensors (+ model.json manifest, model.train.safetensors
 //!                                     resume point of FP training), record.json
 //! DIR/cache/<eval key>/record.json    a model's evaluation
+//! DIR/cache/<eval key>/partial/<part>/<unit>.json   units of an evaluation in progress
 //! DIR/results.json, DIR/cells/*.json, DIR/report.md, DIR/plots/   (written by `finish`)
 //! ```
 //! A stage is done when its `record.json` exists (written atomically, last). FP training
-//! saves a resume point after every epoch, so an interrupted run continues mid-stage; the
-//! other stages are short and restart.
+//! saves a resume point after every epoch and QAT after every epoch of its fine-tuning; an
+//! evaluation keeps each finished unit (one attack at one ε on one batch) under `partial/`
+//! and stops between units when asked, so an interrupted run continues mid-stage with the
+//! same results; PTQ is short and restarts.
 //!
 //! Several processes may run on one study directory at once: a stage is computed by the
 //! process that holds the lock in its cache folder (`DIR/cache/<key>/.lock`, removed once the
@@ -35,9 +38,11 @@ use super::shard::Shard;
 use crate::attack::{pgd::Pgd, transfer::Transfer, Attack, Norm};
 use crate::data::batch::DeviceData;
 use crate::data::{self, subset, CifarData, DataSource};
-use crate::eval::robust::{evaluate, RobustnessConfig, RobustnessReport};
+use crate::eval::robust::{
+    evaluate_with, Hooks, OnBatch, RobustnessConfig, RobustnessReport, Unit,
+};
 use crate::manifest::{gpu_seconds, Manifest};
-use crate::model::{checkpoint, ResNet20};
+use crate::model::{checkpoint, Classifier, ResNet20};
 use crate::quant::ptq::{post_training_quantize, PtqConfig};
 use crate::quant::qat::QatConfig;
 use crate::quant::seam::{with_gradient_mode, UniformConfig};
@@ -100,8 +105,8 @@ pub struct RunOptions {
     pub shard: Option<Shard>,
     /// Stop (cleanly, resumable) after computing this many stages.
     pub max_stages: Option<usize>,
-    /// Stop (cleanly, resumable) once this instant has passed: checked between stages and
-    /// between training epochs.
+    /// Stop (cleanly, resumable) once this instant has passed: checked between stages,
+    /// between training epochs and between evaluation units.
     pub deadline: Option<Instant>,
     /// Draw a progress bar.
     pub progress: bool,
@@ -615,8 +620,22 @@ impl Runner<'_> {
             return Ok(Outcome::Done(r));
         }
         self.bar.set_message(format!("attacking {}", spec.id()));
-        let record = self.evaluate(spec, &key)?;
-        crate::io::write_json_atomic(&cache_dir(self.out, &key).join("record.json"), &record)?;
+        let Some(record) = self.evaluate(spec, &key)? else {
+            tracing::info!(
+                "{}: stopped mid-evaluation; its finished units are kept in {}",
+                spec.id(),
+                cache_dir(self.out, &key).join(PARTIAL).display()
+            );
+            return Ok(Outcome::Stopped);
+        };
+        let dir = cache_dir(self.out, &key);
+        crate::io::write_json_atomic(&dir.join("record.json"), &record)?;
+        match std::fs::remove_dir_all(dir.join(PARTIAL)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(dir.join(PARTIAL), e))
+            }
+            _ => {}
+        }
         self.computed += 1;
         let e8 = record
             .report
@@ -634,7 +653,18 @@ impl Runner<'_> {
         Ok(Outcome::Done(record))
     }
 
-    fn evaluate(&mut self, spec: &ModelSpec, key: &str) -> Result<EvalRecord> {
+    /// The units of part `part` of the evaluation `key`, kept under its `partial/` folder.
+    fn units<'a>(&self, key: &str, part: &'a str, id: &'a str, eps: &'a [f64]) -> UnitDir<'a> {
+        UnitDir {
+            dir: cache_dir(self.out, key).join(PARTIAL).join(part),
+            deadline: self.opts.deadline,
+            log: Box::new(progress(id, part, eps)),
+            reused: Reused::default(),
+        }
+    }
+
+    /// The model's evaluation, or `None` when the run was asked to stop before its end.
+    fn evaluate(&mut self, spec: &ModelSpec, key: &str) -> Result<Option<EvalRecord>> {
         let e = &self.cfg.eval;
         let model = self.load(spec, false)?;
         let mut attacks: Vec<Box<dyn Attack>> = e
@@ -663,25 +693,29 @@ impl Runner<'_> {
         let id = spec.id();
         let t = Instant::now();
         let cpu_start = crate::device::process_cpu_seconds();
-        let report = evaluate(
-            &model,
-            &self.test,
-            &idx,
-            &attacks,
-            &rcfg,
-            &mut progress(&id, "attacks", &rcfg.eps),
-        )?;
+        let mut reused = Reused::default();
+        // Each part of the evaluation with its units' folder; `None` once a stop is asked for.
+        let mut part = |name: &str,
+                        model: &dyn Classifier,
+                        idx: &[u32],
+                        attacks: &[Box<dyn Attack>],
+                        cfg: &RobustnessConfig|
+         -> Result<Option<RobustnessReport>> {
+            let mut units = self.units(key, name, &id, &cfg.eps);
+            let r = evaluate_with(model, &self.test, idx, attacks, cfg, &mut units)?;
+            reused.add(&units.reused);
+            Ok(r)
+        };
+        let Some(report) = part("attacks", &model, &idx, &attacks, &rcfg)? else {
+            return Ok(None);
+        };
         let raw = if e.raw_gradients && spec.is_quantized() {
             let raw_model = with_gradient_mode(&model, GradientMode::Raw);
             let pgd: Vec<Box<dyn Attack>> = vec![Box::new(e.settings.pgd())];
-            Some(evaluate(
-                &raw_model,
-                &self.test,
-                &idx,
-                &pgd,
-                &rcfg,
-                &mut progress(&id, "raw gradients", &rcfg.eps),
-            )?)
+            match part("raw gradients", &raw_model, &idx, &pgd, &rcfg)? {
+                Some(r) => Some(r),
+                None => return Ok(None),
+            }
         } else {
             None
         };
@@ -697,10 +731,10 @@ impl Runner<'_> {
                     eps: w.eps.clone(),
                     ..rcfg.clone()
                 };
-                let mut log = progress(&id, "wide", &wcfg.eps);
-                Some(evaluate(
-                    &model, &self.test, &idx, &attacks, &wcfg, &mut log,
-                )?)
+                match part("wide", &model, &idx, &attacks, &wcfg)? {
+                    Some(r) => Some(r),
+                    None => return Ok(None),
+                }
             }
             None => None,
         };
@@ -711,16 +745,17 @@ impl Runner<'_> {
                     eps: a.eps.clone(),
                     ..rcfg.clone()
                 };
-                let mut log = progress(&id, "autoattack", &acfg.eps);
-                Some(evaluate(
-                    &model, &self.test, &idx, &attacks, &acfg, &mut log,
-                )?)
+                match part("autoattack", &model, &idx, &attacks, &acfg)? {
+                    Some(r) => Some(r),
+                    None => return Ok(None),
+                }
             }
             None => None,
         };
         crate::device::synchronize(&self.dev)?;
-        let wall = t.elapsed().as_secs_f64();
-        let cpu = crate::device::cpu_seconds_since(cpu_start);
+        // The stage's cost includes what earlier, interrupted runs spent on the units reused.
+        let wall = t.elapsed().as_secs_f64() + reused.wall_s;
+        let cpu = crate::device::cpu_seconds_since(cpu_start) + reused.cpu_s;
         let mut m = Manifest::new("evaluation", &self.dev);
         m.seed = Some(rcfg.seed);
         m.data = Some(self.data.identity.clone());
@@ -730,7 +765,15 @@ impl Runner<'_> {
             "reference": spec.reference().map(|r| self.keys.model(&r).map(String::from)).transpose()?,
         });
         m.add_timing("eval", wall, &self.dev);
-        Ok(EvalRecord {
+        if reused.units > 0 {
+            tracing::info!(
+                "{id}: {} units finished by earlier runs reused ({:.0} s of the {wall:.0} s)",
+                reused.units,
+                reused.wall_s
+            );
+            m.add_timing("eval: units of earlier runs", reused.wall_s, &self.dev);
+        }
+        Ok(Some(EvalRecord {
             id: spec.id(),
             key: key.into(),
             model_key: self.keys.model(spec)?.into(),
@@ -742,7 +785,70 @@ impl Runner<'_> {
             gpu_s: gpu_seconds(&self.dev, wall),
             cpu_s: cpu,
             manifest: m,
-        })
+        }))
+    }
+}
+
+/// The folder of an evaluation's finished units, inside its stage folder.
+pub const PARTIAL: &str = "partial";
+
+/// How many units an evaluation took from earlier runs, and what they had cost.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reused {
+    units: usize,
+    wall_s: f64,
+    cpu_s: f64,
+}
+
+impl Reused {
+    fn add(&mut self, o: &Reused) {
+        self.units += o.units;
+        self.wall_s += o.wall_s;
+        self.cpu_s += o.cpu_s;
+    }
+}
+
+/// An evaluation part's units as files (`<dir>/<unit>.json`, written atomically), the run's
+/// stop request (SIGTERM or the time budget) checked between units, and its log.
+struct UnitDir<'a> {
+    dir: PathBuf,
+    deadline: Option<Instant>,
+    log: Box<OnBatch<'a>>,
+    reused: Reused,
+}
+
+impl Hooks for UnitDir<'_> {
+    fn batch_done(&mut self, attack: &str, ei: usize, done: usize, total: usize) {
+        (self.log)(attack, ei, done, total)
+    }
+
+    fn finished(&mut self, key: &str) -> Result<Option<Unit>> {
+        let f = self.dir.join(format!("{key}.json"));
+        if !f.is_file() {
+            return Ok(None);
+        }
+        match crate::io::read_json(&f) {
+            Ok(u) => Ok(Some(u)),
+            Err(e) => {
+                tracing::warn!("{e}: unreadable, the unit is redone");
+                Ok(None)
+            }
+        }
+    }
+
+    fn reusing(&mut self, u: &Unit) {
+        self.reused.units += 1;
+        self.reused.wall_s += u.wall_s;
+        self.reused.cpu_s += u.cpu_s;
+    }
+
+    fn keep(&mut self, key: &str, unit: &Unit) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        crate::io::write_json_atomic(&self.dir.join(format!("{key}.json")), unit)
+    }
+
+    fn should_stop(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d) || crate::device::stop_requested()
     }
 }
 
@@ -934,7 +1040,9 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<StudyConfig> {
             for f in std::fs::read_dir(&src).map_err(|e| Error::io(&src, e))? {
                 let f = f.map_err(|e| Error::io(&src, e))?;
                 let name = f.file_name();
-                if name == "record.json" || name == crate::io::DirLock::FILE {
+                // Folders (an evaluation's units) belong to the stage in progress, not to
+                // its result.
+                if name == "record.json" || name == crate::io::DirLock::FILE || f.path().is_dir() {
                     continue;
                 }
                 crate::io::copy_atomic(&f.path(), &dst.join(&name))?;
