@@ -507,39 +507,25 @@ fn sigterm_stops_training_cleanly_and_resumably() {
     let dir = tempdir();
     let ck = dir.path().join("m.safetensors");
     let ck_s = ck.to_str().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
-        .args([
-            "train",
-            "--data",
-            "embedded",
-            "--device",
-            "cpu",
-            "--train-count",
-            "128",
-            "--batch-size",
-            "64",
-            "--eval-images",
-            "50",
-            "--epochs",
-            "200",
-            "--checkpoint",
-            ck_s,
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start train");
+    let args = strings(&[
+        "train",
+        "--data",
+        "embedded",
+        "--device",
+        "cpu",
+        "--train-count",
+        "128",
+        "--batch-size",
+        "64",
+        "--eval-images",
+        "50",
+        "--epochs",
+        "200",
+        "--checkpoint",
+        ck_s,
+    ]);
     let resume = dir.path().join("m.train.safetensors");
-    let t = std::time::Instant::now();
-    while !resume.is_file() {
-        assert!(t.elapsed().as_secs() < 300, "no epoch finished in 300 s");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    let status = child.wait().expect("wait");
+    let status = sigterm_once(&args, || resume.is_file(), "no epoch finished");
     assert_eq!(status.code(), Some(75), "{status:?}");
     let state = quant_robust::train::Trainer::read_state(&ck).expect("a resume point");
     assert!(
@@ -846,6 +832,31 @@ fn stripped_results(out: &std::path::Path) -> serde_json::Value {
     v
 }
 
+/// Runs the binary with `args`, sends it one SIGTERM as soon as `ready` holds (within 300 s, or
+/// the test fails saying `never`), and returns how it ended.
+fn sigterm_once(
+    args: &[String],
+    ready: impl Fn() -> bool,
+    never: &str,
+) -> std::process::ExitStatus {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the binary");
+    let t = std::time::Instant::now();
+    while !ready() {
+        assert!(t.elapsed().as_secs() < 300, "{never} in 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success());
+    child.wait().expect("wait")
+}
+
 /// SIGTERM during an evaluation stops `reproduce` after the unit in progress (one attack at
 /// one ε on one batch) with exit status 75, the finished units kept in the stage's `partial/`
 /// folder; the same command reuses them (the manifest says how much time they had cost),
@@ -874,22 +885,7 @@ fn sigterm_stops_an_evaluation_between_units_and_the_rerun_reuses_them() {
             .filter(|f| f.extension().is_some_and(|e| e == "json"))
             .collect()
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
-        .args(&args)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start reproduce");
-    let t = std::time::Instant::now();
-    while units().is_empty() {
-        assert!(t.elapsed().as_secs() < 300, "no unit finished in 300 s");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    let status = child.wait().expect("wait");
+    let status = sigterm_once(&args, || !units().is_empty(), "no unit finished");
     assert_eq!(status.code(), Some(75), "{status:?}");
     let kept = units();
     assert!(!kept.is_empty());
@@ -1191,22 +1187,7 @@ fn sigterm_stops_reproduce_after_its_current_stage() {
             .filter(|f| f.ends_with("record.json"))
             .count()
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_quant-robust"))
-        .args(&args)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start reproduce");
-    let t = std::time::Instant::now();
-    while records() == 0 {
-        assert!(t.elapsed().as_secs() < 300, "no stage finished in 300 s");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
-    let status = child.wait().expect("wait");
+    let status = sigterm_once(&args, || records() > 0, "no stage finished");
     assert_eq!(status.code(), Some(75), "{status:?}");
     let kept = records();
     assert!(kept >= 1);
