@@ -520,7 +520,7 @@ fn attack_batch(
         stage_images: staged.stage_images,
         stage_wall_s: staged.stage_wall_s,
         wall_s,
-        gpu_s: if device.is_cuda() { wall_s } else { 0.0 },
+        gpu_s: crate::manifest::gpu_seconds(&device, wall_s),
         cpu_s: crate::device::cpu_seconds_since(cpu_start),
     })
 }

@@ -574,11 +574,7 @@ impl Runner<'_> {
             checkpoint::manifest_path(&latent),
             paths.weights,
         ] {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io(&p, e)),
-            }
+            crate::io::remove_if_present(&p)?;
         }
         Ok(Ok(ModelRecord {
             id: spec.id(),
@@ -630,12 +626,7 @@ impl Runner<'_> {
         };
         let dir = cache_dir(self.out, &key);
         crate::io::write_json_atomic(&dir.join("record.json"), &record)?;
-        match std::fs::remove_dir_all(dir.join(PARTIAL)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Error::io(dir.join(PARTIAL), e))
-            }
-            _ => {}
-        }
+        crate::io::remove_if_present(&dir.join(PARTIAL))?;
         self.computed += 1;
         let e8 = record
             .report
