@@ -375,6 +375,81 @@ proptest! {
     }
 }
 
+/// The evaluation forward fuses a uniformly quantized model's ReLU into the convolution's
+/// store and the residual sum, then quantizes: the same logits and input gradients, bit for
+/// bit, as the seam's activation after an unfused convolution (ReLU, then the quantizer).
+#[test]
+fn fused_relu_then_quantizer_has_the_bits_of_the_unfused_activation() {
+    use std::sync::Arc;
+
+    use quant_robust::data::batch::DeviceData;
+    use quant_robust::model::{QuantSeam, ResNet20};
+    use quant_robust::quant::seam::{calibrate, UniformSeam};
+    use quant_robust::rng::Rng;
+
+    /// The same seam, but the model may not fuse its ReLU.
+    struct Unfused(UniformSeam);
+    impl QuantSeam for Unfused {
+        fn weight(&self, layer: &str, w: &Tensor) -> quant_robust::Result<Tensor> {
+            self.0.weight(layer, w)
+        }
+        fn activation(&self, site: &str, x: &Tensor) -> quant_robust::Result<Tensor> {
+            self.0.activation(site, x)
+        }
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+    }
+
+    let s = crate::common::sample();
+    let model = ResNet20::init(&mut Rng::new(4, "init"), &Device::Cpu).unwrap();
+    let train = DeviceData::new(&s.train.take(64), &Device::Cpu).unwrap();
+    let (x, y) = train.range(0, 64).unwrap();
+    for _ in 0..3 {
+        model.forward(&x, true).unwrap();
+    }
+    let all: Vec<u32> = (0..64).collect();
+    let ranges = calibrate(&model.frozen(), &train, &all, 32).unwrap();
+    for bits in [Bits::of(4, 4), Bits::of(32, 3), Bits::of(4, 32)] {
+        let seam = UniformSeam {
+            config: UniformConfig::from(bits),
+            ranges: ranges.clone(),
+            mode: GradientMode::Ste,
+        };
+        assert!(seam.relu_first("layer1.0.relu2"));
+        let fused = model.frozen().with_seam(Arc::new(seam.clone()));
+        let unfused = model.frozen().with_seam(Arc::new(Unfused(seam)));
+        let bits_of = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (
+            fused.forward(&x, false).unwrap(),
+            unfused.forward(&x, false).unwrap(),
+        );
+        assert_eq!(bits_of(&a), bits_of(&b), "{bits:?}: logits");
+        let (la, ga) = quant_robust::attack::input_gradient(&fused, &x, &y).unwrap();
+        let (lb, gb) = quant_robust::attack::input_gradient(&unfused, &x, &y).unwrap();
+        assert_eq!(bits_of(&la), bits_of(&lb), "{bits:?}: losses");
+        assert_eq!(bits_of(&ga), bits_of(&gb), "{bits:?}: input gradients");
+        assert!(
+            ga.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0,
+            "{bits:?}: a gradient to compare"
+        );
+    }
+}
+
 #[test]
 fn pwlq_bias_correction_restores_mean_and_std() {
     use quant_robust::quant::pwlq::{bias_correct, breakpoint, quantize_channel, Breakpoint};

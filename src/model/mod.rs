@@ -39,11 +39,18 @@ pub trait QuantSeam: Send + Sync {
         Ok(crate::kernels::relu(x)?)
     }
 
-    /// Whether the activation at `site` is exactly ReLU, so that the model may fuse it into
-    /// the operation before it (the convolution's store, the residual sum). Default: no; only
-    /// a seam whose [`QuantSeam::activation`] is plain ReLU there may say yes.
-    fn plain_relu(&self, _site: &str) -> bool {
+    /// Whether the activation at `site` is ReLU followed by [`QuantSeam::after_relu`], so
+    /// that the model may fuse the ReLU into the operation before it (the convolution's
+    /// store, the residual sum). Default: no; a seam may say yes only where
+    /// `activation(site, x)` equals `after_relu(site, relu(x))`, values and gradients.
+    fn relu_first(&self, _site: &str) -> bool {
         false
+    }
+
+    /// What follows the ReLU at `site` where [`QuantSeam::relu_first`] holds (FP: nothing;
+    /// uniform quantization: the activation quantizer).
+    fn after_relu(&self, _site: &str, y: &Tensor) -> crate::Result<Tensor> {
+        Ok(y.clone())
     }
 
     /// A short description for manifests (`fp`, `ptq-pwlq-w4a8`, ...).
@@ -70,7 +77,7 @@ pub trait QuantSeam: Send + Sync {
 pub struct FullPrecision;
 
 impl QuantSeam for FullPrecision {
-    fn plain_relu(&self, _site: &str) -> bool {
+    fn relu_first(&self, _site: &str) -> bool {
         true
     }
 

@@ -407,8 +407,9 @@ impl ResNet20 {
         } else {
             let (w, shift) = self.folded(&w, bn)?;
             match site {
-                Some(site) if self.seam.plain_relu(site) => {
-                    Ok(kernels::conv2d_bias_relu(x, &w, &shift, 1, stride)?)
+                Some(site) if self.seam.relu_first(site) => {
+                    let y = kernels::conv2d_bias_relu(x, &w, &shift, 1, stride)?;
+                    self.seam.after_relu(site, &y)
                 }
                 Some(site) => {
                     let y = kernels::conv2d_bias(x, &w, &shift, 1, stride)?;
@@ -446,12 +447,11 @@ impl ResNet20 {
         };
         let relu2 = format!("{name}.relu2");
         let (conv2, bn2) = (format!("{name}.conv2"), format!("{name}.bn2"));
-        if !train && self.seam.plain_relu(&relu2) {
+        if !train && self.seam.relu_first(&relu2) {
             // Evaluation: BatchNorm folded, the shortcut and the ReLU in the kernel's store.
             let (w, shift) = self.folded(&self.layer_weight(&conv2)?, &bn2)?;
-            return Ok(kernels::conv2d_bias_add_relu(
-                &out, &w, &shift, &shortcut, 1, 1,
-            )?);
+            let y = kernels::conv2d_bias_add_relu(&out, &w, &shift, &shortcut, 1, 1)?;
+            return self.seam.after_relu(&relu2, &y);
         }
         let out = self.conv_bn(
             &out,
@@ -463,8 +463,9 @@ impl ResNet20 {
             1,
             train,
         )?;
-        if self.seam.plain_relu(&relu2) {
-            Ok(kernels::add_relu(&out, &shortcut)?)
+        if self.seam.relu_first(&relu2) {
+            self.seam
+                .after_relu(&relu2, &kernels::add_relu(&out, &shortcut)?)
         } else {
             self.seam.activation(&relu2, &(out + shortcut)?)
         }

@@ -165,14 +165,21 @@ impl QuantSeam for UniformSeam {
     }
 
     fn activation(&self, site: &str, x: &Tensor) -> Result<Tensor> {
-        let y = crate::kernels::relu(x)?;
+        self.after_relu(site, &crate::kernels::relu(x)?)
+    }
+
+    fn relu_first(&self, _site: &str) -> bool {
+        true
+    }
+
+    fn after_relu(&self, site: &str, y: &Tensor) -> Result<Tensor> {
         match self.config.activation_bits {
-            None => Ok(y),
+            None => Ok(y.clone()),
             Some(b) => {
                 let range = *self.ranges.get(site).ok_or_else(|| {
                     Error::config("activation site", site, "has no calibrated range")
                 })?;
-                quantize_activation(&y, b, range, self.mode)
+                quantize_activation(y, b, range, self.mode)
             }
         }
     }
