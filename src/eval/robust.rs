@@ -291,19 +291,15 @@ pub fn evaluate_with(
     // each attacked image back to its place in `idx`.
     let pos: Vec<usize> = (0..n).filter(|&i| !clean_wrong[i]).collect();
     let attacked: Vec<u32> = pos.iter().map(|&i| idx[i]).collect();
+    let targets = Targets {
+        clean_wrong,
+        pos: &pos,
+        attacked: &attacked,
+    };
     let mut results = Vec::new();
     let mut broken_all: Vec<Vec<Vec<bool>>> = Vec::new();
     for (ai, a) in attacks.iter().enumerate() {
-        let Some(outcome) = run_attack(
-            model,
-            data,
-            (ai, a.as_ref()),
-            cfg,
-            clean_wrong,
-            (&pos, &attacked),
-            hooks,
-        )?
-        else {
+        let Some(outcome) = run_attack(model, data, ai, a.as_ref(), cfg, targets, hooks)? else {
             return Ok(None);
         };
         let AttackOutcome {
@@ -430,17 +426,33 @@ struct AttackOutcome {
     gpu_s: f64,
 }
 
-/// Attack number `ai`, `a`, at every ε on the `attacked` images (at `pos` in the
-/// evaluation's order), one unit (ε, batch) at a time; `None` if `hooks` asked to stop.
+/// The images of an evaluation the attacks run on.
+#[derive(Clone, Copy)]
+struct Targets<'a> {
+    /// Per image of the evaluation: misclassified clean (broken at every ε).
+    clean_wrong: &'a [bool],
+    /// The attacked images' places in the evaluation's order.
+    pos: &'a [usize],
+    /// The attacked images (indices into the data).
+    attacked: &'a [u32],
+}
+
+/// Attack number `ai`, `a`, at every ε on the `targets`, one unit (ε, batch) at a time;
+/// `None` if `hooks` asked to stop.
 fn run_attack(
     model: &dyn Classifier,
     data: &DeviceData,
-    (ai, a): (usize, &dyn Attack),
+    ai: usize,
+    a: &dyn Attack,
     cfg: &RobustnessConfig,
-    clean_wrong: &[bool],
-    (pos, attacked): (&[usize], &[u32]),
+    targets: Targets,
     hooks: &mut dyn Hooks,
 ) -> Result<Option<AttackOutcome>> {
+    let Targets {
+        clean_wrong,
+        pos,
+        attacked,
+    } = targets;
     let n = clean_wrong.len();
     let name = a.name();
     let mut broken: Vec<Vec<bool>> = vec![clean_wrong.to_vec(); cfg.eps.len()];

@@ -311,6 +311,38 @@ fn chunk(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
+/// A convolution's settings: zero padding, stride, and the CPU algorithm.
+#[derive(Debug, Clone, Copy)]
+struct Conv {
+    pad: usize,
+    stride: usize,
+    path: ConvPath,
+}
+
+impl Conv {
+    /// The geometry of this convolution of an input shaped `x` by a kernel shaped `w`.
+    fn geom(&self, x: &[usize], w: &[usize]) -> candle_core::Result<Geom> {
+        Geom::new(x, w, self.stride, self.pad)
+    }
+}
+
+/// What a kernel adds to each output as it stores it: the bias of its channel and, if any,
+/// the residual at its place.
+#[derive(Clone, Copy)]
+struct Addends<'a> {
+    bias: &'a [f32],
+    residual: Option<&'a [f32]>,
+}
+
+/// What the forward pass does as it stores each output: add a bias per channel (zero when
+/// `None`) and a residual (of the output's shape), then ReLU.
+#[derive(Clone, Copy, Default)]
+struct Store<'a> {
+    bias: Option<&'a [f32]>,
+    residual: Option<&'a [f32]>,
+    relu: bool,
+}
+
 /// A kernel packed for the direct or the Winograd algorithm.
 enum Packed {
     Direct(Isa, Vec<f32>),
@@ -328,16 +360,11 @@ impl Packed {
     }
 }
 
-/// For each of `n` images of `x` (sizes as `p` says), `y` = conv(image, `kernel`) + `bias`
-/// [+ its plane of `residual`] [through ReLU], by the direct or Winograd kernel, `per` images
-/// per parallel task; `hw` output pixels per channel.
-fn each_image(
-    p: direct::Plane,
-    (n, per, hw): (usize, usize, usize),
-    kernel: &Packed,
-    x: &[f32],
-    (bias, residual): (&[f32], Option<&[f32]>),
-) -> Vec<f32> {
+/// For each of `n` images of `x` (sizes as `p` says), `y` = conv(image, `kernel`) + `add`
+/// [through ReLU, `p.relu`], by the direct or Winograd kernel, the batch split evenly over
+/// the threads.
+fn each_image(p: direct::Plane, n: usize, kernel: &Packed, x: &[f32], add: Addends) -> Vec<f32> {
+    let (per, hw) = (chunk(n), p.out_pixels());
     let (in_len, out_len) = (p.c * p.h * p.w, p.o * hw);
     // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
     // direct or the Winograd kernel (both write every element of their output).
@@ -347,13 +374,14 @@ fn each_image(
             for (i, yi) in ys.chunks_mut(out_len).enumerate() {
                 let img = t * per + i;
                 let xi = &x[img * in_len..(img + 1) * in_len];
-                let ri = residual.map(|r| &r[img * out_len..(img + 1) * out_len]);
+                let add = Addends {
+                    residual: add.residual.map(|r| &r[img * out_len..(img + 1) * out_len]),
+                    ..add
+                };
                 match kernel {
-                    Packed::Direct(isa, wp) => {
-                        direct::conv(*isa, p, xi, wp, (bias, ri), &mut xp, yi)
-                    }
+                    Packed::Direct(isa, wp) => direct::conv(*isa, p, xi, wp, add, &mut xp, yi),
                     Packed::Winograd(isa, up) => {
-                        winograd::conv(*isa, p, xi, up, (bias, ri), &mut scratch, yi)
+                        winograd::conv(*isa, p, xi, up, add, &mut scratch, yi)
                     }
                 }
             }
@@ -361,15 +389,13 @@ fn each_image(
     }
 }
 
-/// `y = conv(x, w) + bias [+ residual]` (bias per output channel, zero when `None`;
-/// residual of y's shape), through ReLU when `relu`.
-fn forward(
-    g: &Geom,
-    (x, w): (&[f32], &[f32]),
-    (bias, residual): (Option<&[f32]>, Option<&[f32]>),
-    relu: bool,
-    algo: Forward,
-) -> Vec<f32> {
+/// `y = conv(x, w)`, each output stored as `store` says.
+fn forward(g: &Geom, x: &[f32], w: &[f32], store: Store, algo: Forward) -> Vec<f32> {
+    let Store {
+        bias,
+        residual,
+        relu,
+    } = store;
     let zeros;
     let bias = match bias {
         Some(b) => b,
@@ -379,7 +405,6 @@ fn forward(
         }
     };
     let (ckk, hw) = (g.ckk(), g.hw_out());
-    let per = chunk(g.n);
     if let Some(kernel) = Packed::new(algo, w, g.o, g.c) {
         let plane = direct::Plane {
             h: g.h,
@@ -389,8 +414,9 @@ fn forward(
             stride: g.stride,
             relu,
         };
-        return each_image(plane, (g.n, per, hw), &kernel, x, (bias, residual));
+        return each_image(plane, g.n, &kernel, x, Addends { bias, residual });
     }
+    let per = chunk(g.n);
     let mut y = vec![0f32; g.n * g.o * hw];
     y.par_chunks_mut(per * g.o * hw)
         .enumerate()
@@ -447,7 +473,6 @@ fn transposed_rotated(w: &[f32], o: usize, c: usize) -> Vec<f32> {
 
 fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Forward) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
-    let per = chunk(g.n);
     // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel
     // ([`ConvPath::input_grad`] chose its algorithm). (A stride-2 input gradient is a
     // transposed convolution: im2col's col2im does it.)
@@ -469,8 +494,13 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Forward) -> Vec<f32> {
             relu: false,
         };
         let zeros = vec![0f32; g.c];
-        return each_image(plane, (g.n, per, g.h * g.w), &kernel, dy, (&zeros, None));
+        let add = Addends {
+            bias: &zeros,
+            residual: None,
+        };
+        return each_image(plane, g.n, &kernel, dy, add);
     }
+    let per = chunk(g.n);
     let mut dx = vec![0f32; g.n * g.in_len()];
     dx.par_chunks_mut(per * g.in_len())
         .enumerate()
@@ -572,24 +602,18 @@ fn sum(partial: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
 
 /// The forward op: `(x, w) -> y`.
 struct Conv2dOp {
-    stride: usize,
-    pad: usize,
-    path: ConvPath,
+    conv: Conv,
 }
 
 /// `(dy, w) -> dx` for an input of shape `in_shape`.
 struct GradInputOp {
-    stride: usize,
-    pad: usize,
-    path: ConvPath,
+    conv: Conv,
     in_shape: [usize; 4],
 }
 
 /// `(x, dy) -> dw` for a kernel of shape `w_shape`.
 struct GradWeightOp {
-    stride: usize,
-    pad: usize,
-    path: ConvPath,
+    conv: Conv,
     w_shape: [usize; 4],
 }
 
@@ -605,10 +629,10 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
-        let algo = self.path.forward(&g)?;
+        let g = self.conv.geom(l1.dims(), l2.dims())?;
+        let algo = self.conv.path.forward(&g)?;
         let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
-        let y = forward(&g, (x, w), (None, None), false, algo);
+        let y = forward(&g, x, w, Store::default(), algo);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -619,15 +643,13 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        grads(self.stride, self.pad, self.path, x, w, &grad.contiguous()?)
+        grads(self.conv, x, w, &grad.contiguous()?)
     }
 }
 
 /// The input and weight gradients of a convolution, each only where its operand is tracked.
 fn grads(
-    stride: usize,
-    pad: usize,
-    path: ConvPath,
+    conv: Conv,
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,
@@ -635,9 +657,7 @@ fn grads(
     let dx = if x.track_op() {
         let d = x.dims();
         let op = GradInputOp {
-            stride,
-            pad,
-            path,
+            conv,
             in_shape: [d[0], d[1], d[2], d[3]],
         };
         Some(grad.apply_op2_no_bwd(&w.contiguous()?, &op)?)
@@ -647,9 +667,7 @@ fn grads(
     let dw = if w.track_op() {
         let d = w.dims();
         let op = GradWeightOp {
-            stride,
-            pad,
-            path,
+            conv,
             w_shape: [d[0], d[1], d[2], d[3]],
         };
         Some(x.contiguous()?.apply_op2_no_bwd(grad, &op)?)
@@ -661,9 +679,7 @@ fn grads(
 
 /// The forward op with a bias per output channel: `(x, w, b) -> y`, optionally through ReLU.
 struct Conv2dBiasOp {
-    stride: usize,
-    pad: usize,
-    path: ConvPath,
+    conv: Conv,
     relu: bool,
 }
 
@@ -681,14 +697,19 @@ impl CustomOp3 for Conv2dBiasOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        let g = self.conv.geom(l1.dims(), l2.dims())?;
         let bias = slice(s3, l3, "bias")?;
         if bias.len() != g.o {
             candle_core::bail!("conv2d: {} biases for {} output channels", bias.len(), g.o);
         }
-        let algo = self.path.forward(&g)?;
+        let algo = self.conv.path.forward(&g)?;
         let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
-        let y = forward(&g, (x, w), (Some(bias), None), self.relu, algo);
+        let store = Store {
+            bias: Some(bias),
+            residual: None,
+            relu: self.relu,
+        };
+        let y = forward(&g, x, w, store, algo);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -706,7 +727,7 @@ impl CustomOp3 for Conv2dBiasOp {
         } else {
             grad.contiguous()?
         };
-        let (dx, dw) = grads(self.stride, self.pad, self.path, x, w, &grad)?;
+        let (dx, dw) = grads(self.conv, x, w, &grad)?;
         let db = if b.track_op() {
             Some(grad.sum((0, 2, 3))?)
         } else {
@@ -728,11 +749,11 @@ impl CustomOp2 for GradInputOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(&self.in_shape, l2.dims(), self.stride, self.pad)?;
+        let g = self.conv.geom(&self.in_shape, l2.dims())?;
         if l1.dims() != [g.n, g.o, g.ho, g.wo] {
             candle_core::bail!("conv2d grad: output gradient shape {:?}", l1.dims());
         }
-        let algo = self.path.input_grad(&g)?;
+        let algo = self.conv.path.input_grad(&g)?;
         let dx = grad_input(
             &g,
             slice(s1, l1, "gradient")?,
@@ -755,11 +776,11 @@ impl CustomOp2 for GradWeightOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), &self.w_shape, self.stride, self.pad)?;
+        let g = self.conv.geom(l1.dims(), &self.w_shape)?;
         if l2.dims() != [g.n, g.o, g.ho, g.wo] {
             candle_core::bail!("conv2d grad: output gradient shape {:?}", l2.dims());
         }
-        let isa = self.path.resolve(&g)?;
+        let isa = self.conv.path.resolve(&g)?;
         let dw = grad_weight(&g, slice(s1, l1, "input")?, slice(s2, l2, "gradient")?, isa);
         Ok((CpuStorage::F32(dw), Shape::from(self.w_shape.to_vec())))
     }
@@ -781,8 +802,12 @@ pub fn conv2d_with(
     path: ConvPath,
 ) -> candle_core::Result<Tensor> {
     if ours(x, w) {
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, Conv2dOp { stride, pad, path })
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            Conv2dOp {
+                conv: Conv { pad, stride, path },
+            },
+        )
     } else {
         x.conv2d(w, pad, stride, 1, 1)
     }
@@ -792,9 +817,7 @@ pub fn conv2d_with(
 /// `(x, w, r) -> relu(conv(x, w) + bias + r)`, the bias per output channel held as data (it
 /// takes no gradient).
 struct Conv2dResidualReluOp {
-    stride: usize,
-    pad: usize,
-    path: ConvPath,
+    conv: Conv,
     bias: Vec<f32>,
 }
 
@@ -812,7 +835,7 @@ impl CustomOp3 for Conv2dResidualReluOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.pad)?;
+        let g = self.conv.geom(l1.dims(), l2.dims())?;
         if self.bias.len() != g.o || l3.dims() != [g.n, g.o, g.ho, g.wo] {
             candle_core::bail!(
                 "conv2d: residual {:?} or {} biases do not fit the output {:?}",
@@ -821,10 +844,15 @@ impl CustomOp3 for Conv2dResidualReluOp {
                 [g.n, g.o, g.ho, g.wo]
             );
         }
-        let algo = self.path.forward(&g)?;
+        let algo = self.conv.path.forward(&g)?;
         let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
         let r = slice(s3, l3, "residual")?;
-        let y = forward(&g, (x, w), (Some(&self.bias), Some(r)), true, algo);
+        let store = Store {
+            bias: Some(&self.bias),
+            residual: Some(r),
+            relu: true,
+        };
+        let y = forward(&g, x, w, store, algo);
         Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
     }
 
@@ -838,7 +866,7 @@ impl CustomOp3 for Conv2dResidualReluOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // y = max(s, 0): y > 0 exactly where s > 0.
         let grad = super::IntervalGrad::POSITIVE.apply(res, grad)?;
-        let (dx, dw) = grads(self.stride, self.pad, self.path, x, w, &grad)?;
+        let (dx, dw) = grads(self.conv, x, w, &grad)?;
         Ok((dx, dw, r.track_op().then_some(grad)))
     }
 }
@@ -865,7 +893,7 @@ pub fn conv2d_bias_with(
     stride: usize,
     path: ConvPath,
 ) -> candle_core::Result<Tensor> {
-    bias_op(x, w, b, (pad, stride, path), false)
+    bias_op(x, w, b, Conv { pad, stride, path }, false)
 }
 
 /// `relu(conv2d(x, w) + b)`, the ReLU applied as the kernel stores each output (on the CPU;
@@ -889,7 +917,7 @@ pub fn conv2d_bias_relu_with(
     stride: usize,
     path: ConvPath,
 ) -> candle_core::Result<Tensor> {
-    bias_op(x, w, b, (pad, stride, path), true)
+    bias_op(x, w, b, Conv { pad, stride, path }, true)
 }
 
 /// Whether our CPU kernels take a convolution of `x` by `w` (else candle's ops).
@@ -902,23 +930,18 @@ fn bias_op(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
-    (pad, stride, path): (usize, usize, ConvPath),
+    conv: Conv,
     relu: bool,
 ) -> candle_core::Result<Tensor> {
     if ours(x, w) {
-        let op = Conv2dBiasOp {
-            stride,
-            pad,
-            path,
-            relu,
-        };
+        let op = Conv2dBiasOp { conv, relu };
         return x
             .contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, op);
     }
     let o = b.dim(0)?;
     let y = x
-        .conv2d(w, pad, stride, 1, 1)?
+        .conv2d(w, conv.pad, conv.stride, 1, 1)?
         .broadcast_add(&b.reshape((1, o, 1, 1))?)?;
     if relu {
         y.relu()
@@ -954,9 +977,7 @@ pub fn conv2d_bias_add_relu_with(
 ) -> candle_core::Result<Tensor> {
     if ours(x, w) && [r.dtype(), b.dtype()] == [x.dtype(); 2] && !b.track_op() {
         let op = Conv2dResidualReluOp {
-            stride,
-            pad,
-            path,
+            conv: Conv { pad, stride, path },
             bias: b.to_vec1::<f32>()?,
         };
         x.contiguous()?

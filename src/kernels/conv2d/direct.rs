@@ -15,7 +15,7 @@
 
 use std::mem::MaybeUninit;
 
-use super::Geom;
+use super::{Addends, Geom};
 
 /// The instruction sets the tile kernel is compiled for, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +113,13 @@ pub(super) struct Plane {
     pub relu: bool,
 }
 
+impl Plane {
+    /// Output pixels per channel.
+    pub(super) fn out_pixels(self) -> usize {
+        (self.h / self.stride) * (self.w / self.stride)
+    }
+}
+
 /// Where the padded copy keeps one channel, and where each output vector's inputs start.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Padded {
@@ -166,10 +173,11 @@ pub(super) fn conv(
     p: Plane,
     x: &[f32],
     wp: &[f32],
-    (bias, residual): (&[f32], Option<&[f32]>),
+    add: Addends,
     xp: &mut Vec<f32>,
     y: &mut [MaybeUninit<f32>],
 ) {
+    let Addends { bias, residual } = add;
     let Plane { h, w, c, o, .. } = p;
     let pd = Padded::new(p);
     pad(p, x, xp);
@@ -188,10 +196,8 @@ pub(super) fn conv(
     // kernel and writes `y` within O×H×W (sizes asserted above).
     unsafe {
         match isa {
-            Isa::Avx512 => {
-                x86::image_avx512(p, pd, xp, wp, (bias, residual), y.as_mut_ptr().cast())
-            }
-            Isa::Avx2 => x86::image_avx2(p, pd, xp, wp, (bias, residual), y.as_mut_ptr().cast()),
+            Isa::Avx512 => x86::image_avx512(p, pd, xp, wp, add, y.as_mut_ptr().cast()),
+            Isa::Avx2 => x86::image_avx2(p, pd, xp, wp, add, y.as_mut_ptr().cast()),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -283,7 +289,7 @@ pub(super) fn grad_weight(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Padded, Plane};
+    use super::{Addends, Padded, Plane};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
@@ -292,10 +298,10 @@ mod x86 {
         pd: Padded,
         xp: &[f32],
         wp: &[f32],
-        bias: (&[f32], Option<&[f32]>),
+        add: Addends,
         y: *mut f32,
     ) {
-        image::<8, 3>(p, pd, xp, wp, bias, y)
+        image::<8, 3>(p, pd, xp, wp, add, y)
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -304,10 +310,10 @@ mod x86 {
         pd: Padded,
         xp: &[f32],
         wp: &[f32],
-        bias: (&[f32], Option<&[f32]>),
+        add: Addends,
         y: *mut f32,
     ) {
-        image::<4, 2>(p, pd, xp, wp, bias, y)
+        image::<4, 2>(p, pd, xp, wp, add, y)
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
@@ -412,7 +418,7 @@ mod x86 {
         pd: Padded,
         xp: &[f32],
         wp: &[f32],
-        (bias, residual): (&[f32], Option<&[f32]>),
+        Addends { bias, residual }: Addends,
         y: *mut f32,
     ) {
         let Plane { c, o, .. } = p;

@@ -36,7 +36,7 @@
 use std::mem::MaybeUninit;
 
 use super::direct::{self, Isa, Plane};
-use super::Geom;
+use super::{Addends, Geom};
 
 /// Whether `g` has the Winograd path's shape: 3×3, stride 1, pad 1, an even height and a
 /// width that is a multiple of 8.
@@ -105,7 +105,7 @@ pub(super) fn conv(
     p: Plane,
     x: &[f32],
     up: &[f32],
-    (bias, residual): (&[f32], Option<&[f32]>),
+    Addends { bias, residual }: Addends,
     s: &mut Scratch,
     y: &mut [MaybeUninit<f32>],
 ) {
