@@ -3,8 +3,9 @@
 //! or the raw gradient (zero). The composed candle version takes ~20 elementwise ops per
 //! call, forward and backward; this is one.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::slice;
 use crate::quant::round::round_half_even;
@@ -27,11 +28,13 @@ impl CustomOp1 for FakeQuant {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "input")?;
-        let mut y = vec![0f32; x.len()];
         let (sc, lo, hi) = (self.scale, self.q_min, self.q_max);
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, i)| fake_quant_slice(o, i, sc, lo, hi));
+        // SAFETY: chunk i pairs with the equally long chunk i of x; every element is written.
+        let y = unsafe {
+            super::par_uninit(x.len(), CHUNK, |i, o| {
+                fake_quant_slice(o, &x[i * CHUNK..][..o.len()], sc, lo, hi)
+            })
+        };
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -51,7 +54,7 @@ impl CustomOp1 for FakeQuant {
 super::multiversion! {
     /// `o = clamp(round_half_even(i / sc), lo, hi)·sc`, branch-free so that it vectorizes;
     /// `clamp` written out keeps `f32::clamp`'s NaN (a NaN stays NaN).
-    fn fake_quant_slice(o: &mut [f32], i: &[f32], sc: f32, lo: f32, hi: f32) {
+    fn fake_quant_slice(o: &mut [MaybeUninit<f32>], i: &[f32], sc: f32, lo: f32, hi: f32) {
         for (o, &v) in o.iter_mut().zip(i) {
             let q = round_half_even(v / sc);
             let q = if q < lo {
@@ -61,7 +64,7 @@ super::multiversion! {
             } else {
                 q
             };
-            *o = q * sc;
+            o.write(q * sc);
         }
     }
 }

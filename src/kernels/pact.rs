@@ -4,8 +4,9 @@
 //! composed candle ops of [`crate::quant::pact::pact`] (tested), which take ~15 elementwise
 //! ops forward and more backward at every activation of every step.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::slice;
 use crate::quant::round::round_half_even;
@@ -28,7 +29,7 @@ fn scalar(s: &CpuStorage, l: &Layout) -> candle_core::Result<f32> {
 
 super::multiversion! {
     /// PACT's forward on a slice, branch-free so that it vectorizes.
-    fn pact_slice(o: &mut [f32], i: &[f32], a: f32, step: f32) {
+    fn pact_slice(o: &mut [MaybeUninit<f32>], i: &[f32], a: f32, step: f32) {
         for (o, &v) in o.iter_mut().zip(i) {
             let y = if v < a {
                 if v >= 0.0 {
@@ -40,7 +41,7 @@ super::multiversion! {
                 a
             };
             let q = round_half_even(y / step) * step;
-            *o = y + (q - y);
+            o.write(y + (q - y));
         }
     }
 }
@@ -60,10 +61,12 @@ impl CustomOp2 for Pact {
         let a = scalar(s2, l2)?;
         // As the composed version (candle's `t / f64` is `t · (1/f64)` in f32).
         let step = a * (1.0 / self.levels) as f32;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, i)| pact_slice(o, i, a, step));
+        // SAFETY: chunk i pairs with the equally long chunk i of x; every element is written.
+        let out = unsafe {
+            super::par_uninit(x.len(), CHUNK, |i, o| {
+                pact_slice(o, &x[i * CHUNK..][..o.len()], a, step)
+            })
+        };
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
     fn bwd(
