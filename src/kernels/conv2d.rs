@@ -9,22 +9,21 @@
 //!   ResNet-20 convolution. Register tiles of output channels × 8-wide output vectors
 //!   (AVX-512VL or AVX2 + FMA); the stride-1 input gradient is the same kernel on the
 //!   transposed, rotated weights; the weight gradient has its own tiles (channels × 9 taps).
-//! - im2col + GEMM (every other shape). For one image with `C` input channels, kernel `k`,
-//!   output `Ho×Wo`: `col` is the `(C·k·k) × (Ho·Wo)` patch matrix, and
-//!   - forward:       `y = W · col`                 (`O × Ho·Wo`, `W` is `O × C·k·k`)
-//!   - input grad:    `dcol = Wᵀ · dy`, scattered back by col2im
-//!   - weight grad:   `dW = Σ_images dy · colᵀ`
+//! - im2col + GEMM (`im2col.rs`): every other shape.
 //!
-//! Work is split over the batch across rayon's threads; each GEMM runs single-threaded.
+//! This file chooses the algorithm and splits the batch over rayon's threads; `ops.rs`
+//! wraps the passes as candle ops with their gradients; the public functions below pick
+//! our ops on the CPU and candle's elsewhere.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
-use gemm::Parallelism;
+use candle_core::Tensor;
 use rayon::prelude::*;
 
-use super::slice;
-
 mod direct;
+mod im2col;
+mod ops;
 mod winograd;
+
+use ops::{Conv2dBiasOp, Conv2dOp, Conv2dResidualReluOp};
 
 pub use direct::Isa;
 
@@ -185,127 +184,6 @@ impl Geom {
     }
 }
 
-/// The output columns `ow` whose input column `ow·stride + kj − pad` lies inside the image.
-fn valid_cols(g: &Geom, kj: usize) -> std::ops::Range<usize> {
-    // ow·s + kj ≥ pad  and  ow·s + kj − pad < w
-    let lo = g.pad.saturating_sub(kj).div_ceil(g.stride);
-    let hi = if g.w + g.pad > kj {
-        (g.w + g.pad - kj).div_ceil(g.stride).min(g.wo)
-    } else {
-        0
-    };
-    lo..hi.max(lo)
-}
-
-/// The patch matrix of one image: `col[(c·k + ki)·k + kj][oh·Wo + ow]`.
-fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
-    let hw = g.hw_out();
-    for c in 0..g.c {
-        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for ki in 0..g.k {
-            for kj in 0..g.k {
-                let row = &mut col[((c * g.k + ki) * g.k + kj) * hw..][..hw];
-                let cols = valid_cols(g, kj);
-                for oh in 0..g.ho {
-                    let ih = (oh * g.stride + ki) as isize - g.pad as isize;
-                    let out = &mut row[oh * g.wo..(oh + 1) * g.wo];
-                    if ih < 0 || ih >= g.h as isize || cols.is_empty() {
-                        out.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[ih as usize * g.w..(ih as usize + 1) * g.w];
-                    out[..cols.start].fill(0.0);
-                    out[cols.end..].fill(0.0);
-                    let first = cols.start * g.stride + kj - g.pad;
-                    if g.stride == 1 {
-                        out[cols.clone()].copy_from_slice(&src[first..first + cols.len()]);
-                    } else {
-                        for (o, v) in out[cols.clone()]
-                            .iter_mut()
-                            .zip(src[first..].iter().step_by(g.stride))
-                        {
-                            *o = *v;
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Adds the patch-matrix gradient back onto the image gradient (the adjoint of im2col).
-fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
-    let hw = g.hw_out();
-    dx.fill(0.0);
-    for c in 0..g.c {
-        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for ki in 0..g.k {
-            for kj in 0..g.k {
-                let row = &col[((c * g.k + ki) * g.k + kj) * hw..][..hw];
-                let cols = valid_cols(g, kj);
-                if cols.is_empty() {
-                    continue;
-                }
-                let first = cols.start * g.stride + kj - g.pad;
-                for oh in 0..g.ho {
-                    let ih = (oh * g.stride + ki) as isize - g.pad as isize;
-                    if ih < 0 || ih >= g.h as isize {
-                        continue;
-                    }
-                    let dst = &mut plane[ih as usize * g.w..(ih as usize + 1) * g.w];
-                    let src = &row[oh * g.wo + cols.start..oh * g.wo + cols.end];
-                    for (d, v) in dst[first..].iter_mut().step_by(g.stride).zip(src) {
-                        *d += *v;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// `dst (m×n) = [dst +] a · b` for row-major matrices given by their strides.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    a: &[f32],
-    a_rs: isize,
-    a_cs: isize,
-    b: &[f32],
-    b_rs: isize,
-    b_cs: isize,
-) {
-    debug_assert!(dst.len() >= m * n);
-    // SAFETY: the slices cover every element addressed by the given sizes and strides
-    // (checked by the callers' shapes), and `dst` does not alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
-}
-
 /// Images per parallel task: the batch split evenly over the threads.
 fn chunk(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads().max(1)).max(1)
@@ -404,7 +282,7 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], store: Store, algo: Forward) -> Vec<f
             &zeros
         }
     };
-    let (ckk, hw) = (g.ckk(), g.hw_out());
+    let add = Addends { bias, residual };
     if let Some(kernel) = Packed::new(algo, w, g.o, g.c) {
         let plane = direct::Plane {
             h: g.h,
@@ -414,47 +292,9 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], store: Store, algo: Forward) -> Vec<f
             stride: g.stride,
             relu,
         };
-        return each_image(plane, g.n, &kernel, x, Addends { bias, residual });
+        return each_image(plane, g.n, &kernel, x, add);
     }
-    let per = chunk(g.n);
-    let mut y = vec![0f32; g.n * g.o * hw];
-    y.par_chunks_mut(per * g.o * hw)
-        .enumerate()
-        .for_each(|(t, ys)| {
-            let mut col = vec![0f32; ckk * hw];
-            for (i, yi) in ys.chunks_mut(g.o * hw).enumerate() {
-                let img = t * per + i;
-                im2col(g, &x[img * g.in_len()..(img + 1) * g.in_len()], &mut col);
-                for (row, &b) in yi.chunks_mut(hw).zip(bias) {
-                    row.fill(b);
-                }
-                matmul(
-                    g.o,
-                    hw,
-                    ckk,
-                    yi,
-                    true,
-                    w,
-                    ckk as isize,
-                    1,
-                    &col,
-                    hw as isize,
-                    1,
-                );
-                if let Some(r) = residual {
-                    let ri = &r[img * g.o * hw..(img + 1) * g.o * hw];
-                    for (v, &u) in yi.iter_mut().zip(ri) {
-                        *v += u;
-                    }
-                }
-                if relu {
-                    for v in yi.iter_mut() {
-                        *v = v.max(0.0);
-                    }
-                }
-            }
-        });
-    y
+    im2col::forward(g, x, w, add, relu)
 }
 
 /// The 3×3 kernel `w` (O×C×3×3) with input and output channels swapped and the taps rotated
@@ -472,7 +312,6 @@ fn transposed_rotated(w: &[f32], o: usize, c: usize) -> Vec<f32> {
 }
 
 fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Forward) -> Vec<f32> {
-    let (ckk, hw) = (g.ckk(), g.hw_out());
     // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel
     // ([`ConvPath::input_grad`] chose its algorithm). (A stride-2 input gradient is a
     // transposed convolution: im2col's col2im does it.)
@@ -500,33 +339,7 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Forward) -> Vec<f32> {
         };
         return each_image(plane, g.n, &kernel, dy, add);
     }
-    let per = chunk(g.n);
-    let mut dx = vec![0f32; g.n * g.in_len()];
-    dx.par_chunks_mut(per * g.in_len())
-        .enumerate()
-        .for_each(|(t, dxs)| {
-            let mut dcol = vec![0f32; ckk * hw];
-            for (i, dxi) in dxs.chunks_mut(g.in_len()).enumerate() {
-                let img = t * per + i;
-                let dyi = &dy[img * g.o * hw..(img + 1) * g.o * hw];
-                // dcol (ckk × hw) = Wᵀ (ckk × o) · dy (o × hw)
-                matmul(
-                    ckk,
-                    hw,
-                    g.o,
-                    &mut dcol,
-                    false,
-                    w,
-                    1,
-                    ckk as isize,
-                    dyi,
-                    hw as isize,
-                    1,
-                );
-                col2im(g, &dcol, dxi);
-            }
-        });
-    dx
+    im2col::grad_input(g, dy, w)
 }
 
 /// The weight gradient is summed over the batch in this many parts, whatever the number of
@@ -536,53 +349,25 @@ const WEIGHT_GRAD_PARTS: usize = 2;
 fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], isa: Option<Isa>) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = g.n.div_ceil(WEIGHT_GRAD_PARTS).max(1);
-    let tasks = g.n.div_ceil(per);
-    if let Some(isa) = isa {
-        let plane = direct::Plane {
-            h: g.h,
-            w: g.w,
-            c: g.c,
-            o: g.o,
-            stride: g.stride,
-            relu: false,
-        };
-        let partial: Vec<Vec<f32>> = (0..tasks)
-            .into_par_iter()
-            .map(|t| {
-                let imgs = t * per..((t + 1) * per).min(g.n);
-                let mut dw = vec![0f32; g.o * ckk];
-                let mut xp = Vec::new();
-                let xs = &x[imgs.start * g.in_len()..imgs.end * g.in_len()];
-                let dys = &dy[imgs.start * g.o * hw..imgs.end * g.o * hw];
-                direct::grad_weight(isa, plane, xs, dys, &mut xp, &mut dw);
-                dw
-            })
-            .collect();
-        return sum(partial, g.o * ckk);
-    }
-    let partial: Vec<Vec<f32>> = (0..tasks)
+    let plane = direct::Plane {
+        h: g.h,
+        w: g.w,
+        c: g.c,
+        o: g.o,
+        stride: g.stride,
+        relu: false,
+    };
+    let partial: Vec<Vec<f32>> = (0..g.n.div_ceil(per))
         .into_par_iter()
         .map(|t| {
+            let imgs = t * per..((t + 1) * per).min(g.n);
+            let Some(isa) = isa else {
+                return im2col::grad_weight(g, x, dy, imgs);
+            };
             let mut dw = vec![0f32; g.o * ckk];
-            let mut col = vec![0f32; ckk * hw];
-            for img in t * per..((t + 1) * per).min(g.n) {
-                im2col(g, &x[img * g.in_len()..(img + 1) * g.in_len()], &mut col);
-                let dyi = &dy[img * g.o * hw..(img + 1) * g.o * hw];
-                // dW (o × ckk) += dy (o × hw) · colᵀ (hw × ckk)
-                matmul(
-                    g.o,
-                    ckk,
-                    hw,
-                    &mut dw,
-                    true,
-                    dyi,
-                    hw as isize,
-                    1,
-                    &col,
-                    1,
-                    hw as isize,
-                );
-            }
+            let xs = &x[imgs.start * g.in_len()..imgs.end * g.in_len()];
+            let dys = &dy[imgs.start * g.o * hw..imgs.end * g.o * hw];
+            direct::grad_weight(isa, plane, xs, dys, &mut Vec::new(), &mut dw);
             dw
         })
         .collect();
@@ -598,192 +383,6 @@ fn sum(partial: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
         }
     }
     dw
-}
-
-/// The forward op: `(x, w) -> y`.
-struct Conv2dOp {
-    conv: Conv,
-}
-
-/// `(dy, w) -> dx` for an input of shape `in_shape`.
-struct GradInputOp {
-    conv: Conv,
-    in_shape: [usize; 4],
-}
-
-/// `(x, dy) -> dw` for a kernel of shape `w_shape`.
-struct GradWeightOp {
-    conv: Conv,
-    w_shape: [usize; 4],
-}
-
-impl CustomOp2 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "qr-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.conv.geom(l1.dims(), l2.dims())?;
-        let algo = self.conv.path.forward(&g)?;
-        let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
-        let y = forward(&g, x, w, Store::default(), algo);
-        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        grads(self.conv, x, w, &grad.contiguous()?)
-    }
-}
-
-/// The input and weight gradients of a convolution, each only where its operand is tracked.
-fn grads(
-    conv: Conv,
-    x: &Tensor,
-    w: &Tensor,
-    grad: &Tensor,
-) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-    let dx = if x.track_op() {
-        let d = x.dims();
-        let op = GradInputOp {
-            conv,
-            in_shape: [d[0], d[1], d[2], d[3]],
-        };
-        Some(grad.apply_op2_no_bwd(&w.contiguous()?, &op)?)
-    } else {
-        None
-    };
-    let dw = if w.track_op() {
-        let d = w.dims();
-        let op = GradWeightOp {
-            conv,
-            w_shape: [d[0], d[1], d[2], d[3]],
-        };
-        Some(x.contiguous()?.apply_op2_no_bwd(grad, &op)?)
-    } else {
-        None
-    };
-    Ok((dx, dw))
-}
-
-/// The forward op with a bias per output channel: `(x, w, b) -> y`, optionally through ReLU.
-struct Conv2dBiasOp {
-    conv: Conv,
-    relu: bool,
-}
-
-impl CustomOp3 for Conv2dBiasOp {
-    fn name(&self) -> &'static str {
-        "qr-conv2d-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.conv.geom(l1.dims(), l2.dims())?;
-        let bias = slice(s3, l3, "bias")?;
-        if bias.len() != g.o {
-            candle_core::bail!("conv2d: {} biases for {} output channels", bias.len(), g.o);
-        }
-        let algo = self.conv.path.forward(&g)?;
-        let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
-        let store = Store {
-            bias: Some(bias),
-            residual: None,
-            relu: self.relu,
-        };
-        let y = forward(&g, x, w, store, algo);
-        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = if self.relu {
-            // y = max(s, 0): y > 0 exactly where s > 0.
-            super::IntervalGrad::POSITIVE.apply(res, grad)?
-        } else {
-            grad.contiguous()?
-        };
-        let (dx, dw) = grads(self.conv, x, w, &grad)?;
-        let db = if b.track_op() {
-            Some(grad.sum((0, 2, 3))?)
-        } else {
-            None
-        };
-        Ok((dx, dw, db))
-    }
-}
-
-impl CustomOp2 for GradInputOp {
-    fn name(&self) -> &'static str {
-        "qr-conv2d-grad-input"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.conv.geom(&self.in_shape, l2.dims())?;
-        if l1.dims() != [g.n, g.o, g.ho, g.wo] {
-            candle_core::bail!("conv2d grad: output gradient shape {:?}", l1.dims());
-        }
-        let algo = self.conv.path.input_grad(&g)?;
-        let dx = grad_input(
-            &g,
-            slice(s1, l1, "gradient")?,
-            slice(s2, l2, "kernel")?,
-            algo,
-        );
-        Ok((CpuStorage::F32(dx), Shape::from(self.in_shape.to_vec())))
-    }
-}
-
-impl CustomOp2 for GradWeightOp {
-    fn name(&self) -> &'static str {
-        "qr-conv2d-grad-weight"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.conv.geom(l1.dims(), &self.w_shape)?;
-        if l2.dims() != [g.n, g.o, g.ho, g.wo] {
-            candle_core::bail!("conv2d grad: output gradient shape {:?}", l2.dims());
-        }
-        let isa = self.conv.path.resolve(&g)?;
-        let dw = grad_weight(&g, slice(s1, l1, "input")?, slice(s2, l2, "gradient")?, isa);
-        Ok((CpuStorage::F32(dw), Shape::from(self.w_shape.to_vec())))
-    }
 }
 
 /// Convolution of `x` (N×C×H×W) with `w` (O×C×k×k), zero padding `pad`, stride `stride`.
@@ -810,64 +409,6 @@ pub fn conv2d_with(
         )
     } else {
         x.conv2d(w, pad, stride, 1, 1)
-    }
-}
-
-/// The forward op of a residual block's last convolution in evaluation mode:
-/// `(x, w, r) -> relu(conv(x, w) + bias + r)`, the bias per output channel held as data (it
-/// takes no gradient).
-struct Conv2dResidualReluOp {
-    conv: Conv,
-    bias: Vec<f32>,
-}
-
-impl CustomOp3 for Conv2dResidualReluOp {
-    fn name(&self) -> &'static str {
-        "qr-conv2d-residual-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.conv.geom(l1.dims(), l2.dims())?;
-        if self.bias.len() != g.o || l3.dims() != [g.n, g.o, g.ho, g.wo] {
-            candle_core::bail!(
-                "conv2d: residual {:?} or {} biases do not fit the output {:?}",
-                l3.dims(),
-                self.bias.len(),
-                [g.n, g.o, g.ho, g.wo]
-            );
-        }
-        let algo = self.conv.path.forward(&g)?;
-        let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
-        let r = slice(s3, l3, "residual")?;
-        let store = Store {
-            bias: Some(&self.bias),
-            residual: Some(r),
-            relu: true,
-        };
-        let y = forward(&g, x, w, store, algo);
-        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        r: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // y = max(s, 0): y > 0 exactly where s > 0.
-        let grad = super::IntervalGrad::POSITIVE.apply(res, grad)?;
-        let (dx, dw) = grads(self.conv, x, w, &grad)?;
-        Ok((dx, dw, r.track_op().then_some(grad)))
     }
 }
 

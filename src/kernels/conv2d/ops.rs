@@ -1,0 +1,251 @@
+//! The convolutions as candle ops: forward passes (plain, with a bias and ReLU, with a
+//! residual) and their gradients, each running the algorithm its [`Conv`]'s path chooses.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
+use super::{forward, grad_input, grad_weight, Conv, Store};
+use crate::kernels::slice;
+
+/// The forward op: `(x, w) -> y`.
+pub(super) struct Conv2dOp {
+    pub conv: Conv,
+}
+
+/// `(dy, w) -> dx` for an input of shape `in_shape`.
+struct GradInputOp {
+    conv: Conv,
+    in_shape: [usize; 4],
+}
+
+/// `(x, dy) -> dw` for a kernel of shape `w_shape`.
+struct GradWeightOp {
+    conv: Conv,
+    w_shape: [usize; 4],
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "qr-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.conv.geom(l1.dims(), l2.dims())?;
+        let algo = self.conv.path.forward(&g)?;
+        let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
+        let y = forward(&g, x, w, Store::default(), algo);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        grads(self.conv, x, w, &grad.contiguous()?)
+    }
+}
+
+/// The input and weight gradients of a convolution, each only where its operand is tracked.
+fn grads(
+    conv: Conv,
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let dx = if x.track_op() {
+        let d = x.dims();
+        let op = GradInputOp {
+            conv,
+            in_shape: [d[0], d[1], d[2], d[3]],
+        };
+        Some(grad.apply_op2_no_bwd(&w.contiguous()?, &op)?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        let d = w.dims();
+        let op = GradWeightOp {
+            conv,
+            w_shape: [d[0], d[1], d[2], d[3]],
+        };
+        Some(x.contiguous()?.apply_op2_no_bwd(grad, &op)?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+/// The forward op with a bias per output channel: `(x, w, b) -> y`, optionally through ReLU.
+pub(super) struct Conv2dBiasOp {
+    pub conv: Conv,
+    pub relu: bool,
+}
+
+impl CustomOp3 for Conv2dBiasOp {
+    fn name(&self) -> &'static str {
+        "qr-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.conv.geom(l1.dims(), l2.dims())?;
+        let bias = slice(s3, l3, "bias")?;
+        if bias.len() != g.o {
+            candle_core::bail!("conv2d: {} biases for {} output channels", bias.len(), g.o);
+        }
+        let algo = self.conv.path.forward(&g)?;
+        let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
+        let store = Store {
+            bias: Some(bias),
+            residual: None,
+            relu: self.relu,
+        };
+        let y = forward(&g, x, w, store, algo);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = if self.relu {
+            // y = max(s, 0): y > 0 exactly where s > 0.
+            crate::kernels::IntervalGrad::POSITIVE.apply(res, grad)?
+        } else {
+            grad.contiguous()?
+        };
+        let (dx, dw) = grads(self.conv, x, w, &grad)?;
+        let db = if b.track_op() {
+            Some(grad.sum((0, 2, 3))?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp2 for GradInputOp {
+    fn name(&self) -> &'static str {
+        "qr-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.conv.geom(&self.in_shape, l2.dims())?;
+        if l1.dims() != [g.n, g.o, g.ho, g.wo] {
+            candle_core::bail!("conv2d grad: output gradient shape {:?}", l1.dims());
+        }
+        let algo = self.conv.path.input_grad(&g)?;
+        let dx = grad_input(
+            &g,
+            slice(s1, l1, "gradient")?,
+            slice(s2, l2, "kernel")?,
+            algo,
+        );
+        Ok((CpuStorage::F32(dx), Shape::from(self.in_shape.to_vec())))
+    }
+}
+
+impl CustomOp2 for GradWeightOp {
+    fn name(&self) -> &'static str {
+        "qr-conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.conv.geom(l1.dims(), &self.w_shape)?;
+        if l2.dims() != [g.n, g.o, g.ho, g.wo] {
+            candle_core::bail!("conv2d grad: output gradient shape {:?}", l2.dims());
+        }
+        let isa = self.conv.path.resolve(&g)?;
+        let dw = grad_weight(&g, slice(s1, l1, "input")?, slice(s2, l2, "gradient")?, isa);
+        Ok((CpuStorage::F32(dw), Shape::from(self.w_shape.to_vec())))
+    }
+}
+
+/// The forward op of a residual block's last convolution in evaluation mode:
+/// `(x, w, r) -> relu(conv(x, w) + bias + r)`, the bias per output channel held as data (it
+/// takes no gradient).
+pub(super) struct Conv2dResidualReluOp {
+    pub conv: Conv,
+    pub bias: Vec<f32>,
+}
+
+impl CustomOp3 for Conv2dResidualReluOp {
+    fn name(&self) -> &'static str {
+        "qr-conv2d-residual-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.conv.geom(l1.dims(), l2.dims())?;
+        if self.bias.len() != g.o || l3.dims() != [g.n, g.o, g.ho, g.wo] {
+            candle_core::bail!(
+                "conv2d: residual {:?} or {} biases do not fit the output {:?}",
+                l3.dims(),
+                self.bias.len(),
+                [g.n, g.o, g.ho, g.wo]
+            );
+        }
+        let algo = self.conv.path.forward(&g)?;
+        let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
+        let r = slice(s3, l3, "residual")?;
+        let store = Store {
+            bias: Some(&self.bias),
+            residual: Some(r),
+            relu: true,
+        };
+        let y = forward(&g, x, w, store, algo);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        r: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // y = max(s, 0): y > 0 exactly where s > 0.
+        let grad = crate::kernels::IntervalGrad::POSITIVE.apply(res, grad)?;
+        let (dx, dw) = grads(self.conv, x, w, &grad)?;
+        Ok((dx, dw, r.track_op().then_some(grad)))
+    }
+}
