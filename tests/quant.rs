@@ -230,15 +230,23 @@ fn bit_settings_parse_once_and_reject_clearly() {
     assert!(serde_json::from_str::<Bits>("\"w0a4\"").is_err());
 }
 
-#[test]
-fn uniform_ptq_at_8_bits_keeps_the_model_and_raw_gradients_vanish() {
+/// A random ResNet-20 with running statistics from a few training-mode passes (so that
+/// activations are not degenerate), 64 sample images and their labels, and the activation
+/// ranges calibrated on them.
+struct Calibrated {
+    model: quant_robust::model::ResNet20,
+    x: Tensor,
+    y: Tensor,
+    ranges: std::collections::BTreeMap<String, f32>,
+}
+
+fn calibrated(seed: u64) -> Calibrated {
     use quant_robust::data::batch::DeviceData;
     use quant_robust::model::ResNet20;
-    use quant_robust::quant::seam::{calibrate, uniform_ptq};
+    use quant_robust::quant::seam::calibrate;
     use quant_robust::rng::Rng;
     let s = crate::common::sample();
-    let model = ResNet20::init(&mut Rng::new(0, "init"), &Device::Cpu).unwrap();
-    // Running statistics from a few training-mode passes, so activations are not degenerate.
+    let model = ResNet20::init(&mut Rng::new(seed, "init"), &Device::Cpu).unwrap();
     let train = DeviceData::new(&s.train.take(64), &Device::Cpu).unwrap();
     let (x, y) = train.range(0, 64).unwrap();
     for _ in 0..3 {
@@ -246,6 +254,23 @@ fn uniform_ptq_at_8_bits_keeps_the_model_and_raw_gradients_vanish() {
     }
     let all: Vec<u32> = (0..64).collect();
     let ranges = calibrate(&model.frozen(), &train, &all, 32).unwrap();
+    Calibrated {
+        model,
+        x,
+        y,
+        ranges,
+    }
+}
+
+#[test]
+fn uniform_ptq_at_8_bits_keeps_the_model_and_raw_gradients_vanish() {
+    use quant_robust::quant::seam::uniform_ptq;
+    let Calibrated {
+        model,
+        x,
+        y,
+        ranges,
+    } = calibrated(0);
     assert_eq!(ranges.len(), 19, "stem + 2 per block × 9 blocks");
     assert!(ranges.values().all(|&r| r > 0.0 && r.is_finite()));
     let fp = model.frozen().forward(&x, false).unwrap();
@@ -382,10 +407,8 @@ proptest! {
 fn fused_relu_then_quantizer_has_the_bits_of_the_unfused_activation() {
     use std::sync::Arc;
 
-    use quant_robust::data::batch::DeviceData;
-    use quant_robust::model::{QuantSeam, ResNet20};
-    use quant_robust::quant::seam::{calibrate, UniformSeam};
-    use quant_robust::rng::Rng;
+    use quant_robust::model::QuantSeam;
+    use quant_robust::quant::seam::UniformSeam;
 
     /// The same seam, but the model may not fuse its ReLU.
     struct Unfused(UniformSeam);
@@ -401,15 +424,12 @@ fn fused_relu_then_quantizer_has_the_bits_of_the_unfused_activation() {
         }
     }
 
-    let s = crate::common::sample();
-    let model = ResNet20::init(&mut Rng::new(4, "init"), &Device::Cpu).unwrap();
-    let train = DeviceData::new(&s.train.take(64), &Device::Cpu).unwrap();
-    let (x, y) = train.range(0, 64).unwrap();
-    for _ in 0..3 {
-        model.forward(&x, true).unwrap();
-    }
-    let all: Vec<u32> = (0..64).collect();
-    let ranges = calibrate(&model.frozen(), &train, &all, 32).unwrap();
+    let Calibrated {
+        model,
+        x,
+        y,
+        ranges,
+    } = calibrated(4);
     for bits in [Bits::of(4, 4), Bits::of(32, 3), Bits::of(4, 32)] {
         let seam = UniformSeam {
             config: UniformConfig::from(bits),

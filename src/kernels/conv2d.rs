@@ -182,6 +182,17 @@ impl Geom {
     fn in_len(&self) -> usize {
         self.c * self.h * self.w
     }
+    /// The direct and Winograd kernels' view of one image, through ReLU when `relu`.
+    fn plane(&self, relu: bool) -> direct::Plane {
+        direct::Plane {
+            h: self.h,
+            w: self.w,
+            c: self.c,
+            o: self.o,
+            stride: self.stride,
+            relu,
+        }
+    }
 }
 
 /// Images per parallel task: the batch split evenly over the threads.
@@ -284,15 +295,7 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], store: Store, algo: Forward) -> Vec<f
     };
     let add = Addends { bias, residual };
     if let Some(kernel) = Packed::new(algo, w, g.o, g.c) {
-        let plane = direct::Plane {
-            h: g.h,
-            w: g.w,
-            c: g.c,
-            o: g.o,
-            stride: g.stride,
-            relu,
-        };
-        return each_image(plane, g.n, &kernel, x, add);
+        return each_image(g.plane(relu), g.n, &kernel, x, add);
     }
     im2col::forward(g, x, w, add, relu)
 }
@@ -349,14 +352,7 @@ const WEIGHT_GRAD_PARTS: usize = 2;
 fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], isa: Option<Isa>) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = g.n.div_ceil(WEIGHT_GRAD_PARTS).max(1);
-    let plane = direct::Plane {
-        h: g.h,
-        w: g.w,
-        c: g.c,
-        o: g.o,
-        stride: g.stride,
-        relu: false,
-    };
+    let plane = g.plane(false);
     let partial: Vec<Vec<f32>> = (0..g.n.div_ceil(per))
         .into_par_iter()
         .map(|t| {

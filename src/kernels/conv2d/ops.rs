@@ -3,8 +3,23 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use super::{forward, grad_input, grad_weight, Conv, Store};
+use super::{forward, grad_input, grad_weight, Conv, Geom, Store};
 use crate::kernels::slice;
+
+impl Conv {
+    /// A forward op's output: `y = conv(x, w)` by the algorithm this convolution's path
+    /// chooses, each output stored as `store` says.
+    fn output(
+        &self,
+        g: &Geom,
+        x: &[f32],
+        w: &[f32],
+        store: Store,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = forward(g, x, w, store, self.path.forward(g)?);
+        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+    }
+}
 
 /// The forward op: `(x, w) -> y`.
 pub(super) struct Conv2dOp {
@@ -36,10 +51,8 @@ impl CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.conv.geom(l1.dims(), l2.dims())?;
-        let algo = self.conv.path.forward(&g)?;
         let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
-        let y = forward(&g, x, w, Store::default(), algo);
-        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+        self.conv.output(&g, x, w, Store::default())
     }
 
     fn bwd(
@@ -108,15 +121,13 @@ impl CustomOp3 for Conv2dBiasOp {
         if bias.len() != g.o {
             candle_core::bail!("conv2d: {} biases for {} output channels", bias.len(), g.o);
         }
-        let algo = self.conv.path.forward(&g)?;
         let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
         let store = Store {
             bias: Some(bias),
             residual: None,
             relu: self.relu,
         };
-        let y = forward(&g, x, w, store, algo);
-        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+        self.conv.output(&g, x, w, store)
     }
 
     fn bwd(
@@ -223,7 +234,6 @@ impl CustomOp3 for Conv2dResidualReluOp {
                 [g.n, g.o, g.ho, g.wo]
             );
         }
-        let algo = self.conv.path.forward(&g)?;
         let (x, w) = (slice(s1, l1, "input")?, slice(s2, l2, "kernel")?);
         let r = slice(s3, l3, "residual")?;
         let store = Store {
@@ -231,8 +241,7 @@ impl CustomOp3 for Conv2dResidualReluOp {
             residual: Some(r),
             relu: true,
         };
-        let y = forward(&g, x, w, store, algo);
-        Ok((CpuStorage::F32(y), Shape::from((g.n, g.o, g.ho, g.wo))))
+        self.conv.output(&g, x, w, store)
     }
 
     fn bwd(
