@@ -11,8 +11,9 @@
 //! ```text
 //! rng, io, error, device     seeded streams; atomic writes; errors; cpu / cuda / auto
 //! manifest                   what produced a result (code, data, configuration, timings)
-//! kernels/                   CPU convolution (Winograd, direct SIMD, im2col + GEMM), BatchNorm,
-//!                            ReLU, fake quantizers, PACT, each with its gradients
+//! kernels/                   CPU convolution (conv2d/: Winograd, direct SIMD, im2col + GEMM,
+//!                            the candle ops), BatchNorm, ReLU, fake quantizers, PACT, each
+//!                            with its gradients; round half to even (round.rs)
 //! data/                      cifar10-jpeg archive, binary batches, image folders; subsets
 //!                            (subset.rs); augmentation; device batches (batch.rs)
 //! model/                     Classifier + QuantSeam (mod.rs), ResNet-20 (resnet20.rs),

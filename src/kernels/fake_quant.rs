@@ -7,8 +7,8 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
+use super::round::round_half_even;
 use super::slice;
-use crate::quant::round::round_half_even;
 
 /// The fused op's settings.
 #[derive(Debug, Clone, Copy)]

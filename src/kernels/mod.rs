@@ -48,6 +48,7 @@ pub mod batch_norm;
 pub mod conv2d;
 pub mod fake_quant;
 pub mod pact;
+pub mod round;
 
 pub use batch_norm::{add_relu, batch_norm_train, channel_affine, channel_stats, relu};
 pub use conv2d::{

@@ -8,8 +8,8 @@ use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
+use super::round::round_half_even;
 use super::slice;
-use crate::quant::round::round_half_even;
 
 /// PACT's forward with `levels` = 2^bits − 1.
 #[derive(Debug, Clone, Copy)]
