@@ -17,7 +17,8 @@
 //! data/                      cifar10-jpeg archive, binary batches, image folders; subsets
 //!                            (subset.rs); augmentation; device batches (batch.rs)
 //! model/                     Classifier + QuantSeam (mod.rs), ResNet-20 (resnet20.rs),
-//!                            BatchNorm folding (bn_fold.rs), safetensors checkpoints
+//!                            BatchNorm folding (bn_fold.rs), safetensors checkpoints (their
+//!                            weights; quant::load_checkpoint attaches stored quantizers)
 //! quant/                     Bits (bits.rs); rounding; uniform quantizer; PWLQ and its
 //!                            breakpoint (pwlq.rs); PACT + DoReFa (pact.rs); the uniform
 //!                            seam and calibration (seam.rs); PTQ (ptq.rs); QAT export (qat.rs)

@@ -58,7 +58,8 @@ fn data_of(g: &GoldenManifest) -> Option<CifarData> {
 
 fn load(dir: &Path, g: &GoldenManifest, id: &str) -> ResNet20 {
     let m = g.models.iter().find(|m| m.id == id).unwrap();
-    checkpoint::load(&golden::checkpoint_path(dir, m), &Device::Cpu, false).unwrap()
+    quant_robust::quant::load_checkpoint(&golden::checkpoint_path(dir, m), &Device::Cpu, false)
+        .unwrap()
 }
 
 fn snapshot_name(g: &GoldenManifest, id: &str) -> String {
@@ -280,7 +281,7 @@ fn autoattack_is_below_apgd_and_pgd_on_the_golden_robust_checkpoint() {
     ))
     .unwrap();
     let dd = DeviceData::new(&data.test, &Device::Cpu).unwrap();
-    let model = checkpoint::load(&ck, &Device::Cpu, false).unwrap();
+    let model = quant_robust::quant::load_checkpoint(&ck, &Device::Cpu, false).unwrap();
     let idx = quant_robust::eval::eval_indices(&dd, Some(1000), 0).unwrap();
     let s = AttackSettings::default();
     let attacks: Vec<Box<dyn Attack>> = ["pgd", "apgd-ce", "autoattack"]
@@ -336,7 +337,7 @@ fn golden_fp_checkpoints_keep_their_hash_and_test_count() {
         );
         let manifest = checkpoint::load_manifest(&ck).unwrap().unwrap();
         let recorded = manifest.metrics["test_accuracy"] * manifest.metrics["test_images"];
-        let model = checkpoint::load(&ck, &Device::Cpu, false).unwrap();
+        let model = quant_robust::quant::load_checkpoint(&ck, &Device::Cpu, false).unwrap();
         let acc = quant_robust::eval::clean_accuracy(&model, &dd, &idx, 500).unwrap();
         assert_eq!(acc.total, 10_000);
         assert_eq!(

@@ -205,7 +205,7 @@ fn checkpoint_round_trip_is_exact_and_atomic() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
-    let back = checkpoint::load(&p, &Device::Cpu, false).unwrap();
+    let back = quant_robust::quant::load_checkpoint(&p, &Device::Cpu, false).unwrap();
     for (k, t) in m.tensors() {
         let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let b = back
@@ -268,7 +268,9 @@ fn wrong_checkpoints_are_named_errors() {
     let p = dir.path().join("bad.safetensors");
     let bytes = checkpoint::to_safetensors_bytes(&sd, &Default::default()).unwrap();
     std::fs::write(&p, bytes).unwrap();
-    let e = checkpoint::load(&p, &Device::Cpu, false).err().unwrap();
+    let e = quant_robust::quant::load_checkpoint(&p, &Device::Cpu, false)
+        .err()
+        .unwrap();
     assert!(matches!(e, Error::Checkpoint { .. }));
     let msg = e.to_string();
     assert!(
@@ -284,7 +286,7 @@ fn wrong_checkpoints_are_named_errors() {
         "{msg}"
     );
     std::fs::write(&p, b"not safetensors").unwrap();
-    let msg = checkpoint::load(&p, &Device::Cpu, false)
+    let msg = quant_robust::quant::load_checkpoint(&p, &Device::Cpu, false)
         .err()
         .unwrap()
         .to_string();
@@ -310,7 +312,7 @@ fn checkpoints_with_impossible_numbers_are_refused() {
             checkpoint::to_safetensors_bytes(&sd, &Default::default()).unwrap(),
         )
         .unwrap();
-        checkpoint::load(&p, &Device::Cpu, false)
+        quant_robust::quant::load_checkpoint(&p, &Device::Cpu, false)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default()
@@ -350,7 +352,7 @@ fn checkpoints_with_impossible_numbers_are_refused() {
         checkpoint::to_safetensors_bytes(&sd, &Default::default()).unwrap(),
     )
     .unwrap();
-    assert!(checkpoint::load(&p, &Device::Cpu, false).is_ok());
+    assert!(quant_robust::quant::load_checkpoint(&p, &Device::Cpu, false).is_ok());
 }
 
 /// A quantized checkpoint's quantizer metadata: the first format (no version) loads, an
@@ -365,7 +367,7 @@ fn quantizer_metadata_is_versioned_and_checked() {
         let mut meta = std::collections::HashMap::new();
         meta.insert("quant".to_string(), q.to_string());
         std::fs::write(&p, checkpoint::to_safetensors_bytes(&sd, &meta).unwrap()).unwrap();
-        checkpoint::load(&p, &Device::Cpu, false)
+        quant_robust::quant::load_checkpoint(&p, &Device::Cpu, false)
             .map(|_| ())
             .map_err(|e| e.to_string())
     };
@@ -619,7 +621,7 @@ proptest::proptest! {
         let dir = tempdir();
         let p = dir.path().join("mutated.safetensors");
         std::fs::write(&p, &b).unwrap();
-        let r = checkpoint::load(&p, &Device::Cpu, false);
+        let r = quant_robust::quant::load_checkpoint(&p, &Device::Cpu, false);
         if must_fail {
             proptest::prop_assert!(r.is_err(), "accepted (kind {}, pos {}, flip {})", kind, pos, flip);
         }

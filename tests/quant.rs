@@ -536,7 +536,7 @@ fn ptq_folding_keeps_the_function_and_quantized_checkpoints_reload_exactly() {
     let dir = crate::common::tempdir();
     let p = dir.path().join("q.safetensors");
     checkpoint::save(&q, &p, &Manifest::new("checkpoint", &Device::Cpu)).unwrap();
-    let back = checkpoint::load(&p, &Device::Cpu, false).unwrap();
+    let back = quant_robust::quant::load_checkpoint(&p, &Device::Cpu, false).unwrap();
     assert_eq!(back.seam().describe(), q.seam().describe());
     assert_eq!(
         q.forward(&x, false).unwrap().to_vec2::<f32>().unwrap(),

@@ -11,7 +11,6 @@ use serde_json::json;
 use quant_robust::data::batch::DeviceData;
 use quant_robust::device;
 use quant_robust::eval::clean_accuracy;
-use quant_robust::model::checkpoint;
 
 use super::args::*;
 use super::{calibration_set, load_data, parse_number, side_manifest, write_result};
@@ -19,7 +18,7 @@ use super::{calibration_set, load_data, parse_number, side_manifest, write_resul
 pub(super) fn eval(a: EvalArgs) -> Result<ExitCode> {
     let dev = device::select(a.data.device)?;
     let data = load_data(&a.data)?;
-    let model = checkpoint::load(&a.checkpoint, &dev, false)
+    let model = quant_robust::quant::load_checkpoint(&a.checkpoint, &dev, false)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
     let split = match a.split {
         SplitArg::Train => &data.train,
@@ -104,7 +103,7 @@ pub(super) fn build_attacks(
         let attack: Box<dyn quant_robust::attack::Attack> =
             if let Some(src) = name.strip_prefix("transfer:") {
                 let src = PathBuf::from(src);
-                let source = checkpoint::load(&src, dev, false)
+                let source = quant_robust::quant::load_checkpoint(&src, dev, false)
                     .with_context(|| format!("loading the transfer source {}", src.display()))?;
                 Box::new(Transfer {
                     source: Box::new(source),
@@ -151,7 +150,7 @@ pub(super) fn attack(a: AttackArgs) -> Result<ExitCode> {
     let quantize = a
         .quantize
         .map(quant_robust::quant::seam::UniformConfig::from);
-    let model = checkpoint::load(&a.checkpoint, &dev, false)
+    let model = quant_robust::quant::load_checkpoint(&a.checkpoint, &dev, false)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
     let mut ranges = None;
     let model = match &quantize {

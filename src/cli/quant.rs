@@ -48,7 +48,7 @@ pub(super) fn ptq(a: PtqArgs) -> Result<ExitCode> {
             data.train.len()
         );
     }
-    let fp = checkpoint::load(&a.checkpoint, &dev, false)
+    let fp = quant_robust::quant::load_checkpoint(&a.checkpoint, &dev, false)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
     if fp.seam().persist().is_some() {
         bail!(
@@ -158,7 +158,7 @@ pub(super) fn qat(a: QatArgs) -> Result<ExitCode> {
                     quant_robust::model::ResNet20::init(&mut Rng::new(tcfg.seed, "init"), &dev)?
                 }
                 Some((kind @ ("natural" | "robust"), path)) => {
-                    checkpoint::load(Path::new(path), &dev, true)
+                    quant_robust::quant::load_checkpoint(Path::new(path), &dev, true)
                         .with_context(|| format!("loading the {kind} initialization {path}"))?
                 }
                 _ => {

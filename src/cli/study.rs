@@ -9,7 +9,6 @@ use serde_json::json;
 
 use quant_robust::data::{self, batch::DeviceData};
 use quant_robust::device;
-use quant_robust::model::checkpoint;
 use quant_robust::study::shard::Shard;
 
 use super::args::*;
@@ -318,7 +317,8 @@ pub(super) fn golden_check(a: GoldenCheckArgs) -> Result<ExitCode> {
     let mut failed = 0;
     let t = Instant::now();
     for m in &g.models {
-        let model = checkpoint::load(&golden::checkpoint_path(&a.dir, m), &dev, false)?;
+        let model =
+            quant_robust::quant::load_checkpoint(&golden::checkpoint_path(&a.dir, m), &dev, false)?;
         let attacks: Vec<Box<dyn Attack>> = vec![Box::new(Fgsm)];
         let rcfg = RobustnessConfig {
             norm: Norm::Linf,

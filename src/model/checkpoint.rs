@@ -96,8 +96,18 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(map.into_iter().collect())
 }
 
-/// Loads a checkpoint into a model on `device` (`trainable`: as variables, for training).
-pub fn load(path: &Path, device: &Device, trainable: bool) -> Result<ResNet20> {
+/// A checkpoint's weights as a full-precision model, and the quantizers the file stores with
+/// them (a PTQ or QAT checkpoint), unread: `crate::quant::load_checkpoint` puts the two
+/// together.
+pub struct Stored {
+    pub model: ResNet20,
+    /// The metadata entry `quant` (JSON), if any.
+    pub quant: Option<String>,
+}
+
+/// Reads a checkpoint's weights into a model on `device` (`trainable`: as variables, for
+/// training), and its stored quantizers.
+pub fn load_stored(path: &Path, device: &Device, trainable: bool) -> Result<Stored> {
     let mut map = read_safetensors(path)?;
     let nbt = match map.get("bn1.num_batches_tracked") {
         Some(t) => t
@@ -115,7 +125,6 @@ pub fn load(path: &Path, device: &Device, trainable: bool) -> Result<ResNet20> {
         problem: e.to_string(),
     })?;
     let model = ResNet20::from_tensors(map, nbt, device, trainable)?;
-    // Quantizers stored with the weights (a PTQ or QAT checkpoint).
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, header) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Checkpoint {
@@ -126,21 +135,7 @@ pub fn load(path: &Path, device: &Device, trainable: bool) -> Result<ResNet20> {
         .metadata()
         .as_ref()
         .and_then(|m| m.get("quant").cloned());
-    match quant {
-        None => Ok(model),
-        Some(q) => {
-            let q: crate::quant::seam::PersistedQuant =
-                serde_json::from_str(&q).map_err(|e| Error::Checkpoint {
-                    path: path.to_path_buf(),
-                    problem: format!("unreadable quantizer settings: {e}"),
-                })?;
-            q.validate().map_err(|e| Error::Checkpoint {
-                path: path.to_path_buf(),
-                problem: e.to_string(),
-            })?;
-            Ok(model.with_seam(std::sync::Arc::new(q.seam())))
-        }
-    }
+    Ok(Stored { model, quant })
 }
 
 /// Reads a checkpoint's manifest, if there is one.

@@ -29,6 +29,7 @@ pub mod seam;
 pub mod uniform;
 
 pub use bits::Bits;
+pub use seam::load_checkpoint;
 
 use serde::{Deserialize, Serialize};
 

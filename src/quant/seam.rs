@@ -251,6 +251,28 @@ impl PersistedQuant {
     }
 }
 
+/// Loads a checkpoint into a model on `device` (`trainable`: as variables, for training),
+/// with the quantizers stored in it (a PTQ or QAT checkpoint) attached; an error naming the
+/// file where they cannot be read.
+pub fn load_checkpoint(
+    path: &std::path::Path,
+    device: &candle_core::Device,
+    trainable: bool,
+) -> Result<crate::model::ResNet20> {
+    let stored = crate::model::checkpoint::load_stored(path, device, trainable)?;
+    let Some(q) = stored.quant else {
+        return Ok(stored.model);
+    };
+    let bad = |problem: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let q: PersistedQuant =
+        serde_json::from_str(&q).map_err(|e| bad(format!("unreadable quantizer settings: {e}")))?;
+    q.validate().map_err(|e| bad(e.to_string()))?;
+    Ok(stored.model.with_seam(std::sync::Arc::new(q.seam())))
+}
+
 /// Calibrates activation ranges: the maximum ReLU output per site over the images `idx`
 /// of `data`, the model in evaluation mode at full precision.
 pub fn calibrate(

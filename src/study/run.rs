@@ -257,7 +257,7 @@ impl Runner<'_> {
 
     fn load(&self, spec: &ModelSpec, trainable: bool) -> Result<ResNet20> {
         let key = self.keys.model(spec)?;
-        checkpoint::load(&self.model_path(key), &self.dev, trainable)
+        crate::quant::load_checkpoint(&self.model_path(key), &self.dev, trainable)
     }
 
     /// Claims the stage `key` for this process, or `None` while another process computes it.
