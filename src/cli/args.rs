@@ -447,19 +447,19 @@ pub struct AttackArgs {
     #[arg(long, default_value = "1/255,2/255,4/255,8/255,16/255")]
     pub eps: String,
     /// PGD steps (also the transfer attack's PGD on its source).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = quant_robust::attack::AttackSettings::default().pgd_steps)]
     pub steps: usize,
     /// PGD step size as a fraction of ε.
-    #[arg(long, default_value_t = 0.25)]
+    #[arg(long, default_value_t = quant_robust::attack::AttackSettings::default().pgd_step_fraction)]
     pub step_fraction: f64,
     /// Random restarts of PGD and APGD.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = quant_robust::attack::AttackSettings::default().restarts)]
     pub restarts: usize,
     /// APGD iterations.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = quant_robust::attack::AttackSettings::default().apgd_iterations)]
     pub apgd_iterations: usize,
     /// Square attack query budget.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = quant_robust::attack::AttackSettings::default().square_queries)]
     pub square_queries: usize,
     /// FAB and FAB-T iterations.
     #[arg(long, default_value_t = quant_robust::attack::AttackSettings::default().fab_iterations)]
@@ -475,7 +475,7 @@ pub struct AttackArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Batch size.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = quant_robust::eval::robust::RobustnessConfig::default().batch_size)]
     pub batch_size: usize,
     /// Write a PNG grid of 8 examples (the first attack at the largest ε).
     #[arg(long)]
