@@ -485,7 +485,7 @@ pub struct AttackArgs {
     #[arg(long)]
     pub quantize: Option<quant_robust::quant::Bits>,
     /// Training images that calibrate the activation ranges of --quantize (seeded, stratified).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = quant_robust::quant::ptq::PtqConfig::default().calib)]
     pub calib: usize,
     /// Gradients through quantizers: ste (straight-through) or raw (the true, zero, gradient).
     #[arg(long, value_enum, default_value_t = quant_robust::quant::GradientMode::Ste)]
@@ -503,7 +503,7 @@ pub struct PtqArgs {
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// Weight quantizer.
-    #[arg(long, value_enum, default_value_t = quant_robust::quant::ptq::PtqMethod::Pwlq)]
+    #[arg(long, value_enum, default_value_t = quant_robust::quant::ptq::PtqConfig::default().method)]
     pub method: quant_robust::quant::ptq::PtqMethod,
     /// Weight bits (2-16; 32 = full precision).
     #[arg(long, default_value_t = 8)]
@@ -512,16 +512,16 @@ pub struct PtqArgs {
     #[arg(long, default_value_t = 8)]
     pub abits: u32,
     /// Weight bits of the first conv and the last linear layer.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = quant_robust::quant::ptq::PtqConfig::default().bits.first_last_bits)]
     pub first_last_bits: u32,
     /// PWLQ breakpoint.
-    #[arg(long, value_enum, default_value_t = quant_robust::quant::pwlq::Breakpoint::Search)]
+    #[arg(long, value_enum, default_value_t = quant_robust::quant::ptq::PtqConfig::default().breakpoint)]
     pub breakpoint: quant_robust::quant::pwlq::Breakpoint,
     /// PWLQ bias correction.
     #[arg(long)]
     pub bias_correction: bool,
     /// Training images that calibrate the activation ranges (seeded, stratified).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = quant_robust::quant::ptq::PtqConfig::default().calib)]
     pub calib: usize,
     /// Activation range: `max`, or a percentile such as `99.99`.
     #[arg(long, default_value = "max")]
@@ -553,7 +553,7 @@ pub struct QatArgs {
     #[arg(long, default_value_t = 4)]
     pub abits: u32,
     /// Weight bits of the first conv and the last linear layer.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = quant_robust::quant::ptq::PtqConfig::default().bits.first_last_bits)]
     pub first_last_bits: u32,
     /// Initial α: `calibrated` (the site's full-precision maximum) or a number > 0. Default:
     /// 10 from random init (an untrained network's activations say nothing about their
