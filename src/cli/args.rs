@@ -158,8 +158,8 @@ pub struct ReproduceArgs {
     pub time_budget: Option<f64>,
     /// Inside a Slurm job with a time limit and no --time-budget: stop cleanly this many
     /// seconds before the job's end (`SLURM_JOB_END_TIME`). A stage still running at the
-    /// end is lost and redone by the next run. Default 300.
-    #[arg(long, default_value_t = 300.0)]
+    /// end is lost and redone by the next run.
+    #[arg(long, default_value_t = quant_robust::study::slurm::END_MARGIN_S as f64)]
     pub end_margin: f64,
     /// Stop cleanly (resumable) after computing this many stages.
     #[arg(long)]
@@ -224,7 +224,7 @@ pub struct SlurmArgs {
     pub mem: Option<String>,
     /// Seconds before the time limit at which a run stops cleanly (a stage still running
     /// then is redone by the requeued job).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = quant_robust::study::slurm::END_MARGIN_S)]
     pub end_margin: u64,
     /// How often a job stopped at its time limit requeues itself before it fails.
     #[arg(long, default_value_t = 3)]

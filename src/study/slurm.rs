@@ -97,6 +97,10 @@ impl fmt::Display for TimeLimit {
 }
 
 /// How the jobs ask Slurm for resources and how the runs inside them behave.
+/// Seconds before a Slurm job's time limit at which a run stops cleanly (resumable), by
+/// default: `slurm --end-margin`, and `reproduce --end-margin` inside a job.
+pub const END_MARGIN_S: u64 = 300;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobOptions {
     /// The name's prefix of every job (`<prefix>-fp`, `-grid`, `-merge`).
