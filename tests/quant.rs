@@ -230,6 +230,20 @@ fn bit_settings_parse_once_and_reject_clearly() {
     assert!(serde_json::from_str::<Bits>("\"w0a4\"").is_err());
 }
 
+/// The fraction of rows on which two batches of logits predict the same class.
+fn agreement(a: &Tensor, b: &Tensor) -> f32 {
+    a.argmax(1)
+        .unwrap()
+        .eq(&b.argmax(1).unwrap())
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// A random ResNet-20 with running statistics from a few training-mode passes (so that
 /// activations are not degenerate), 64 sample images and their labels, and the activation
 /// ranges calibrated on them.
@@ -282,17 +296,7 @@ fn uniform_ptq_at_8_bits_keeps_the_model_and_raw_gradients_vanish() {
     )
     .forward(&x, false)
     .unwrap();
-    let agree = fp
-        .argmax(1)
-        .unwrap()
-        .eq(&q8.argmax(1).unwrap())
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let agree = agreement(&fp, &q8);
     assert!(
         agree >= 0.9,
         "W8A8 changed {:.0}% of predictions",
@@ -685,17 +689,7 @@ fn qat_trains_alpha_stays_bounded_and_exports_the_same_model() {
     let (xt, _) = test.range(0, 40).unwrap();
     let a = t.model.frozen().forward(&xt, false).unwrap();
     let b = e.forward(&xt, false).unwrap();
-    let same = a
-        .argmax(1)
-        .unwrap()
-        .eq(&b.argmax(1).unwrap())
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-        .mean_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let same = agreement(&a, &b);
     assert!(
         same >= 0.95,
         "export changed {:.0}% of predictions",
