@@ -512,7 +512,7 @@ pub struct PtqArgs {
     #[arg(long, default_value_t = 8)]
     pub abits: u32,
     /// Weight bits of the first conv and the last linear layer.
-    #[arg(long, default_value_t = quant_robust::quant::ptq::PtqConfig::default().bits.first_last_bits)]
+    #[arg(long, default_value_t = quant_robust::quant::seam::UniformConfig::default().first_last_bits)]
     pub first_last_bits: u32,
     /// PWLQ breakpoint.
     #[arg(long, value_enum, default_value_t = quant_robust::quant::ptq::PtqConfig::default().breakpoint)]
@@ -553,7 +553,7 @@ pub struct QatArgs {
     #[arg(long, default_value_t = 4)]
     pub abits: u32,
     /// Weight bits of the first conv and the last linear layer.
-    #[arg(long, default_value_t = quant_robust::quant::ptq::PtqConfig::default().bits.first_last_bits)]
+    #[arg(long, default_value_t = quant_robust::quant::seam::UniformConfig::default().first_last_bits)]
     pub first_last_bits: u32,
     /// Initial α: `calibrated` (the site's full-precision maximum) or a number > 0. Default:
     /// 10 from random init (an untrained network's activations say nothing about their

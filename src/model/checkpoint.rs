@@ -87,7 +87,12 @@ pub fn save(model: &ResNet20, path: &Path, manifest: &Manifest) -> Result<()> {
 /// Reads named tensors from a safetensors file onto the CPU.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let map = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+    tensors_of(path, &bytes)
+}
+
+/// The named tensors of the safetensors bytes `bytes` (read from `path`), on the CPU.
+fn tensors_of(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
+    let map = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
         Error::Checkpoint {
             path: path.to_path_buf(),
             problem: format!("not a readable safetensors file: {e}"),
@@ -108,7 +113,8 @@ pub struct Stored {
 /// Reads a checkpoint's weights into a model on `device` (`trainable`: as variables, for
 /// training), and its stored quantizers.
 pub fn load_stored(path: &Path, device: &Device, trainable: bool) -> Result<Stored> {
-    let mut map = read_safetensors(path)?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut map = tensors_of(path, &bytes)?;
     let nbt = match map.get("bn1.num_batches_tracked") {
         Some(t) => t
             .to_dtype(DType::I64)
@@ -125,7 +131,6 @@ pub fn load_stored(path: &Path, device: &Device, trainable: bool) -> Result<Stor
         problem: e.to_string(),
     })?;
     let model = ResNet20::from_tensors(map, nbt, device, trainable)?;
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, header) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::Checkpoint {
             path: path.to_path_buf(),
