@@ -125,7 +125,11 @@ pub fn load_stored(path: &Path, device: &Device, trainable: bool) -> Result<Stor
             })?,
         None => 0,
     };
-    map.retain(|k, _| !k.ends_with("num_batches_tracked"));
+    // Each BatchNorm's counter (PyTorch's buffer; all equal, bn1's is read above) is set
+    // aside by its exact name: any other name is left for `check_tensors` to refuse.
+    for bn in bn_names() {
+        map.remove(&format!("{bn}.num_batches_tracked"));
+    }
     check_tensors(&map).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         problem: e.to_string(),

@@ -573,8 +573,12 @@ pub fn check_tensors(tensors: &BTreeMap<String, Tensor>) -> Result<()> {
             }
         }
     }
+    let counters: Vec<String> = bn_names()
+        .iter()
+        .map(|bn| format!("{bn}.num_batches_tracked"))
+        .collect();
     for k in tensors.keys() {
-        if !k.ends_with("num_batches_tracked") && !specs.iter().any(|s| &s.name == k) {
+        if !counters.contains(k) && !specs.iter().any(|s| &s.name == k) {
             return Err(Error::config(
                 "tensor",
                 k,
