@@ -28,7 +28,8 @@
 //! eval/                      clean accuracy, Wilson intervals; robust.rs: many attacks and ε,
 //!                            per-example worst case, masking diagnostics
 //! study/                     config.rs: presets and the grid; plan.rs: cells and cache keys;
-//!                            run.rs: the runner (cache, resume, shards); shard.rs and
+//!                            stages.rs: train FP, PTQ, QAT as the runner and the CLI both
+//!                            run them; run.rs: the runner (cache, resume, shards); shard.rs and
 //!                            slurm.rs: which shard and how long (flags or a Slurm job);
 //!                            results.rs; verdict.rs + findings.rs: F1-F6 as verdicts;
 //!                            golden.rs: pinned sets
@@ -36,7 +37,9 @@
 //! ```
 //!
 //! The command-line interface (`src/main.rs`, `src/cli/`: the arguments in args.rs, one
-//! file per group of subcommands) parses arguments into these types and calls them.
+//! file per group of subcommands) parses arguments into these types and calls them: `train`,
+//! `ptq` and `qat` run the stages of `study::stages`, `eval` and `attack` the evaluation of
+//! `eval::robust`, `reproduce` the runner.
 //! `vendor/candle-core` is candle 0.11.1 with one change to its backward pass
 //! (vendor/README.md).
 

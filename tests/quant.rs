@@ -666,7 +666,7 @@ fn qat_trains_alpha_stays_bounded_and_exports_the_same_model() {
         &Device::Cpu,
     )
     .unwrap();
-    t.fit(&train, &test, None, &mut Silent).unwrap();
+    t.fit(&train, &test, None, &|| false, &mut Silent).unwrap();
     let h = &t.state.history;
     assert!(
         h[2].train_loss < h[0].train_loss,

@@ -132,7 +132,7 @@ fn short_training_run_lowers_the_loss() {
     let (train, test) = tiny_data(128);
     let s = sample();
     let mut t = Trainer::new(tiny_config(3, 32), s.identity.clone(), 128, &Device::Cpu).unwrap();
-    t.fit(&train, &test, None, &mut Silent).unwrap();
+    t.fit(&train, &test, None, &|| false, &mut Silent).unwrap();
     let h = &t.state.history;
     assert_eq!(h.len(), 3);
     assert!(
@@ -151,16 +151,22 @@ fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
     let (train, test) = tiny_data(64);
     let s = sample();
     let mut whole = Trainer::new(tiny_config(2, 32), s.identity.clone(), 64, &Device::Cpu).unwrap();
-    whole.fit(&train, &test, None, &mut Silent).unwrap();
+    whole
+        .fit(&train, &test, None, &|| false, &mut Silent)
+        .unwrap();
 
     let dir = tempdir();
     let ck = dir.path().join("run.safetensors");
     let mut first = Trainer::new(tiny_config(1, 32), s.identity.clone(), 64, &Device::Cpu).unwrap();
-    first.fit(&train, &test, Some(&ck), &mut Silent).unwrap();
+    first
+        .fit(&train, &test, Some(&ck), &|| false, &mut Silent)
+        .unwrap();
     drop(first);
     let mut second = Trainer::resume(&ck, Some(2), &Device::Cpu).unwrap();
     assert_eq!(second.state.epoch, 1);
-    second.fit(&train, &test, Some(&ck), &mut Silent).unwrap();
+    second
+        .fit(&train, &test, Some(&ck), &|| false, &mut Silent)
+        .unwrap();
     assert_eq!(second.state.step, whole.state.step);
     for (k, a) in whole.model.tensors() {
         let b = second.model.tensor(k).unwrap();
@@ -290,7 +296,9 @@ fn divergence_stops_training_and_keeps_the_last_good_checkpoint() {
     t.save(&ck).unwrap();
     let before = std::fs::read(&ck).unwrap();
     t.state.config.lr = 1e30;
-    let e = t.fit(&train, &test, Some(&ck), &mut Silent).unwrap_err();
+    let e = t
+        .fit(&train, &test, Some(&ck), &|| false, &mut Silent)
+        .unwrap_err();
     assert!(matches!(e, Error::Diverged { epoch: 2, .. }), "{e}");
     assert!(e.to_string().contains("last good checkpoint"));
     assert_eq!(

@@ -13,7 +13,7 @@ use quant_robust::device;
 use quant_robust::eval::clean_accuracy;
 
 use super::args::*;
-use super::{calibration_set, load_data, parse_number, side_manifest, write_result};
+use super::{check_calib, load_data, parse_number, side_manifest, write_result};
 
 pub(super) fn eval(a: EvalArgs) -> Result<ExitCode> {
     let dev = device::select(a.data.device)?;
@@ -156,7 +156,9 @@ pub(super) fn attack(a: AttackArgs) -> Result<ExitCode> {
     let model = match &quantize {
         None => quant_robust::quant::seam::with_gradient_mode(&model, a.gradient),
         Some(q) => {
-            let calib_set = calibration_set(&data, a.calib, a.seed, &dev)?;
+            check_calib(a.calib, &data)?;
+            let calib_set =
+                quant_robust::study::stages::calibration_set(&data.train, a.calib, a.seed, &dev)?;
             let all: Vec<u32> = (0..calib_set.len() as u32).collect();
             let r = quant_robust::quant::seam::calibrate(&model, &calib_set, &all, a.batch_size)?;
             ranges = Some(r.clone());

@@ -23,7 +23,7 @@ mod train;
 pub use args::*;
 use data_cmds::{export_bin, make_sample};
 use eval::{attack, eval};
-use quant::{calibration_set, ptq, qat, train_subset};
+use quant::{ptq, qat, train_size};
 use study::{golden_check, golden_update, merge, report, reproduce, slurm};
 use train::{train, train_config};
 
@@ -84,6 +84,17 @@ fn load_data(a: &DataArgs) -> Result<data::CifarData> {
         t.elapsed().as_secs_f64()
     );
     Ok(d)
+}
+
+/// `--calib N`: at least one image, at most the training split.
+fn check_calib(n: usize, data: &data::CifarData) -> Result<()> {
+    if n == 0 || n > data.train.len() {
+        bail!(
+            "--calib {n}: the training split has {} images",
+            data.train.len()
+        );
+    }
+    Ok(())
 }
 
 fn write_result(out: Option<&Path>, value: &serde_json::Value) -> Result<()> {

@@ -2,24 +2,25 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use quant_robust::data::{self, batch::DeviceData, subset};
+use quant_robust::data::{batch::DeviceData, subset::SubsetSize};
 use quant_robust::device;
 use quant_robust::eval::clean_accuracy;
 use quant_robust::model::checkpoint;
 use quant_robust::rng::Rng;
+use quant_robust::study::stages::{Ptq, Qat};
 
 use super::args::*;
 use super::{
-    check_out_path, load_data, parse_number, train_config, write_result, Bar, EXIT_STOPPED_EARLY,
+    check_calib, check_out_path, load_data, parse_number, train_config, write_result, Bar,
+    EXIT_STOPPED_EARLY,
 };
 
 pub(super) fn ptq(a: PtqArgs) -> Result<ExitCode> {
-    use quant_robust::quant::ptq::{post_training_quantize, PtqConfig, PtqOutcome};
+    use quant_robust::quant::ptq::PtqConfig;
     use quant_robust::quant::seam::CalibMethod;
     let bits = parse_bits(a.wbits, a.abits, a.first_last_bits)?;
     let calib_range = match a.calib_range.as_str() {
@@ -41,32 +42,20 @@ pub(super) fn ptq(a: PtqArgs) -> Result<ExitCode> {
     }
     let dev = device::select(a.data.device)?;
     let data = load_data(&a.data)?;
-    if a.calib == 0 || a.calib > data.train.len() {
-        bail!(
-            "--calib {}: the training split has {} images",
-            a.calib,
-            data.train.len()
-        );
-    }
+    check_calib(a.calib, &data)?;
     let fp = quant_robust::quant::load_checkpoint(&a.checkpoint, &dev, false)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
-    if fp.seam().persist().is_some() {
-        bail!(
-            "{} is already quantized; give a full-precision checkpoint",
-            a.checkpoint.display()
-        );
-    }
-    let t = Instant::now();
-    let calib_set = calibration_set(&data, a.calib, a.seed, &dev)?;
-    let PtqOutcome {
-        model,
-        breakpoint_ratios: ratios,
-        activation_ranges: ranges,
-    } = post_training_quantize(&fp, &cfg, &calib_set)?;
-    let quant_s = t.elapsed().as_secs_f64();
+    let stage = Ptq {
+        config: cfg,
+        seed: a.seed,
+    };
+    let mut made = stage
+        .run(&fp, &data, &dev)
+        .with_context(|| format!("quantizing {}", a.checkpoint.display()))?;
+    let cfg = &stage.config;
     let dd = DeviceData::new(&data.test, &dev)?;
     let idx = quant_robust::eval::eval_indices(&dd, a.n, a.seed)?;
-    let acc = clean_accuracy(&model, &dd, &idx, 500)?;
+    let acc = clean_accuracy(&made.model, &dd, &idx, 500)?;
     let fp_acc = clean_accuracy(&fp, &dd, &idx, 500)?;
     let name = format!("ptq-{:?}-{}", a.method, cfg.bits.name()).to_lowercase();
     let out_ck = a.out_checkpoint.clone().unwrap_or_else(|| {
@@ -74,16 +63,13 @@ pub(super) fn ptq(a: PtqArgs) -> Result<ExitCode> {
         PathBuf::from(format!("{}-{name}.safetensors", stem.display()))
     });
     check_out_path(a.out.as_deref(), &out_ck)?;
-    let mut m = quant_robust::manifest::Manifest::new("checkpoint", &dev);
-    m.seed = Some(a.seed);
-    m.data = Some(data.identity.clone());
-    m.config = json!({ "stage": "ptq", "source": a.checkpoint, "ptq": cfg });
-    m.add_timing("ptq", quant_s, &dev);
+    made.note("source", json!(a.checkpoint));
+    let m = &mut made.manifest;
     m.metrics.insert("test_accuracy".into(), acc.fraction());
     m.metrics
         .insert("fp_test_accuracy".into(), fp_acc.fraction());
     m.metrics.insert("test_images".into(), acc.total as f64);
-    checkpoint::save(&model, &out_ck, &m)?;
+    checkpoint::save(&made.model, &out_ck, &made.manifest)?;
     tracing::info!(
         "{name}: clean accuracy {:.2}% ({}/{}), full precision {:.2}%; wrote {}",
         acc.percent(),
@@ -98,9 +84,9 @@ pub(super) fn ptq(a: PtqArgs) -> Result<ExitCode> {
         "correct": acc.correct,
         "total": acc.total,
         "fp_accuracy": fp_acc.fraction(),
-        "breakpoint_ratio_p_over_m": ratios,
-        "activation_ranges": ranges,
-        "manifest": m,
+        "breakpoint_ratio_p_over_m": made.details["breakpoint_ratio_p_over_m"],
+        "activation_ranges": made.details["activation_ranges"],
+        "manifest": made.manifest,
     });
     write_result(a.out.as_deref(), &result)?;
     Ok(ExitCode::SUCCESS)
@@ -171,16 +157,17 @@ pub(super) fn qat(a: QatArgs) -> Result<ExitCode> {
             (qcfg, tcfg, init.clone(), Some(model))
         }
     };
-    // α from the full-precision activations of 512 seeded training images.
-    let calib_set = calibration_set(&data, 512.min(data.train.len()), tcfg.seed, &dev)?;
-    let train_set = train_subset(&data, a.train.fraction, a.train.train_count, tcfg.seed)?;
-    let train_dev = DeviceData::new(&train_set, &dev)?;
+    let stage = Qat {
+        config: qcfg,
+        train: tcfg,
+        calib: QatStage::default().calib,
+        train_size: train_size(a.train.fraction, a.train.train_count),
+    };
     let test_dev = DeviceData::new(&data.test, &dev)?;
     tracing::info!(
-        "QAT {} from {init_desc} on {} images, {} epochs",
-        qcfg.bits.name(),
-        train_set.len(),
-        tcfg.epochs,
+        "QAT {} from {init_desc}, {} epochs",
+        stage.config.bits.name(),
+        stage.train.epochs,
     );
     let start = match &model {
         Some(m) => QatStart::Fresh {
@@ -190,15 +177,11 @@ pub(super) fn qat(a: QatArgs) -> Result<ExitCode> {
         None => QatStart::Resume,
     };
     let mut bar = Bar { bar: None };
-    let out = quant_robust::train::qat::fine_tune(
+    let out = stage.run(
         start,
-        &qcfg,
-        tcfg.clone(),
-        &calib_set,
-        &train_dev,
+        &data,
         &test_dev,
-        data.identity.clone(),
-        Some(&latent),
+        &latent,
         &quant_robust::device::stop_requested,
         &mut bar,
         &dev,
@@ -210,15 +193,13 @@ pub(super) fn qat(a: QatArgs) -> Result<ExitCode> {
         );
         return Ok(ExitCode::from(EXIT_STOPPED_EARLY));
     };
-    let (exported, acc, alpha_log) = (out.model, out.test, out.alpha_per_epoch);
-    let mut m = out.manifest;
-    m.config = json!({ "stage": "qat", "init": init_desc, "qat": qcfg, "train": tcfg });
-    m.metrics.insert("test_accuracy".into(), acc.fraction());
-    m.metrics.insert("test_images".into(), acc.total as f64);
-    checkpoint::save(&exported, &out_path, &m)?;
+    let mut made = out;
+    made.note("init", json!(init_desc));
+    checkpoint::save(&made.model, &out_path, &made.manifest)?;
+    let acc = made.test.context("QAT measured no test accuracy")?;
     tracing::info!(
         "QAT {}: clean accuracy {:.2}% ({}/{}); wrote {}",
-        qcfg.bits.name(),
+        stage.config.bits.name(),
         acc.percent(),
         acc.correct,
         acc.total,
@@ -230,40 +211,21 @@ pub(super) fn qat(a: QatArgs) -> Result<ExitCode> {
         "accuracy": acc.fraction(),
         "correct": acc.correct,
         "total": acc.total,
-        "alpha_per_epoch": alpha_log,
-        "history": out.history,
-        "manifest": m,
+        "alpha_per_epoch": made.details["alpha_per_epoch"],
+        "history": made.details["history"],
+        "manifest": made.manifest,
     });
     write_result(a.train.out.as_deref(), &result)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// A seeded, class-stratified calibration set of `n` training images, on the device.
-pub(super) fn calibration_set(
-    data: &data::CifarData,
-    n: usize,
-    seed: u64,
-    dev: &candle_core::Device,
-) -> Result<DeviceData> {
-    Ok(DeviceData::new(
-        &subset::calibration(&data.train, n, seed)?,
-        dev,
-    )?)
-}
-
-/// The training images of a run: a seeded, stratified fraction or count, or all.
-pub(super) fn train_subset(
-    data: &data::CifarData,
-    fraction: Option<f64>,
-    count: Option<usize>,
-    seed: u64,
-) -> Result<data::Dataset> {
-    let size = match (fraction, count) {
-        (Some(f), _) => Some(subset::SubsetSize::Fraction(f)),
-        (None, Some(n)) => Some(subset::SubsetSize::Count(n)),
+/// The training images of a run: a seeded, stratified fraction or count, or all (`None`).
+pub(super) fn train_size(fraction: Option<f64>, count: Option<usize>) -> Option<SubsetSize> {
+    match (fraction, count) {
+        (Some(f), _) => Some(SubsetSize::Fraction(f)),
+        (None, Some(n)) => Some(SubsetSize::Count(n)),
         (None, None) => None,
-    };
-    Ok(subset::training(&data.train, size, seed)?)
+    }
 }
 
 /// Weight and activation bits (32 = full precision) and the first/last layers' weight bits.

@@ -8,10 +8,11 @@ use serde_json::json;
 use quant_robust::attack::PgdConfig;
 use quant_robust::data::batch::DeviceData;
 use quant_robust::device;
-use quant_robust::train::{Adversarial, LrSchedule, TrainConfig, Trainer};
+use quant_robust::study::stages::TrainFp;
+use quant_robust::train::{Adversarial, LrSchedule, TrainConfig};
 
 use super::args::*;
-use super::{check_out_path, load_data, train_subset, write_result, Bar, EXIT_STOPPED_EARLY};
+use super::{check_out_path, load_data, train_size, write_result, Bar, EXIT_STOPPED_EARLY};
 
 pub(super) fn train_config(a: &TrainArgs) -> Result<TrainConfig> {
     let mut cfg: TrainConfig = match &a.config {
@@ -82,51 +83,33 @@ pub(super) fn train(a: TrainArgs) -> Result<ExitCode> {
     check_out_path(a.out.as_deref(), a.resume.as_ref().unwrap_or(&a.checkpoint))?;
     let dev = device::select(a.data.device)?;
     let data = load_data(&a.data)?;
-    let (mut trainer, checkpoint_path) = match &a.resume {
-        Some(p) => {
-            let t = Trainer::resume(p, a.epochs, &dev)
-                .with_context(|| format!("resuming from {}", p.display()))?;
-            if t.state.data.train_sha256 != data.identity.train_sha256 && a.fraction.is_none() {
-                tracing::warn!("resuming on data that differs from the run's original data");
-            }
-            (t, p.clone())
-        }
-        None => {
-            let cfg = train_config(&a)?;
-            (
-                Trainer::new(cfg, data.identity.clone(), 0, &dev)?,
-                a.checkpoint.clone(),
-            )
-        }
+    let stage = TrainFp {
+        config: match &a.resume {
+            Some(_) => TrainConfig::default(),
+            None => train_config(&a)?,
+        },
+        path: a.resume.as_ref().unwrap_or(&a.checkpoint),
+        resume: a.resume.is_some(),
+        epochs: a.epochs,
+        train_size: train_size(a.fraction, a.train_count),
     };
-    let seed = trainer.state.config.seed;
-    let train_set = train_subset(&data, a.fraction, a.train_count, seed)?;
-    if train_set.is_empty() {
-        bail!("the data set has no training images");
-    }
-    if trainer.state.n_train == 0 {
-        trainer.state.n_train = train_set.len();
-    }
-    let train_dev = DeviceData::new(&train_set, &dev)?;
     let test_dev = DeviceData::new(&data.test, &dev)?;
-    tracing::info!(
-        "training on {} images, {} epochs, device {}",
-        train_set.len(),
-        trainer.state.config.epochs,
-        device::name(&dev)
-    );
     let mut bar = Bar { bar: None };
-    if !trainer.fit(&train_dev, &test_dev, Some(&checkpoint_path), &mut bar)? {
+    let trainer = stage
+        .run(&data, &test_dev, &device::stop_requested, &mut bar, &dev)
+        .with_context(|| match &a.resume {
+            Some(p) => format!("resuming from {}", p.display()),
+            None => format!("training {}", a.checkpoint.display()),
+        })?;
+    let Some(trainer) = trainer else {
         tracing::warn!(
-            "stopped on SIGTERM after epoch {}/{}; continue with `train --resume {}`",
-            trainer.state.epoch,
-            trainer.state.config.epochs,
-            checkpoint_path.display()
+            "stopped on SIGTERM; continue with `train --resume {}`",
+            stage.path.display()
         );
         return Ok(ExitCode::from(EXIT_STOPPED_EARLY));
-    }
+    };
     let result = json!({
-        "checkpoint": checkpoint_path,
+        "checkpoint": stage.path,
         "manifest": trainer.manifest()?,
         "history": trainer.state.history,
     });

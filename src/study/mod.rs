@@ -1,5 +1,6 @@
 //! The study: a configuration grid of full-precision models and quantized cells
-//! ([`config`], [`plan`]), run as a stage graph with a content-addressed cache, resumable
+//! ([`config`], [`plan`]), its model stages ([`stages`]: shared with the command line), run
+//! as a stage graph with a content-addressed cache, resumable
 //! and shardable ([`run`]), collected into one results document ([`results`]) and judged
 //! by the findings F1-F6 ([`findings`]). [`crate::report`] turns the results into
 //! `report.md` and plots.
@@ -12,6 +13,7 @@ pub mod results;
 pub mod run;
 pub mod shard;
 pub mod slurm;
+pub mod stages;
 pub mod verdict;
 
 pub use config::StudyConfig;

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use super::config::{GivenCheckpoint, Init, StudyConfig};
 use super::plan::{self, ModelSpec};
 use super::shard::Shard;
+use super::stages::{EpochLog, Made, Ptq, Qat, TrainFp};
 use crate::attack::{pgd::Pgd, transfer::Transfer, Attack, Norm};
 use crate::data::batch::DeviceData;
 use crate::data::{self, subset, CifarData, DataSource};
@@ -43,13 +44,12 @@ use crate::eval::robust::{
 };
 use crate::manifest::{gpu_seconds, Manifest};
 use crate::model::{checkpoint, Classifier, ResNet20};
-use crate::quant::ptq::{post_training_quantize, PtqConfig};
+use crate::quant::ptq::PtqConfig;
 use crate::quant::qat::QatConfig;
 use crate::quant::seam::{with_gradient_mode, UniformConfig};
 use crate::quant::GradientMode;
 use crate::rng::Rng;
 use crate::train::qat::QatStart;
-use crate::train::{Silent, Trainer};
 use crate::{Error, Result};
 
 /// What a finished model stage recorded.
@@ -335,34 +335,31 @@ impl Runner<'_> {
         if let Some(given) = &plan::fp_stage(self.cfg, init).checkpoint {
             return self.given_fp(spec, given, key).map(Ok);
         }
-        let tcfg = plan::fp_train_config(self.cfg, init, seed);
-        let count = plan::fp_stage(self.cfg, init).train_count;
-        let train_set =
-            subset::training(&self.data.train, count.map(subset::SubsetSize::Count), seed)?;
-        let train = DeviceData::new(&train_set, &self.dev)?;
         let path = self.model_path(key);
-        let resume = crate::train::CheckpointPaths::new(&path).resume;
-        let mut trainer = if resume.is_file() {
-            tracing::info!("{}: resuming from {}", spec.id(), resume.display());
-            Trainer::resume(&path, None, &self.dev)?
-        } else {
-            Trainer::new(tcfg, self.data.identity.clone(), train.len(), &self.dev)?
-        };
-        while trainer.state.epoch < trainer.state.config.epochs {
-            if self.should_stop() {
-                return Ok(Err(Stop));
-            }
-            let r = trainer.run_epoch(&train, &self.test, &mut Silent)?;
-            trainer.save(&path)?;
-            tracing::info!(
-                "{} epoch {}/{}: loss {:.4}, test {:.2}%",
-                spec.id(),
-                r.epoch,
-                trainer.state.config.epochs,
-                r.train_loss,
-                r.test.percent()
-            );
+        let resume = crate::train::CheckpointPaths::new(&path).resume.is_file();
+        if resume {
+            tracing::info!("{}: resuming from {}", spec.id(), path.display());
         }
+        let stage = TrainFp {
+            config: plan::fp_train_config(self.cfg, init, seed),
+            path: &path,
+            resume,
+            epochs: None,
+            train_size: plan::fp_stage(self.cfg, init)
+                .train_count
+                .map(subset::SubsetSize::Count),
+        };
+        let id = spec.id();
+        let Some(trainer) = stage.run(
+            &self.data,
+            &self.test,
+            &|| self.should_stop(),
+            &mut EpochLog { id: &id },
+            &self.dev,
+        )?
+        else {
+            return Ok(Err(Stop));
+        };
         let m = trainer.manifest()?;
         Ok(Ok(ModelRecord {
             id: spec.id(),
@@ -372,7 +369,7 @@ impl Runner<'_> {
             wall_s: trainer.state.wall_s,
             gpu_s: gpu_seconds(&self.dev, trainer.state.wall_s),
             cpu_s: trainer.state.cpu_s,
-            images: train.len(),
+            images: trainer.state.n_train,
             details: serde_json::json!({ "history": trainer.state.history }),
             manifest: m,
         }))
@@ -434,48 +431,38 @@ impl Runner<'_> {
             .ok_or_else(|| Error::config("ptq", spec.id(), "needs a trained model"))?;
         let fp = self.load(&parent, false)?;
         let p = &self.cfg.ptq;
-        let cfg = PtqConfig {
-            method: p.method,
-            bits: self.bits(spec, p.first_last_bits),
-            breakpoint: p.breakpoint,
-            bias_correction: p.bias_correction,
-            calib: p.calib,
-            calib_range: p.calib_range,
+        let stage = Ptq {
+            config: PtqConfig {
+                method: p.method,
+                bits: self.bits(spec, p.first_last_bits),
+                breakpoint: p.breakpoint,
+                bias_correction: p.bias_correction,
+                calib: p.calib,
+                calib_range: p.calib_range,
+            },
+            seed: spec.seed(),
         };
-        let t = Instant::now();
-        let cpu_start = crate::device::process_cpu_seconds();
-        let calib = subset::calibration(
-            &self.data.train,
-            p.calib.min(self.data.train.len()),
-            spec.seed(),
-        )?;
-        let calib = DeviceData::new(&calib, &self.dev)?;
-        let q = post_training_quantize(&fp, &cfg, &calib)?;
-        crate::device::synchronize(&self.dev)?;
-        let wall = t.elapsed().as_secs_f64();
-        let cpu = crate::device::cpu_seconds_since(cpu_start);
-        let mut m = Manifest::new("checkpoint", &self.dev);
-        m.seed = Some(spec.seed());
-        m.data = Some(self.data.identity.clone());
-        m.config = serde_json::json!({ "stage": "ptq", "spec": spec, "ptq": cfg, "parent": self.keys.model(&parent)? });
-        m.add_timing("ptq", wall, &self.dev);
-        let path = self.model_path(key);
-        checkpoint::save(&q.model, &path, &m)?;
-        Ok(ModelRecord {
+        let mut made = stage.run(&fp, &self.data, &self.dev)?;
+        made.note("spec", serde_json::json!(spec));
+        made.note("parent", self.keys.model(&parent)?.into());
+        checkpoint::save(&made.model, &self.model_path(key), &made.manifest)?;
+        Ok(self.record(spec, key, made))
+    }
+
+    /// The record of a model stage the runner computed.
+    fn record(&self, spec: &ModelSpec, key: &str, made: Made) -> ModelRecord {
+        ModelRecord {
             id: spec.id(),
             key: key.into(),
             spec: spec.clone(),
             checkpoint: format!("cache/{key}/model.safetensors"),
-            wall_s: wall,
-            gpu_s: gpu_seconds(&self.dev, wall),
-            cpu_s: cpu,
-            images: calib.len(),
-            details: serde_json::json!({
-                "breakpoint_ratio_p_over_m": q.breakpoint_ratios,
-                "activation_ranges": q.activation_ranges,
-            }),
-            manifest: m,
-        })
+            wall_s: made.wall_s,
+            gpu_s: gpu_seconds(&self.dev, made.wall_s),
+            cpu_s: made.cpu_s,
+            images: made.images,
+            details: made.details,
+            manifest: made.manifest,
+        }
     }
 
     /// The latent weights and resume point of a QAT cell in progress.
@@ -515,57 +502,35 @@ impl Runner<'_> {
             }
         };
         let q = &self.cfg.qat;
-        let qcfg = QatConfig {
-            bits: self.bits(spec, q.first_last_bits),
-            alpha_init: q.alpha_init_for(spec.init()),
-            alpha_decay: q.alpha_decay,
-            bn_reestimate_batches: q.bn_reestimate_batches,
-            ..QatConfig::default()
+        let stage = Qat {
+            config: QatConfig {
+                bits: self.bits(spec, q.first_last_bits),
+                alpha_init: q.alpha_init_for(spec.init()),
+                alpha_decay: q.alpha_decay,
+                bn_reestimate_batches: q.bn_reestimate_batches,
+                ..QatConfig::default()
+            },
+            train: plan::qat_train_config(self.cfg, spec),
+            calib: q.calib,
+            train_size: Some(subset::SubsetSize::Fraction(*fraction)),
         };
-        let tcfg = plan::qat_train_config(self.cfg, spec);
-        let calib = subset::calibration(
-            &self.data.train,
-            q.calib.min(self.data.train.len()),
-            spec.seed(),
-        )?;
-        let calib = DeviceData::new(&calib, &self.dev)?;
-        let train_set = subset::training(
-            &self.data.train,
-            Some(subset::SubsetSize::Fraction(*fraction)),
-            spec.seed(),
-        )?;
-        let train = DeviceData::new(&train_set, &self.dev)?;
-        let out = crate::train::qat::fine_tune(
+        let id = spec.id();
+        let Some(mut made) = stage.run(
             start,
-            &qcfg,
-            tcfg.clone(),
-            &calib,
-            &train,
+            &self.data,
             &self.test,
-            self.data.identity.clone(),
-            Some(&latent),
+            &latent,
             &|| self.should_stop(),
-            &mut Silent,
+            &mut EpochLog { id: &id },
             &self.dev,
-        )?;
-        let Some(out) = out else {
+        )?
+        else {
             return Ok(Err(Stop));
         };
-        let mut m = out.manifest;
-        m.config = serde_json::json!({
-            "stage": "qat",
-            "spec": spec,
-            "qat": qcfg,
-            "train": tcfg,
-            "parent": spec.parent().map(|p| self.keys.model(&p).map(String::from)).transpose()?,
-        });
-        m.timings.clear();
-        m.add_timing("qat", out.wall_s, &self.dev);
-        m.metrics
-            .insert("test_accuracy".into(), out.test.fraction());
-        m.metrics
-            .insert("test_images".into(), out.test.total as f64);
-        checkpoint::save(&out.model, &self.model_path(key), &m)?;
+        made.note("spec", serde_json::json!(spec));
+        let parent = spec.parent().map(|p| self.keys.model(&p)).transpose()?;
+        made.note("parent", serde_json::json!(parent));
+        checkpoint::save(&made.model, &self.model_path(key), &made.manifest)?;
         // The finished cell keeps its quantized model only: the latent weights and the
         // resume point are not needed any more.
         let paths = crate::train::CheckpointPaths::new(&latent);
@@ -576,21 +541,7 @@ impl Runner<'_> {
         ] {
             crate::io::remove_if_present(&p)?;
         }
-        Ok(Ok(ModelRecord {
-            id: spec.id(),
-            key: key.into(),
-            spec: spec.clone(),
-            checkpoint: format!("cache/{key}/model.safetensors"),
-            wall_s: out.wall_s,
-            gpu_s: gpu_seconds(&self.dev, out.wall_s),
-            cpu_s: out.cpu_s,
-            images: train.len(),
-            details: serde_json::json!({
-                "history": out.history,
-                "alpha_per_epoch": out.alpha_per_epoch,
-            }),
-            manifest: m,
-        }))
+        Ok(Ok(self.record(spec, key, made)))
     }
 
     /// Makes sure the model's evaluation is in the cache.

@@ -597,17 +597,18 @@ impl Trainer {
     }
 
     /// Runs the remaining epochs, saving after each when `out` is given. Returns false when
-    /// it stopped early on a stop request ([`crate::device::stop_requested`], checked
-    /// between epochs), true when every epoch ran.
+    /// it stopped early because `stop` said so (asked between epochs), true when every
+    /// epoch ran.
     pub fn fit(
         &mut self,
         train: &DeviceData,
         test: &DeviceData,
         out: Option<&Path>,
+        stop: &dyn Fn() -> bool,
         progress: &mut dyn Progress,
     ) -> Result<bool> {
         while self.state.epoch < self.state.config.epochs {
-            if crate::device::stop_requested() {
+            if stop() {
                 return Ok(false);
             }
             self.run_epoch(train, test, progress)?;
