@@ -681,6 +681,7 @@ fn hand_made(
         findings: Vec::new(),
         manifest: quant_robust::manifest::Manifest::new("study", &Device::Cpu),
         config: c,
+        unfinished: Vec::new(),
     };
     r.findings = findings::all(&r);
     r
@@ -740,17 +741,19 @@ fn f2_holds_fails_and_is_undecided() {
     assert_eq!(status(&r, "F2"), Status::Undecided);
 }
 
+/// A QAT cell with adversarial training.
+fn at(s: &ModelSpec) -> bool {
+    matches!(
+        s,
+        ModelSpec::Qat {
+            adversarial: true,
+            ..
+        }
+    )
+}
+
 #[test]
 fn f3_needs_both_robustness_and_a_large_cost() {
-    let at = |s: &ModelSpec| {
-        matches!(
-            s,
-            ModelSpec::Qat {
-                adversarial: true,
-                ..
-            }
-        )
-    };
     let r = hand_made(
         |s| if at(s) { 400 } else { 100 },
         flat,
@@ -775,6 +778,33 @@ fn f3_needs_both_robustness_and_a_large_cost() {
     assert_eq!(status(&r, "F3"), Status::DoesNotHold);
     let r = hand_made(flat, flat, |s| if at(s) { 30.0 } else { 10.0 });
     assert_eq!(status(&r, "F3"), Status::Undecided);
+}
+
+/// F3 weighs the cost in CPU seconds where every compared stage has them (a run paused, or
+/// sharing its cores, has wall seconds that say little of its work), else in wall seconds.
+#[test]
+fn f3_weighs_the_cost_in_cpu_seconds_where_every_stage_has_them() {
+    let mut r = hand_made(
+        |s| if at(s) { 400 } else { 100 },
+        flat,
+        |s| if at(s) { 12.0 } else { 10.0 },
+    );
+    for m in &mut r.models {
+        m.cost.stage_cpu_s = if at(&m.spec) { 30.0 } else { 10.0 };
+    }
+    r.findings = findings::all(&r);
+    assert_eq!(status(&r, "F3"), Status::Holds);
+    let v = r.findings.iter().find(|v| v.id == "F3").unwrap();
+    assert!((v.numbers[0].value - 3.0).abs() < 1e-9);
+    assert_eq!(v.numbers[1].label, "stage CPU seconds, AT-QAT (sum)");
+    // One stage without CPU seconds: the wall seconds decide (1.2x: not a large cost).
+    let m = r.models.iter_mut().find(|m| at(&m.spec)).unwrap();
+    m.cost.stage_cpu_s = 0.0;
+    r.findings = findings::all(&r);
+    assert_eq!(status(&r, "F3"), Status::DoesNotHold);
+    let v = r.findings.iter().find(|v| v.id == "F3").unwrap();
+    assert!((v.numbers[0].value - 1.2).abs() < 1e-9);
+    assert_eq!(v.numbers[1].label, "stage wall seconds, AT-QAT (sum)");
 }
 
 #[test]
@@ -1100,6 +1130,7 @@ fn hand_made_for(c: &StudyConfig) -> StudyResults {
         findings: Vec::new(),
         manifest: quant_robust::manifest::Manifest::new("study", &Device::Cpu),
         config: c.clone(),
+        unfinished: Vec::new(),
     };
     r.findings = findings::all(&r);
     r

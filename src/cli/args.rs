@@ -172,6 +172,11 @@ pub struct ReproduceArgs {
     /// a cluster's first job, before the grid's array.
     #[arg(long)]
     pub fp_only: bool,
+    /// Compute nothing: write an interim results.json, report.md and plots of the models
+    /// finished so far (verdicts included, the unfinished models named) into DIR/interim/,
+    /// while the study runs or between its chunks.
+    #[arg(long, conflicts_with_all = ["fp_only", "models_only", "shard"])]
+    pub interim: bool,
     /// Data path (overrides the configuration's `data`; results are keyed by the data's
     /// content hashes, not its path, so the same data anywhere gives the same cache).
     #[arg(long)]

@@ -61,6 +61,9 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
     let dev = device::select(a.device)?;
     let t = Instant::now();
     let data = run::load_data(&cfg).context("loading the study's data")?;
+    if a.interim {
+        return interim(&cfg, &data.identity, &out);
+    }
     tracing::info!(
         "study `{}`: data {} ({} train / {} test), {} models, device {}, directory {}",
         cfg.name,
@@ -238,6 +241,52 @@ pub(super) fn finish(
     let res = findings::judged(results::collect(cfg, data, out, dev)?);
     results::write(&res, out)?;
     quant_robust::report::study::write(&res, out)?;
+    log_verdicts(&res);
+    tracing::info!(
+        "wrote {}, {} and {}",
+        out.join("results.json").display(),
+        out.join("report.md").display(),
+        out.join("plots").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The results and the report of the models finished so far, in `out/interim/`.
+fn interim(
+    cfg: &quant_robust::study::StudyConfig,
+    data: &data::DataIdentity,
+    out: &Path,
+) -> Result<ExitCode> {
+    use quant_robust::study::{findings, results};
+    let res = findings::judged(results::collect_with(
+        cfg,
+        data,
+        out,
+        &candle_core::Device::Cpu,
+        results::Unfinished::Skip,
+    )?);
+    if res.models.is_empty() {
+        bail!(
+            "no model of the study is finished in {}: nothing to report",
+            out.display()
+        );
+    }
+    let dir = out.join("interim");
+    quant_robust::io::write_json_atomic(&dir.join("results.json"), &res)?;
+    quant_robust::report::study::write(&res, &dir)?;
+    log_verdicts(&res);
+    tracing::info!(
+        "{} of {} models finished; wrote {} and {}",
+        res.models.len(),
+        res.models.len() + res.unfinished.len(),
+        dir.join("results.json").display(),
+        dir.join("report.md").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One log line per verdict.
+fn log_verdicts(res: &quant_robust::study::StudyResults) {
     for v in &res.findings {
         tracing::info!(
             "{} {}: {}{}",
@@ -249,13 +298,6 @@ pub(super) fn finish(
                 .unwrap_or_default()
         );
     }
-    tracing::info!(
-        "wrote {}, {} and {}",
-        out.join("results.json").display(),
-        out.join("report.md").display(),
-        out.join("plots").display()
-    );
-    Ok(ExitCode::SUCCESS)
 }
 
 pub(super) fn merge(a: MergeArgs) -> Result<ExitCode> {

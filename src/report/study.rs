@@ -268,6 +268,17 @@ fn header(s: &mut String, res: &StudyResults) {
     let c = &res.config;
     let man = &res.manifest;
     let _ = writeln!(s, "# quant-robust study `{}`\n", c.name);
+    if !res.unfinished.is_empty() {
+        let _ = writeln!(
+            s,
+            "> **Interim.** {} of the plan's {} models are evaluated; these are not yet: {}. \
+             Every table and verdict below uses the finished models only: a finding whose cells \
+             are missing is *not tested*, and a pooled verdict can still move as cells finish.\n",
+            res.models.len(),
+            res.models.len() + res.unfinished.len(),
+            res.unfinished.join(", ")
+        );
+    }
     if res.data.is_sample() {
         s.push_str(
             "> **Smoke run.** Tiny models trained for seconds on the embedded 2,000-image sample and \

@@ -202,9 +202,16 @@ pub fn f2(r: &StudyResults) -> Verdict {
         "F2",
         F2,
         format!(
-            "worst-case robust accuracy at ε {}: PTQ from robust init − PTQ from natural init, bits {:?}",
+            "worst-case robust accuracy at ε {}: PTQ from robust init − PTQ from natural init, bits {}",
             eps_label(eps),
-            r.config.grid.ptq_table.bits
+            r.config
+                .grid
+                .ptq_table
+                .bits
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         pool(r, &pairs, eps),
         ("robust init", "natural init"),
@@ -254,21 +261,14 @@ pub fn f3(r: &StudyResults) -> Verdict {
             }
         }
     }
-    let (mut cost_at, mut cost_nat) = (0.0, 0.0);
-    for (a, b) in &pairs {
-        if let (Some(ma), Some(mb)) = (r.model(a), r.model(b)) {
-            // GPU-seconds where the study ran on a GPU, else wall seconds.
-            let c = |m: &ModelResult| {
-                if m.cost.stage_gpu_s > 0.0 {
-                    m.cost.stage_gpu_s
-                } else {
-                    m.cost.stage_wall_s
-                }
-            };
-            cost_at += c(ma);
-            cost_nat += c(mb);
-        }
-    }
+    let both: Vec<(&ModelResult, &ModelResult)> = pairs
+        .iter()
+        .filter_map(|(a, b)| Some((r.model(a)?, r.model(b)?)))
+        .collect();
+    let measure = CostMeasure::of(both.iter().flat_map(|&(a, b)| [a, b]));
+    let (cost_at, cost_nat) = both.iter().fold((0.0, 0.0), |(x, y), &(a, b)| {
+        (x + measure.seconds(a), y + measure.seconds(b))
+    });
     let mut v = pooled_verdict(
         "F3",
         F3,
@@ -290,21 +290,65 @@ pub fn f3(r: &StudyResults) -> Verdict {
     };
     v.numbers
         .insert(0, Number::value("cost AT-QAT / QAT", ratio));
-    v.numbers
-        .insert(1, Number::value("stage seconds, AT-QAT (sum)", cost_at));
-    v.numbers
-        .insert(2, Number::value("stage seconds, QAT (sum)", cost_nat));
+    v.numbers.insert(
+        1,
+        Number::value(format!("stage {}, AT-QAT (sum)", measure.unit()), cost_at),
+    );
+    v.numbers.insert(
+        2,
+        Number::value(format!("stage {}, QAT (sum)", measure.unit()), cost_nat),
+    );
     let large = ratio >= r.config.findings.f3_min_cost_ratio; // false for NaN
     if v.status == Status::Holds && !large {
         v.status = Status::DoesNotHold;
         v.note = format!(
-            "AT bought robustness but cost only {ratio:.2}x (threshold {})",
+            "AT bought robustness but cost only {ratio:.2}x in {} (threshold {})",
+            measure.unit(),
             r.config.findings.f3_min_cost_ratio
         );
     } else {
-        v.note = format!("cost ratio {ratio:.2}x");
+        v.note = format!("cost ratio {ratio:.2}x in {}", measure.unit());
     }
     v
+}
+
+/// What a stage's cost is measured in when stages are compared: GPU seconds where every
+/// stage ran on a GPU; else CPU seconds (all threads) where every stage has them, the work
+/// done whatever else shared the cores (a run paused or sharing its cores with other work
+/// has wall seconds that say little); else wall seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CostMeasure {
+    Gpu,
+    Cpu,
+    Wall,
+}
+
+impl CostMeasure {
+    fn of<'a>(models: impl Iterator<Item = &'a ModelResult> + Clone) -> Self {
+        if models.clone().all(|m| m.cost.stage_gpu_s > 0.0) {
+            CostMeasure::Gpu
+        } else if models.clone().all(|m| m.cost.stage_cpu_s > 0.0) {
+            CostMeasure::Cpu
+        } else {
+            CostMeasure::Wall
+        }
+    }
+
+    fn seconds(self, m: &ModelResult) -> f64 {
+        match self {
+            CostMeasure::Gpu => m.cost.stage_gpu_s,
+            CostMeasure::Cpu => m.cost.stage_cpu_s,
+            CostMeasure::Wall => m.cost.stage_wall_s,
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            CostMeasure::Gpu => "GPU seconds",
+            CostMeasure::Cpu => "CPU seconds",
+            CostMeasure::Wall => "wall seconds",
+        }
+    }
 }
 
 const F4: &str =

@@ -317,6 +317,10 @@ pub struct StudyResults {
     pub findings: Vec<Verdict>,
     /// Totals and provenance: kind `study`; timings per stage kind.
     pub manifest: Manifest,
+    /// An interim document ([`Unfinished::Skip`]): the models of the plan whose stages are
+    /// not in the cache yet, left out of everything above. Empty for a finished study.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unfinished: Vec<String>,
 }
 
 impl StudyResults {
@@ -407,6 +411,16 @@ fn attack_accuracy(a: &crate::eval::robust::AttackResult) -> AttackAccuracy {
     }
 }
 
+/// What [`collect`] does with a model of the plan whose stages are not all in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfinished {
+    /// An error naming them: the results of a study are those of all its models.
+    Refuse,
+    /// Leave them out and name them in [`StudyResults::unfinished`]: an interim document of
+    /// the finished models, while the study runs.
+    Skip,
+}
+
 /// Builds the results from the cache; every stage must be there (else the error names the
 /// missing ones: run `reproduce` again, or merge the missing shards). The verdicts are left
 /// empty: [`super::findings::judged`] adds them.
@@ -415,6 +429,17 @@ pub fn collect(
     data: &DataIdentity,
     out: &Path,
     device: &candle_core::Device,
+) -> Result<StudyResults> {
+    collect_with(cfg, data, out, device, Unfinished::Refuse)
+}
+
+/// [`collect`], with `unfinished` saying what becomes of the models not finished yet.
+pub fn collect_with(
+    cfg: &StudyConfig,
+    data: &DataIdentity,
+    out: &Path,
+    device: &candle_core::Device,
+    unfinished: Unfinished,
 ) -> Result<StudyResults> {
     let keys = Keys::new(cfg, data);
     let mut models = Vec::new();
@@ -488,7 +513,7 @@ pub fn collect(
             },
         });
     }
-    if !missing.is_empty() {
+    if !missing.is_empty() && unfinished == Unfinished::Refuse {
         return Err(Error::config(
             "results",
             format!("{} missing", missing.len()),
@@ -520,6 +545,7 @@ pub fn collect(
         models,
         findings: Vec::new(),
         manifest,
+        unfinished: missing,
     })
 }
 
