@@ -11,7 +11,7 @@ use crate::study::config::BitsSweep;
 use crate::study::config::Init;
 use crate::study::findings::{effect, Status};
 use crate::study::plan::ModelSpec;
-use crate::study::results::{ModelResult, StudyResults};
+use crate::study::results::{CostMeasure, ModelResult, StudyResults};
 use crate::Result;
 
 fn pct(a: &EpsAccuracy) -> String {
@@ -563,7 +563,7 @@ fn cost_section(s: &mut String, res: &StudyResults) {
         "evaluation",
         "stage CPU s",
         "evaluation CPU s",
-        "AT-QAT / QAT",
+        "AT-QAT / QAT (stage)",
     ]
     .map(String::from);
     let rows: Vec<Vec<String>> = res
@@ -587,10 +587,11 @@ fn cost_section(s: &mut String, res: &StudyResults) {
                         seed: *seed,
                     })
                     .map(|n| {
+                        let k = CostMeasure::of([m, n].into_iter());
                         format!(
-                            "{:.2}x",
-                            cost(m.cost.stage_wall_s, m.cost.stage_gpu_s)
-                                / cost(n.cost.stage_wall_s, n.cost.stage_gpu_s).max(1e-9)
+                            "{:.2}x in {}",
+                            k.stage_seconds(m) / k.stage_seconds(n).max(1e-9),
+                            k.unit()
                         )
                     })
                     .unwrap_or_else(|| "–".into()),

@@ -15,7 +15,7 @@
 
 use super::config::{BitsSweep, Init};
 use super::plan::ModelSpec;
-use super::results::{ModelResult, StudyResults};
+use super::results::{CostMeasure, ModelResult, StudyResults};
 pub use super::verdict::{Number, Status, Verdict};
 use crate::attack::eps_label;
 use crate::eval::{wilson95, Accuracy};
@@ -267,7 +267,7 @@ pub fn f3(r: &StudyResults) -> Verdict {
         .collect();
     let measure = CostMeasure::of(both.iter().flat_map(|&(a, b)| [a, b]));
     let (cost_at, cost_nat) = both.iter().fold((0.0, 0.0), |(x, y), &(a, b)| {
-        (x + measure.seconds(a), y + measure.seconds(b))
+        (x + measure.stage_seconds(a), y + measure.stage_seconds(b))
     });
     let mut v = pooled_verdict(
         "F3",
@@ -310,45 +310,6 @@ pub fn f3(r: &StudyResults) -> Verdict {
         v.note = format!("cost ratio {ratio:.2}x in {}", measure.unit());
     }
     v
-}
-
-/// What a stage's cost is measured in when stages are compared: GPU seconds where every
-/// stage ran on a GPU; else CPU seconds (all threads) where every stage has them, the work
-/// done whatever else shared the cores (a run paused or sharing its cores with other work
-/// has wall seconds that say little); else wall seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CostMeasure {
-    Gpu,
-    Cpu,
-    Wall,
-}
-
-impl CostMeasure {
-    fn of<'a>(models: impl Iterator<Item = &'a ModelResult> + Clone) -> Self {
-        if models.clone().all(|m| m.cost.stage_gpu_s > 0.0) {
-            CostMeasure::Gpu
-        } else if models.clone().all(|m| m.cost.stage_cpu_s > 0.0) {
-            CostMeasure::Cpu
-        } else {
-            CostMeasure::Wall
-        }
-    }
-
-    fn seconds(self, m: &ModelResult) -> f64 {
-        match self {
-            CostMeasure::Gpu => m.cost.stage_gpu_s,
-            CostMeasure::Cpu => m.cost.stage_cpu_s,
-            CostMeasure::Wall => m.cost.stage_wall_s,
-        }
-    }
-
-    fn unit(self) -> &'static str {
-        match self {
-            CostMeasure::Gpu => "GPU seconds",
-            CostMeasure::Cpu => "CPU seconds",
-            CostMeasure::Wall => "wall seconds",
-        }
-    }
 }
 
 const F4: &str =

@@ -237,6 +237,47 @@ impl AlphaLog {
     }
 }
 
+/// What a stage's cost is measured in when stages are compared: GPU seconds where every
+/// stage ran on a GPU; else CPU seconds (all threads) where every stage has them, the work
+/// done whatever else shared the cores (a run paused or sharing its cores with other work
+/// has wall seconds that say little); else wall seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CostMeasure {
+    Gpu,
+    Cpu,
+    Wall,
+}
+
+impl CostMeasure {
+    /// The measure every one of `models` has.
+    pub fn of<'a>(models: impl Iterator<Item = &'a ModelResult> + Clone) -> Self {
+        if models.clone().all(|m| m.cost.stage_gpu_s > 0.0) {
+            CostMeasure::Gpu
+        } else if models.clone().all(|m| m.cost.stage_cpu_s > 0.0) {
+            CostMeasure::Cpu
+        } else {
+            CostMeasure::Wall
+        }
+    }
+
+    /// The stage seconds of `m` in this measure.
+    pub fn stage_seconds(self, m: &ModelResult) -> f64 {
+        match self {
+            CostMeasure::Gpu => m.cost.stage_gpu_s,
+            CostMeasure::Cpu => m.cost.stage_cpu_s,
+            CostMeasure::Wall => m.cost.stage_wall_s,
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            CostMeasure::Gpu => "GPU seconds",
+            CostMeasure::Cpu => "CPU seconds",
+            CostMeasure::Wall => "wall seconds",
+        }
+    }
+}
+
 /// A model's numbers on the larger image set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WideResult {
