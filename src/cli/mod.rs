@@ -18,6 +18,7 @@ mod data_cmds;
 mod eval;
 mod quant;
 mod study;
+mod study_args;
 mod train;
 
 pub use args::*;
