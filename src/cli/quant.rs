@@ -151,7 +151,7 @@ pub(super) fn qat(a: QatArgs) -> Result<ExitCode> {
                     bail!("--init {init}: expected random, natural:CHECKPOINT or robust:CHECKPOINT")
                 }
             };
-            if model.seam().persist().is_some() {
+            if model.seam().quantizes() {
                 bail!("--init must be a full-precision checkpoint");
             }
             (qcfg, tcfg, init.clone(), Some(model))

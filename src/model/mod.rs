@@ -56,6 +56,12 @@ pub trait QuantSeam: Send + Sync {
     /// A short description for manifests (`fp`, `ptq-pwlq-w4a8`, ...).
     fn describe(&self) -> String;
 
+    /// Whether the model's weights or activations go through quantizers (PTQ and QAT
+    /// need a model that does not).
+    fn quantizes(&self) -> bool {
+        false
+    }
+
     /// What a checkpoint must store to rebuild this seam (JSON), if anything.
     fn persist(&self) -> Option<String> {
         None

@@ -197,11 +197,11 @@ pub fn post_training_quantize(
     cfg: &PtqConfig,
     calib: &crate::data::batch::DeviceData,
 ) -> Result<PtqOutcome> {
-    if fp.seam().persist().is_some() {
+    if fp.seam().quantizes() {
         return Err(Error::config(
             "ptq",
-            "quantized model",
-            "PTQ needs a full-precision model",
+            fp.seam().describe(),
+            "the model is already quantized; PTQ needs a full-precision one",
         ));
     }
     let (state, breakpoint_ratios) = quantize_weights(fp, cfg)?;

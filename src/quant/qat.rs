@@ -160,6 +160,10 @@ impl QuantSeam for PactSeam {
         format!("qat-pact-dorefa-{}", self.config.bits.name())
     }
 
+    fn quantizes(&self) -> bool {
+        true
+    }
+
     fn trainable(&self) -> Vec<(String, Var, f64)> {
         if self.config.bits.activation_bits.is_none() {
             return Vec::new();

@@ -188,6 +188,10 @@ impl QuantSeam for UniformSeam {
         format!("uniform-{}-{:?}", self.config.name(), self.mode).to_lowercase()
     }
 
+    fn quantizes(&self) -> bool {
+        self.config.weight_bits.is_some() || self.config.activation_bits.is_some()
+    }
+
     fn persist(&self) -> Option<String> {
         serde_json::to_string(&PersistedQuant {
             version: PersistedQuant::VERSION,

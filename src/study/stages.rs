@@ -67,13 +67,6 @@ pub struct Ptq {
 
 impl Ptq {
     pub fn run(&self, source: &ResNet20, data: &CifarData, dev: &Device) -> Result<Made> {
-        if source.seam().persist().is_some() {
-            return Err(Error::config(
-                "ptq",
-                source.seam().describe(),
-                "the model is already quantized; give a full-precision one",
-            ));
-        }
         let t = Instant::now();
         let cpu_start = crate::device::process_cpu_seconds();
         let calib = calibration_set(&data.train, self.config.calib, self.seed, dev)?;

@@ -98,7 +98,7 @@ pub fn fine_tune(
             model: init,
             init: start,
         } => {
-            if init.seam().persist().is_some() {
+            if init.seam().quantizes() {
                 return Err(Error::config(
                     "qat",
                     "quantized model",
