@@ -20,6 +20,27 @@ pub trait Classifier {
     fn forward_t(&self, x: &Tensor, train: bool) -> crate::Result<Tensor>;
 }
 
+/// How gradients pass through a quantizer.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum GradientMode {
+    /// Straight-through estimator: ∂q/∂x = 1 inside the clipping range, 0 outside.
+    #[default]
+    Ste,
+    /// The true gradient: zero almost everywhere (rounding is piecewise constant).
+    Raw,
+}
+
 /// Where quantizers plug into a model.
 ///
 /// The model calls [`QuantSeam::weight`] on the weight of every conv and linear layer
@@ -60,6 +81,12 @@ pub trait QuantSeam: Send + Sync {
     /// need a model that does not).
     fn quantizes(&self) -> bool {
         false
+    }
+
+    /// The same quantizers with their gradients passed as `mode` says; `None` for a seam
+    /// without quantizers (nothing to change).
+    fn with_gradient_mode(&self, _mode: GradientMode) -> Option<Seam> {
+        None
     }
 
     /// What a checkpoint must store to rebuild this seam (JSON), if anything.

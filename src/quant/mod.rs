@@ -31,15 +31,5 @@ pub mod uniform;
 pub use bits::Bits;
 pub use seam::load_checkpoint;
 
-use serde::{Deserialize, Serialize};
-
-/// How gradients pass through a quantizer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum GradientMode {
-    /// Straight-through estimator: ∂q/∂x = 1 inside the clipping range, 0 outside.
-    #[default]
-    Ste,
-    /// The true gradient: zero almost everywhere (rounding is piecewise constant).
-    Raw,
-}
+/// How gradients pass through a quantizer (defined with the seam, in `model`).
+pub use crate::model::GradientMode;

@@ -164,6 +164,15 @@ impl QuantSeam for PactSeam {
         true
     }
 
+    fn with_gradient_mode(&self, mode: GradientMode) -> Option<crate::model::Seam> {
+        // The same α variables: a view of the training seam, not a copy.
+        Some(std::sync::Arc::new(PactSeam {
+            config: self.config.clone(),
+            alphas: self.alphas.clone(),
+            mode,
+        }))
+    }
+
     fn trainable(&self) -> Vec<(String, Var, f64)> {
         if self.config.bits.activation_bits.is_none() {
             return Vec::new();

@@ -192,6 +192,13 @@ impl QuantSeam for UniformSeam {
         self.config.weight_bits.is_some() || self.config.activation_bits.is_some()
     }
 
+    fn with_gradient_mode(&self, mode: GradientMode) -> Option<crate::model::Seam> {
+        Some(std::sync::Arc::new(UniformSeam {
+            mode,
+            ..self.clone()
+        }))
+    }
+
     fn persist(&self) -> Option<String> {
         serde_json::to_string(&PersistedQuant {
             version: PersistedQuant::VERSION,
@@ -324,18 +331,16 @@ pub fn uniform_ptq(
     }))
 }
 
-/// The same model with its stored quantizers' gradients set to `mode` (no change for a
+/// The same model with its quantizers' gradients passed as `mode` says (no change for a
 /// full-precision model).
 pub fn with_gradient_mode(
     model: &crate::model::ResNet20,
     mode: GradientMode,
 ) -> crate::model::ResNet20 {
-    match model
-        .seam()
-        .persist()
-        .and_then(|p| serde_json::from_str::<PersistedQuant>(&p).ok())
-    {
-        Some(q) => model.with_seam(std::sync::Arc::new(UniformSeam { mode, ..q.seam() })),
-        None => model.with_seam(model.seam().clone()),
-    }
+    model.with_seam(
+        model
+            .seam()
+            .with_gradient_mode(mode)
+            .unwrap_or_else(|| model.seam().clone()),
+    )
 }
