@@ -697,6 +697,101 @@ fn qat_trains_alpha_stays_bounded_and_exports_the_same_model() {
     );
 }
 
+/// A quantized checkpoint keeps its quantizers as typed metadata fields (`quant.version`,
+/// `quant.kind`, bit widths, `quant.range.<site>` / `quant.alpha.<site>`): a uniform (PTQ)
+/// model and a PACT model (QAT's latent weights) reload to the same logits, bit for bit;
+/// a full-precision one stores none; an unknown version, kind or field, a bad width or a
+/// non-positive α is refused naming the file.
+#[test]
+fn stored_quantizers_are_typed_fields_that_reload_exactly() {
+    use quant_robust::model::checkpoint;
+    use quant_robust::quant::qat::{PactSeam, QatConfig};
+    use quant_robust::quant::seam::uniform_ptq;
+    use quant_robust::quant::{GradientMode, StoredSeam};
+    let c = calibrated(11);
+    let dir = tempfile::tempdir().unwrap();
+    let man = quant_robust::manifest::Manifest::new("checkpoint", &Device::Cpu);
+    let pact = c.model.with_seam(std::sync::Arc::new(
+        PactSeam::new(
+            QatConfig {
+                bits: UniformConfig::from(Bits::of(4, 4)),
+                ..QatConfig::default()
+            },
+            &c.ranges,
+            &Device::Cpu,
+        )
+        .unwrap(),
+    ));
+    let uniform = uniform_ptq(
+        &c.model,
+        UniformConfig::from(Bits::of(4, 8)),
+        c.ranges.clone(),
+        GradientMode::Ste,
+    );
+    for (name, m, kind) in [
+        ("uniform", &uniform, Some("uniform")),
+        ("pact", &pact, Some("pact")),
+        ("fp", &c.model, None),
+    ] {
+        let p = dir.path().join(format!("{name}.safetensors"));
+        checkpoint::save(m, &p, &man).unwrap();
+        let stored = checkpoint::load_stored(&p, &Device::Cpu, false).unwrap();
+        assert_eq!(stored.metadata.get("quant.kind").map(String::as_str), kind);
+        let back = quant_robust::quant::load_checkpoint(&p, &Device::Cpu, false).unwrap();
+        assert_eq!(back.seam().quantizes(), kind.is_some(), "{name}");
+        let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            flat(m.frozen().forward(&c.x, false).unwrap()),
+            flat(back.forward(&c.x, false).unwrap()),
+            "{name}"
+        );
+        if let Some(k) = kind {
+            let fields = StoredSeam::from_metadata(&stored.metadata).unwrap();
+            assert!(matches!(
+                (k, fields),
+                ("uniform", StoredSeam::Uniform { .. }) | ("pact", StoredSeam::Pact { .. })
+            ));
+        }
+    }
+    // Damaged fields.
+    let p = dir.path().join("pact.safetensors");
+    let good = checkpoint::load_stored(&p, &Device::Cpu, false)
+        .unwrap()
+        .metadata;
+    let site = good
+        .keys()
+        .find(|k| k.starts_with("quant.alpha.layer"))
+        .unwrap()
+        .clone();
+    let sd = checkpoint::state_dict(&pact).unwrap();
+    for (key, value, says) in [
+        ("quant.version", Some("3"), "version"),
+        ("quant.kind", Some("log"), "kind"),
+        ("quant.extra", Some("1"), "quant.extra"),
+        ("quant.weight_bits", Some("0"), "bits"),
+        ("quant.activation_bits", None, "quant.activation_bits"),
+        (site.as_str(), Some("-1"), "α"),
+        (site.as_str(), Some("two"), "not a number"),
+    ] {
+        let mut meta: std::collections::HashMap<String, String> =
+            good.clone().into_iter().collect();
+        match value {
+            Some(v) => meta.insert(key.to_string(), v.to_string()),
+            None => meta.remove(key),
+        };
+        let q = dir.path().join("damaged.safetensors");
+        std::fs::write(&q, checkpoint::to_safetensors_bytes(&sd, &meta).unwrap()).unwrap();
+        let e = quant_robust::quant::load_checkpoint(&q, &Device::Cpu, false)
+            .map(|_| ())
+            .expect_err(key)
+            .to_string();
+        assert!(
+            e.contains("damaged.safetensors") && e.contains(says),
+            "{key} = {value:?}: {e}"
+        );
+    }
+}
+
 #[test]
 fn percentile_calibration_is_below_max_and_validated() {
     use quant_robust::data::batch::DeviceData;

@@ -76,9 +76,7 @@ pub fn save(model: &ResNet20, path: &Path, manifest: &Manifest) -> Result<()> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("seam".to_string(), model.seam().describe());
-    if let Some(q) = model.seam().persist() {
-        meta.insert("quant".to_string(), q);
-    }
+    meta.extend(model.seam().persist()?);
     let bytes = to_safetensors_bytes(&sd, &meta)?;
     crate::io::write_bytes_atomic(path, &bytes)?;
     crate::io::write_json_atomic(&manifest_path(path), manifest)
@@ -101,13 +99,11 @@ fn tensors_of(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
     Ok(map.into_iter().collect())
 }
 
-/// A checkpoint's weights as a full-precision model, and the quantizers the file stores with
-/// them (a PTQ or QAT checkpoint), unread: `crate::quant::load_checkpoint` puts the two
-/// together.
+/// A checkpoint's weights as a full-precision model, and its metadata, where a PTQ or QAT
+/// checkpoint keeps its quantizers: `crate::quant::load_checkpoint` puts the two together.
 pub struct Stored {
     pub model: ResNet20,
-    /// The metadata entry `quant` (JSON), if any.
-    pub quant: Option<String>,
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Reads a checkpoint's weights into a model on `device` (`trainable`: as variables, for
@@ -140,11 +136,12 @@ pub fn load_stored(path: &Path, device: &Device, trainable: bool) -> Result<Stor
             path: path.to_path_buf(),
             problem: format!("unreadable header: {e}"),
         })?;
-    let quant = header
+    let metadata = header
         .metadata()
         .as_ref()
-        .and_then(|m| m.get("quant").cloned());
-    Ok(Stored { model, quant })
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default();
+    Ok(Stored { model, metadata })
 }
 
 /// Reads a checkpoint's manifest, if there is one.

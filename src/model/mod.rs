@@ -89,9 +89,10 @@ pub trait QuantSeam: Send + Sync {
         None
     }
 
-    /// What a checkpoint must store to rebuild this seam (JSON), if anything.
-    fn persist(&self) -> Option<String> {
-        None
+    /// The metadata entries a checkpoint stores to rebuild this seam (none for full
+    /// precision); `crate::quant::StoredSeam` writes and reads them.
+    fn persist(&self) -> crate::Result<Vec<(String, String)>> {
+        Ok(Vec::new())
     }
 
     /// Learnable quantizer parameters (PACT's α) with their weight decay.

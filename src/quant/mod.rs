@@ -29,7 +29,7 @@ pub mod seam;
 pub mod uniform;
 
 pub use bits::Bits;
-pub use seam::load_checkpoint;
+pub use seam::{load_checkpoint, StoredSeam};
 
 /// How gradients pass through a quantizer (defined with the seam, in `model`).
 pub use crate::model::GradientMode;

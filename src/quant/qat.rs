@@ -164,6 +164,15 @@ impl QuantSeam for PactSeam {
         true
     }
 
+    fn persist(&self) -> Result<Vec<(String, String)>> {
+        Ok(super::seam::StoredSeam::Pact {
+            bits: self.config.bits.clone(),
+            alphas: self.alpha_values()?,
+            alpha_bounds: self.config.alpha_bounds,
+        }
+        .to_metadata())
+    }
+
     fn with_gradient_mode(&self, mode: GradientMode) -> Option<crate::model::Seam> {
         // The same α variables: a view of the training seam, not a copy.
         Some(std::sync::Arc::new(PactSeam {

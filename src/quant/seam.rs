@@ -199,52 +199,247 @@ impl QuantSeam for UniformSeam {
         }))
     }
 
-    fn persist(&self) -> Option<String> {
-        serde_json::to_string(&PersistedQuant {
-            version: PersistedQuant::VERSION,
+    fn persist(&self) -> Result<Vec<(String, String)>> {
+        Ok(StoredSeam::Uniform {
             config: self.config.clone(),
             ranges: self.ranges.clone(),
-        })
-        .ok()
+        }
+        .to_metadata())
     }
 }
 
-/// The quantizers a checkpoint stores in its metadata (key `quant`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PersistedQuant {
-    /// The format's version ([`PersistedQuant::VERSION`]; absent in the first checkpoints,
-    /// which are version 1).
-    #[serde(default = "PersistedQuant::first_version")]
-    pub version: u32,
-    pub config: UniformConfig,
-    pub ranges: BTreeMap<String, f32>,
+/// The quantizers a checkpoint stores with its weights: a closed set, written into the
+/// safetensors metadata one typed field per setting (`quant.version`, `quant.kind`,
+/// `quant.weight_bits`, ..., `quant.range.<site>` or `quant.alpha.<site>`), which PyTorch's
+/// loader ignores. The first checkpoints (version 1) hold the uniform settings as one JSON
+/// entry `quant`; they still load.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoredSeam {
+    /// No quantizer: the weights as stored, ReLU activations.
+    FullPrecision,
+    /// Uniform weights and calibrated activation ranges: PTQ, and a QAT run's exported model.
+    Uniform {
+        config: UniformConfig,
+        ranges: BTreeMap<String, f32>,
+    },
+    /// PACT activations with their α and DoReFa weights: a QAT run's latent weights.
+    Pact {
+        bits: UniformConfig,
+        alphas: BTreeMap<String, f32>,
+        alpha_bounds: (f64, f64),
+    },
 }
 
-impl PersistedQuant {
-    /// The version this code writes and reads.
-    pub const VERSION: u32 = 1;
+/// The prefix of every metadata entry of the stored quantizers.
+const PREFIX: &str = "quant.";
 
-    fn first_version() -> u32 {
-        1
+impl StoredSeam {
+    /// The version this code writes (it reads 1 and 2).
+    pub const VERSION: u32 = 2;
+
+    /// The metadata entries (none for full precision). Floats are written in their shortest
+    /// form that reads back to the same bits.
+    pub fn to_metadata(&self) -> Vec<(String, String)> {
+        let field = |k: &str, v: String| (format!("{PREFIX}{k}"), v);
+        let bits = |c: &UniformConfig| {
+            vec![
+                field("weight_bits", c.weight_bits.unwrap_or(32).to_string()),
+                field(
+                    "activation_bits",
+                    c.activation_bits.unwrap_or(32).to_string(),
+                ),
+                field("first_last_bits", c.first_last_bits.to_string()),
+            ]
+        };
+        let (kind, mut out) = match self {
+            StoredSeam::FullPrecision => return Vec::new(),
+            StoredSeam::Uniform { config, ranges } => {
+                let mut v = bits(config);
+                v.extend(
+                    ranges
+                        .iter()
+                        .map(|(site, r)| field(&format!("range.{site}"), r.to_string())),
+                );
+                ("uniform", v)
+            }
+            StoredSeam::Pact {
+                bits: b,
+                alphas,
+                alpha_bounds: (lo, hi),
+            } => {
+                let mut v = bits(b);
+                v.push(field("alpha_min", lo.to_string()));
+                v.push(field("alpha_max", hi.to_string()));
+                v.extend(
+                    alphas
+                        .iter()
+                        .map(|(site, a)| field(&format!("alpha.{site}"), a.to_string())),
+                );
+                ("pact", v)
+            }
+        };
+        out.push(field("version", Self::VERSION.to_string()));
+        out.push(field("kind", kind.to_string()));
+        out
     }
 
-    /// Checks what a file claims: a version this code knows, finite positive ranges.
-    pub fn validate(&self) -> Result<()> {
-        if self.version != Self::VERSION {
+    /// The quantizers a checkpoint's metadata describes, checked: a version this code knows,
+    /// valid bit widths, finite positive ranges and α, no unknown field.
+    pub fn from_metadata(meta: &BTreeMap<String, String>) -> Result<Self> {
+        let fields: BTreeMap<&str, &str> = meta
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(PREFIX)?, v.as_str())))
+            .collect();
+        let first = meta.get("quant");
+        let stored = match (first, fields.is_empty()) {
+            (None, true) => return Ok(StoredSeam::FullPrecision),
+            (Some(_), false) => {
+                return Err(Error::config(
+                    "quantizer metadata",
+                    "`quant` and `quant.*`",
+                    "a checkpoint holds one format",
+                ))
+            }
+            (Some(json), true) => {
+                let q: PersistedQuant = serde_json::from_str(json).map_err(|e| {
+                    Error::config("quantizer metadata", "quant", format!("unreadable: {e}"))
+                })?;
+                q.validate()?;
+                StoredSeam::Uniform {
+                    config: q.config,
+                    ranges: q.ranges,
+                }
+            }
+            (None, false) => Self::from_fields(&fields)?,
+        };
+        stored.validate()?;
+        Ok(stored)
+    }
+
+    fn from_fields(fields: &BTreeMap<&str, &str>) -> Result<Self> {
+        let get = |k: &str| {
+            fields.get(k).copied().ok_or_else(|| {
+                Error::config("quantizer metadata", format!("{PREFIX}{k}"), "missing")
+            })
+        };
+        let number = |k: &str, v: &str| {
+            v.parse::<f64>().map_err(|_| {
+                Error::config(
+                    "quantizer metadata",
+                    format!("{PREFIX}{k} = {v}"),
+                    "not a number",
+                )
+            })
+        };
+        let count = |k: &str| -> Result<u32> {
+            let v = get(k)?;
+            v.parse().map_err(|_| {
+                Error::config(
+                    "quantizer metadata",
+                    format!("{PREFIX}{k} = {v}"),
+                    "not a bit width",
+                )
+            })
+        };
+        let version = get("version")?;
+        if version != Self::VERSION.to_string() {
             return Err(Error::config(
                 "quantizer metadata version",
-                self.version,
-                format!("this build reads version {}", Self::VERSION),
+                version,
+                format!("this build reads versions 1 and {}", Self::VERSION),
             ));
         }
-        if let Some((site, r)) = self
-            .ranges
-            .iter()
-            .find(|(_, r)| !(r.is_finite() && **r > 0.0))
+        let b = super::Bits::new(count("weight_bits")?, count("activation_bits")?)?;
+        let config = UniformConfig {
+            first_last_bits: count("first_last_bits")?,
+            ..b.into()
+        };
+        let per_site = |prefix: &str| -> Result<BTreeMap<String, f32>> {
+            fields
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?, *v)))
+                .map(|(site, v)| {
+                    Ok((
+                        site.to_string(),
+                        number(&format!("{prefix}{site}"), v)? as f32,
+                    ))
+                })
+                .collect()
+        };
+        let (stored, known): (StoredSeam, &[&str]) = match get("kind")? {
+            "uniform" => (
+                StoredSeam::Uniform {
+                    config,
+                    ranges: per_site("range.")?,
+                },
+                &["range."],
+            ),
+            "pact" => (
+                StoredSeam::Pact {
+                    bits: config,
+                    alphas: per_site("alpha.")?,
+                    alpha_bounds: (
+                        number("alpha_min", get("alpha_min")?)?,
+                        number("alpha_max", get("alpha_max")?)?,
+                    ),
+                },
+                &["alpha.", "alpha_min", "alpha_max"],
+            ),
+            other => {
+                return Err(Error::config(
+                    "quantizer metadata",
+                    format!("{PREFIX}kind = {other}"),
+                    "expected uniform or pact",
+                ))
+            }
+        };
+        let common = [
+            "version",
+            "kind",
+            "weight_bits",
+            "activation_bits",
+            "first_last_bits",
+        ];
+        if let Some(k) = fields
+            .keys()
+            .find(|k| !common.contains(k) && !known.iter().any(|p| k.starts_with(p)))
         {
             return Err(Error::config(
-                "activation range",
+                "quantizer metadata",
+                format!("{PREFIX}{k}"),
+                "unknown field",
+            ));
+        }
+        Ok(stored)
+    }
+
+    /// Finite, positive activation ranges and α; bounds in order; a known first/last width.
+    fn validate(&self) -> Result<()> {
+        let (config, values, what) = match self {
+            StoredSeam::FullPrecision => return Ok(()),
+            StoredSeam::Uniform { config, ranges } => (config, ranges, "activation range"),
+            StoredSeam::Pact {
+                bits,
+                alphas,
+                alpha_bounds: (lo, hi),
+            } => {
+                if !(*lo > 0.0 && hi > lo) {
+                    return Err(Error::config(
+                        "alpha bounds",
+                        format!("({lo}, {hi})"),
+                        "need 0 < low < high",
+                    ));
+                }
+                (bits, alphas, "PACT α")
+            }
+        };
+        super::uniform::code_range(
+            config.first_last_bits,
+            super::uniform::Signedness::Symmetric,
+        )?;
+        if let Some((site, r)) = values.iter().find(|(_, r)| !(r.is_finite() && **r > 0.0)) {
+            return Err(Error::config(
+                what,
                 format!("{site} = {r}"),
                 "must be finite and positive",
             ));
@@ -252,13 +447,63 @@ impl PersistedQuant {
         Ok(())
     }
 
-    /// The seam these settings describe, with straight-through gradients.
-    pub fn seam(self) -> UniformSeam {
-        UniformSeam {
-            config: self.config,
-            ranges: self.ranges,
-            mode: GradientMode::Ste,
+    /// The seam these settings describe, with straight-through gradients (`None` for full
+    /// precision); PACT's α as variables on `device`.
+    pub fn into_seam(self, device: &candle_core::Device) -> Result<Option<crate::model::Seam>> {
+        Ok(match self {
+            StoredSeam::FullPrecision => None,
+            StoredSeam::Uniform { config, ranges } => Some(std::sync::Arc::new(UniformSeam {
+                config,
+                ranges,
+                mode: GradientMode::Ste,
+            })),
+            StoredSeam::Pact {
+                bits,
+                alphas,
+                alpha_bounds,
+            } => {
+                let config = super::qat::QatConfig {
+                    bits,
+                    alpha_init: super::qat::AlphaInit::Calibrated,
+                    alpha_bounds,
+                    ..super::qat::QatConfig::default()
+                };
+                Some(std::sync::Arc::new(super::qat::PactSeam::new(
+                    config, &alphas, device,
+                )?))
+            }
+        })
+    }
+}
+
+/// The first checkpoints' quantizers: one JSON entry `quant` in the metadata (version 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PersistedQuant {
+    /// Absent in the first checkpoints: version 1.
+    #[serde(default = "PersistedQuant::first_version")]
+    version: u32,
+    config: UniformConfig,
+    ranges: BTreeMap<String, f32>,
+}
+
+impl PersistedQuant {
+    fn first_version() -> u32 {
+        1
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.version != 1 {
+            return Err(Error::config(
+                "quantizer metadata version",
+                self.version,
+                format!(
+                    "the JSON entry `quant` is version 1; version {} writes `quant.*` fields",
+                    StoredSeam::VERSION
+                ),
+            ));
         }
+        Ok(())
     }
 }
 
@@ -271,17 +516,17 @@ pub fn load_checkpoint(
     trainable: bool,
 ) -> Result<crate::model::ResNet20> {
     let stored = crate::model::checkpoint::load_stored(path, device, trainable)?;
-    let Some(q) = stored.quant else {
-        return Ok(stored.model);
-    };
-    let bad = |problem: String| Error::Checkpoint {
+    let bad = |e: Error| Error::Checkpoint {
         path: path.to_path_buf(),
-        problem,
+        problem: e.to_string(),
     };
-    let q: PersistedQuant =
-        serde_json::from_str(&q).map_err(|e| bad(format!("unreadable quantizer settings: {e}")))?;
-    q.validate().map_err(|e| bad(e.to_string()))?;
-    Ok(stored.model.with_seam(std::sync::Arc::new(q.seam())))
+    let seam = StoredSeam::from_metadata(&stored.metadata)
+        .and_then(|q| q.into_seam(device))
+        .map_err(bad)?;
+    Ok(match seam {
+        Some(s) => stored.model.with_seam(s),
+        None => stored.model,
+    })
 }
 
 /// Calibrates activation ranges: the maximum ReLU output per site over the images `idx`
