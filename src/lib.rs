@@ -39,7 +39,10 @@
 //! The command-line interface (`src/main.rs`, `src/cli/`: the arguments in args.rs, one
 //! file per group of subcommands) parses arguments into these types and calls them: `train`,
 //! `ptq` and `qat` run the stages of `study::stages`, `eval` and `attack` the evaluation of
-//! `eval::robust`, `reproduce` the runner.
+//! `eval::robust`, `reproduce` the runner. Argument parsing, progress bars and the log
+//! subscriber belong to the program (feature `cli`, on by default): the library reports
+//! progress through traits (`train::Progress`, `study::run::RunProgress`) and needs none of
+//! them (`default-features = false`).
 //! `vendor/candle-core` is candle 0.11.1 with one change to its backward pass
 //! (vendor/README.md).
 

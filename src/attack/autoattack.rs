@@ -22,7 +22,8 @@ use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// A stage of the cascade.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Stage {
     /// APGD with the cross-entropy loss.

@@ -33,7 +33,8 @@ use crate::{Error, Result};
 pub use pgd::{pgd_linf, PgdConfig};
 
 /// The threat model's norm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Norm {
     /// L∞ (max-abs per pixel).

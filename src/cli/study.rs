@@ -78,7 +78,6 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
         shard: shard.map(|(s, _)| s),
         max_stages: a.max_stages,
         deadline: budget.map(|s| t + std::time::Duration::from_secs_f64(s)),
-        progress: true,
         scope: if a.fp_only {
             run::Scope::Fp
         } else if a.models_only {
@@ -87,7 +86,7 @@ pub(super) fn reproduce(a: ReproduceArgs) -> Result<ExitCode> {
             run::Scope::All
         },
     };
-    match run::run(&cfg, &data, &out, &dev, &opts)? {
+    match run::run_with(&cfg, &data, &out, &dev, &opts, &mut StudyBar::default())? {
         run::RunStatus::Interrupted {
             computed,
             remaining,
@@ -228,6 +227,41 @@ pub(super) fn slurm(a: SlurmArgs) -> Result<ExitCode> {
     );
     println!("{} {} {}", jobs.fp, jobs.grid, jobs.merge);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The study's progress as a bar: models done of the run's, what it is doing now.
+#[derive(Default)]
+struct StudyBar {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl quant_robust::study::run::RunProgress for StudyBar {
+    fn start(&mut self, models: usize) {
+        let bar = indicatif::ProgressBar::new(models as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "study [{bar:30}] {pos}/{len} models {msg} ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        self.bar = Some(bar);
+    }
+    fn doing(&mut self, what: &str) {
+        if let Some(b) = &self.bar {
+            b.set_message(what.to_string());
+        }
+    }
+    fn model_done(&mut self) {
+        if let Some(b) = &self.bar {
+            b.inc(1);
+        }
+    }
+    fn end(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
 }
 
 /// Collects the results from the cache, writes them and the report, logs the verdicts.

@@ -21,17 +21,8 @@ pub trait Classifier {
 }
 
 /// How gradients pass through a quantizer.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum GradientMode {
     /// Straight-through estimator: ∂q/∂x = 1 inside the clipping range, 0 outside.

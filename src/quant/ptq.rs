@@ -21,7 +21,8 @@ use crate::model::resnet20::{blocks, ResNet20, BN_EPS};
 use crate::{Error, Result};
 
 /// The weight quantizer of PTQ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum PtqMethod {
     /// Piecewise linear (Fang et al. 2020).

@@ -18,7 +18,8 @@ use super::round::round_half_even;
 use crate::{Error, Result};
 
 /// How the breakpoint is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Breakpoint {
     Gaussian,

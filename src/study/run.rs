@@ -29,7 +29,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use super::config::{GivenCheckpoint, Init, StudyConfig};
@@ -108,11 +107,25 @@ pub struct RunOptions {
     /// Stop (cleanly, resumable) once this instant has passed: checked between stages,
     /// between training epochs and between evaluation units.
     pub deadline: Option<Instant>,
-    /// Draw a progress bar.
-    pub progress: bool,
     /// Which stages to run: everything, the models only, or the full-precision models only.
     pub scope: Scope,
 }
+
+/// What a run reports as it goes; the command line draws it as a progress bar.
+pub trait RunProgress {
+    /// The run goes through `models` models.
+    fn start(&mut self, _models: usize) {}
+    /// What it is doing now (`making <id>`, `attacking <id>`, waiting for other processes).
+    fn doing(&mut self, _what: &str) {}
+    /// One more model is done: made and evaluated, or found in the cache.
+    fn model_done(&mut self) {}
+    /// The run ended, finished or stopped.
+    fn end(&mut self) {}
+}
+
+/// No progress output.
+pub struct NoProgress;
+impl RunProgress for NoProgress {}
 
 /// Which of the study's stages a run computes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -221,7 +234,7 @@ struct Runner<'a> {
     dev: Device,
     opts: &'a RunOptions,
     computed: usize,
-    bar: ProgressBar,
+    progress: &'a mut dyn RunProgress,
 }
 
 /// Stops the run cleanly (not an error to the caller).
@@ -297,7 +310,7 @@ impl Runner<'_> {
         if let Some(r) = read_record::<ModelRecord>(self.out, &key)? {
             return Ok(Outcome::Done(r));
         }
-        self.bar.set_message(format!("making {}", spec.id()));
+        self.progress.doing(&format!("making {}", spec.id()));
         let record = match spec {
             ModelSpec::Fp { init, seed } => match self.train_fp(spec, *init, *seed, &key)? {
                 Ok(r) => r,
@@ -566,7 +579,7 @@ impl Runner<'_> {
         if let Some(r) = read_record::<EvalRecord>(self.out, &key)? {
             return Ok(Outcome::Done(r));
         }
-        self.bar.set_message(format!("attacking {}", spec.id()));
+        self.progress.doing(&format!("attacking {}", spec.id()));
         let Some(record) = self.evaluate(spec, &key)? else {
             tracing::info!(
                 "{}: stopped mid-evaluation; its finished units are kept in {}",
@@ -825,6 +838,18 @@ pub fn run(
     dev: &Device,
     opts: &RunOptions,
 ) -> Result<RunStatus> {
+    run_with(cfg, data, out, dev, opts, &mut NoProgress)
+}
+
+/// [`run`], reporting its progress to `progress`.
+pub fn run_with(
+    cfg: &StudyConfig,
+    data: &CifarData,
+    out: &Path,
+    dev: &Device,
+    opts: &RunOptions,
+    progress: &mut dyn RunProgress,
+) -> Result<RunStatus> {
     cfg.validate()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     crate::io::write_json_atomic(&out.join("study.json"), cfg)?;
@@ -839,16 +864,7 @@ pub fn run(
         .filter(|(i, _)| opts.shard.is_none_or(|s| s.owns(*i)))
         .map(|(_, s)| s)
         .collect();
-    let bar = if opts.progress {
-        ProgressBar::new(mine.len() as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("study [{bar:30}] {pos}/{len} models {msg} ({elapsed})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
+    progress.start(mine.len());
     let mut r = Runner {
         cfg,
         out,
@@ -858,7 +874,7 @@ pub fn run(
         dev: dev.clone(),
         opts,
         computed: 0,
-        bar,
+        progress,
     };
     // Several processes may share one store: each stage is claimed by the process that
     // computes it (a lock in its cache folder), the others go on with other stages and come
@@ -878,11 +894,11 @@ pub fn run(
                     if r.computed == before {
                         cached += 1;
                     }
-                    r.bar.inc(1);
+                    r.progress.model_done();
                 }
                 Outcome::Busy => busy.push(*spec),
                 Outcome::Stopped => {
-                    r.bar.finish_and_clear();
+                    r.progress.end();
                     return Ok(RunStatus::Interrupted {
                         computed: r.computed,
                         remaining: pending.len() - i + busy.len(),
@@ -894,15 +910,15 @@ pub fn run(
             break;
         }
         let ids: Vec<String> = busy.iter().map(|s| s.id()).collect();
-        r.bar
-            .set_message(format!("waiting for other processes: {}", ids.join(", ")));
+        r.progress
+            .doing(&format!("waiting for other processes: {}", ids.join(", ")));
         tracing::debug!(
             "waiting for stages other processes compute: {}",
             ids.join(", ")
         );
         for _ in 0..WAIT_POLLS {
             if r.should_stop() {
-                r.bar.finish_and_clear();
+                r.progress.end();
                 return Ok(RunStatus::Interrupted {
                     computed: r.computed,
                     remaining: busy.len(),
@@ -912,7 +928,7 @@ pub fn run(
         }
         pending = busy;
     }
-    r.bar.finish_and_clear();
+    r.progress.end();
     Ok(RunStatus::Complete {
         computed: r.computed,
         cached,
