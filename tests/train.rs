@@ -189,6 +189,49 @@ fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
     assert_eq!(m.data.unwrap().name, "cifar10-jpeg-sample");
 }
 
+/// A process killed after its last resume point was written but before its weights were
+/// (or while they were: the write is atomic, so the old file stays) leaves the weights of
+/// the epoch before; resuming that finished run writes the final weights.
+#[test]
+fn resuming_a_finished_run_rewrites_weights_older_than_its_resume_point() {
+    let (train, test) = tiny_data(64);
+    let s = sample();
+    let dir = tempdir();
+    let ck = dir.path().join("run.safetensors");
+    let mut t = Trainer::new(tiny_config(1, 32), s.identity.clone(), 64, &Device::Cpu).unwrap();
+    t.fit(&train, &test, Some(&ck), &|| false, &mut Silent)
+        .unwrap();
+    let older = std::fs::read(&ck).unwrap();
+    let mut t = Trainer::resume(&ck, Some(2), &Device::Cpu).unwrap();
+    t.fit(&train, &test, Some(&ck), &|| false, &mut Silent)
+        .unwrap();
+    let last = std::fs::read(&ck).unwrap();
+    assert_ne!(older, last, "the second epoch moved no weight");
+    // The kill's window: the resume point says 2 of 2 epochs, the weights are epoch 1's.
+    std::fs::write(&ck, &older).unwrap();
+    let mut t = Trainer::resume(&ck, None, &Device::Cpu).unwrap();
+    assert_eq!(t.state.epoch, 2);
+    assert!(t
+        .fit(&train, &test, Some(&ck), &|| false, &mut Silent)
+        .unwrap());
+    let a = quant_robust::model::checkpoint::read_safetensors(&ck).unwrap();
+    let b = {
+        std::fs::write(dir.path().join("last.safetensors"), &last).unwrap();
+        quant_robust::model::checkpoint::read_safetensors(&dir.path().join("last.safetensors"))
+            .unwrap()
+    };
+    assert_eq!(a.len(), b.len());
+    for (k, x) in &a {
+        let f = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+        let d = (f(x) - f(&b[k])).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(
+            d.to_scalar::<f64>().unwrap(),
+            0.0,
+            "{k}: not the final weights"
+        );
+    }
+}
+
 /// QAT stopped after one epoch and resumed gives the bits of an uninterrupted run: latent
 /// weights, momentum (α's included), α and its history all travel in the resume point.
 #[test]
@@ -198,7 +241,7 @@ fn qat_resume_gives_the_same_model_as_an_uninterrupted_run() {
     use quant_robust::train::qat::{can_resume, fine_tune, QatStart};
     let (train, test) = tiny_data(64);
     let s = sample();
-    let calib = DeviceData::new(&s.train.take(32), &Device::Cpu).unwrap();
+    let calib = s.train.take(32);
     // QAT trains its initial model's variables in place: each run gets its own.
     let new_init =
         || quant_robust::model::ResNet20::init(&mut Rng::new(3, "init"), &Device::Cpu).unwrap();
@@ -214,7 +257,7 @@ fn qat_resume_gives_the_same_model_as_an_uninterrupted_run() {
             start,
             &qcfg,
             tcfg.clone(),
-            &calib,
+            || DeviceData::new(&calib, &Device::Cpu),
             &train,
             &test,
             s.identity.clone(),
@@ -268,7 +311,7 @@ fn qat_resume_gives_the_same_model_as_an_uninterrupted_run() {
         QatStart::Resume,
         &qcfg,
         other,
-        &calib,
+        || panic!("a resumed run draws no calibration images"),
         &train,
         &test,
         s.identity.clone(),

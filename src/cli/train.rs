@@ -8,7 +8,7 @@ use serde_json::json;
 use quant_robust::attack::PgdConfig;
 use quant_robust::data::batch::DeviceData;
 use quant_robust::device;
-use quant_robust::study::stages::TrainFp;
+use quant_robust::study::stages::{TrainFp, TrainStart};
 use quant_robust::train::{Adversarial, LrSchedule, TrainConfig};
 
 use super::args::*;
@@ -84,13 +84,11 @@ pub(super) fn train(a: TrainArgs) -> Result<ExitCode> {
     let dev = device::select(a.data.device)?;
     let data = load_data(&a.data)?;
     let stage = TrainFp {
-        config: match &a.resume {
-            Some(_) => TrainConfig::default(),
-            None => train_config(&a)?,
+        start: match &a.resume {
+            Some(_) => TrainStart::Resume { epochs: a.epochs },
+            None => TrainStart::Fresh(train_config(&a)?),
         },
         path: a.resume.as_ref().unwrap_or(&a.checkpoint),
-        resume: a.resume.is_some(),
-        epochs: a.epochs,
         train_size: train_size(a.fraction, a.train_count),
     };
     let test_dev = DeviceData::new(&data.test, &dev)?;

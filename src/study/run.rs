@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use super::config::{GivenCheckpoint, Init, StudyConfig};
 use super::plan::{self, ModelSpec};
 use super::shard::Shard;
-use super::stages::{EpochLog, Made, Ptq, Qat, TrainFp};
+use super::stages::{EpochLog, Made, Ptq, Qat, TrainFp, TrainStart};
 use crate::attack::{pgd::Pgd, transfer::Transfer, Attack, Norm};
 use crate::data::batch::DeviceData;
 use crate::data::{self, subset, CifarData, DataSource};
@@ -354,10 +354,12 @@ impl Runner<'_> {
             tracing::info!("{}: resuming from {}", spec.id(), path.display());
         }
         let stage = TrainFp {
-            config: plan::fp_train_config(self.cfg, init, seed),
+            start: if resume {
+                TrainStart::Resume { epochs: None }
+            } else {
+                TrainStart::Fresh(plan::fp_train_config(self.cfg, init, seed))
+            },
             path: &path,
-            resume,
-            epochs: None,
             train_size: plan::fp_stage(self.cfg, init)
                 .train_count
                 .map(subset::SubsetSize::Count),

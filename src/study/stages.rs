@@ -121,13 +121,13 @@ impl Qat {
         dev: &Device,
     ) -> Result<Option<Made>> {
         let seed = self.train.seed;
-        let calib = calibration_set(&data.train, self.calib, seed, dev)?;
+        let calib = || calibration_set(&data.train, self.calib, seed, dev);
         let train = DeviceData::new(&subset::training(&data.train, self.train_size, seed)?, dev)?;
         let Some(out) = fine_tune(
             start,
             &self.config,
             self.train.clone(),
-            &calib,
+            calib,
             &train,
             test,
             data.identity.clone(),
@@ -164,17 +164,22 @@ impl Qat {
     }
 }
 
-/// Full-precision training: a fresh run of `config` or the continuation of the one whose
-/// checkpoint (and resume point) is at `path`, saved there after every epoch, on a seeded,
-/// stratified subset of the training split drawn with the run's seed.
+/// Where a full-precision run starts.
+#[derive(Debug, Clone)]
+pub enum TrainStart {
+    /// A fresh run of this recipe.
+    Fresh(TrainConfig),
+    /// The run whose checkpoint (and resume point) is at the stage's path, with its own
+    /// recipe; `epochs` extends it to a new epoch count.
+    Resume { epochs: Option<usize> },
+}
+
+/// Full-precision training: a fresh run or the continuation of one ([`TrainStart`]), saved
+/// at `path` after every epoch, on a seeded, stratified subset of the training split drawn
+/// with the run's seed.
 pub struct TrainFp<'a> {
-    /// The recipe of a fresh run (a resumed run keeps its own).
-    pub config: TrainConfig,
+    pub start: TrainStart,
     pub path: &'a Path,
-    /// Continue the run at `path`.
-    pub resume: bool,
-    /// A resumed run's new epoch count (to extend it).
-    pub epochs: Option<usize>,
     /// The training images; `None` = the whole split.
     pub train_size: Option<SubsetSize>,
 }
@@ -190,17 +195,20 @@ impl TrainFp<'_> {
         progress: &mut dyn Progress,
         dev: &Device,
     ) -> Result<Option<Trainer>> {
-        let mut trainer = if self.resume {
-            let t = Trainer::resume(self.path, self.epochs, dev)?;
-            if t.state.data.train_sha256 != data.identity.train_sha256 {
-                tracing::warn!(
-                    "{}: resuming on data that differs from the run's original data",
-                    self.path.display()
-                );
+        let mut trainer = match &self.start {
+            TrainStart::Resume { epochs } => {
+                let t = Trainer::resume(self.path, *epochs, dev)?;
+                if t.state.data.train_sha256 != data.identity.train_sha256 {
+                    tracing::warn!(
+                        "{}: resuming on data that differs from the run's original data",
+                        self.path.display()
+                    );
+                }
+                t
             }
-            t
-        } else {
-            Trainer::new(self.config.clone(), data.identity.clone(), 0, dev)?
+            TrainStart::Fresh(config) => {
+                Trainer::new(config.clone(), data.identity.clone(), 0, dev)?
+            }
         };
         let seed = trainer.state.config.seed;
         let train = DeviceData::new(&subset::training(&data.train, self.train_size, seed)?, dev)?;

@@ -599,6 +599,10 @@ impl Trainer {
     /// Runs the remaining epochs, saving after each when `out` is given. Returns false when
     /// it stopped early because `stop` said so (asked between epochs), true when every
     /// epoch ran.
+    ///
+    /// A run resumed with no epoch left saves once more: a process killed after its last
+    /// resume point was written but before its weights were leaves an older weights file,
+    /// and the resume point is the record of what the run finished.
     pub fn fit(
         &mut self,
         train: &DeviceData,
@@ -607,6 +611,11 @@ impl Trainer {
         stop: &dyn Fn() -> bool,
         progress: &mut dyn Progress,
     ) -> Result<bool> {
+        if self.state.epoch >= self.state.config.epochs {
+            if let Some(p) = out {
+                self.save(p)?;
+            }
+        }
         while self.state.epoch < self.state.config.epochs {
             if stop() {
                 return Ok(false);

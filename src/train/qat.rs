@@ -71,15 +71,16 @@ pub fn can_resume(latent: &Path) -> bool {
 /// Fine-tunes with QAT on `train`, from `start` (a fresh start trains the given model's
 /// variables in place).
 ///
-/// `calib` gives α's initial values (fresh runs); `latent`, when given, receives the latent
-/// (full-precision shadow) weights and the resume point after every epoch. `stop` is asked
-/// between epochs: when it says so the run returns `None`, resumable from `latent`.
+/// `calib` draws the images that give α its initial values (called on a fresh start only);
+/// `latent`, when given, receives the latent (full-precision shadow) weights and the resume
+/// point after every epoch. `stop` is asked between epochs: when it says so the run returns
+/// `None`, resumable from `latent`.
 #[allow(clippy::too_many_arguments)]
 pub fn fine_tune(
     start: QatStart<'_>,
     qcfg: &QatConfig,
     tcfg: TrainConfig,
-    calib: &DeviceData,
+    calib: impl FnOnce() -> Result<DeviceData>,
     train: &DeviceData,
     test: &DeviceData,
     data: DataIdentity,
@@ -105,8 +106,9 @@ pub fn fine_tune(
                     "QAT starts from a full-precision model",
                 ));
             }
+            let calib = calib()?;
             let all: Vec<u32> = (0..calib.len() as u32).collect();
-            let ranges = calibrate(&init.frozen(), calib, &all, 256)?;
+            let ranges = calibrate(&init.frozen(), &calib, &all, 256)?;
             let seam = Arc::new(PactSeam::new(qcfg.clone(), &ranges, device)?);
             let qmodel = init.with_seam(seam.clone());
             let mut trainer = Trainer::from_model(qmodel, tcfg.clone(), data, train.len(), device)?;
