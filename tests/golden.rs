@@ -18,7 +18,7 @@ use quant_robust::data::{self, CifarData};
 use quant_robust::eval::wilson95;
 use quant_robust::model::{checkpoint, ResNet20};
 use quant_robust::study::findings;
-use quant_robust::study::golden::{self, GoldenManifest, Snapshot};
+use quant_robust::study::golden::{self, GoldenManifest, Snapshot, SnapshotConfig};
 use quant_robust::study::StudyResults;
 
 fn root() -> PathBuf {
@@ -238,18 +238,53 @@ fn snapshot_tests_fail_when_a_weight_or_eps_moves() {
 #[test]
 fn golden_update_refuses_without_provenance() {
     let dir = crate::common::tempdir();
-    let e = golden::update(dir.path(), dir.path(), "x", " ", "cmd", &root())
-        .unwrap_err()
-        .to_string();
+    let e = golden::update(
+        dir.path(),
+        dir.path(),
+        "x",
+        " ",
+        "cmd",
+        SnapshotConfig::default(),
+        &root(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("device-label"), "{e}");
-    let e = golden::update(dir.path(), dir.path(), "x", "cpu", "", &root())
-        .unwrap_err()
-        .to_string();
+    let e = golden::update(
+        dir.path(),
+        dir.path(),
+        "x",
+        "cpu",
+        "",
+        SnapshotConfig::default(),
+        &root(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("command"), "{e}");
-    let e = golden::update(dir.path(), dir.path(), "../x", "cpu", "cmd", &root())
+    let e = golden::update(
+        dir.path(),
+        dir.path(),
+        "../x",
+        "cpu",
+        "cmd",
+        SnapshotConfig::default(),
+        &root(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("name"), "{e}");
+    let none = SnapshotConfig {
+        n: 0,
+        ..SnapshotConfig::default()
+    };
+    let e = golden::update(dir.path(), dir.path(), "x", "cpu", "cmd", none, &root())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("name"), "{e}");
+    assert!(
+        e.contains("snapshot images") && e.contains("0 / 256"),
+        "{e}"
+    );
     // Results made by code from a dirty tree are refused (or, in a dirty checkout, the tree
     // or the binary is refused first).
     let study = dir.path().join("study");
@@ -257,9 +292,17 @@ fn golden_update_refuses_without_provenance() {
         quant_robust::io::read_json(&golden_dirs()[0].join("results.json")).unwrap();
     res.manifest.code.git_dirty = true;
     quant_robust::io::write_json_atomic(&study.join("results.json"), &res).unwrap();
-    let e = golden::update(&study, dir.path(), "x", "cpu", "cmd", &root())
-        .unwrap_err()
-        .to_string();
+    let e = golden::update(
+        &study,
+        dir.path(),
+        "x",
+        "cpu",
+        "cmd",
+        SnapshotConfig::default(),
+        &root(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("dirty") || e.contains("uncommitted"), "{e}");
     assert!(!dir.path().join("x").exists(), "nothing written on refusal");
 }

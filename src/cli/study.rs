@@ -341,22 +341,31 @@ pub(super) fn merge(a: MergeArgs) -> Result<ExitCode> {
 }
 
 pub(super) fn golden_update(a: GoldenUpdateArgs) -> Result<ExitCode> {
+    let defaults = quant_robust::study::golden::SnapshotConfig::default();
+    let snapshot = quant_robust::study::golden::SnapshotConfig {
+        n: a.snapshot_n.unwrap_or(defaults.n),
+        n_slow: a.snapshot_n_slow.unwrap_or(defaults.n_slow),
+        ..defaults
+    };
     let g = quant_robust::study::golden::update(
         &a.study,
         &a.golden,
         &a.name,
         &a.device_label,
         &a.command,
+        snapshot,
         Path::new("."),
     )?;
     tracing::info!(
-        "wrote {} ({} models, study code {}, device {} / {}, data {}); now run `cargo insta test --review` and `QR_SLOW=1 cargo insta test --review`",
+        "wrote {} ({} models, study code {}, device {} / {}, data {}); now write its snapshots ({} and {} images; golden/README.md)",
         a.golden.join(&a.name).display(),
         g.models.len(),
         g.code.git_commit,
         g.device,
         g.device_label,
-        g.data.name
+        g.data.name,
+        g.snapshot.n,
+        g.snapshot.n_slow
     );
     Ok(ExitCode::SUCCESS)
 }

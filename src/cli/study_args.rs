@@ -163,9 +163,10 @@ pub struct MergeArgs {
 #[derive(Debug, Subcommand)]
 pub enum GoldenCommand {
     /// Copy a finished study (results, report, plots, every checkpoint) into golden/<name>/
-    /// with golden.json (command, device, data, code). Refuses a dirty tree. Then run
-    /// `cargo insta test --review` (and `QR_SLOW=1 cargo insta test --review`) to update the
-    /// snapshots, and commit both with a message naming the command, device, seed and commit.
+    /// with golden.json (command, device, data, code, snapshot settings). Refuses a dirty
+    /// tree. Then write the snapshots (golden/README.md: `INSTA_UPDATE=always cargo test
+    /// --release golden_models_match`, and again with `QR_SLOW=1`) and commit both with a
+    /// message naming the command, device, seed and commit.
     Update(GoldenUpdateArgs),
     /// Re-evaluate every golden model (clean and FGSM on the golden study's evaluation
     /// subset; all test images with --n all) and compare with golden results.
@@ -189,6 +190,13 @@ pub struct GoldenUpdateArgs {
     /// The golden root. Default golden.
     #[arg(long, default_value = "golden")]
     pub golden: PathBuf,
+    /// Test images each golden model is re-measured on by the default tier of the snapshot
+    /// tests. Default 32.
+    #[arg(long)]
+    pub snapshot_n: Option<usize>,
+    /// The same for the slow tier (`QR_SLOW=1`). Default 256.
+    #[arg(long)]
+    pub snapshot_n_slow: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -52,6 +52,34 @@ impl Default for SnapshotConfig {
     }
 }
 
+impl SnapshotConfig {
+    /// Refuses a tier without images, no radius, a radius outside (0, 1], no PGD step or
+    /// an empty batch.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &'static str, v: String, why: &str| Err(Error::config(what, v, why));
+        if self.n == 0 || self.n_slow == 0 {
+            return bad(
+                "snapshot images",
+                format!("{} / {}", self.n, self.n_slow),
+                "each tier needs at least one image",
+            );
+        }
+        if self.eps.is_empty() {
+            return bad("snapshot eps", "[]".into(), "give at least one radius");
+        }
+        if let Some(e) = self.eps.iter().find(|e| !(**e > 0.0 && **e <= 1.0)) {
+            return bad("snapshot eps", e.to_string(), "a radius lies in (0, 1]");
+        }
+        if self.pgd_steps == 0 {
+            return bad("snapshot pgd_steps", "0".into(), "PGD needs a step");
+        }
+        if self.batch_size == 0 {
+            return bad("snapshot batch_size", "0".into(), "a batch holds an image");
+        }
+        Ok(())
+    }
+}
+
 /// One golden model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GoldenModel {
@@ -93,18 +121,20 @@ fn git_dirty(dir: &Path) -> Option<bool> {
 
 /// Freezes the finished study in `study_dir` into `golden_root/<name>/`.
 ///
-/// Refuses: an empty `device_label` or `command`; a study whose results were made by code
-/// from a dirty tree; a binary built from a dirty tree; a working tree (`repo`) with
-/// uncommitted changes.
+/// Refuses: an empty `device_label` or `command`; snapshot settings without images or
+/// radii; a study whose results were made by code from a dirty tree; a binary built from a
+/// dirty tree; a working tree (`repo`) with uncommitted changes.
 pub fn update(
     study_dir: &Path,
     golden_root: &Path,
     name: &str,
     device_label: &str,
     command: &str,
+    snapshot: SnapshotConfig,
     repo: &Path,
 ) -> Result<GoldenManifest> {
     let refuse = |why: String| Err(Error::config("golden update", name.to_string(), why));
+    snapshot.validate()?;
     if device_label.trim().is_empty() {
         return refuse("say which device produced the study (--device-label)".into());
     }
@@ -170,7 +200,7 @@ pub fn update(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        snapshot: SnapshotConfig::default(),
+        snapshot,
         models,
     };
     crate::io::write_json_atomic(&out.join("golden.json"), &g)?;
