@@ -10,6 +10,8 @@
 //!   `dx = γ·inv · (dy − Σdy/M − x̂·Σ(dy·x̂)/M)`, `dγ = Σ(dy·x̂)`, `dβ = Σdy`
 //!   (M = N·H·W per channel, x̂ the normalized input). The batch statistics are computed
 //!   once (and returned for the running statistics); the backward pass is one op.
+//! - [`batch_norm_relu_train`]: the same followed by a ReLU in one op; its backward masks
+//!   dy by the output inside the two passes above.
 //! - [`channel_stats`]: per-channel mean and biased variance (for running statistics).
 //! - [`channel_affine`]: `y = x·a_c + b_c` (BatchNorm in evaluation mode as its own op; the
 //!   model folds it into the convolution instead, `kernels::conv2d_bias`), gradients for x,
@@ -44,50 +46,264 @@ where
 
 /// Σ f(xᵢ) in f64 over eight independent lanes, so the compiler vectorizes the sum (one f64
 /// accumulator would make every add wait for the previous one).
-#[inline]
+#[inline(always)]
 fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
     let mut acc = [0f64; 8];
-    let chunks = xs.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    let (chunks, rest) = xs.as_chunks::<8>();
+    let tail: f64 = rest.iter().map(|&v| f(v)).sum();
     for ch in chunks {
-        for (a, &v) in acc.iter_mut().zip(ch) {
-            *a += f(v);
+        for k in 0..8 {
+            acc[k] += f(ch[k]);
         }
     }
     acc.iter().sum::<f64>() + tail
 }
 
-/// (Σ gᵢ, Σ gᵢ·(xᵢ − μ)) in f64 over eight lanes (see [`lane_sum`]).
-#[inline]
-fn lane_sums2(g: &[f32], x: &[f32], mu: f32) -> (f64, f64) {
-    let (mut s, mut sx) = ([0f64; 8], [0f64; 8]);
-    let (gc, xc) = (g.chunks_exact(8), x.chunks_exact(8));
-    let (mut ts, mut tsx) = (0f64, 0f64);
-    for (&gv, &xv) in gc.remainder().iter().zip(xc.remainder()) {
-        ts += gv as f64;
-        tsx += (gv * (xv - mu)) as f64;
+/// Which code sums BatchNorm's statistics and gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BnPath {
+    /// Explicit AVX-512 where the machine runs it, else [`BnPath::Portable`].
+    #[default]
+    Auto,
+    /// The portable loops (vectorized by the compiler at the machine's width). The same
+    /// per-lane operations in the same order as the explicit code: the same bits.
+    Portable,
+}
+
+impl BnPath {
+    fn avx512(self) -> bool {
+        self == BnPath::Auto && super::conv2d::direct_isa() == Some(super::Isa::Avx512)
     }
-    for (gs, xs) in gc.zip(xc) {
+}
+
+/// (Σ gᵢ, Σ gᵢ·(xᵢ − μ)) in f64 over eight lanes (see [`lane_sum`]), with gᵢ taken as 0
+/// where a ReLU output `relu_out`, when given, is not positive (the ReLU's gradient folded
+/// in: the same values its backward pass would have written).
+fn lane_sums2(g: &[f32], x: &[f32], relu_out: Option<&[f32]>, mu: f32, path: BnPath) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if path.avx512() {
+        let (gc, gr) = g.as_chunks::<8>();
+        let (xc, xr) = x.as_chunks::<8>();
+        let mc = relu_out.map(|y| y.as_chunks::<8>().0);
+        // SAFETY: the machine runs AVX-512F (checked by `avx512`); the chunks have equal
+        // lengths (g, x and y are planes of one shape).
+        let (s, sx) = unsafe { x86::sums2_avx512(gc, xc, mc, mu) };
+        let tail = lane_sums2_portable(gr, xr, relu_out.map(|y| &y[y.len() - gr.len()..]), mu);
+        return (
+            s.iter().sum::<f64>() + tail.0,
+            sx.iter().sum::<f64>() + tail.1,
+        );
+    }
+    let _ = path;
+    lane_sums2_portable(g, x, relu_out, mu)
+}
+
+/// Σ xᵢ of a plane, in f64 (see [`lane_sum`]).
+fn plane_sum(xs: &[f32], path: BnPath) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if path.avx512() {
+        let (c, r) = xs.as_chunks::<8>();
+        // SAFETY: the machine runs AVX-512F (checked by `avx512`).
+        let acc = unsafe { x86::sum_avx512(c, None) };
+        return acc.iter().sum::<f64>() + plane_sum_portable(r);
+    }
+    let _ = path;
+    plane_sum_portable(xs)
+}
+
+/// Σ (xᵢ − μ)² of a plane, in f64 (see [`lane_sum`]).
+fn plane_sq_dev(xs: &[f32], mu: f64, path: BnPath) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if path.avx512() {
+        let (c, r) = xs.as_chunks::<8>();
+        // SAFETY: the machine runs AVX-512F (checked by `avx512`).
+        let acc = unsafe { x86::sum_avx512(c, Some(mu)) };
+        return acc.iter().sum::<f64>() + plane_sq_dev_portable(r, mu);
+    }
+    let _ = path;
+    plane_sq_dev_portable(xs, mu)
+}
+
+/// Eight f64 lanes in one AVX-512 register, fed eight f32 at a time: per lane the portable
+/// code's operations in its order (f32 products, widened, added), hence its bits.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Lane sums of g (masked to 0 where y ≤ 0, when given) and of g·(x − μ).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    pub(super) unsafe fn sums2_avx512(
+        g: &[[f32; 8]],
+        x: &[[f32; 8]],
+        y: Option<&[[f32; 8]]>,
+        mu: f32,
+    ) -> ([f64; 8], [f64; 8]) {
+        let (mut s, mut sx) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+        let muv = _mm256_set1_ps(mu);
+        for i in 0..g.len().min(x.len()) {
+            let mut gv = _mm256_loadu_ps(g[i].as_ptr());
+            if let Some(y) = y {
+                let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(
+                    _mm256_loadu_ps(y[i].as_ptr()),
+                    _mm256_setzero_ps(),
+                );
+                gv = _mm256_and_ps(pos, gv);
+            }
+            let gx = _mm256_mul_ps(gv, _mm256_sub_ps(_mm256_loadu_ps(x[i].as_ptr()), muv));
+            s = _mm512_add_pd(s, _mm512_cvtps_pd(gv));
+            sx = _mm512_add_pd(sx, _mm512_cvtps_pd(gx));
+        }
+        let (mut a, mut b) = ([0f64; 8], [0f64; 8]);
+        _mm512_storeu_pd(a.as_mut_ptr(), s);
+        _mm512_storeu_pd(b.as_mut_ptr(), sx);
+        (a, b)
+    }
+
+    /// Lane sums of x, or with `mu` of (x − μ)² (in f64).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    pub(super) unsafe fn sum_avx512(x: &[[f32; 8]], mu: Option<f64>) -> [f64; 8] {
+        let mut acc = _mm512_setzero_pd();
+        match mu {
+            None => {
+                for c in x {
+                    acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_loadu_ps(c.as_ptr())));
+                }
+            }
+            Some(mu) => {
+                let muv = _mm512_set1_pd(mu);
+                for c in x {
+                    let d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(c.as_ptr())), muv);
+                    acc = _mm512_add_pd(acc, _mm512_mul_pd(d, d));
+                }
+            }
+        }
+        let mut a = [0f64; 8];
+        _mm512_storeu_pd(a.as_mut_ptr(), acc);
+        a
+    }
+}
+
+super::multiversion! {
+    fn lane_sums2_portable(g: &[f32], x: &[f32], relu_out: Option<&[f32]>, mu: f32) -> (f64, f64) {
+        match relu_out {
+            // The mask slice is not read without a ReLU.
+            None => lane_sums2_with(g, x, g, mu, |_, v| v),
+            Some(y) => lane_sums2_with(g, x, y, mu, relu_grad),
+        }
+    }
+}
+
+super::multiversion! {
+    fn plane_sum_portable(xs: &[f32]) -> f64 {
+        lane_sum(xs, |v| v as f64)
+    }
+}
+
+super::multiversion! {
+    fn plane_sq_dev_portable(xs: &[f32], mu: f64) -> f64 {
+        lane_sum(xs, |v| (v as f64 - mu).powi(2))
+    }
+}
+
+super::multiversion! {
+    /// BatchNorm's input gradient on a plane: `o = k·(g − a − x̂·b)` with x̂ = (x − μ)·inv,
+    /// g = dy masked by a ReLU output `relu_out` when given; `coeffs` = [k, a, b, μ, inv].
+    fn dx_plane(
+        o: &mut [f32],
+        xs: &[f32],
+        gs: &[f32],
+        relu_out: Option<&[f32]>,
+        coeffs: [f32; 5],
+    ) {
+        let [k, a, b, mu, inv] = coeffs;
+        let dx = |o: &mut f32, v: f32, g: f32| {
+            let xhat = (v - mu) * inv;
+            *o = k * (g - a - xhat * b);
+        };
+        match relu_out {
+            None => {
+                for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
+                    dx(o, v, g);
+                }
+            }
+            Some(y) => {
+                for (((o, &v), &g), &y) in o.iter_mut().zip(xs).zip(gs).zip(y) {
+                    dx(o, v, relu_grad(y, g));
+                }
+            }
+        }
+    }
+}
+
+super::multiversion! {
+    /// `o = x·s + t` on a plane, and its ReLU with `relu`.
+    fn affine_plane(o: &mut [std::mem::MaybeUninit<f32>], xs: &[f32], s: f32, t: f32, relu: bool) {
+        if relu {
+            for (o, &v) in o.iter_mut().zip(xs) {
+                o.write((v * s + t).max(0.0));
+            }
+        } else {
+            for (o, &v) in o.iter_mut().zip(xs) {
+                o.write(v * s + t);
+            }
+        }
+    }
+}
+
+/// ReLU's gradient at output `y`: `dy` where `y > 0`, else 0 (`kernels::IntervalGrad`'s
+/// POSITIVE interval, as a select).
+#[inline(always)]
+fn relu_grad(y: f32, dy: f32) -> f32 {
+    if y > 0.0 {
+        dy
+    } else {
+        0.0
+    }
+}
+
+/// [`lane_sums2`] of gᵢ = `f(mᵢ, gᵢ)`.
+#[inline(always)]
+fn lane_sums2_with(
+    g: &[f32],
+    x: &[f32],
+    m: &[f32],
+    mu: f32,
+    f: impl Fn(f32, f32) -> f32,
+) -> (f64, f64) {
+    let (mut s, mut sx) = ([0f64; 8], [0f64; 8]);
+    let (gc, gr) = g.as_chunks::<8>();
+    let (xc, xr) = x.as_chunks::<8>();
+    let (mc, mr) = m.as_chunks::<8>();
+    let (mut ts, mut tsx) = (0f64, 0f64);
+    for ((&gv, &xv), &mv) in gr.iter().zip(xr).zip(mr) {
+        let v = f(mv, gv);
+        ts += v as f64;
+        tsx += (v * (xv - mu)) as f64;
+    }
+    for ((gs, xs), ms) in gc.iter().zip(xc).zip(mc) {
+        let mut v = [0f32; 8];
+        let mut vx = [0f32; 8];
         for k in 0..8 {
-            s[k] += gs[k] as f64;
-            sx[k] += (gs[k] * (xs[k] - mu)) as f64;
+            v[k] = f(ms[k], gs[k]);
+            vx[k] = v[k] * (xs[k] - mu);
+        }
+        for k in 0..8 {
+            s[k] += v[k] as f64;
+            sx[k] += vx[k] as f64;
         }
     }
     (s.iter().sum::<f64>() + ts, sx.iter().sum::<f64>() + tsx)
 }
 
 /// Mean and biased variance per channel (two-pass, f64 accumulation).
-fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+fn stats(x: &[f32], (n, c, hw): (usize, usize, usize), path: BnPath) -> (Vec<f32>, Vec<f32>) {
     let m = (n * hw) as f64;
-    let mean: Vec<f64> = channel_sums(n, c, hw, |p, hw| {
-        lane_sum(&x[p * hw..(p + 1) * hw], |v| v as f64)
-    })
-    .into_iter()
-    .map(|s| s / m)
-    .collect();
+    let mean: Vec<f64> = channel_sums(n, c, hw, |p, hw| plane_sum(&x[p * hw..(p + 1) * hw], path))
+        .into_iter()
+        .map(|s| s / m)
+        .collect();
     let var: Vec<f64> = channel_sums(n, c, hw, |p, hw| {
-        let mu = mean[p % c];
-        lane_sum(&x[p * hw..(p + 1) * hw], |v| (v as f64 - mu).powi(2))
+        plane_sq_dev(&x[p * hw..(p + 1) * hw], mean[p % c], path)
     })
     .into_iter()
     .map(|s| s / m)
@@ -99,7 +315,7 @@ fn stats(x: &[f32], n: usize, c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// Per-channel mean and biased variance of an N×C×H×W tensor, as a 2×C tensor.
-struct StatsOp;
+struct StatsOp(BnPath);
 
 impl CustomOp1 for StatsOp {
     fn name(&self) -> &'static str {
@@ -107,26 +323,31 @@ impl CustomOp1 for StatsOp {
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, hw) = nchw(l)?;
-        let (mut mean, var) = stats(slice(s, l, "input")?, n, c, hw);
+        let (mut mean, var) = stats(slice(s, l, "input")?, (n, c, hw), self.0);
         mean.extend(var);
         Ok((CpuStorage::F32(mean), Shape::from((2, c))))
     }
 }
 
 /// Training-mode BatchNorm forward: (x, γ, β) → y, with the batch statistics computed once
-/// (by [`StatsOp`]) and kept for the backward pass.
+/// (by [`StatsOp`]) and kept for the backward pass; with `relu`, the ReLU of it.
 struct BnTrainOp {
     eps: f64,
     mean: Arc<[f32]>,
     var: Arc<[f32]>,
+    relu: bool,
+    path: BnPath,
 }
 
-/// The whole backward pass in one: (x, dy) → [dx (if `want_dx`) ; Σ dy·x̂ ; Σ dy], flat.
+/// The whole backward pass in one: (x, dy, y) → [dx (if `want_dx`) ; Σ dy·x̂ ; Σ dy], flat;
+/// with `relu`, dy is first masked where the forward output y is not positive.
 struct BnTrainBackward {
     gamma: Vec<f32>,
     mean: Arc<[f32]>,
     inv: Vec<f32>,
     want_dx: bool,
+    relu: bool,
+    path: BnPath,
 }
 
 fn inv_std(var: &[f32], eps: f64) -> Vec<f32> {
@@ -157,10 +378,12 @@ impl CustomOp3 for BnTrainOp {
         let inv = inv_std(&self.var, self.eps);
         let a: Vec<f32> = (0..c).map(|ch| inv[ch] * gamma[ch]).collect();
         let b: Vec<f32> = (0..c).map(|ch| beta[ch] - self.mean[ch] * a[ch]).collect();
-        Ok((
-            CpuStorage::F32(scale_planes(x, &a, Some(&b), c, hw)),
-            l1.shape().clone(),
-        ))
+        let y = if self.relu {
+            scale_planes_relu(x, &a, &b, c, hw)
+        } else {
+            scale_planes(x, &a, Some(&b), c, hw)
+        };
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     fn bwd(
@@ -168,7 +391,7 @@ impl CustomOp3 for BnTrainOp {
         x: &Tensor,
         gamma: &Tensor,
         beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let want_params = gamma.track_op() || beta.track_op();
@@ -180,8 +403,10 @@ impl CustomOp3 for BnTrainOp {
             mean: self.mean.clone(),
             inv: inv_std(&self.var, self.eps),
             want_dx: x.track_op(),
+            relu: self.relu,
+            path: self.path,
         };
-        let out = x.apply_op2_no_bwd(&dy.contiguous()?, &op)?;
+        let out = x.apply_op3_no_bwd(&dy.contiguous()?, &res.contiguous()?, &op)?;
         let (len, c) = (if op.want_dx { x.elem_count() } else { 0 }, op.gamma.len());
         let dx = if op.want_dx {
             Some(out.narrow(0, 0, len)?.reshape(x.shape())?)
@@ -200,15 +425,15 @@ impl CustomOp3 for BnTrainOp {
     }
 }
 
-/// Σ dy and Σ dy·x̂ per channel.
+/// Σ dy and Σ dy·x̂ per channel (dy masked by a ReLU output `relu_out`, when given).
 fn param_sums(
     x: &[f32],
     dy: &[f32],
+    relu_out: Option<&[f32]>,
     mean: &[f32],
     inv: &[f32],
-    n: usize,
-    c: usize,
-    hw: usize,
+    (n, c, hw): (usize, usize, usize),
+    path: BnPath,
 ) -> (Vec<f64>, Vec<f64>) {
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
@@ -217,7 +442,8 @@ fn param_sums(
             for i in 0..n {
                 let p = i * c + ch;
                 let r = p * hw..(p + 1) * hw;
-                let (a, b) = lane_sums2(&dy[r.clone()], &x[r], mean[ch]);
+                let y = relu_out.map(|y| &y[r.clone()]);
+                let (a, b) = lane_sums2(&dy[r.clone()], &x[r], y, mean[ch], path);
                 s += a;
                 sx += b;
             }
@@ -227,7 +453,7 @@ fn param_sums(
     sums.into_iter().unzip()
 }
 
-impl CustomOp2 for BnTrainBackward {
+impl CustomOp3 for BnTrainBackward {
     fn name(&self) -> &'static str {
         "qr-batch-norm-train-backward"
     }
@@ -237,15 +463,19 @@ impl CustomOp2 for BnTrainBackward {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, hw) = nchw(l1)?;
         let x = slice(s1, l1, "input")?;
         let dy = slice(s2, l2, "gradient")?;
-        if dy.len() != x.len() || self.gamma.len() != c {
+        let y = slice(s3, l3, "output")?;
+        if dy.len() != x.len() || y.len() != x.len() || self.gamma.len() != c {
             candle_core::bail!("batch-norm backward: gradient or weights do not fit {c} channels");
         }
+        let relu_out = self.relu.then_some(y);
         let (mean, inv) = (&self.mean[..], &self.inv[..]);
-        let (sdy, sdyx) = param_sums(x, dy, mean, inv, n, c, hw);
+        let (sdy, sdyx) = param_sums(x, dy, relu_out, mean, inv, (n, c, hw), self.path);
         let len = if self.want_dx { x.len() } else { 0 };
         let mut out = Vec::with_capacity(len + 2 * c);
         if self.want_dx {
@@ -257,12 +487,9 @@ impl CustomOp2 for BnTrainBackward {
                 // the f32 cancellation small.
                 let k = self.gamma[ch] * inv[ch];
                 let (a, b) = ((sdy[ch] / m) as f32, (sdyx[ch] / m) as f32);
-                let xs = &x[p * hw..(p + 1) * hw];
-                let gs = &dy[p * hw..(p + 1) * hw];
-                for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
-                    let xhat = (v - mean[ch]) * inv[ch];
-                    *o = k * (g - a - xhat * b);
-                }
+                let r = p * hw..(p + 1) * hw;
+                let y = relu_out.map(|y| &y[r.clone()]);
+                dx_plane(o, &x[r.clone()], &dy[r], y, [k, a, b, mean[ch], inv[ch]]);
             });
         }
         out.extend(sdyx.into_iter().map(|v| v as f32));
@@ -286,10 +513,18 @@ fn scale_planes(x: &[f32], a: &[f32], b: Option<&[f32]>, c: usize, hw: usize) ->
     unsafe {
         super::par_uninit(x.len(), hw, |p, out| {
             let ch = p % c;
-            let (s, t) = (a[ch], b.map_or(0.0, |b| b[ch]));
-            for (o, &v) in out.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
-                o.write(v * s + t);
-            }
+            let t = b.map_or(0.0, |b| b[ch]);
+            affine_plane(out, &x[p * hw..(p + 1) * hw], a[ch], t, false);
+        })
+    }
+}
+
+/// max(x·a_c + b_c, 0): the same values as [`scale_planes`] and a ReLU in a row.
+fn scale_planes_relu(x: &[f32], a: &[f32], b: &[f32], c: usize, hw: usize) -> Vec<f32> {
+    // SAFETY: chunk p is plane p (hw elements, zipped with plane p of x), written in full.
+    unsafe {
+        super::par_uninit(x.len(), hw, |p, out| {
+            affine_plane(out, &x[p * hw..(p + 1) * hw], a[p % c], b[p % c], true);
         })
     }
 }
@@ -379,7 +614,15 @@ impl CustomOp2 for AffineGradParams {
         let (n, c, hw) = nchw(l1)?;
         let (x, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
         // Σ dy·x and Σ dy: BatchNorm's parameter sums with mean 0 and scale 1.
-        let (s, sx) = param_sums(x, dy, &vec![0.0; c], &vec![1.0; c], n, c, hw);
+        let (s, sx) = param_sums(
+            x,
+            dy,
+            None,
+            &vec![0.0; c],
+            &vec![1.0; c],
+            (n, c, hw),
+            BnPath::Auto,
+        );
         let mut out: Vec<f32> = sx.into_iter().map(|v| v as f32).collect();
         out.extend(s.into_iter().map(|v| v as f32));
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
@@ -465,8 +708,13 @@ fn cpu_f32(t: &Tensor) -> bool {
 
 /// Per-channel (mean, biased variance) of an N×C×H×W tensor, detached (running statistics).
 pub fn channel_stats(x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    channel_stats_with(x, BnPath::Auto)
+}
+
+/// [`channel_stats`] by the given code on the CPU.
+pub fn channel_stats_with(x: &Tensor, path: BnPath) -> candle_core::Result<(Tensor, Tensor)> {
     if cpu_f32(x) {
-        let s = x.detach().contiguous()?.apply_op1_no_bwd(&StatsOp)?;
+        let s = x.detach().contiguous()?.apply_op1_no_bwd(&StatsOp(path))?;
         Ok((s.get(0)?, s.get(1)?))
     } else {
         let x = x.detach();
@@ -484,16 +732,46 @@ pub fn batch_norm_train(
     beta: &Tensor,
     eps: f64,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    batch_norm_train_with(x, gamma, beta, eps, false, BnPath::Auto)
+}
+
+/// [`batch_norm_train`] followed by a ReLU, in one op on the CPU: the same values and
+/// gradients as the two in a row, without the ReLU's own passes over the activations.
+pub fn batch_norm_relu_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    batch_norm_train_with(x, gamma, beta, eps, true, BnPath::Auto)
+}
+
+/// [`batch_norm_train`] (with `relu`: [`batch_norm_relu_train`]) by the given code on the
+/// CPU.
+pub fn batch_norm_train_with(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+    path: BnPath,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     if cpu_f32(x) {
         let x = x.contiguous()?;
-        let (mean, var) = channel_stats(&x)?;
+        let (mean, var) = channel_stats_with(&x, path)?;
         let op = BnTrainOp {
             eps,
             mean: mean.to_vec1::<f32>()?.into(),
             var: var.to_vec1::<f32>()?.into(),
+            relu,
+            path,
         };
         let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
         return Ok((y, mean, var));
+    }
+    if relu {
+        let (y, mean, var) = batch_norm_train_with(x, gamma, beta, eps, false, path)?;
+        return Ok((y.relu()?, mean, var));
     }
     let c = gamma.dim(0)?;
     let mean = x.mean_keepdim((0, 2, 3))?;

@@ -16,19 +16,19 @@
 /// machine's width (a baseline x86-64 build otherwise gets 4-wide SSE, or scalar code).
 /// Elementwise IEEE operations give the same bits at every width.
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
-        $vis fn $name($($a: $t),*) {
+        $vis fn $name($($a: $t),*) $(-> $r)? {
             #[inline(always)]
-            fn inner($($a: $t),*) $body
+            fn inner($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-                unsafe fn avx512($($a: $t),*) {
+                unsafe fn avx512($($a: $t),*) $(-> $r)? {
                     inner($($a),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($a: $t),*) {
+                unsafe fn avx2($($a: $t),*) $(-> $r)? {
                     inner($($a),*)
                 }
                 match $crate::kernels::conv2d::direct_isa() {
@@ -50,7 +50,10 @@ pub mod fake_quant;
 pub mod pact;
 pub mod round;
 
-pub use batch_norm::{add_relu, batch_norm_train, channel_affine, channel_stats, relu};
+pub use batch_norm::{
+    add_relu, batch_norm_relu_train, batch_norm_train, batch_norm_train_with, channel_affine,
+    channel_stats, channel_stats_with, relu, BnPath,
+};
 pub use conv2d::{
     conv2d, conv2d_bias, conv2d_bias_add_relu, conv2d_bias_add_relu_with, conv2d_bias_relu,
     conv2d_bias_relu_with, conv2d_bias_with, conv2d_with, ConvPath, Isa,

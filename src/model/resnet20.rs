@@ -389,7 +389,13 @@ impl ResNet20 {
             let rm_name = format!("{bn}.running_mean");
             let rv_name = format!("{bn}.running_var");
             let x = crate::kernels::conv2d(x, &w, 1, stride)?;
-            let (y, mean, var) = kernels::batch_norm_train(&x, gamma, beta, BN_EPS)?;
+            // A plain ReLU first at the site goes inside BatchNorm's op.
+            let relu_first = site.is_some_and(|s| self.seam.relu_first(s));
+            let (y, mean, var) = if relu_first {
+                kernels::batch_norm_relu_train(&x, gamma, beta, BN_EPS)?
+            } else {
+                kernels::batch_norm_train(&x, gamma, beta, BN_EPS)?
+            };
             if let (Some(rm), Some(rv)) = (self.vars.get(&rm_name), self.vars.get(&rv_name)) {
                 let (b, _, h, w) = x.dims4()?;
                 let n = (b * h * w) as f64;
@@ -401,6 +407,7 @@ impl ResNet20 {
                 rv.set(&new_rv)?;
             }
             match site {
+                Some(site) if relu_first => self.seam.after_relu(site, &y),
                 Some(site) => self.seam.activation(site, &y),
                 None => Ok(y),
             }
