@@ -238,49 +238,20 @@ fn snapshot_tests_fail_when_a_weight_or_eps_moves() {
 #[test]
 fn golden_update_refuses_without_provenance() {
     let dir = crate::common::tempdir();
-    let e = golden::update(
-        dir.path(),
-        dir.path(),
-        "x",
-        " ",
-        "cmd",
-        SnapshotConfig::default(),
-        &root(),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("device-label"), "{e}");
-    let e = golden::update(
-        dir.path(),
-        dir.path(),
-        "x",
-        "cpu",
-        "",
-        SnapshotConfig::default(),
-        &root(),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("command"), "{e}");
-    let e = golden::update(
-        dir.path(),
-        dir.path(),
-        "../x",
-        "cpu",
-        "cmd",
-        SnapshotConfig::default(),
-        &root(),
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("name"), "{e}");
-    let none = SnapshotConfig {
-        n: 0,
-        ..SnapshotConfig::default()
+    let refused = |study: &Path, name: &str, label: &str, cmd: &str, snap: SnapshotConfig| {
+        golden::update(study, dir.path(), name, label, cmd, snap, &root())
+            .unwrap_err()
+            .to_string()
     };
-    let e = golden::update(dir.path(), dir.path(), "x", "cpu", "cmd", none, &root())
-        .unwrap_err()
-        .to_string();
+    let d = SnapshotConfig::default;
+    let e = refused(dir.path(), "x", " ", "cmd", d());
+    assert!(e.contains("device-label"), "{e}");
+    let e = refused(dir.path(), "x", "cpu", "", d());
+    assert!(e.contains("command"), "{e}");
+    let e = refused(dir.path(), "../x", "cpu", "cmd", d());
+    assert!(e.contains("name"), "{e}");
+    let none = SnapshotConfig { n: 0, ..d() };
+    let e = refused(dir.path(), "x", "cpu", "cmd", none);
     assert!(
         e.contains("snapshot images") && e.contains("0 / 256"),
         "{e}"
@@ -292,17 +263,7 @@ fn golden_update_refuses_without_provenance() {
         quant_robust::io::read_json(&golden_dirs()[0].join("results.json")).unwrap();
     res.manifest.code.git_dirty = true;
     quant_robust::io::write_json_atomic(&study.join("results.json"), &res).unwrap();
-    let e = golden::update(
-        &study,
-        dir.path(),
-        "x",
-        "cpu",
-        "cmd",
-        SnapshotConfig::default(),
-        &root(),
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refused(&study, "x", "cpu", "cmd", d());
     assert!(e.contains("dirty") || e.contains("uncommitted"), "{e}");
     assert!(!dir.path().join("x").exists(), "nothing written on refusal");
 }
