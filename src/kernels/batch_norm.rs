@@ -209,16 +209,16 @@ super::multiversion! {
     /// BatchNorm's input gradient on a plane: `o = k·(g − a − x̂·b)` with x̂ = (x − μ)·inv,
     /// g = dy masked by a ReLU output `relu_out` when given; `coeffs` = [k, a, b, μ, inv].
     fn dx_plane(
-        o: &mut [f32],
+        o: &mut [std::mem::MaybeUninit<f32>],
         xs: &[f32],
         gs: &[f32],
         relu_out: Option<&[f32]>,
         coeffs: [f32; 5],
     ) {
         let [k, a, b, mu, inv] = coeffs;
-        let dx = |o: &mut f32, v: f32, g: f32| {
+        let dx = |o: &mut std::mem::MaybeUninit<f32>, v: f32, g: f32| {
             let xhat = (v - mu) * inv;
-            *o = k * (g - a - xhat * b);
+            o.write(k * (g - a - xhat * b));
         };
         match relu_out {
             None => {
@@ -480,17 +480,22 @@ impl CustomOp3 for BnTrainBackward {
         let mut out = Vec::with_capacity(len + 2 * c);
         if self.want_dx {
             let m = (n * hw) as f64;
-            out.resize(len, 0f32);
-            out.par_chunks_mut(hw).enumerate().for_each(|(p, o)| {
-                let ch = p % c;
-                // dx = γ·inv·(dy − mean(dy) − x̂·mean(dy·x̂)): the means, not the sums, keep
-                // the f32 cancellation small.
-                let k = self.gamma[ch] * inv[ch];
-                let (a, b) = ((sdy[ch] / m) as f32, (sdyx[ch] / m) as f32);
-                let r = p * hw..(p + 1) * hw;
-                let y = relu_out.map(|y| &y[r.clone()]);
-                dx_plane(o, &x[r.clone()], &dy[r], y, [k, a, b, mean[ch], inv[ch]]);
-            });
+            out.spare_capacity_mut()[..len]
+                .par_chunks_mut(hw)
+                .enumerate()
+                .for_each(|(p, o)| {
+                    let ch = p % c;
+                    // dx = γ·inv·(dy − mean(dy) − x̂·mean(dy·x̂)): the means, not the sums, keep
+                    // the f32 cancellation small.
+                    let k = self.gamma[ch] * inv[ch];
+                    let (a, b) = ((sdy[ch] / m) as f32, (sdyx[ch] / m) as f32);
+                    let r = p * hw..(p + 1) * hw;
+                    let y = relu_out.map(|y| &y[r.clone()]);
+                    dx_plane(o, &x[r.clone()], &dy[r], y, [k, a, b, mean[ch], inv[ch]]);
+                });
+            // SAFETY: the chunks cover 0..len (len = N·C·H·W, chunks of H·W) and dx_plane
+            // writes every element of each.
+            unsafe { out.set_len(len) };
         }
         out.extend(sdyx.into_iter().map(|v| v as f32));
         out.extend(sdy.into_iter().map(|v| v as f32));
