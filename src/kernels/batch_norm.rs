@@ -71,6 +71,7 @@ pub enum BnPath {
 }
 
 impl BnPath {
+    /// Whether the explicit AVX-512 code runs (asked once per op, not per plane).
     fn avx512(self) -> bool {
         self == BnPath::Auto && super::conv2d::direct_isa() == Some(super::Isa::Avx512)
     }
@@ -79,13 +80,13 @@ impl BnPath {
 /// (Σ gᵢ, Σ gᵢ·(xᵢ − μ)) in f64 over eight lanes (see [`lane_sum`]), with gᵢ taken as 0
 /// where a ReLU output `relu_out`, when given, is not positive (the ReLU's gradient folded
 /// in: the same values its backward pass would have written).
-fn lane_sums2(g: &[f32], x: &[f32], relu_out: Option<&[f32]>, mu: f32, path: BnPath) -> (f64, f64) {
+fn lane_sums2(g: &[f32], x: &[f32], relu_out: Option<&[f32]>, mu: f32, avx512: bool) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
-    if path.avx512() {
+    if avx512 {
         let (gc, gr) = g.as_chunks::<8>();
         let (xc, xr) = x.as_chunks::<8>();
         let mc = relu_out.map(|y| y.as_chunks::<8>().0);
-        // SAFETY: the machine runs AVX-512F (checked by `avx512`); the chunks have equal
+        // SAFETY: the machine runs AVX-512F (`BnPath::avx512`); the chunks have equal
         // lengths (g, x and y are planes of one shape).
         let (s, sx) = unsafe { x86::sums2_avx512(gc, xc, mc, mu) };
         let tail = lane_sums2_portable(gr, xr, relu_out.map(|y| &y[y.len() - gr.len()..]), mu);
@@ -94,33 +95,33 @@ fn lane_sums2(g: &[f32], x: &[f32], relu_out: Option<&[f32]>, mu: f32, path: BnP
             sx.iter().sum::<f64>() + tail.1,
         );
     }
-    let _ = path;
+    let _ = avx512;
     lane_sums2_portable(g, x, relu_out, mu)
 }
 
 /// Σ xᵢ of a plane, in f64 (see [`lane_sum`]).
-fn plane_sum(xs: &[f32], path: BnPath) -> f64 {
+fn plane_sum(xs: &[f32], avx512: bool) -> f64 {
     #[cfg(target_arch = "x86_64")]
-    if path.avx512() {
+    if avx512 {
         let (c, r) = xs.as_chunks::<8>();
-        // SAFETY: the machine runs AVX-512F (checked by `avx512`).
+        // SAFETY: the machine runs AVX-512F (`BnPath::avx512`).
         let acc = unsafe { x86::sum_avx512(c, None) };
         return acc.iter().sum::<f64>() + plane_sum_portable(r);
     }
-    let _ = path;
+    let _ = avx512;
     plane_sum_portable(xs)
 }
 
 /// Σ (xᵢ − μ)² of a plane, in f64 (see [`lane_sum`]).
-fn plane_sq_dev(xs: &[f32], mu: f64, path: BnPath) -> f64 {
+fn plane_sq_dev(xs: &[f32], mu: f64, avx512: bool) -> f64 {
     #[cfg(target_arch = "x86_64")]
-    if path.avx512() {
+    if avx512 {
         let (c, r) = xs.as_chunks::<8>();
-        // SAFETY: the machine runs AVX-512F (checked by `avx512`).
+        // SAFETY: the machine runs AVX-512F (`BnPath::avx512`).
         let acc = unsafe { x86::sum_avx512(c, Some(mu)) };
         return acc.iter().sum::<f64>() + plane_sq_dev_portable(r, mu);
     }
-    let _ = path;
+    let _ = avx512;
     plane_sq_dev_portable(xs, mu)
 }
 
@@ -297,13 +298,16 @@ fn lane_sums2_with(
 
 /// Mean and biased variance per channel (two-pass, f64 accumulation).
 fn stats(x: &[f32], (n, c, hw): (usize, usize, usize), path: BnPath) -> (Vec<f32>, Vec<f32>) {
+    let avx512 = path.avx512();
     let m = (n * hw) as f64;
-    let mean: Vec<f64> = channel_sums(n, c, hw, |p, hw| plane_sum(&x[p * hw..(p + 1) * hw], path))
-        .into_iter()
-        .map(|s| s / m)
-        .collect();
+    let mean: Vec<f64> = channel_sums(n, c, hw, |p, hw| {
+        plane_sum(&x[p * hw..(p + 1) * hw], avx512)
+    })
+    .into_iter()
+    .map(|s| s / m)
+    .collect();
     let var: Vec<f64> = channel_sums(n, c, hw, |p, hw| {
-        plane_sq_dev(&x[p * hw..(p + 1) * hw], mean[p % c], path)
+        plane_sq_dev(&x[p * hw..(p + 1) * hw], mean[p % c], avx512)
     })
     .into_iter()
     .map(|s| s / m)
@@ -435,6 +439,7 @@ fn param_sums(
     (n, c, hw): (usize, usize, usize),
     path: BnPath,
 ) -> (Vec<f64>, Vec<f64>) {
+    let avx512 = path.avx512();
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -443,7 +448,7 @@ fn param_sums(
                 let p = i * c + ch;
                 let r = p * hw..(p + 1) * hw;
                 let y = relu_out.map(|y| &y[r.clone()]);
-                let (a, b) = lane_sums2(&dy[r.clone()], &x[r], y, mean[ch], path);
+                let (a, b) = lane_sums2(&dy[r.clone()], &x[r], y, mean[ch], avx512);
                 s += a;
                 sx += b;
             }

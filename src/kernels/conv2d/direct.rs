@@ -67,9 +67,11 @@ pub(super) fn available(_: Isa) -> bool {
     false
 }
 
-/// The best instruction set for the direct path on this machine, if any.
+/// The best instruction set for the direct path on this machine, if any (asked once: the
+/// elementwise kernels ask per plane).
 pub(super) fn best() -> Option<Isa> {
-    [Isa::Avx512, Isa::Avx2].into_iter().find(|&i| available(i))
+    static BEST: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| [Isa::Avx512, Isa::Avx2].into_iter().find(|&i| available(i)))
 }
 
 /// The kernel `w` (O×C×3×3) as tiles: `[o / ob][c][tap][o % ob]` with `ob = isa.ob()`, output
