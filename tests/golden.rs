@@ -177,6 +177,45 @@ fn findings_recomputed_from_golden_results_keep_their_verdicts() {
     }
 }
 
+/// The project's answer, from the fully trained models of the `cpu` study frozen in
+/// golden/study-cpu: each finding's verdict, recomputed by today's code from the golden
+/// results, with a margin and 95% interval that say the same (above zero for "holds", below
+/// for "does not hold" where the verdict is one comparison's sign). A change to the findings'
+/// code, the thresholds or the golden results that moves an answer fails here by name.
+#[test]
+fn study_cpu_answers_f1_to_f6() {
+    use quant_robust::study::verdict::Status::{DoesNotHold, Holds};
+    let dir = root().join("golden/study-cpu");
+    let res: StudyResults = quant_robust::io::read_json(&dir.join("results.json")).unwrap();
+    assert!(
+        res.unfinished.is_empty(),
+        "golden/study-cpu is not a finished study"
+    );
+    let answer = [
+        ("F1", DoesNotHold),
+        ("F2", Holds),
+        ("F3", Holds),
+        ("F4", Holds),
+        ("F5", Holds),
+        ("F6", Holds),
+    ];
+    let now = findings::all(&res);
+    for (id, status) in answer {
+        let v = now.iter().find(|v| v.id == id).unwrap();
+        assert_eq!(v.status, status, "{id}: {} ({})", v.note, v.measure);
+        let (Some(m), Some((lo, hi))) = (v.margin, v.margin_ci95) else {
+            assert_eq!(id, "F5", "{id} has no margin");
+            continue;
+        };
+        assert!(lo <= m && m <= hi, "{id}: margin {m} outside ({lo}, {hi})");
+        match (id, status) {
+            ("F1" | "F2" | "F3" | "F4", Holds) => assert!(lo > 0.0, "{id}: ({lo}, {hi})"),
+            ("F1" | "F2" | "F4", DoesNotHold) => assert!(hi < 0.0, "{id}: ({lo}, {hi})"),
+            _ => {}
+        }
+    }
+}
+
 /// The snapshots catch meaningful moves: a perturbed weight or another ε gives counts that
 /// differ from the committed snapshot, while the unperturbed model gives it exactly.
 #[test]
