@@ -114,6 +114,7 @@ impl IntervalGrad {
         hi_inclusive: true,
     };
 
+    #[inline(always)]
     fn inside(&self, v: f32) -> bool {
         let above = if self.lo_inclusive {
             v >= self.lo
@@ -159,11 +160,23 @@ impl candle_core::CustomOp2 for IntervalGrad {
         let out = unsafe {
             par_uninit(x.len(), CHUNK, |i, o| {
                 let (xs, gs) = (&x[i * CHUNK..][..o.len()], &dy[i * CHUNK..][..o.len()]);
-                for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
-                    o.write(if self.inside(v) { g } else { 0.0 });
-                }
+                interval_grad_slice(o, xs, gs, *self);
             })
         };
         Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+multiversion! {
+    /// dy·[x ∈ interval] on a slice (a select: the gradient's bits where inside, +0 outside).
+    fn interval_grad_slice(
+        o: &mut [std::mem::MaybeUninit<f32>],
+        xs: &[f32],
+        gs: &[f32],
+        iv: IntervalGrad,
+    ) {
+        for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
+            o.write(if iv.inside(v) { g } else { 0.0 });
+        }
     }
 }
