@@ -251,11 +251,11 @@ super::multiversion! {
     }
 }
 
-/// ReLU's gradient at output `y`: `dy` where `y > 0`, else 0 (`kernels::IntervalGrad`'s
-/// POSITIVE interval, as a select).
+/// ReLU's gradient at output `y`: `dy` where `y > 0`, else 0 (the select of
+/// [`super::IntervalGrad::POSITIVE`], which the unfused ReLU's backward pass runs).
 #[inline(always)]
 fn relu_grad(y: f32, dy: f32) -> f32 {
-    if y > 0.0 {
+    if super::IntervalGrad::POSITIVE.inside(y) {
         dy
     } else {
         0.0
@@ -382,11 +382,7 @@ impl CustomOp3 for BnTrainOp {
         let inv = inv_std(&self.var, self.eps);
         let a: Vec<f32> = (0..c).map(|ch| inv[ch] * gamma[ch]).collect();
         let b: Vec<f32> = (0..c).map(|ch| beta[ch] - self.mean[ch] * a[ch]).collect();
-        let y = if self.relu {
-            scale_planes_relu(x, &a, &b, c, hw)
-        } else {
-            scale_planes(x, &a, Some(&b), c, hw)
-        };
+        let y = scale_planes(x, &a, Some(&b), (c, hw), self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -518,23 +514,20 @@ struct AffineGradParams;
 /// (dy, a) → dy·a_c.
 struct ScaleOp;
 
-fn scale_planes(x: &[f32], a: &[f32], b: Option<&[f32]>, c: usize, hw: usize) -> Vec<f32> {
+/// `x·a_c + b_c` per plane (b = 0 when not given), and with `relu` its ReLU.
+fn scale_planes(
+    x: &[f32],
+    a: &[f32],
+    b: Option<&[f32]>,
+    (c, hw): (usize, usize),
+    relu: bool,
+) -> Vec<f32> {
     // SAFETY: chunk p is plane p (hw elements, zipped with plane p of x), written in full.
     unsafe {
         super::par_uninit(x.len(), hw, |p, out| {
             let ch = p % c;
             let t = b.map_or(0.0, |b| b[ch]);
-            affine_plane(out, &x[p * hw..(p + 1) * hw], a[ch], t, false);
-        })
-    }
-}
-
-/// max(x·a_c + b_c, 0): the same values as [`scale_planes`] and a ReLU in a row.
-fn scale_planes_relu(x: &[f32], a: &[f32], b: &[f32], c: usize, hw: usize) -> Vec<f32> {
-    // SAFETY: chunk p is plane p (hw elements, zipped with plane p of x), written in full.
-    unsafe {
-        super::par_uninit(x.len(), hw, |p, out| {
-            affine_plane(out, &x[p * hw..(p + 1) * hw], a[p % c], b[p % c], true);
+            affine_plane(out, &x[p * hw..(p + 1) * hw], a[ch], t, relu);
         })
     }
 }
@@ -558,8 +551,8 @@ impl CustomOp3 for AffineOp {
             x,
             slice(s2, l2, "scale")?,
             Some(slice(s3, l3, "shift")?),
-            c,
-            hw,
+            (c, hw),
+            false,
         );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -603,8 +596,8 @@ impl CustomOp2 for ScaleOp {
             slice(s1, l1, "gradient")?,
             slice(s2, l2, "scale")?,
             None,
-            c,
-            hw,
+            (c, hw),
+            false,
         );
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
