@@ -1,14 +1,16 @@
 //! 2-D convolution (NCHW, f32, square kernel, zero padding, no groups or dilation) on the
 //! CPU, forward and both gradients, by one of three algorithms ([`ConvPath`]):
 //!
-//! - Winograd F(2×2, 3×3) (`winograd.rs`), forward only: 3×3, pad 1, stride 1, an even
-//!   height and a width that is a multiple of 8 — every stride-1 convolution of ResNet-20
-//!   but the 3-channel stem, where [`ConvPath::Auto`] keeps the direct kernel. 2.25× fewer
-//!   multiply-adds than the direct kernel, the same result within f32 rounding.
+//! - Winograd F(2×2, 3×3) (`winograd.rs`), the forward pass and both gradients: 3×3, pad 1,
+//!   stride 1, an even height and a width that is a multiple of 8 — every stride-1
+//!   convolution of ResNet-20 but the 3-channel stem, where [`ConvPath::Auto`] keeps the
+//!   direct kernel. 2.25× fewer multiply-adds than the direct kernel, the same result within
+//!   f32 rounding.
 //! - direct (`direct.rs`): 3×3, pad 1, stride 1 or 2, output width a multiple of 8 — every
 //!   ResNet-20 convolution. Register tiles of output channels × 8-wide output vectors
 //!   (AVX-512VL or AVX2 + FMA); the stride-1 input gradient is the same kernel on the
-//!   transposed, rotated weights; the weight gradient has its own tiles (channels × 9 taps).
+//!   transposed, rotated weights; the weight gradient has its own tiles (channels × 9 taps)
+//!   and serves the shapes Winograd does not take (stride 2, the stem).
 //! - im2col + GEMM (`im2col.rs`): every other shape.
 //!
 //! This file chooses the algorithm and splits the batch over rayon's threads; `ops.rs`
@@ -43,7 +45,8 @@ pub enum ConvPath {
     /// im2col. The input gradient of a stride-1 convolution is the forward pass of another
     /// (the output gradient with the transposed, rotated kernel: at least 8 *output*
     /// channels for Winograd) and takes the same choice; that of a stride-2 convolution is
-    /// im2col's. The weight gradient: the direct kernel where it fits, else im2col.
+    /// im2col's. The weight gradient: Winograd where the forward pass takes it, else the
+    /// direct kernel where it fits, else im2col.
     #[default]
     Auto,
     /// im2col + GEMM for every shape.
@@ -51,9 +54,9 @@ pub enum ConvPath {
     /// The direct kernel with the given instruction set (the input gradient of a stride-2
     /// convolution excepted); an error where the shape or the machine does not allow it.
     Direct(Isa),
-    /// The forward pass and the input gradient (a stride-1 convolution of the output
-    /// gradient) by Winograd F(2×2, 3×3) with the given instruction set, the weight gradient
-    /// as [`ConvPath::Direct`]; an error where the shape or the machine does not allow it.
+    /// The forward pass and both gradients (the input gradient is a stride-1 convolution of
+    /// the output gradient) by Winograd F(2×2, 3×3) with the given instruction set; an error
+    /// where the shape or the machine does not allow it.
     Winograd(Isa),
 }
 
@@ -64,9 +67,9 @@ pub enum ConvPath {
 /// `conv/` benchmarks).
 const WINOGRAD_MIN_CHANNELS: usize = 8;
 
-/// The algorithm of a forward pass.
+/// The algorithm of one pass: the forward, the input gradient or the weight gradient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Forward {
+enum Algo {
     Im2col,
     Direct(Isa),
     Winograd(Isa),
@@ -100,32 +103,39 @@ impl ConvPath {
     }
 
     /// The forward pass's algorithm for `g`.
-    fn forward(self, g: &Geom) -> candle_core::Result<Forward> {
+    fn forward(self, g: &Geom) -> candle_core::Result<Algo> {
         match self {
             ConvPath::Auto => Ok(match direct::best() {
                 Some(isa) if winograd::fits(g) && g.c >= WINOGRAD_MIN_CHANNELS => {
-                    Forward::Winograd(isa)
+                    Algo::Winograd(isa)
                 }
-                Some(isa) if direct::fits(g) => Forward::Direct(isa),
-                _ => Forward::Im2col,
+                Some(isa) if direct::fits(g) => Algo::Direct(isa),
+                _ => Algo::Im2col,
             }),
             ConvPath::Winograd(isa) => {
                 if !winograd::fits(g) {
                     candle_core::bail!("conv2d: the Winograd path does not take {g:?}")
                 }
-                checked(isa).map(Forward::Winograd)
+                checked(isa).map(Algo::Winograd)
             }
-            path => Ok(path.resolve(g)?.map_or(Forward::Im2col, Forward::Direct)),
+            path => Ok(path.resolve(g)?.map_or(Algo::Im2col, Algo::Direct)),
         }
+    }
+
+    /// The weight gradient's algorithm for `g`: that of the forward pass (with few input
+    /// channels the direct kernel's weight gradient is as fast: the stem's training step
+    /// took the same time either way).
+    fn weight_grad(self, g: &Geom) -> candle_core::Result<Algo> {
+        self.forward(g)
     }
 
     /// The input gradient's algorithm for `g`: for stride 1, that of the forward pass of the
     /// convolution it is (the output gradient, the kernel transposed and rotated: input and
     /// output channels swapped); for stride 2, im2col.
-    fn input_grad(self, g: &Geom) -> candle_core::Result<Forward> {
+    fn input_grad(self, g: &Geom) -> candle_core::Result<Algo> {
         if g.stride != 1 {
             self.resolve(g)?;
-            return Ok(Forward::Im2col);
+            return Ok(Algo::Im2col);
         }
         self.forward(&Geom {
             c: g.o,
@@ -240,11 +250,11 @@ enum Packed {
 
 impl Packed {
     /// The kernel `w` (O×C×3×3) packed for `algo`; `None` for im2col.
-    fn new(algo: Forward, w: &[f32], o: usize, c: usize) -> Option<Self> {
+    fn new(algo: Algo, w: &[f32], o: usize, c: usize) -> Option<Self> {
         match algo {
-            Forward::Winograd(isa) => Some(Packed::Winograd(isa, winograd::pack(isa, w, o, c))),
-            Forward::Direct(isa) => Some(Packed::Direct(isa, direct::pack(isa, w, o, c))),
-            Forward::Im2col => None,
+            Algo::Winograd(isa) => Some(Packed::Winograd(isa, winograd::pack(isa, w, o, c))),
+            Algo::Direct(isa) => Some(Packed::Direct(isa, direct::pack(isa, w, o, c))),
+            Algo::Im2col => None,
         }
     }
 }
@@ -279,7 +289,7 @@ fn each_image(p: direct::Plane, n: usize, kernel: &Packed, x: &[f32], add: Adden
 }
 
 /// `y = conv(x, w)`, each output stored as `store` says.
-fn forward(g: &Geom, x: &[f32], w: &[f32], store: Store, algo: Forward) -> Vec<f32> {
+fn forward(g: &Geom, x: &[f32], w: &[f32], store: Store, algo: Algo) -> Vec<f32> {
     let Store {
         bias,
         residual,
@@ -314,12 +324,12 @@ fn transposed_rotated(w: &[f32], o: usize, c: usize) -> Vec<f32> {
     wt
 }
 
-fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Forward) -> Vec<f32> {
+fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Algo) -> Vec<f32> {
     // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel
     // ([`ConvPath::input_grad`] chose its algorithm). (A stride-2 input gradient is a
     // transposed convolution: im2col's col2im does it.)
     let kernel = match algo {
-        Forward::Im2col => None,
+        Algo::Im2col => None,
         _ => Packed::new(algo, &transposed_rotated(w, g.o, g.c), g.c, g.o),
     };
     if let Some(kernel) = kernel {
@@ -349,7 +359,7 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Forward) -> Vec<f32> {
 /// threads, so that its bits (and a training run's) do not depend on the machine's cores.
 const WEIGHT_GRAD_PARTS: usize = 2;
 
-fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], isa: Option<Isa>) -> Vec<f32> {
+fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], algo: Algo) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = g.n.div_ceil(WEIGHT_GRAD_PARTS).max(1);
     let plane = g.plane(false);
@@ -357,14 +367,22 @@ fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], isa: Option<Isa>) -> Vec<f32> {
         .into_par_iter()
         .map(|t| {
             let imgs = t * per..((t + 1) * per).min(g.n);
-            let Some(isa) = isa else {
-                return im2col::grad_weight(g, x, dy, imgs);
-            };
-            let mut dw = vec![0f32; g.o * ckk];
             let xs = &x[imgs.start * g.in_len()..imgs.end * g.in_len()];
             let dys = &dy[imgs.start * g.o * hw..imgs.end * g.o * hw];
-            direct::grad_weight(isa, plane, xs, dys, &mut Vec::new(), &mut dw);
-            dw
+            match algo {
+                Algo::Im2col => im2col::grad_weight(g, x, dy, imgs),
+                Algo::Direct(isa) => {
+                    let mut dw = vec![0f32; g.o * ckk];
+                    direct::grad_weight(isa, plane, xs, dys, &mut Vec::new(), &mut dw);
+                    dw
+                }
+                Algo::Winograd(isa) => {
+                    let mut dw = vec![0f32; g.o * ckk];
+                    let mut scratch = winograd::GradScratch::default();
+                    winograd::grad_weight(isa, plane, xs, dys, &mut scratch, &mut dw);
+                    dw
+                }
+            }
         })
         .collect();
     sum(partial, g.o * ckk)

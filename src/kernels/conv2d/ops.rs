@@ -197,8 +197,13 @@ impl CustomOp2 for GradWeightOp {
         if l2.dims() != [g.n, g.o, g.ho, g.wo] {
             candle_core::bail!("conv2d grad: output gradient shape {:?}", l2.dims());
         }
-        let isa = self.conv.path.resolve(&g)?;
-        let dw = grad_weight(&g, slice(s1, l1, "input")?, slice(s2, l2, "gradient")?, isa);
+        let algo = self.conv.path.weight_grad(&g)?;
+        let dw = grad_weight(
+            &g,
+            slice(s1, l1, "input")?,
+            slice(s2, l2, "gradient")?,
+            algo,
+        );
         Ok((CpuStorage::F32(dw), Shape::from(self.w_shape.to_vec())))
     }
 }
