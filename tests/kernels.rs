@@ -562,3 +562,32 @@ fn the_direct_and_winograd_kernels_give_the_same_bits_with_avx2_and_avx512() {
         }
     }
 }
+
+#[test]
+fn the_relu_mask_inside_the_input_gradient_gives_the_same_bits() {
+    // With the kernel and bias untracked (an attack), conv2d_bias_relu's input gradient
+    // masks the output gradient image by image inside the kernel; with them tracked, by a
+    // pass over the whole batch first. The same selects: the same bits, on every path
+    // (Winograd, direct, and im2col for stride 2).
+    for (stride, c, o, hw) in [(1, 16, 16, 16), (1, 3, 16, 16), (1, 13, 5, 8), (2, 16, 32, 16)] {
+        let x = Var::from_tensor(&rand(&[3, c, hw, hw], 31)).unwrap();
+        let w = rand(&[o, c, 3, 3], 32);
+        let b = rand(&[o], 33);
+        let r = rand(&[3, o, hw / stride, hw / stride], 34);
+        for path in paths_for(stride, hw, hw) {
+            let dx = |w: &Tensor, b: &Tensor| {
+                let y = conv2d_bias_relu_with(x.as_tensor(), w, b, 1, stride, path).unwrap();
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let dx = g.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+                dx.to_vec1::<f32>().unwrap()
+            };
+            let tracked = dx(
+                Var::from_tensor(&w).unwrap().as_tensor(),
+                Var::from_tensor(&b).unwrap().as_tensor(),
+            );
+            let masked_inside = dx(&w, &b);
+            assert!(tracked.iter().any(|v| *v != 0.0));
+            assert_eq!(tracked, masked_inside, "{path:?} stride {stride} c {c} o {o}");
+        }
+    }
+}

@@ -261,18 +261,33 @@ impl Packed {
 
 /// For each of `n` images of `x` (sizes as `p` says), `y` = conv(image, `kernel`) + `add`
 /// [through ReLU, `p.relu`], by the direct or Winograd kernel, the batch split evenly over
-/// the threads.
-fn each_image(p: direct::Plane, n: usize, kernel: &Packed, x: &[f32], add: Addends) -> Vec<f32> {
+/// the threads. With `relu_out` (of `x`'s shape), each image of `x` is first masked where
+/// it is not positive, as the gradient through the ReLU whose output it is (one image at a
+/// time, in the cache, instead of a pass over the whole batch).
+fn each_image(
+    p: direct::Plane,
+    n: usize,
+    kernel: &Packed,
+    x: &[f32],
+    relu_out: Option<&[f32]>,
+    add: Addends,
+) -> Vec<f32> {
     let (per, hw) = (chunk(n), p.out_pixels());
     let (in_len, out_len) = (p.c * p.h * p.w, p.o * hw);
     // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
     // direct or the Winograd kernel (both write every element of their output).
     unsafe {
         super::par_uninit(n * out_len, per * out_len, |t, ys| {
-            let (mut xp, mut scratch) = (Vec::new(), winograd::Scratch::default());
+            let (mut xp, mut scratch, mut masked) =
+                (Vec::new(), winograd::Scratch::default(), Vec::new());
             for (i, yi) in ys.chunks_mut(out_len).enumerate() {
                 let img = t * per + i;
-                let xi = &x[img * in_len..(img + 1) * in_len];
+                let mut xi = &x[img * in_len..(img + 1) * in_len];
+                if let Some(r) = relu_out {
+                    let ri = &r[img * in_len..(img + 1) * in_len];
+                    super::IntervalGrad::POSITIVE.apply_into(ri, xi, &mut masked);
+                    xi = &masked;
+                }
                 let add = Addends {
                     residual: add.residual.map(|r| &r[img * out_len..(img + 1) * out_len]),
                     ..add
@@ -305,7 +320,7 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], store: Store, algo: Algo) -> Vec<f32>
     };
     let add = Addends { bias, residual };
     if let Some(kernel) = Packed::new(algo, w, g.o, g.c) {
-        return each_image(g.plane(relu), g.n, &kernel, x, add);
+        return each_image(g.plane(relu), g.n, &kernel, x, None, add);
     }
     im2col::forward(g, x, w, add, relu)
 }
@@ -324,7 +339,9 @@ fn transposed_rotated(w: &[f32], o: usize, c: usize) -> Vec<f32> {
     wt
 }
 
-fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Algo) -> Vec<f32> {
+/// The input gradient: of `dy`, or with `relu_out` of dy·[relu_out > 0] (the gradient
+/// through the ReLU that made the forward output `relu_out`).
+fn grad_input(g: &Geom, dy: &[f32], w: &[f32], relu_out: Option<&[f32]>, algo: Algo) -> Vec<f32> {
     // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel
     // ([`ConvPath::input_grad`] chose its algorithm). (A stride-2 input gradient is a
     // transposed convolution: im2col's col2im does it.)
@@ -350,9 +367,12 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], algo: Algo) -> Vec<f32> {
             bias: &zeros,
             residual: None,
         };
-        return each_image(plane, g.n, &kernel, dy, add);
+        return each_image(plane, g.n, &kernel, dy, relu_out, add);
     }
-    im2col::grad_input(g, dy, w)
+    match relu_out {
+        Some(r) => im2col::grad_input(g, &super::IntervalGrad::POSITIVE.apply_slices(r, dy), w),
+        None => im2col::grad_input(g, dy, w),
+    }
 }
 
 /// The weight gradient is summed over the batch in this many parts, whatever the number of

@@ -129,6 +129,31 @@ impl IntervalGrad {
         above && below
     }
 
+    /// `out` = dy·[x ∈ interval] for slices `x` and `dy` of the same length (one image at a
+    /// time inside a kernel, where the result stays in the cache).
+    pub(crate) fn apply_into(self, x: &[f32], dy: &[f32], out: &mut Vec<f32>) {
+        assert_eq!(x.len(), dy.len(), "interval gradient: lengths differ");
+        out.clear();
+        out.reserve(x.len());
+        interval_grad_slice(&mut out.spare_capacity_mut()[..x.len()], x, dy, self);
+        // SAFETY: interval_grad_slice wrote every element of 0..x.len().
+        unsafe { out.set_len(x.len()) };
+    }
+
+    /// dy·[x ∈ interval] for slices `x` and `dy` of the same length, over the threads.
+    pub(crate) fn apply_slices(self, x: &[f32], dy: &[f32]) -> Vec<f32> {
+        const CHUNK: usize = 1 << 14;
+        assert_eq!(x.len(), dy.len(), "interval gradient: lengths differ");
+        // SAFETY: each chunk of the output zips with an equally long chunk of x and dy
+        // (same length, asserted above), and every element is written.
+        unsafe {
+            par_uninit(x.len(), CHUNK, |i, o| {
+                let (xs, gs) = (&x[i * CHUNK..][..o.len()], &dy[i * CHUNK..][..o.len()]);
+                interval_grad_slice(o, xs, gs, self);
+            })
+        }
+    }
+
     /// dy·[x ∈ interval] for a CPU `x` and `dy` of the same shape.
     pub fn apply(
         self,
@@ -150,20 +175,14 @@ impl candle_core::CustomOp2 for IntervalGrad {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        const CHUNK: usize = 1 << 14;
         let (x, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
         if x.len() != dy.len() {
             candle_core::bail!("gradient: {} inputs vs {} gradients", x.len(), dy.len());
         }
-        // SAFETY: each chunk of the output zips with an equally long chunk of x and dy
-        // (same length, asserted above), and every element is written.
-        let out = unsafe {
-            par_uninit(x.len(), CHUNK, |i, o| {
-                let (xs, gs) = (&x[i * CHUNK..][..o.len()], &dy[i * CHUNK..][..o.len()]);
-                interval_grad_slice(o, xs, gs, *self);
-            })
-        };
-        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+        Ok((
+            candle_core::CpuStorage::F32(self.apply_slices(x, dy)),
+            l1.shape().clone(),
+        ))
     }
 }
 

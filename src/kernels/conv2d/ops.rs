@@ -26,7 +26,8 @@ pub(super) struct Conv2dOp {
     pub conv: Conv,
 }
 
-/// `(dy, w) -> dx` for an input of shape `in_shape`.
+/// `(dy, w) -> dx` for an input of shape `in_shape` (and `(dy, w, y) -> dx` through the
+/// ReLU whose output is `y`).
 struct GradInputOp {
     conv: Conv,
     in_shape: [usize; 4],
@@ -73,16 +74,7 @@ fn grads(
     w: &Tensor,
     grad: &Tensor,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-    let dx = if x.track_op() {
-        let d = x.dims();
-        let op = GradInputOp {
-            conv,
-            in_shape: [d[0], d[1], d[2], d[3]],
-        };
-        Some(grad.apply_op2_no_bwd(&w.contiguous()?, &op)?)
-    } else {
-        None
-    };
+    let dx = grad_x(conv, x, w, grad, None)?;
     let dw = if w.track_op() {
         let d = w.dims();
         let op = GradWeightOp {
@@ -94,6 +86,31 @@ fn grads(
         None
     };
     Ok((dx, dw))
+}
+
+/// The input gradient where `x` is tracked: of `grad`, or with `relu_out` of
+/// grad·[relu_out > 0] (through the ReLU that made the output `relu_out`), masked inside
+/// the kernel.
+fn grad_x(
+    conv: Conv,
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    relu_out: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    if !x.track_op() {
+        return Ok(None);
+    }
+    let d = x.dims();
+    let op = GradInputOp {
+        conv,
+        in_shape: [d[0], d[1], d[2], d[3]],
+    };
+    let (grad, w) = (grad.contiguous()?, w.contiguous()?);
+    Ok(Some(match relu_out {
+        Some(y) => grad.apply_op3_no_bwd(&w, &y.contiguous()?, &op)?,
+        None => grad.apply_op2_no_bwd(&w, &op)?,
+    }))
 }
 
 /// The forward op with a bias per output channel: `(x, w, b) -> y`, optionally through ReLU.
@@ -138,6 +155,10 @@ impl CustomOp3 for Conv2dBiasOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if self.relu && !w.track_op() && !b.track_op() {
+            // Only the input gradient (an attack's): the ReLU's mask goes inside its kernel.
+            return Ok((grad_x(self.conv, x, w, grad, Some(res))?, None, None));
+        }
         let grad = if self.relu {
             // y = max(s, 0): y > 0 exactly where s > 0.
             crate::kernels::IntervalGrad::POSITIVE.apply(res, grad)?
@@ -154,6 +175,28 @@ impl CustomOp3 for Conv2dBiasOp {
     }
 }
 
+impl GradInputOp {
+    /// `dx` for the output gradient `dy`, masked by `relu_out` where given.
+    fn input_gradient(
+        &self,
+        (dy, l1): (&CpuStorage, &Layout),
+        (w, l2): (&CpuStorage, &Layout),
+        relu_out: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = self.conv.geom(&self.in_shape, l2.dims())?;
+        if l1.dims() != [g.n, g.o, g.ho, g.wo] {
+            candle_core::bail!("conv2d grad: output gradient shape {:?}", l1.dims());
+        }
+        let dy = slice(dy, l1, "gradient")?;
+        if relu_out.is_some_and(|r| r.len() != dy.len()) {
+            candle_core::bail!("conv2d grad: the ReLU output does not fit {:?}", l1.dims());
+        }
+        let algo = self.conv.path.input_grad(&g)?;
+        let dx = grad_input(&g, dy, slice(w, l2, "kernel")?, relu_out, algo);
+        Ok((CpuStorage::F32(dx), Shape::from(self.in_shape.to_vec())))
+    }
+}
+
 impl CustomOp2 for GradInputOp {
     fn name(&self) -> &'static str {
         "qr-conv2d-grad-input"
@@ -166,18 +209,27 @@ impl CustomOp2 for GradInputOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.conv.geom(&self.in_shape, l2.dims())?;
-        if l1.dims() != [g.n, g.o, g.ho, g.wo] {
-            candle_core::bail!("conv2d grad: output gradient shape {:?}", l1.dims());
-        }
-        let algo = self.conv.path.input_grad(&g)?;
-        let dx = grad_input(
-            &g,
-            slice(s1, l1, "gradient")?,
-            slice(s2, l2, "kernel")?,
-            algo,
-        );
-        Ok((CpuStorage::F32(dx), Shape::from(self.in_shape.to_vec())))
+        self.input_gradient((s1, l1), (s2, l2), None)
+    }
+}
+
+/// `(dy, w, y) -> dx` through a ReLU: the gradient of `dy`·[y > 0].
+impl CustomOp3 for GradInputOp {
+    fn name(&self) -> &'static str {
+        "qr-conv2d-grad-input-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = slice(s3, l3, "ReLU output")?;
+        self.input_gradient((s1, l1), (s2, l2), Some(y))
     }
 }
 
