@@ -569,7 +569,12 @@ fn the_relu_mask_inside_the_input_gradient_gives_the_same_bits() {
     // masks the output gradient image by image inside the kernel; with them tracked, by a
     // pass over the whole batch first. The same selects: the same bits, on every path
     // (Winograd, direct, and im2col for stride 2).
-    for (stride, c, o, hw) in [(1, 16, 16, 16), (1, 3, 16, 16), (1, 13, 5, 8), (2, 16, 32, 16)] {
+    for (stride, c, o, hw) in [
+        (1, 16, 16, 16),
+        (1, 3, 16, 16),
+        (1, 13, 5, 8),
+        (2, 16, 32, 16),
+    ] {
         let x = Var::from_tensor(&rand(&[3, c, hw, hw], 31)).unwrap();
         let w = rand(&[o, c, 3, 3], 32);
         let b = rand(&[o], 33);
@@ -587,7 +592,10 @@ fn the_relu_mask_inside_the_input_gradient_gives_the_same_bits() {
             );
             let masked_inside = dx(&w, &b);
             assert!(tracked.iter().any(|v| *v != 0.0));
-            assert_eq!(tracked, masked_inside, "{path:?} stride {stride} c {c} o {o}");
+            assert_eq!(
+                tracked, masked_inside,
+                "{path:?} stride {stride} c {c} o {o}"
+            );
         }
     }
 }
