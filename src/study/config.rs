@@ -36,7 +36,7 @@ pub struct StudyConfig {
     /// the embedded sample), `embedded`, or a path (archive, binary batches, image folder).
     /// Default `default`.
     pub data: String,
-    /// Seeds; every model of the study is made once per seed. Default [0].
+    /// Seeds; every model of the study is made once per seed. Default `[0]`.
     pub seeds: Vec<u64>,
     /// The study directory `reproduce` uses when `--out` is not given, relative to the
     /// working directory. Default null: `runs/study-<name>`. A study whose finished stages

@@ -1,6 +1,6 @@
 //! Training: natural and PGD-adversarial (Madry et al. 2018), resumable.
 //!
-//! [`fit`] runs epochs of seeded shuffling, on-device augmentation, an optional PGD inner
+//! [`Trainer::fit`] runs epochs of seeded shuffling, on-device augmentation, an optional PGD inner
 //! maximization (on a frozen view of the model, so only input gradients are computed), the
 //! cross-entropy step with [`sgd::Sgd`] and the [`schedule::LrSchedule`], evaluation after
 //! each epoch, and an atomic checkpoint (weights + manifest + training state) after each
