@@ -243,11 +243,7 @@ pub(super) fn grad_weight(
                 pp,
                 imgs,
                 v: s.v.as_ptr(),
-                v_image: 16 * xs,
-                v_position: xs,
                 m: s.dm.as_ptr(),
-                m_image: 16 * ms,
-                m_position: ms,
                 du: s.du.as_mut_ptr(),
             };
             match isa {
@@ -666,8 +662,10 @@ mod x86 {
         }
     }
 
-    /// The weight gradient's products for a group of images: where `V` and `Mᵀ` lie (per
-    /// image and per position), their sizes, and the running sum `du` (`[ξ][c][ov]`).
+    /// The weight gradient's products for a group of images: the channel and tile counts, the
+    /// first image's `V` and `Mᵀ` (the group's images follow each other, 16 positions apart
+    /// by [`position_stride`] and [`gradient_position_stride`]), and the running sum `du`
+    /// (`[ξ][c][ov]`).
     #[derive(Clone, Copy)]
     pub(super) struct Sums {
         pub c: usize,
@@ -675,12 +673,22 @@ mod x86 {
         pub pp: usize,
         pub imgs: usize,
         pub v: *const f32,
-        pub v_image: usize,
-        pub v_position: usize,
         pub m: *const f32,
-        pub m_image: usize,
-        pub m_position: usize,
         pub du: *mut f32,
+    }
+
+    impl Sums {
+        /// `V[ξ][c0]` of image `img`.
+        unsafe fn v_at(&self, img: usize, xi: usize, c0: usize) -> *const f32 {
+            let xs = position_stride(self.c, self.pp);
+            self.v.add((img * 16 + xi) * xs + c0 * self.pp)
+        }
+
+        /// `Mᵀ[ξ][0][o0]` of image `img`.
+        unsafe fn m_at(&self, img: usize, xi: usize, o0: usize) -> *const f32 {
+            let ms = gradient_position_stride(self.pp, self.ov);
+            self.m.add((img * 16 + xi) * ms + o0)
+        }
     }
 
     /// `du[ξ][c][o]` += Σ over the group's images and tiles of `V[ξ][c][tile] · Mᵀ[ξ][tile][o]`
@@ -742,81 +750,61 @@ mod x86 {
         }
     }
 
-    /// `CB` channels from `c0` × `OV` vectors of 8 outputs from `o0`, at position `xi`.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn gradient_block8<const CB: usize, const OV: usize>(
-        s: Sums,
-        xi: usize,
-        c0: usize,
-        o0: usize,
-    ) {
-        let du = s.du.add((xi * s.c + c0) * s.ov + o0);
-        let mut acc = [[_mm256_setzero_ps(); OV]; CB];
-        for (i, row) in acc.iter_mut().enumerate() {
-            for (v, a) in row.iter_mut().enumerate() {
-                *a = _mm256_loadu_ps(du.add(i * s.ov + v * 8));
-            }
-        }
-        for img in 0..s.imgs {
-            let vb = s.v.add(img * s.v_image + xi * s.v_position + c0 * s.pp);
-            let mb = s.m.add(img * s.m_image + xi * s.m_position + o0);
-            for k in 0..s.pp {
-                let mut d = [_mm256_setzero_ps(); OV];
-                for (v, dv) in d.iter_mut().enumerate() {
-                    *dv = _mm256_loadu_ps(mb.add(k * s.ov + v * 8));
-                }
+    /// `CB` channels from `c0` × `OV` vectors of outputs from `o0`, at position `xi`: the
+    /// running sums loaded, every image's and tile's product added to its own lane in order,
+    /// the sums stored back. One body for both register widths, hence the same bits.
+    macro_rules! gradient_block {
+        ($(#[$m:meta])* $name:ident, $lanes:literal, $zero:ident, $load:ident, $store:ident,
+         $splat:ident, $fma:ident) => {
+            $(#[$m])*
+            #[inline]
+            unsafe fn $name<const CB: usize, const OV: usize>(
+                s: Sums,
+                xi: usize,
+                c0: usize,
+                o0: usize,
+            ) {
+                let du = s.du.add((xi * s.c + c0) * s.ov + o0);
+                let mut acc = [[$zero(); OV]; CB];
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let b = _mm256_broadcast_ss(&*vb.add(i * s.pp + k));
-                    for v in 0..OV {
-                        row[v] = _mm256_fmadd_ps(b, d[v], row[v]);
+                    for (v, a) in row.iter_mut().enumerate() {
+                        *a = $load(du.add(i * s.ov + v * $lanes));
+                    }
+                }
+                for img in 0..s.imgs {
+                    let (vb, mb) = (s.v_at(img, xi, c0), s.m_at(img, xi, o0));
+                    for k in 0..s.pp {
+                        let mut d = [$zero(); OV];
+                        for (v, dv) in d.iter_mut().enumerate() {
+                            *dv = $load(mb.add(k * s.ov + v * $lanes));
+                        }
+                        for (i, row) in acc.iter_mut().enumerate() {
+                            let b = $splat(*vb.add(i * s.pp + k));
+                            for v in 0..OV {
+                                row[v] = $fma(b, d[v], row[v]);
+                            }
+                        }
+                    }
+                }
+                for (i, row) in acc.iter().enumerate() {
+                    for (v, a) in row.iter().enumerate() {
+                        $store(du.add(i * s.ov + v * $lanes), *a);
                     }
                 }
             }
-        }
-        for (i, row) in acc.iter().enumerate() {
-            for (v, a) in row.iter().enumerate() {
-                _mm256_storeu_ps(du.add(i * s.ov + v * 8), *a);
-            }
-        }
+        };
     }
 
-    /// [`gradient_block8`] on 512-bit registers: `OV` vectors of 16 outputs.
-    #[target_feature(enable = "avx2,fma,avx512f")]
-    #[inline]
-    unsafe fn gradient_block16<const CB: usize, const OV: usize>(
-        s: Sums,
-        xi: usize,
-        c0: usize,
-        o0: usize,
-    ) {
-        let du = s.du.add((xi * s.c + c0) * s.ov + o0);
-        let mut acc = [[_mm512_setzero_ps(); OV]; CB];
-        for (i, row) in acc.iter_mut().enumerate() {
-            for (v, a) in row.iter_mut().enumerate() {
-                *a = _mm512_loadu_ps(du.add(i * s.ov + v * 16));
-            }
-        }
-        for img in 0..s.imgs {
-            let vb = s.v.add(img * s.v_image + xi * s.v_position + c0 * s.pp);
-            let mb = s.m.add(img * s.m_image + xi * s.m_position + o0);
-            for k in 0..s.pp {
-                let mut d = [_mm512_setzero_ps(); OV];
-                for (v, dv) in d.iter_mut().enumerate() {
-                    *dv = _mm512_loadu_ps(mb.add(k * s.ov + v * 16));
-                }
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(*vb.add(i * s.pp + k));
-                    for v in 0..OV {
-                        row[v] = _mm512_fmadd_ps(b, d[v], row[v]);
-                    }
-                }
-            }
-        }
-        for (i, row) in acc.iter().enumerate() {
-            for (v, a) in row.iter().enumerate() {
-                _mm512_storeu_ps(du.add(i * s.ov + v * 16), *a);
-            }
-        }
-    }
+    gradient_block!(
+        /// [`gradient_block16`] on 256-bit registers: `OV` vectors of 8 outputs.
+        #[target_feature(enable = "avx2,fma")]
+        gradient_block8, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+        _mm256_set1_ps, _mm256_fmadd_ps
+    );
+    gradient_block!(
+        /// `OV` vectors of 16 outputs on 512-bit registers.
+        #[target_feature(enable = "avx2,fma,avx512f")]
+        gradient_block16, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+        _mm512_set1_ps, _mm512_fmadd_ps
+    );
 }
