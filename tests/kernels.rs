@@ -264,6 +264,23 @@ proptest! {
             compare_on(path, [n, c, h, w], o, 3, stride, 1, seed);
         }
     }
+
+    /// Winograd F(4×4, 3×3), the shapes it takes (a height that is a multiple of 8, a width
+    /// that is a multiple of 16): groups of eight tiles in one row of tiles or split over two
+    /// (widths 16 and 48), any channel counts (output channels in partial register blocks).
+    #[test]
+    fn winograd_f4_matches_candle_on_random_shapes(
+        n in 1usize..3,
+        c in 1usize..20,
+        o in 1usize..20,
+        eighths in 1usize..4,
+        sixteenths in 1usize..4,
+        seed in 0u64..1000,
+    ) {
+        for path in isas().map(ConvPath::Winograd) {
+            compare_on(path, [n, c, 8 * eighths, 16 * sixteenths], o, 3, 1, 1, seed);
+        }
+    }
 }
 
 /// BatchNorm in training mode written with candle's own ops (the reference).
@@ -526,12 +543,21 @@ fn the_direct_and_winograd_kernels_give_the_same_bits_with_avx2_and_avx512() {
         return;
     }
     // Winograd tiles per image, padded to a multiple of 8, run through the products in
-    // vectors of 8 (AVX2) or 16 (AVX-512): 16×16 images 64 tiles, 6×8 12 (padded to 16),
-    // 6×16 24 (a pair and a single vector), 10×32 80 (runs of four and a pair). The weight
+    // vectors of 8 (AVX2) or 16 (AVX-512): F(2×2, 3×3) for 6×8 images, 12 tiles (padded to
+    // 16), 6×16 24 (a pair and a single vector), 10×32 80 (runs of four and a pair);
+    // F(4×4, 3×3) for 16×16 (16 tiles, two rows of tiles per group of eight) and 8×48 (24
+    // tiles, a pair and a single vector; a group split over two rows). The weight
     // gradient's 107 output channels are 7 vectors of 16 (a run of four, a pair, a single
     // vector: three register blocks), its 13 input channels blocks and a remainder, and the
     // small images go through it in groups.
-    for (stride, h, wd) in [(1, 16, 16), (2, 16, 16), (1, 6, 8), (1, 6, 16), (1, 10, 32)] {
+    for (stride, h, wd) in [
+        (1, 16, 16),
+        (2, 16, 16),
+        (1, 6, 8),
+        (1, 6, 16),
+        (1, 10, 32),
+        (1, 8, 48),
+    ] {
         let x = Var::from_tensor(&rand(&[3, 13, h, wd], 21)).unwrap();
         let w = Var::from_tensor(&rand(&[107, 13, 3, 3], 22)).unwrap();
         let r = rand(&[3, 107, h / stride, wd / stride], 23);

@@ -1,11 +1,12 @@
 //! 2-D convolution (NCHW, f32, square kernel, zero padding, no groups or dilation) on the
 //! CPU, forward and both gradients, by one of three algorithms ([`ConvPath`]):
 //!
-//! - Winograd F(2×2, 3×3) (`winograd.rs`), the forward pass and both gradients: 3×3, pad 1,
-//!   stride 1, an even height and a width that is a multiple of 8 — every stride-1
-//!   convolution of ResNet-20 but the 3-channel stem, where [`ConvPath::Auto`] keeps the
-//!   direct kernel. 2.25× fewer multiply-adds than the direct kernel, the same result within
-//!   f32 rounding.
+//! - Winograd (`winograd.rs`), the forward pass and both gradients: 3×3, pad 1, stride 1,
+//!   an even height and a width that is a multiple of 8 — every stride-1 convolution of
+//!   ResNet-20 but the 3-channel stem, where [`ConvPath::Auto`] keeps the direct kernel.
+//!   F(4×4, 3×3) for the forward pass and the input gradient where the height is a multiple
+//!   of 8 and the width of 16 (4× fewer multiply-adds than the direct kernel), else and for
+//!   the weight gradient F(2×2, 3×3) (2.25× fewer); the same result within f32 rounding.
 //! - direct (`direct.rs`): 3×3, pad 1, stride 1 or 2, output width a multiple of 8 — every
 //!   ResNet-20 convolution. Register tiles of output channels × 8-wide output vectors
 //!   (AVX-512VL or AVX2 + FMA); the stride-1 input gradient is the same kernel on the
@@ -38,7 +39,8 @@ pub(crate) fn direct_isa() -> Option<Isa> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConvPath {
     /// The fastest this machine and shape allow (AVX-512VL, else AVX2 + FMA, else im2col):
-    /// the forward pass by Winograd F(2×2, 3×3) for 3×3, pad-1, stride-1 convolutions with
+    /// the forward pass by Winograd (F(4×4, 3×3) or F(2×2, 3×3), as the shape allows: module
+    /// docs) for 3×3, pad-1, stride-1 convolutions with
     /// an even height, a width that is a multiple of 8 and at least 8 input channels, else
     /// by the direct kernel for 3×3, pad-1 convolutions with stride 1 and a width that is a
     /// multiple of 8, or stride 2, an even height and a width that is a multiple of 16, else
@@ -55,7 +57,7 @@ pub enum ConvPath {
     /// convolution excepted); an error where the shape or the machine does not allow it.
     Direct(Isa),
     /// The forward pass and both gradients (the input gradient is a stride-1 convolution of
-    /// the output gradient) by Winograd F(2×2, 3×3) with the given instruction set; an error
+    /// the output gradient) by Winograd (module docs) with the given instruction set; an error
     /// where the shape or the machine does not allow it.
     Winograd(Isa),
 }
@@ -249,10 +251,13 @@ enum Packed {
 }
 
 impl Packed {
-    /// The kernel `w` (O×C×3×3) packed for `algo`; `None` for im2col.
-    fn new(algo: Algo, w: &[f32], o: usize, c: usize) -> Option<Self> {
+    /// The kernel `w` (O×C×3×3) packed for `algo` on `h`×`w` images; `None` for im2col.
+    fn new(algo: Algo, w: &[f32], o: usize, c: usize, [ih, iw]: [usize; 2]) -> Option<Self> {
         match algo {
-            Algo::Winograd(isa) => Some(Packed::Winograd(isa, winograd::pack(isa, w, o, c))),
+            Algo::Winograd(isa) => {
+                let tiling = winograd::Tiling::of(ih, iw);
+                Some(Packed::Winograd(isa, winograd::pack(isa, tiling, w, o, c)))
+            }
             Algo::Direct(isa) => Some(Packed::Direct(isa, direct::pack(isa, w, o, c))),
             Algo::Im2col => None,
         }
@@ -319,7 +324,7 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], store: Store, algo: Algo) -> Vec<f32>
         }
     };
     let add = Addends { bias, residual };
-    if let Some(kernel) = Packed::new(algo, w, g.o, g.c) {
+    if let Some(kernel) = Packed::new(algo, w, g.o, g.c, [g.h, g.w]) {
         return each_image(g.plane(relu), g.n, &kernel, x, None, add);
     }
     im2col::forward(g, x, w, add, relu)
@@ -347,7 +352,7 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], relu_out: Option<&[f32]>, algo: A
     // transposed convolution: im2col's col2im does it.)
     let kernel = match algo {
         Algo::Im2col => None,
-        _ => Packed::new(algo, &transposed_rotated(w, g.o, g.c), g.c, g.o),
+        _ => Packed::new(algo, &transposed_rotated(w, g.o, g.c), g.c, g.o, [g.h, g.w]),
     };
     if let Some(kernel) = kernel {
         debug_assert_eq!(

@@ -3,7 +3,7 @@
 //! candle 0.11's CPU conv2d backward goes through a direct-loop `conv_transpose2d` (input
 //! gradient) and a batch-as-channels convolution (weight gradient), which together make a
 //! training or attack step ~20 images/s on 2 cores. [`conv2d()`] replaces the convolution on
-//! the CPU in all three directions: Winograd F(2×2, 3×3) for stride-1 forward passes and a
+//! the CPU in all three directions: Winograd F(4×4, 3×3) or F(2×2, 3×3) for stride-1 passes and a
 //! direct 3×3 kernel over SIMD register tiles where the shape allows, im2col + GEMM (the
 //! `gemm` crate candle itself uses for matmul) elsewhere, parallel over the images of the
 //! batch; [`batch_norm`] fuses BatchNorm (both modes) and

@@ -1,5 +1,6 @@
 //! Winograd F(2×2, 3×3) convolution (3×3, pad 1, stride 1) and its weight gradient (see
-//! [`grad_weight`]), x86-64 AVX2 + FMA.
+//! [`grad_weight`]), x86-64 AVX2 + FMA; F(4×4, 3×3)'s transforms in `f4.rs` share its
+//! products ([`Tiling`] chooses by the image's shape).
 //!
 //! A 3×3 convolution computes each 2×2 block of outputs from the 4×4 block of inputs around
 //! it. Winograd's minimal filtering algorithm (Lavin & Gray 2016) does that with 16
@@ -39,6 +40,47 @@ use std::mem::MaybeUninit;
 use super::direct::{self, Isa, Plane};
 use super::{Addends, Geom};
 
+mod f4;
+
+/// Which Winograd algorithm the forward pass (and the input gradient, a forward pass of its
+/// own) of an image takes: F(4×4, 3×3) where its shape allows ([`f4`]: 1.78× fewer products),
+/// else F(2×2, 3×3). The weight gradient is F(2×2, 3×3)'s for every shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tiling {
+    F2,
+    F4,
+}
+
+impl Tiling {
+    /// The tiling of an `h`×`w` image (of a shape [`fits`] takes).
+    pub(super) fn of(h: usize, w: usize) -> Self {
+        if f4::fits(h, w) {
+            Tiling::F4
+        } else {
+            Tiling::F2
+        }
+    }
+
+    /// Positions ξ of the transform.
+    fn positions(self) -> usize {
+        match self {
+            Tiling::F2 => 16,
+            Tiling::F4 => f4::POSITIONS,
+        }
+    }
+
+    /// Tiles of an `h`×`w` image as the products see them (a multiple of 8).
+    fn padded_tiles(self, h: usize, w: usize) -> usize {
+        match self {
+            Tiling::F2 => tiles(h, w).2,
+            Tiling::F4 => {
+                let (th, tw) = f4::tiles(h, w);
+                th * tw
+            }
+        }
+    }
+}
+
 /// Whether `g` has the Winograd path's shape: 3×3, stride 1, pad 1, an even height and a
 /// width that is a multiple of 8.
 pub(super) fn fits(g: &Geom) -> bool {
@@ -51,11 +93,19 @@ pub(super) fn fits(g: &Geom) -> bool {
         && g.h > 0
 }
 
-/// The kernel transform `U = G g Gᵀ` of every (output, input) channel pair of `w` (O×C×3×3),
-/// packed as `[ξ][o / ob][c][o % ob]` (`ob = isa.ob()`, output channels padded with zeros),
-/// with `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]`.
-pub(super) fn pack(isa: Isa, w: &[f32], o: usize, c: usize) -> Vec<f32> {
-    let ob = isa.ob();
+/// The kernel transform of every (output, input) channel pair of `w` (O×C×3×3) for
+/// `tiling`, packed as `[ξ][o / ob][c][o % ob]` (`ob = isa.ob()`, output channels padded
+/// with zeros).
+pub(super) fn pack(isa: Isa, tiling: Tiling, w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    match tiling {
+        Tiling::F2 => pack2(isa.ob(), w, o, c),
+        Tiling::F4 => f4::pack(isa.ob(), w, o, c),
+    }
+}
+
+/// F(2×2, 3×3)'s kernel transform `U = G g Gᵀ` (4×4), packed as [`pack`] says, with
+/// `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]`.
+fn pack2(ob: usize, w: &[f32], o: usize, c: usize) -> Vec<f32> {
     let blocks = o.div_ceil(ob);
     let mut out = vec![0f32; 16 * blocks * c * ob];
     // One row or column: (a, b, d) -> (a, (a + b + d)/2, (a − b + d)/2, d).
@@ -76,11 +126,12 @@ pub(super) fn pack(isa: Isa, w: &[f32], o: usize, c: usize) -> Vec<f32> {
     out
 }
 
-/// Per-thread buffers: one zero-padded input channel and the transformed input
-/// `V[ξ][c][tile]`.
+/// Per-thread buffers: one zero-padded input channel (F(2×2, 3×3)) or its phase planes
+/// (F(4×4, 3×3)), and the transformed input `V[ξ][c][tile]`.
 #[derive(Default)]
 pub(super) struct Scratch {
     xp: Vec<f32>,
+    phases: Vec<f32>,
     v: Vec<f32>,
 }
 
@@ -102,8 +153,9 @@ fn position_stride(rows: usize, pp: usize) -> usize {
     rows * pp + 64
 }
 
-/// One image: `y` (O×H×W) = conv(`x` (C×H×W), the kernel transformed by [`pack`]) + `bias`
-/// [+ `residual`] [through ReLU, `p.relu`]. Every element of `y` is written.
+/// One image: `y` (O×H×W) = conv(`x` (C×H×W), the kernel transformed by [`pack`] for
+/// [`Tiling::of`] its shape) + `bias` [+ `residual`] [through ReLU, `p.relu`]. Every element
+/// of `y` is written.
 pub(super) fn conv(
     isa: Isa,
     p: Plane,
@@ -114,7 +166,8 @@ pub(super) fn conv(
     y: &mut [MaybeUninit<f32>],
 ) {
     let Plane { h, w, c, o, .. } = p;
-    let (_, _, pp) = tiles(h, w);
+    let tiling = Tiling::of(h, w);
+    let (positions, pp) = (tiling.positions(), tiling.padded_tiles(h, w));
     let ob = isa.ob();
     assert!(
         p.stride == 1
@@ -124,26 +177,29 @@ pub(super) fn conv(
             && y.len() == o * h * w
             && bias.len() == o
             && residual.is_none_or(|r| r.len() == y.len())
-            && up.len() == 16 * o.div_ceil(ob) * c * ob,
+            && up.len() == positions * o.div_ceil(ob) * c * ob,
         "winograd conv: buffer sizes do not match {p:?}"
     );
-    s.v.resize(16 * position_stride(c, pp), 0.0);
+    s.v.resize(positions * position_stride(c, pp), 0.0);
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `isa` (AVX2 + FMA at least) was detected on this machine (the caller resolved
-    // it); the input transform reads `x` and writes `V` (16×C×pp, checked there); the
+    // it); the input transform reads `x` and writes `V` (positions×C×pp, checked there); the
     // products read `V` and `U` (sizes checked there) and write each block's `M` to a local
     // buffer, from which the output transform writes `y` within O×H×W (asserted), every
     // element once.
     unsafe {
-        x86::transform_input(p, x, &mut s.xp, &mut s.v);
+        match tiling {
+            Tiling::F2 => x86::transform_input(p, x, &mut s.xp, &mut s.v),
+            Tiling::F4 => f4::x86::transform_input(p, x, &mut s.phases, &mut s.v),
+        }
         let out = x86::Out {
             bias,
             residual,
             y: y.as_mut_ptr().cast(),
         };
         match isa {
-            Isa::Avx512 => x86::products_avx512(p, &s.v, up, out),
-            Isa::Avx2 => x86::products_avx2(p, &s.v, up, out),
+            Isa::Avx512 => x86::products_avx512(p, tiling, &s.v, up, out),
+            Isa::Avx2 => x86::products_avx2(p, tiling, &s.v, up, out),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -274,7 +330,9 @@ pub(super) fn grad_weight(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{direct, gradient_position_stride, position_stride, tiles, Plane, LANE_TILES};
+    use super::{
+        direct, f4, gradient_position_stride, position_stride, tiles, Plane, Tiling, LANE_TILES,
+    };
     use std::arch::x86_64::*;
 
     /// `v[ξ][c][tile]` = `Bᵀ d B` for every channel and tile of `x` (C×H×W), each channel
@@ -296,13 +354,17 @@ mod x86 {
             let t = if t < th * tw { t } else { t - 4 };
             2 * (t / tw) * row + 2 * (t % tw)
         };
+        // Each group's two halves' corners, once per call (divisions are slow).
+        let corners: Vec<(usize, usize)> = (0..pp)
+            .step_by(8)
+            .map(|g| (corner(g), corner(g + 4)))
+            .collect();
         for ci in 0..c {
             let one = Plane { c: 1, ..p };
             direct::pad(one, &x[ci * h * w..(ci + 1) * h * w], xp);
             debug_assert_eq!(xp.len(), plane);
             let base = xp.as_ptr();
-            for g in (0..pp).step_by(8) {
-                let (a, b) = (corner(g), corner(g + 4));
+            for (g, &(a, b)) in (0..pp).step_by(8).zip(&corners) {
                 // d[r][k]: input row r, column k of the eight tiles' 4×4 neighbourhoods.
                 // (Plain loops, not closures: each closure call would be a function call
                 // passing vectors through memory.)
@@ -349,17 +411,17 @@ mod x86 {
 
     /// With 512-bit registers: runs of 4 vectors of 8 tiles as 2 of 16.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    pub(super) unsafe fn products_avx512(p: Plane, v: &[f32], u: &[f32], out: Out) {
-        products::<8, 4, true>(p, v, u, out)
+    pub(super) unsafe fn products_avx512(p: Plane, tiling: Tiling, v: &[f32], u: &[f32], out: Out) {
+        products::<8, 4, true>(p, tiling, v, u, out)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn products_avx2(p: Plane, v: &[f32], u: &[f32], out: Out) {
-        products::<4, 2, false>(p, v, u, out)
+    pub(super) unsafe fn products_avx2(p: Plane, tiling: Tiling, v: &[f32], u: &[f32], out: Out) {
+        products::<4, 2, false>(p, tiling, v, u, out)
     }
 
-    /// The most floats a block of products needs: 16 positions × 8 channels × 4 vectors.
-    const BLOCK: usize = 16 * 8 * 4 * 8;
+    /// The most floats a block of products needs: 36 positions × 8 channels × 4 vectors.
+    const BLOCK: usize = f4::POSITIONS * 8 * 4 * 8;
 
     /// For each block of `OB` output channels and `N` vectors of 8 tiles (then pairs and
     /// single vectors for the remainder): `M[ξ] = U[ξ] · V[ξ]` for the 16 positions ξ, into a
@@ -371,28 +433,35 @@ mod x86 {
     #[inline]
     unsafe fn products<const OB: usize, const N: usize, const WIDE: bool>(
         p: Plane,
+        tiling: Tiling,
         v: &[f32],
         u: &[f32],
         out: Out,
     ) {
         let Plane { h, w, c, o, .. } = p;
-        let (_, _, pp) = tiles(h, w);
+        let (positions, pp) = (tiling.positions(), tiling.padded_tiles(h, w));
         let xs = position_stride(c, pp);
         let blocks = o.div_ceil(OB);
         let nvec = pp / 8;
-        assert!(16 * OB * N * 8 <= BLOCK && v.len() >= 16 * xs && u.len() >= 16 * blocks * c * OB);
-        let mut m = [0f32; BLOCK];
+        assert!(
+            positions * OB * N * 8 <= BLOCK
+                && v.len() >= positions * xs
+                && u.len() >= positions * blocks * c * OB
+        );
+        // Not zeroed (36 KiB per image and call): the output transform reads only what the
+        // products wrote, `valid` channels × `n` vectors at each position.
+        let mut m = [std::mem::MaybeUninit::<f32>::uninit(); BLOCK];
         for blk in 0..blocks {
             let valid = (o - blk * OB).min(OB);
             for (j, n) in direct::runs(nvec, N) {
                 let row = n * 8;
-                for xi in 0..16 {
+                for xi in 0..positions {
                     let t = Tile {
                         c,
                         pp,
                         v: v.as_ptr().add(xi * xs + j * 8),
                         u: u.as_ptr().add((xi * blocks + blk) * c * OB),
-                        m: m.as_mut_ptr().add(xi * OB * row),
+                        m: m.as_mut_ptr().cast::<f32>().add(xi * OB * row),
                         row,
                         valid,
                     };
@@ -405,7 +474,7 @@ mod x86 {
                     }
                 }
                 let mb = MBlock {
-                    m: m.as_ptr(),
+                    m: m.as_ptr().cast::<f32>(),
                     position: OB * row,
                     row,
                     k0: blk * OB,
@@ -413,7 +482,10 @@ mod x86 {
                     first: j * 8,
                     vectors: n,
                 };
-                transform_output(p, mb, out);
+                match tiling {
+                    Tiling::F2 => transform_output(p, mb, out),
+                    Tiling::F4 => f4::x86::transform_output(p, mb, out),
+                }
             }
         }
     }
@@ -489,14 +561,14 @@ mod x86 {
     /// from one channel to the next, its first channel and their number, its first tile and
     /// its number of vectors of 8 tiles.
     #[derive(Clone, Copy)]
-    struct MBlock {
-        m: *const f32,
-        position: usize,
-        row: usize,
-        k0: usize,
-        channels: usize,
-        first: usize,
-        vectors: usize,
+    pub(super) struct MBlock {
+        pub m: *const f32,
+        pub position: usize,
+        pub row: usize,
+        pub k0: usize,
+        pub channels: usize,
+        pub first: usize,
+        pub vectors: usize,
     }
 
     /// `y[o]` = `Aᵀ M A` + bias [+ residual] [through ReLU] for the block's channels and
@@ -508,12 +580,21 @@ mod x86 {
         let (_, tw, _) = tiles(h, w);
         let real = h / 2 * tw;
         let zero = _mm256_setzero_ps();
+        // Where the top row of each half of each vector of tiles goes within a channel's
+        // plane, `None` for padding tiles (computed once per block: divisions are slow).
+        let mut places = [[None; 2]; 4];
+        assert!(mb.vectors <= places.len());
+        for (qq, row) in places.iter_mut().enumerate().take(mb.vectors) {
+            for (part, place) in row.iter_mut().enumerate() {
+                let tile = mb.first + qq * 8 + 4 * part;
+                *place = (tile < real).then(|| 2 * (tile / tw) * w + 2 * (tile % tw));
+            }
+        }
         for kk in 0..mb.channels {
             let k = mb.k0 + kk;
             let b = _mm256_set1_ps(out.bias[k]);
             let plane = k * h * w;
-            for qq in 0..mb.vectors {
-                let q = mb.first + qq * 8;
+            for (qq, place) in places.iter().enumerate().take(mb.vectors) {
                 let at = mb.m.add(kk * mb.row + qq * 8);
                 // Aᵀ down the columns (s: its first row, d: its second), then A along the
                 // rows. (Plain loops, not closures, as in the input transform.)
@@ -535,12 +616,9 @@ mod x86 {
                         _mm256_unpacklo_ps(left, right),
                         _mm256_unpackhi_ps(left, right),
                     ];
-                    for (part, mut val) in halves.into_iter().enumerate() {
-                        let tile = q + 4 * part;
-                        if tile >= real {
-                            continue;
-                        }
-                        let at = plane + (2 * (tile / tw) + r) * w + 2 * (tile % tw);
+                    for (mut val, place) in halves.into_iter().zip(place) {
+                        let Some(place) = place else { continue };
+                        let at = plane + place + r * w;
                         if let Some(res) = out.residual {
                             // One f32 addition, as `conv + residual` in two ops would do.
                             val = _mm256_add_ps(val, _mm256_loadu_ps(res.as_ptr().add(at)));

@@ -1,0 +1,312 @@
+//! Winograd F(4×4, 3×3): each 4×4 block of outputs from the 6×6 block of inputs around it,
+//! 36 multiplications per channel pair instead of F(2×2, 3×3)'s 16 for a quarter of the
+//! outputs (1.78× fewer products), with the interpolation points 0, ±1, ±2 (Lavin & Gray
+//! 2016):
+//!
+//! - `Bᵀ` rows: (4, 0, −5, 0, 1, 0), (0, −4, −4, 1, 1, 0), (0, 4, −4, −1, 1, 0),
+//!   (0, −2, −1, 2, 1, 0), (0, 2, −1, −2, 1, 0), (0, 4, 0, −5, 0, 1);
+//! - `G` rows: (¼, 0, 0), (−⅙, −⅙, −⅙), (−⅙, ⅙, −⅙), (1⁄24, 1⁄12, ⅙), (1⁄24, −1⁄12, ⅙),
+//!   (0, 0, 1);
+//! - `Aᵀ` rows: (1, 1, 1, 1, 1, 0), (0, 1, −1, 2, −2, 0), (0, 1, 1, 4, 4, 0),
+//!   (0, 1, −1, 8, −8, 1).
+//!
+//! The products are the parent module's, over 36 positions. Shapes: a height that is a
+//! multiple of 8 and a width that is a multiple of 16, so an image's tiles fill whole groups
+//! of eight and each half of a group (four tiles) lies in one row of tiles. Within a group
+//! the lanes hold the tiles in their row-major order.
+//!
+//! The input transform reads each channel from four phase planes (padded column `q` in
+//! plane `q mod 4` at `q / 4`), so that the same column of eight consecutive tiles is one
+//! contiguous load; the output transform transposes each tile's four outputs per row back
+//! into place. The rounding differs from F(2×2, 3×3)'s (coefficients up to 8 in the output
+//! transform, ⅙ in the kernel's), within f32 tolerance of the direct convolution (tested
+//! against candle's).
+
+/// Positions ξ of the 6×6 transform.
+pub(super) const POSITIONS: usize = 36;
+
+/// Whether an `h`×`w` image takes F(4×4, 3×3) (module docs).
+pub(super) fn fits(h: usize, w: usize) -> bool {
+    h > 0 && w > 0 && h.is_multiple_of(8) && w.is_multiple_of(16)
+}
+
+/// Tiles of an `h`×`w` image: rows and columns.
+pub(super) fn tiles(h: usize, w: usize) -> (usize, usize) {
+    (h / 4, w / 4)
+}
+
+/// The kernel transform `U = G g Gᵀ` (6×6) of every (output, input) channel pair of `w`
+/// (O×C×3×3), packed as `[ξ][o / ob][c][o % ob]` (output channels padded with zeros).
+pub(super) fn pack(ob: usize, w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    let blocks = o.div_ceil(ob);
+    let mut out = vec![0f32; POSITIONS * blocks * c * ob];
+    // One row or column: (a, b, d) -> G·(a, b, d).
+    let g6 = |a: f32, b: f32, d: f32| {
+        [
+            a * 0.25,
+            -(a + b + d) / 6.0,
+            -(a - b + d) / 6.0,
+            (a * 0.25 + b * 0.5 + d) / 6.0,
+            (a * 0.25 - b * 0.5 + d) / 6.0,
+            d,
+        ]
+    };
+    for oo in 0..o {
+        for cc in 0..c {
+            let g = &w[(oo * c + cc) * 9..][..9];
+            // G·g (6×3), column by column, then G along each of its rows.
+            let cols: [[f32; 6]; 3] = std::array::from_fn(|j| g6(g[j], g[3 + j], g[6 + j]));
+            for i in 0..6 {
+                let row = g6(cols[0][i], cols[1][i], cols[2][i]);
+                for (j, v) in row.into_iter().enumerate() {
+                    out[(((i * 6 + j) * blocks + oo / ob) * c + cc) * ob + oo % ob] = v;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use super::super::x86::{MBlock, Out};
+    use super::super::{position_stride, Plane};
+    use super::{tiles, POSITIONS};
+    use std::arch::x86_64::*;
+
+    /// `Bᵀ·d` for one column (or `d·B` for one row) of six vectors.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn bt(d: [__m256; 6]) -> [__m256; 6] {
+        let (four, five, two) = (
+            _mm256_set1_ps(4.0),
+            _mm256_set1_ps(5.0),
+            _mm256_set1_ps(2.0),
+        );
+        let d42 = _mm256_sub_ps(d[4], d[2]);
+        [
+            _mm256_fmadd_ps(four, d[0], _mm256_fnmadd_ps(five, d[2], d[4])),
+            _mm256_fnmadd_ps(four, _mm256_add_ps(d[1], d[2]), _mm256_add_ps(d[3], d[4])),
+            _mm256_fmadd_ps(four, _mm256_sub_ps(d[1], d[2]), _mm256_sub_ps(d[4], d[3])),
+            _mm256_fmadd_ps(two, _mm256_sub_ps(d[3], d[1]), d42),
+            _mm256_fmadd_ps(two, _mm256_sub_ps(d[1], d[3]), d42),
+            _mm256_fmadd_ps(four, d[1], _mm256_fnmadd_ps(five, d[3], d[5])),
+        ]
+    }
+
+    /// `Aᵀ·m` for one column (or `m·A` for one row) of six vectors.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn at(m: [__m256; 6]) -> [__m256; 4] {
+        let (s12, d12) = (_mm256_add_ps(m[1], m[2]), _mm256_sub_ps(m[1], m[2]));
+        let (s34, d34) = (_mm256_add_ps(m[3], m[4]), _mm256_sub_ps(m[3], m[4]));
+        [
+            _mm256_add_ps(_mm256_add_ps(s12, s34), m[0]),
+            _mm256_fmadd_ps(_mm256_set1_ps(2.0), d34, d12),
+            _mm256_fmadd_ps(_mm256_set1_ps(4.0), s34, s12),
+            _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.0), d34, d12), m[5]),
+        ]
+    }
+
+    /// Eight tiles' values at offset `off` from the corners `a` (lanes 0-3) and `b` (lanes
+    /// 4-7) in `base`; one load when `one` (`b` = `a` + 4).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn load8(base: *const f32, a: usize, b: usize, one: bool, off: usize) -> __m256 {
+        if one {
+            _mm256_loadu_ps(base.add(a + off))
+        } else {
+            _mm256_loadu2_m128(base.add(b + off), base.add(a + off))
+        }
+    }
+
+    /// Floats per phase plane row (`w / 4` columns and the right padding column's) and per
+    /// phase plane (`h + 2` padded rows).
+    fn phase_dims(h: usize, w: usize) -> (usize, usize) {
+        let l = w / 4 + 1;
+        (l, (h + 2) * l)
+    }
+
+    /// `v[ξ][c][tile]` = `Bᵀ d B` for every channel and tile of `x` (C×H×W). Each channel is
+    /// first written into the four phase planes of its zero-padded copy (`xp`, zeroed when
+    /// sized: only the image's own pixels are written, so the padding stays zero), then the
+    /// transform takes eight tiles at a time in registers, `d·B` along each input row, then
+    /// `Bᵀ` down the columns.
+    #[target_feature(enable = "avx2,fma")]
+    pub(in super::super) unsafe fn transform_input(
+        p: Plane,
+        x: &[f32],
+        xp: &mut Vec<f32>,
+        v: &mut [f32],
+    ) {
+        let Plane { h, w, c, .. } = p;
+        let (th, tw) = tiles(h, w);
+        let pp = th * tw;
+        let xs = position_stride(c, pp);
+        let (l, phase) = phase_dims(h, w);
+        assert!(
+            super::fits(h, w) && x.len() == c * h * w && v.len() >= POSITIONS * xs,
+            "winograd F(4×4, 3×3): buffer sizes do not match {p:?}"
+        );
+        if xp.len() != 4 * phase {
+            xp.clear();
+            xp.resize(4 * phase, 0.0);
+        }
+        // Lanes of an in-register 8×4 → 4×8 transpose back in column order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let zero = _mm256_setzero_ps();
+        // Start of tile t's 6×6 neighbourhood in phase plane 0: padded row 4·ty, j = tx.
+        let corner = |t: usize| 4 * (t / tw) * l + t % tw;
+        // Each group's two halves' corners, once per call (divisions are slow).
+        let corners: Vec<(usize, usize)> = (0..pp)
+            .step_by(8)
+            .map(|g| (corner(g), corner(g + 4)))
+            .collect();
+        for ci in 0..c {
+            let src = x.as_ptr().add(ci * h * w);
+            let dst = xp.as_mut_ptr();
+            for r in 0..h {
+                let (row, out) = (src.add(r * w), dst.add((r + 1) * l));
+                let mut c0 = 0;
+                while c0 < w {
+                    // Columns c0 + m + 4i (i < 8, or 4 for a last half-width run) are
+                    // padded columns c0 + m + 1 + 4i: plane (m + 1) mod 4 from
+                    // j = c0/4 + (m + 1)/4.
+                    let wide = w - c0 >= 32;
+                    let v0 = _mm256_loadu_ps(row.add(c0));
+                    let v1 = _mm256_loadu_ps(row.add(c0 + 8));
+                    let (v2, v3) = if wide {
+                        (
+                            _mm256_loadu_ps(row.add(c0 + 16)),
+                            _mm256_loadu_ps(row.add(c0 + 24)),
+                        )
+                    } else {
+                        (zero, zero)
+                    };
+                    let t0 = _mm256_unpacklo_ps(v0, v1);
+                    let t1 = _mm256_unpackhi_ps(v0, v1);
+                    let t2 = _mm256_unpacklo_ps(v2, v3);
+                    let t3 = _mm256_unpackhi_ps(v2, v3);
+                    let q = [
+                        _mm256_shuffle_ps::<0x44>(t0, t2),
+                        _mm256_shuffle_ps::<0xEE>(t0, t2),
+                        _mm256_shuffle_ps::<0x44>(t1, t3),
+                        _mm256_shuffle_ps::<0xEE>(t1, t3),
+                    ];
+                    for (m, qm) in q.into_iter().enumerate() {
+                        let qm = _mm256_permutevar8x32_ps(qm, order);
+                        let at = out.add((m + 1) % 4 * phase + c0 / 4 + (m + 1) / 4);
+                        if wide {
+                            _mm256_storeu_ps(at, qm);
+                        } else {
+                            _mm_storeu_ps(at, _mm256_castps256_ps128(qm));
+                        }
+                    }
+                    c0 += if wide { 32 } else { 16 };
+                }
+            }
+            let base = xp.as_ptr();
+            for (g, &(a, b)) in (0..pp).step_by(8).zip(&corners) {
+                let one = b == a + 4;
+                // e[r][j]: row r of d·B for the eight tiles.
+                // e[r][j]: row r of d·B for the eight tiles. (Arrays of calls, not zeroed
+                // arrays filled in loops: those were zeroed by a `memset` call each time.)
+                let row = |r: usize| -> [__m256; 6] {
+                    let at = |k: usize| k % 4 * phase + r * l + k / 4;
+                    bt([
+                        load8(base, a, b, one, at(0)),
+                        load8(base, a, b, one, at(1)),
+                        load8(base, a, b, one, at(2)),
+                        load8(base, a, b, one, at(3)),
+                        load8(base, a, b, one, at(4)),
+                        load8(base, a, b, one, at(5)),
+                    ])
+                };
+                let e = [row(0), row(1), row(2), row(3), row(4), row(5)];
+                let out = v.as_mut_ptr().add(ci * pp + g);
+                // (Column j of every row: an index, not an iterator.)
+                #[allow(clippy::needless_range_loop)]
+                for j in 0..6 {
+                    let col = bt([e[0][j], e[1][j], e[2][j], e[3][j], e[4][j], e[5][j]]);
+                    for (i, val) in col.into_iter().enumerate() {
+                        _mm256_storeu_ps(out.add((6 * i + j) * xs), val);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `y[o]` = `Aᵀ M A` + bias [+ residual] [through ReLU] for the block's channels and
+    /// tiles: `Aᵀ` down the columns, then `A` along the rows, then each tile's four outputs
+    /// per row transposed into place.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(in super::super) unsafe fn transform_output(p: Plane, mb: MBlock, out: Out) {
+        let Plane { h, w, .. } = p;
+        let (_, tw) = tiles(h, w);
+        let zero = _mm256_setzero_ps();
+        // Where the top row of each pair of tiles goes within a channel's plane (computed
+        // once per block: divisions are slow).
+        let mut places = [[0usize; 4]; 4];
+        assert!(mb.vectors <= places.len());
+        for (qq, row) in places.iter_mut().enumerate().take(mb.vectors) {
+            for (pair, place) in row.iter_mut().enumerate() {
+                let tile = mb.first + qq * 8 + 2 * pair;
+                *place = 4 * (tile / tw) * w + 4 * (tile % tw);
+            }
+        }
+        for kk in 0..mb.channels {
+            let k = mb.k0 + kk;
+            let b = _mm256_set1_ps(out.bias[k]);
+            let plane = k * h * w;
+            for (qq, place) in places.iter().enumerate().take(mb.vectors) {
+                let src = mb.m.add(kk * mb.row + qq * 8);
+                // t[i][j]: row i of Aᵀ M.
+                // cols[j][i]: row i, column j of Aᵀ M. (Arrays of calls, as in the input
+                // transform.)
+                let col = |j: usize| -> [__m256; 4] {
+                    let m = |i: usize| _mm256_loadu_ps(src.add((6 * i + j) * mb.position));
+                    at([m(0), m(1), m(2), m(3), m(4), m(5)])
+                };
+                let cols = [col(0), col(1), col(2), col(3), col(4), col(5)];
+                // (Row r of every column: an index, not an iterator.)
+                #[allow(clippy::needless_range_loop)]
+                for r in 0..4 {
+                    let [o0, o1, o2, o3] = at([
+                        cols[0][r], cols[1][r], cols[2][r], cols[3][r], cols[4][r], cols[5][r],
+                    ]);
+                    let (o0, o1) = (_mm256_add_ps(o0, b), _mm256_add_ps(o1, b));
+                    let (o2, o3) = (_mm256_add_ps(o2, b), _mm256_add_ps(o3, b));
+                    // Lanes: eight tiles; o_c: output column c of each. Transposed: tiles
+                    // (0, 1), (2, 3), (4, 5), (6, 7), each pair side by side in one row.
+                    let u0 = _mm256_unpacklo_ps(o0, o1);
+                    let u1 = _mm256_unpackhi_ps(o0, o1);
+                    let u2 = _mm256_unpacklo_ps(o2, o3);
+                    let u3 = _mm256_unpackhi_ps(o2, o3);
+                    let w0 = _mm256_shuffle_ps::<0x44>(u0, u2);
+                    let w1 = _mm256_shuffle_ps::<0xEE>(u0, u2);
+                    let w2 = _mm256_shuffle_ps::<0x44>(u1, u3);
+                    let w3 = _mm256_shuffle_ps::<0xEE>(u1, u3);
+                    let pairs = [
+                        _mm256_permute2f128_ps::<0x20>(w0, w1),
+                        _mm256_permute2f128_ps::<0x20>(w2, w3),
+                        _mm256_permute2f128_ps::<0x31>(w0, w1),
+                        _mm256_permute2f128_ps::<0x31>(w2, w3),
+                    ];
+                    for (mut val, place) in pairs.into_iter().zip(place) {
+                        let at = plane + place + r * w;
+                        if let Some(res) = out.residual {
+                            // One f32 addition, as `conv + residual` in two ops would do.
+                            val = _mm256_add_ps(val, _mm256_loadu_ps(res.as_ptr().add(at)));
+                        }
+                        if p.relu {
+                            // max(v, 0) gives 0 for NaN, as f32::max(v, 0.0) does.
+                            val = _mm256_max_ps(val, zero);
+                        }
+                        _mm256_storeu_ps(out.y.add(at), val);
+                    }
+                }
+            }
+        }
+    }
+}
