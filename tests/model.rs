@@ -192,6 +192,49 @@ fn option_a_shortcut_subsamples_and_zero_pads() {
 }
 
 #[test]
+fn option_a_shortcut_gradient_goes_back_to_the_sampled_pixels() {
+    // 6 input channels to 11: 2 zero channels before, 3 after (an odd split).
+    let (n, c, planes, h, w) = (2, 6, 11, 6, 8);
+    let x = Tensor::from_vec(
+        Rng::new(5, "x").uniform_vec(n * c * h * w, -1.0, 1.0),
+        (n, c, h, w),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = Var::from_tensor(&x).unwrap();
+    let y = option_a_shortcut(x.as_tensor(), planes).unwrap();
+    assert_eq!(y.dims(), &[n, planes, h / 2, w / 2]);
+    let r = Tensor::from_vec(
+        Rng::new(6, "r").uniform_vec(y.elem_count(), -1.0, 1.0),
+        y.dims(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = g.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+    let dx = dx.to_vec1::<f32>().unwrap();
+    let rv = r.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for b in 0..n {
+        for ci in 0..c {
+            for i in 0..h {
+                for j in 0..w {
+                    let expect = if i % 2 == 0 && j % 2 == 0 {
+                        rv[((b * planes + 2 + ci) * (h / 2) + i / 2) * (w / 2) + j / 2]
+                    } else {
+                        0.0
+                    };
+                    assert_eq!(dx[((b * c + ci) * h + i) * w + j], expect);
+                }
+            }
+        }
+    }
+    // Fewer output channels than input channels, or an odd size: an error, not a panic.
+    assert!(option_a_shortcut(x.as_tensor(), c - 1).is_err());
+    let odd = x.as_tensor().narrow(2, 0, h - 1).unwrap();
+    assert!(option_a_shortcut(&odd, planes).is_err());
+}
+
+#[test]
 fn checkpoint_round_trip_is_exact_and_atomic() {
     let m = model(3);
     m.forward(&batch(8, 3), true).unwrap();

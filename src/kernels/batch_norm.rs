@@ -33,17 +33,6 @@ fn nchw(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     }
 }
 
-/// Per-channel sums of `f(plane index, H·W)` over the N images, in f64.
-fn channel_sums<F>(n: usize, c: usize, hw: usize, f: F) -> Vec<f64>
-where
-    F: Fn(usize, usize) -> f64 + Sync,
-{
-    (0..c)
-        .into_par_iter()
-        .map(|ch| (0..n).map(|i| f(i * c + ch, hw)).sum())
-        .collect()
-}
-
 /// Σ f(xᵢ) in f64 over eight independent lanes, so the compiler vectorizes the sum (one f64
 /// accumulator would make every add wait for the previous one).
 #[inline(always)]
@@ -296,26 +285,22 @@ fn lane_sums2_with(
     (s.iter().sum::<f64>() + ts, sx.iter().sum::<f64>() + tsx)
 }
 
-/// Mean and biased variance per channel (two-pass, f64 accumulation).
+/// Mean and biased variance per channel (two-pass, f64 accumulation). Both passes over a
+/// channel run one after the other, so the second reads the channel's planes from the cache.
 fn stats(x: &[f32], (n, c, hw): (usize, usize, usize), path: BnPath) -> (Vec<f32>, Vec<f32>) {
     let avx512 = path.avx512();
     let m = (n * hw) as f64;
-    let mean: Vec<f64> = channel_sums(n, c, hw, |p, hw| {
-        plane_sum(&x[p * hw..(p + 1) * hw], avx512)
-    })
-    .into_iter()
-    .map(|s| s / m)
-    .collect();
-    let var: Vec<f64> = channel_sums(n, c, hw, |p, hw| {
-        plane_sq_dev(&x[p * hw..(p + 1) * hw], mean[p % c], avx512)
-    })
-    .into_iter()
-    .map(|s| s / m)
-    .collect();
-    (
-        mean.into_iter().map(|v| v as f32).collect(),
-        var.into_iter().map(|v| v as f32).collect(),
-    )
+    let plane = |i: usize, ch: usize| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw];
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let mean = (0..n).map(|i| plane_sum(plane(i, ch), avx512)).sum::<f64>() / m;
+            let sq = (0..n)
+                .map(|i| plane_sq_dev(plane(i, ch), mean, avx512))
+                .sum::<f64>();
+            (mean as f32, (sq / m) as f32)
+        })
+        .unzip()
 }
 
 /// Per-channel mean and biased variance of an N×C×H×W tensor, as a 2×C tensor.
@@ -425,33 +410,32 @@ impl CustomOp3 for BnTrainOp {
     }
 }
 
-/// Σ dy and Σ dy·x̂ per channel (dy masked by a ReLU output `relu_out`, when given).
+/// Σ dy and Σ dy·x̂ of channel `ch` (dy masked by a ReLU output `relu_out`, when given).
 fn param_sums(
-    x: &[f32],
-    dy: &[f32],
-    relu_out: Option<&[f32]>,
-    mean: &[f32],
-    inv: &[f32],
+    g: &BnGrad,
+    ch: usize,
     (n, c, hw): (usize, usize, usize),
-    path: BnPath,
-) -> (Vec<f64>, Vec<f64>) {
-    let avx512 = path.avx512();
-    let sums: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let (mut s, mut sx) = (0f64, 0f64);
-            for i in 0..n {
-                let p = i * c + ch;
-                let r = p * hw..(p + 1) * hw;
-                let y = relu_out.map(|y| &y[r.clone()]);
-                let (a, b) = lane_sums2(&dy[r.clone()], &x[r], y, mean[ch], avx512);
-                s += a;
-                sx += b;
-            }
-            (s, sx * inv[ch] as f64)
-        })
-        .collect();
-    sums.into_iter().unzip()
+    avx512: bool,
+) -> (f64, f64) {
+    let (mut s, mut sx) = (0f64, 0f64);
+    for i in 0..n {
+        let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+        let y = g.relu_out.map(|y| &y[r.clone()]);
+        let (a, b) = lane_sums2(&g.dy[r.clone()], &g.x[r], y, g.mean[ch], avx512);
+        s += a;
+        sx += b;
+    }
+    (s, sx * g.inv[ch] as f64)
+}
+
+/// What BatchNorm's backward pass reads: the input, the output gradient, the ReLU output
+/// (when fused), the batch mean and 1/σ per channel.
+struct BnGrad<'a> {
+    x: &'a [f32],
+    dy: &'a [f32],
+    relu_out: Option<&'a [f32]>,
+    mean: &'a [f32],
+    inv: &'a [f32],
 }
 
 impl CustomOp3 for BnTrainBackward {
@@ -474,30 +458,45 @@ impl CustomOp3 for BnTrainBackward {
         if dy.len() != x.len() || y.len() != x.len() || self.gamma.len() != c {
             candle_core::bail!("batch-norm backward: gradient or weights do not fit {c} channels");
         }
-        let relu_out = self.relu.then_some(y);
-        let (mean, inv) = (&self.mean[..], &self.inv[..]);
-        let (sdy, sdyx) = param_sums(x, dy, relu_out, mean, inv, (n, c, hw), self.path);
+        let grad = BnGrad {
+            x,
+            dy,
+            relu_out: self.relu.then_some(y),
+            mean: &self.mean,
+            inv: &self.inv,
+        };
+        let avx512 = self.path.avx512();
         let len = if self.want_dx { x.len() } else { 0 };
         let mut out = Vec::with_capacity(len + 2 * c);
-        if self.want_dx {
-            let m = (n * hw) as f64;
-            out.spare_capacity_mut()[..len]
-                .par_chunks_mut(hw)
-                .enumerate()
-                .for_each(|(p, o)| {
-                    let ch = p % c;
-                    // dx = γ·inv·(dy − mean(dy) − x̂·mean(dy·x̂)): the means, not the sums, keep
-                    // the f32 cancellation small.
-                    let k = self.gamma[ch] * inv[ch];
-                    let (a, b) = ((sdy[ch] / m) as f32, (sdyx[ch] / m) as f32);
-                    let r = p * hw..(p + 1) * hw;
-                    let y = relu_out.map(|y| &y[r.clone()]);
-                    dx_plane(o, &x[r.clone()], &dy[r], y, [k, a, b, mean[ch], inv[ch]]);
-                });
-            // SAFETY: the chunks cover 0..len (len = N·C·H·W, chunks of H·W) and dx_plane
-            // writes every element of each.
-            unsafe { out.set_len(len) };
+        // Each channel's planes of dx (none without `want_dx`): a channel's sums and then its
+        // input gradient in one task, so the second pass reads its planes from the cache.
+        let mut planes: Vec<Vec<&mut [std::mem::MaybeUninit<f32>]>> =
+            (0..c).map(|_| Vec::with_capacity(n)).collect();
+        for (p, plane) in out.spare_capacity_mut()[..len].chunks_mut(hw).enumerate() {
+            planes[p % c].push(plane);
         }
+        let m = (n * hw) as f64;
+        let (sdy, sdyx): (Vec<f64>, Vec<f64>) = planes
+            .into_par_iter()
+            .enumerate()
+            .map(|(ch, dx)| {
+                let (sdy, sdyx) = param_sums(&grad, ch, (n, c, hw), avx512);
+                // dx = γ·inv·(dy − mean(dy) − x̂·mean(dy·x̂)): the means, not the sums, keep
+                // the f32 cancellation small.
+                let k = self.gamma[ch] * grad.inv[ch];
+                let (a, b) = ((sdy / m) as f32, (sdyx / m) as f32);
+                for (i, o) in dx.into_iter().enumerate() {
+                    let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                    let y = grad.relu_out.map(|y| &y[r.clone()]);
+                    let coeffs = [k, a, b, grad.mean[ch], grad.inv[ch]];
+                    dx_plane(o, &x[r.clone()], &dy[r], y, coeffs);
+                }
+                (sdy, sdyx)
+            })
+            .unzip();
+        // SAFETY: with `want_dx`, the planes cover 0..len (len = N·C·H·W, planes of H·W) and
+        // dx_plane wrote every element of each.
+        unsafe { out.set_len(len) };
         out.extend(sdyx.into_iter().map(|v| v as f32));
         out.extend(sdy.into_iter().map(|v| v as f32));
         let total = out.len();
@@ -617,15 +616,19 @@ impl CustomOp2 for AffineGradParams {
         let (n, c, hw) = nchw(l1)?;
         let (x, dy) = (slice(s1, l1, "input")?, slice(s2, l2, "gradient")?);
         // Σ dy·x and Σ dy: BatchNorm's parameter sums with mean 0 and scale 1.
-        let (s, sx) = param_sums(
+        let (mean, inv) = (vec![0.0; c], vec![1.0; c]);
+        let grad = BnGrad {
             x,
             dy,
-            None,
-            &vec![0.0; c],
-            &vec![1.0; c],
-            (n, c, hw),
-            BnPath::Auto,
-        );
+            relu_out: None,
+            mean: &mean,
+            inv: &inv,
+        };
+        let avx512 = BnPath::Auto.avx512();
+        let (s, sx): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ch| param_sums(&grad, ch, (n, c, hw), avx512))
+            .unzip();
         let mut out: Vec<f32> = sx.into_iter().map(|v| v as f32).collect();
         out.extend(s.into_iter().map(|v| v as f32));
         Ok((CpuStorage::F32(out), Shape::from((2, c))))

@@ -49,6 +49,7 @@ pub mod conv2d;
 pub mod fake_quant;
 pub mod pact;
 pub mod round;
+pub mod shortcut;
 
 pub use batch_norm::{
     add_relu, batch_norm_relu_train, batch_norm_train, batch_norm_train_with, channel_affine,
@@ -58,6 +59,7 @@ pub use conv2d::{
     conv2d, conv2d_bias, conv2d_bias_add_relu, conv2d_bias_add_relu_with, conv2d_bias_relu,
     conv2d_bias_relu_with, conv2d_bias_with, conv2d_with, ConvPath, Isa,
 };
+pub use shortcut::option_a_shortcut;
 
 /// A vector of `len` f32s filled by `fill` in parallel chunks of `chunk` elements (called
 /// with the chunk's index), without zeroing the memory first: an op's output that the op

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::{Classifier, FullPrecision, Seam};
 use crate::kernels;
@@ -526,15 +526,7 @@ struct ConvBn<'a> {
 }
 
 /// Option-A shortcut: every other pixel, new channels zero-padded half on each side.
-pub fn option_a_shortcut(x: &Tensor, planes: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let sub = x
-        .reshape((b, c, h / 2, 2, w / 2, 2))?
-        .i((.., .., .., 0, .., 0))?
-        .contiguous()?;
-    let extra = planes - c;
-    Ok(sub.pad_with_zeros(1, extra / 2, extra - extra / 2)?)
-}
+pub use crate::kernels::option_a_shortcut;
 
 /// Checks that `tensors` holds every ResNet-20 tensor with its shape, and nothing else
 /// (`num_batches_tracked` entries are allowed).
