@@ -4,9 +4,9 @@
 //! - Winograd (`winograd.rs`), the forward pass and both gradients: 3×3, pad 1, stride 1,
 //!   an even height and a width that is a multiple of 8 — every stride-1 convolution of
 //!   ResNet-20 but the 3-channel stem, where [`ConvPath::Auto`] keeps the direct kernel.
-//!   F(4×4, 3×3) for the forward pass and the input gradient where the height is a multiple
-//!   of 8 and the width of 16 (4× fewer multiply-adds than the direct kernel), else and for
-//!   the weight gradient F(2×2, 3×3) (2.25× fewer); the same result within f32 rounding.
+//!   F(4×4, 3×3) where the height is a multiple of 8 and the width of 16 (4× fewer
+//!   multiply-adds than the direct kernel), else F(2×2, 3×3) (2.25× fewer); the same result
+//!   within f32 rounding.
 //! - direct (`direct.rs`): 3×3, pad 1, stride 1 or 2, output width a multiple of 8 — every
 //!   ResNet-20 convolution. Register tiles of output channels × 8-wide output vectors
 //!   (AVX-512VL or AVX2 + FMA); the stride-1 input gradient is the same kernel on the

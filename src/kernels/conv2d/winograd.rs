@@ -1,6 +1,6 @@
 //! Winograd F(2×2, 3×3) convolution (3×3, pad 1, stride 1) and its weight gradient (see
 //! [`grad_weight`]), x86-64 AVX2 + FMA; F(4×4, 3×3)'s transforms in `f4.rs` share its
-//! products ([`Tiling`] chooses by the image's shape).
+//! products and the weight gradient's ([`Tiling`] chooses by the image's shape).
 //!
 //! A 3×3 convolution computes each 2×2 block of outputs from the 4×4 block of inputs around
 //! it. Winograd's minimal filtering algorithm (Lavin & Gray 2016) does that with 16
@@ -42,9 +42,9 @@ use super::{Addends, Geom};
 
 mod f4;
 
-/// Which Winograd algorithm the forward pass (and the input gradient, a forward pass of its
-/// own) of an image takes: F(4×4, 3×3) where its shape allows ([`f4`]: 1.78× fewer products),
-/// else F(2×2, 3×3). The weight gradient is F(2×2, 3×3)'s for every shape.
+/// Which Winograd algorithm the passes over an image take (the forward pass, the input
+/// gradient as a forward pass of its own, and the weight gradient): F(4×4, 3×3) where its
+/// shape allows ([`f4`]: 1.78× fewer products), else F(2×2, 3×3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Tiling {
     F2,
@@ -190,7 +190,7 @@ pub(super) fn conv(
     unsafe {
         match tiling {
             Tiling::F2 => x86::transform_input(p, x, &mut s.xp, &mut s.v),
-            Tiling::F4 => f4::x86::transform_input(p, x, &mut s.phases, &mut s.v),
+            Tiling::F4 => f4::x86::transform_input(isa, p, x, &mut s.phases, &mut s.v),
         }
         let out = x86::Out {
             bias,
@@ -210,6 +210,7 @@ pub(super) fn conv(
 #[derive(Default)]
 pub(super) struct GradScratch {
     xp: Vec<f32>,
+    phases: Vec<f32>,
     /// `V` of each image of the group, as the forward pass's input transform writes it.
     v: Vec<f32>,
     /// One image's output gradient, pixel by pixel (`[pixel][channel]`, channels padded).
@@ -235,15 +236,16 @@ fn gradient_position_stride(pp: usize, ov: usize) -> usize {
 /// grouped until their tiles reach this (small images have few tiles).
 const GRAD_TILES: usize = 64;
 
-/// The weight gradient of a batch of images by Winograd F(2×2, 3×3): `dw` (O×C×3×3) +=
-/// Σ over images of `Gᵀ [ Σ_tiles (A dY Aᵀ)[ξ] · (Bᵀ d B)[ξ] ] G`, the gradient of the forward
-/// pass's `Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A` through each of its linear steps. `V = Bᵀ d B` is
-/// the forward's input transform; `Mᵀ = A dY Aᵀ` takes each 2×2 block of the output gradient
-/// to 4×4 (additions only). The sum over tiles is 16 matrix products
-/// `dU[ξ] (C × O) += V[ξ] (C × tiles) · Mᵀ[ξ] (tiles × O)`, with the output channels across
-/// the vector lanes: every product is added to its own accumulator, image by image and tile
-/// by tile in order, whatever the instruction set, so AVX2 and AVX-512 give the same bits.
-/// 2.25× fewer multiply-adds than the direct kernel's weight gradient.
+/// The weight gradient of a batch of images by Winograd (F(4×4, 3×3) where [`Tiling::of`]
+/// the image's shape says so, else F(2×2, 3×3)): `dw` (O×C×3×3) += Σ over images of
+/// `Gᵀ [ Σ_tiles (A dY Aᵀ)[ξ] · (Bᵀ d B)[ξ] ] G`, the gradient of the forward pass's
+/// `Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A` through each of its linear steps. `V = Bᵀ d B` is the
+/// forward's input transform; `Mᵀ = A dY Aᵀ` takes each block of the output gradient to the
+/// transform's size (additions and small multiples only). The sum over tiles is one matrix
+/// product per position ξ, `dU[ξ] (C × O) += V[ξ] (C × tiles) · Mᵀ[ξ] (tiles × O)`, with the
+/// output channels across the vector lanes: every product is added to its own accumulator,
+/// image by image and tile by tile in order, whatever the instruction set, so AVX2 and
+/// AVX-512 give the same bits.
 pub(super) fn grad_weight(
     isa: Isa,
     p: Plane,
@@ -263,14 +265,15 @@ pub(super) fn grad_weight(
             && dw.len() == o * c * 9,
         "winograd weight gradient: buffer sizes do not match {p:?}"
     );
-    let (_, _, pp) = tiles(h, w);
+    let tiling = Tiling::of(h, w);
+    let (positions, pp) = (tiling.positions(), tiling.padded_tiles(h, w));
     let ov = padded_outputs(o);
     let (xs, ms) = (position_stride(c, pp), gradient_position_stride(pp, ov));
     let group = (GRAD_TILES / pp).max(1);
     s.du.clear();
-    s.du.resize(16 * c * ov, 0.0);
-    s.v.resize(group * 16 * xs, 0.0);
-    s.dm.resize(group * 16 * ms, 0.0);
+    s.du.resize(positions * c * ov, 0.0);
+    s.v.resize(group * positions * xs, 0.0);
+    s.dm.resize(group * positions * ms, 0.0);
     s.dyt.resize(h * w * ov, 0.0);
     let images = x.len() / per_x;
     for first in (0..images).step_by(group) {
@@ -279,24 +282,31 @@ pub(super) fn grad_weight(
         // SAFETY: `isa` (AVX2 + FMA at least) was detected on this machine; each image's
         // transforms read its part of `x` and `dy` (sizes asserted) and write their own
         // part of `v` and `dm` (sized above for `group` images); the products read those
-        // and add into `du` (16×C×ov).
+        // and add into `du` (positions×C×ov).
         unsafe {
             for i in 0..imgs {
                 let img = first + i;
-                x86::transform_input(
-                    p,
-                    &x[img * per_x..(img + 1) * per_x],
-                    &mut s.xp,
-                    &mut s.v[i * 16 * xs..(i + 1) * 16 * xs],
-                );
+                let xi = &x[img * per_x..(img + 1) * per_x];
+                let vi = &mut s.v[i * positions * xs..(i + 1) * positions * xs];
                 let dyi = &dy[img * per_dy..(img + 1) * per_dy];
                 x86::transpose_gradient(p, dyi, ov, &mut s.dyt);
-                x86::transform_gradient(p, &s.dyt, ov, &mut s.dm[i * 16 * ms..(i + 1) * 16 * ms]);
+                let mi = &mut s.dm[i * positions * ms..(i + 1) * positions * ms];
+                match tiling {
+                    Tiling::F2 => {
+                        x86::transform_input(p, xi, &mut s.xp, vi);
+                        x86::transform_gradient(p, &s.dyt, ov, mi);
+                    }
+                    Tiling::F4 => {
+                        f4::x86::transform_input(isa, p, xi, &mut s.phases, vi);
+                        f4::x86::transform_gradient(isa, p, &s.dyt, ov, mi);
+                    }
+                }
             }
             let sums = x86::Sums {
                 c,
                 ov,
                 pp,
+                positions,
                 imgs,
                 v: s.v.as_ptr(),
                 m: s.dm.as_ptr(),
@@ -310,11 +320,20 @@ pub(super) fn grad_weight(
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("winograd convolution is only selected on x86-64 ({imgs} images)")
     }
-    // dw[o][c] += Gᵀ dU[o][c] G, with Gᵀ's rows (1, ½, ½, 0), (0, ½, −½, 0), (0, ½, ½, 1).
+    let du = |xi: usize, cc: usize, oo: usize| s.du[(xi * c + cc) * ov + oo];
+    match tiling {
+        Tiling::F2 => kernel_gradient2(du, c, o, dw),
+        Tiling::F4 => f4::kernel_gradient(du, c, o, dw),
+    }
+}
+
+/// `dw[o][c]` += `Gᵀ dU[o][c] G` for F(2×2, 3×3) (`du(ξ, c, o)`), with `Gᵀ`'s rows
+/// (1, ½, ½, 0), (0, ½, −½, 0), (0, ½, ½, 1).
+fn kernel_gradient2(du: impl Fn(usize, usize, usize) -> f32, c: usize, o: usize, dw: &mut [f32]) {
     let g3 = |a: f32, b: f32, d: f32, e: f32| [a + (b + d) * 0.5, (b - d) * 0.5, (b + d) * 0.5 + e];
     for cc in 0..c {
         for oo in 0..o {
-            let u = |xi: usize| s.du[(xi * c + cc) * ov + oo];
+            let u = |xi: usize| du(xi, cc, oo);
             // Gᵀ down the columns, then G along the rows.
             let cols: [[f32; 3]; 4] =
                 std::array::from_fn(|j| g3(u(j), u(4 + j), u(8 + j), u(12 + j)));
@@ -741,7 +760,7 @@ mod x86 {
     }
 
     /// The weight gradient's products for a group of images: the channel and tile counts, the
-    /// first image's `V` and `Mᵀ` (the group's images follow each other, 16 positions apart
+    /// first image's `V` and `Mᵀ` (the group's images follow each other, `positions` positions apart
     /// by [`position_stride`] and [`gradient_position_stride`]), and the running sum `du`
     /// (`[ξ][c][ov]`).
     #[derive(Clone, Copy)]
@@ -749,6 +768,7 @@ mod x86 {
         pub c: usize,
         pub ov: usize,
         pub pp: usize,
+        pub positions: usize,
         pub imgs: usize,
         pub v: *const f32,
         pub m: *const f32,
@@ -759,13 +779,13 @@ mod x86 {
         /// `V[ξ][c0]` of image `img`.
         unsafe fn v_at(&self, img: usize, xi: usize, c0: usize) -> *const f32 {
             let xs = position_stride(self.c, self.pp);
-            self.v.add((img * 16 + xi) * xs + c0 * self.pp)
+            self.v.add((img * self.positions + xi) * xs + c0 * self.pp)
         }
 
         /// `Mᵀ[ξ][0][o0]` of image `img`.
         unsafe fn m_at(&self, img: usize, xi: usize, o0: usize) -> *const f32 {
             let ms = gradient_position_stride(self.pp, self.ov);
-            self.m.add((img * 16 + xi) * ms + o0)
+            self.m.add((img * self.positions + xi) * ms + o0)
         }
     }
 
@@ -774,7 +794,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,avx512f")]
     pub(super) unsafe fn gradient_products_avx512(s: Sums) {
         let nv = s.ov / 16;
-        for xi in 0..16 {
+        for xi in 0..s.positions {
             let mut j = 0;
             while j < nv {
                 let n = match nv - j {
@@ -795,7 +815,7 @@ mod x86 {
     /// [`gradient_products_avx512`] on 256-bit registers: blocks of 4 channels × 16 outputs.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn gradient_products_avx2(s: Sums) {
-        for xi in 0..16 {
+        for xi in 0..s.positions {
             for o0 in (0..s.ov).step_by(16) {
                 gradient_channels::<4, 2, false>(s, xi, o0);
             }

@@ -10,7 +10,9 @@
 //! - `Aᵀ` rows: (1, 1, 1, 1, 1, 0), (0, 1, −1, 2, −2, 0), (0, 1, 1, 4, 4, 0),
 //!   (0, 1, −1, 8, −8, 1).
 //!
-//! The products are the parent module's, over 36 positions. Shapes: a height that is a
+//! The products (the forward pass's and the weight gradient's) are the parent module's, over
+//! 36 positions; the weight gradient's transforms are `A` on the output gradient's 4×4
+//! blocks and `Gᵀ · G` on the summed products. Shapes: a height that is a
 //! multiple of 8 and a width that is a multiple of 16, so an image's tiles fill whole groups
 //! of eight and each half of a group (four tiles) lies in one row of tiles. Within a group
 //! the lanes hold the tiles in their row-major order.
@@ -67,16 +69,49 @@ pub(super) fn pack(ob: usize, w: &[f32], o: usize, c: usize) -> Vec<f32> {
     out
 }
 
+/// `dw[o][c]` += `Gᵀ dU[o][c] G` (`du(ξ, c, o)`, 6×6 per channel pair), the kernel
+/// transform's gradient, with `Gᵀ`'s rows (¼, −⅙, −⅙, 1⁄24, 1⁄24, 0), (0, −⅙, ⅙, 1⁄12, −1⁄12, 0),
+/// (0, −⅙, −⅙, ⅙, ⅙, 1).
+pub(super) fn kernel_gradient(
+    du: impl Fn(usize, usize, usize) -> f32,
+    c: usize,
+    o: usize,
+    dw: &mut [f32],
+) {
+    let g3 = |u: [f32; 6]| {
+        let (s12, d12) = (u[1] + u[2], u[2] - u[1]);
+        let (s34, d34) = (u[3] + u[4], u[3] - u[4]);
+        [
+            u[0] * 0.25 - s12 / 6.0 + s34 / 24.0,
+            d12 / 6.0 + d34 / 12.0,
+            (s34 - s12) / 6.0 + u[5],
+        ]
+    };
+    for cc in 0..c {
+        for oo in 0..o {
+            let u = |xi: usize| du(xi, cc, oo);
+            // Gᵀ down the columns, then G along the rows.
+            let cols: [[f32; 3]; 6] =
+                std::array::from_fn(|j| g3(std::array::from_fn(|i| u(6 * i + j))));
+            for a in 0..3 {
+                let row = g3(std::array::from_fn(|j| cols[j][a]));
+                for (b, v) in row.into_iter().enumerate() {
+                    dw[(oo * c + cc) * 9 + a * 3 + b] += v;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use super::super::x86::{MBlock, Out};
-    use super::super::{position_stride, Plane};
+    use super::super::{gradient_position_stride, position_stride, Isa, Plane};
     use super::{tiles, POSITIONS};
     use std::arch::x86_64::*;
 
     /// `Bᵀ·d` for one column (or `d·B` for one row) of six vectors.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    #[inline(always)]
     unsafe fn bt(d: [__m256; 6]) -> [__m256; 6] {
         let (four, five, two) = (
             _mm256_set1_ps(4.0),
@@ -95,8 +130,7 @@ pub(super) mod x86 {
     }
 
     /// `Aᵀ·m` for one column (or `m·A` for one row) of six vectors.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    #[inline(always)]
     unsafe fn at(m: [__m256; 6]) -> [__m256; 4] {
         let (s12, d12) = (_mm256_add_ps(m[1], m[2]), _mm256_sub_ps(m[1], m[2]));
         let (s34, d34) = (_mm256_add_ps(m[3], m[4]), _mm256_sub_ps(m[3], m[4]));
@@ -110,14 +144,34 @@ pub(super) mod x86 {
 
     /// Eight tiles' values at offset `off` from the corners `a` (lanes 0-3) and `b` (lanes
     /// 4-7) in `base`; one load when `one` (`b` = `a` + 4).
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    #[inline(always)]
     unsafe fn load8(base: *const f32, a: usize, b: usize, one: bool, off: usize) -> __m256 {
         if one {
             _mm256_loadu_ps(base.add(a + off))
         } else {
             _mm256_loadu2_m128(base.add(b + off), base.add(a + off))
         }
+    }
+
+    /// Row `r` of `d·B` for the group of eight tiles with corners `a`, `b` in the phase
+    /// planes at `base` (`phase` floats apart, rows of `l`).
+    #[inline(always)]
+    unsafe fn input_row(
+        base: *const f32,
+        [a, b]: [usize; 2],
+        one: bool,
+        [phase, l]: [usize; 2],
+        r: usize,
+    ) -> [__m256; 6] {
+        let at = |k: usize| k % 4 * phase + r * l + k / 4;
+        bt([
+            load8(base, a, b, one, at(0)),
+            load8(base, a, b, one, at(1)),
+            load8(base, a, b, one, at(2)),
+            load8(base, a, b, one, at(3)),
+            load8(base, a, b, one, at(4)),
+            load8(base, a, b, one, at(5)),
+        ])
     }
 
     /// Floats per phase plane row (`w / 4` columns and the right padding column's) and per
@@ -132,13 +186,34 @@ pub(super) mod x86 {
     /// sized: only the image's own pixels are written, so the padding stays zero), then the
     /// transform takes eight tiles at a time in registers, `d·B` along each input row, then
     /// `Bᵀ` down the columns.
-    #[target_feature(enable = "avx2,fma")]
+    /// [`transform_input_body`] compiled for `isa`: with AVX-512VL's 32 vector registers its
+    /// 36 values per group of tiles stay in registers (the same instructions on 256-bit
+    /// vectors, hence the same bits).
     pub(in super::super) unsafe fn transform_input(
+        isa: Isa,
         p: Plane,
         x: &[f32],
         xp: &mut Vec<f32>,
         v: &mut [f32],
     ) {
+        match isa {
+            Isa::Avx512 => transform_input_avx512(p, x, xp, v),
+            Isa::Avx2 => transform_input_avx2(p, x, xp, v),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn transform_input_avx512(p: Plane, x: &[f32], xp: &mut Vec<f32>, v: &mut [f32]) {
+        transform_input_body(p, x, xp, v)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn transform_input_avx2(p: Plane, x: &[f32], xp: &mut Vec<f32>, v: &mut [f32]) {
+        transform_input_body(p, x, xp, v)
+    }
+
+    #[inline(always)]
+    unsafe fn transform_input_body(p: Plane, x: &[f32], xp: &mut Vec<f32>, v: &mut [f32]) {
         let Plane { h, w, c, .. } = p;
         let (th, tw) = tiles(h, w);
         let pp = th * tw;
@@ -211,17 +286,7 @@ pub(super) mod x86 {
                 // e[r][j]: row r of d·B for the eight tiles.
                 // e[r][j]: row r of d·B for the eight tiles. (Arrays of calls, not zeroed
                 // arrays filled in loops: those were zeroed by a `memset` call each time.)
-                let row = |r: usize| -> [__m256; 6] {
-                    let at = |k: usize| k % 4 * phase + r * l + k / 4;
-                    bt([
-                        load8(base, a, b, one, at(0)),
-                        load8(base, a, b, one, at(1)),
-                        load8(base, a, b, one, at(2)),
-                        load8(base, a, b, one, at(3)),
-                        load8(base, a, b, one, at(4)),
-                        load8(base, a, b, one, at(5)),
-                    ])
-                };
+                let row = |r: usize| input_row(base, [a, b], one, [phase, l], r);
                 let e = [row(0), row(1), row(2), row(3), row(4), row(5)];
                 let out = v.as_mut_ptr().add(ci * pp + g);
                 // (Column j of every row: an index, not an iterator.)
@@ -236,11 +301,25 @@ pub(super) mod x86 {
         }
     }
 
+    /// `Aᵀ·m` for column `j` of a tile's `M`: six vectors `step` apart from `at`.
+    #[inline(always)]
+    unsafe fn output_column(at: *const f32, step: usize) -> [__m256; 4] {
+        self::at([
+            _mm256_loadu_ps(at),
+            _mm256_loadu_ps(at.add(step)),
+            _mm256_loadu_ps(at.add(2 * step)),
+            _mm256_loadu_ps(at.add(3 * step)),
+            _mm256_loadu_ps(at.add(4 * step)),
+            _mm256_loadu_ps(at.add(5 * step)),
+        ])
+    }
+
     /// `y[o]` = `Aᵀ M A` + bias [+ residual] [through ReLU] for the block's channels and
     /// tiles: `Aᵀ` down the columns, then `A` along the rows, then each tile's four outputs
     /// per row transposed into place.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    /// (Inlined into the products, compiled for each instruction set as they are: with
+    /// AVX-512VL's 32 vector registers, fewer values spill.)
+    #[inline(always)]
     pub(in super::super) unsafe fn transform_output(p: Plane, mb: MBlock, out: Out) {
         let Plane { h, w, .. } = p;
         let (_, tw) = tiles(h, w);
@@ -264,10 +343,7 @@ pub(super) mod x86 {
                 // t[i][j]: row i of Aᵀ M.
                 // cols[j][i]: row i, column j of Aᵀ M. (Arrays of calls, as in the input
                 // transform.)
-                let col = |j: usize| -> [__m256; 4] {
-                    let m = |i: usize| _mm256_loadu_ps(src.add((6 * i + j) * mb.position));
-                    at([m(0), m(1), m(2), m(3), m(4), m(5)])
-                };
+                let col = |j: usize| output_column(src.add(j * mb.position), 6 * mb.position);
                 let cols = [col(0), col(1), col(2), col(3), col(4), col(5)];
                 // (Row r of every column: an index, not an iterator.)
                 #[allow(clippy::needless_range_loop)]
@@ -304,6 +380,98 @@ pub(super) mod x86 {
                             val = _mm256_max_ps(val, zero);
                         }
                         _mm256_storeu_ps(out.y.add(at), val);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `A·d` for one column (or `d·Aᵀ` for one row) of four vectors, `A` (6×4) having the
+    /// rows (1, 0, 0, 0), (1, 1, 1, 1), (1, −1, 1, −1), (1, 2, 4, 8), (1, −2, 4, −8),
+    /// (0, 0, 0, 1).
+    #[inline(always)]
+    unsafe fn a6(d: [__m256; 4]) -> [__m256; 6] {
+        let (s02, s13) = (_mm256_add_ps(d[0], d[2]), _mm256_add_ps(d[1], d[3]));
+        let t02 = _mm256_fmadd_ps(_mm256_set1_ps(4.0), d[2], d[0]);
+        let t13 = _mm256_fmadd_ps(
+            _mm256_set1_ps(2.0),
+            d[1],
+            _mm256_mul_ps(_mm256_set1_ps(8.0), d[3]),
+        );
+        [
+            d[0],
+            _mm256_add_ps(s02, s13),
+            _mm256_sub_ps(s02, s13),
+            _mm256_add_ps(t02, t13),
+            _mm256_sub_ps(t02, t13),
+            d[3],
+        ]
+    }
+
+    /// `d·Aᵀ` for the four pixels of one row of a tile, eight channels each (`ov` apart).
+    #[inline(always)]
+    unsafe fn gradient_row(at: *const f32, ov: usize) -> [__m256; 6] {
+        a6([
+            _mm256_loadu_ps(at),
+            _mm256_loadu_ps(at.add(ov)),
+            _mm256_loadu_ps(at.add(2 * ov)),
+            _mm256_loadu_ps(at.add(3 * ov)),
+        ])
+    }
+
+    /// `m[ξ][tile][channel]` = `(A dY Aᵀ)[ξ]` for every tile (in [`transform_input`]'s order:
+    /// row-major) from the pixel-major output gradient `dyt` (`ov` channels per pixel), eight
+    /// channels at a time: `A` along each of the tile's four rows, then down the columns.
+    /// [`transform_gradient_body`] compiled for `isa` (as [`transform_input`]).
+    pub(in super::super) unsafe fn transform_gradient(
+        isa: Isa,
+        p: Plane,
+        dyt: &[f32],
+        ov: usize,
+        m: &mut [f32],
+    ) {
+        match isa {
+            Isa::Avx512 => transform_gradient_avx512(p, dyt, ov, m),
+            Isa::Avx2 => transform_gradient_avx2(p, dyt, ov, m),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+    unsafe fn transform_gradient_avx512(p: Plane, dyt: &[f32], ov: usize, m: &mut [f32]) {
+        transform_gradient_body(p, dyt, ov, m)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn transform_gradient_avx2(p: Plane, dyt: &[f32], ov: usize, m: &mut [f32]) {
+        transform_gradient_body(p, dyt, ov, m)
+    }
+
+    #[inline(always)]
+    unsafe fn transform_gradient_body(p: Plane, dyt: &[f32], ov: usize, m: &mut [f32]) {
+        let Plane { h, w, .. } = p;
+        let (th, tw) = tiles(h, w);
+        let pp = th * tw;
+        let ms = gradient_position_stride(pp, ov);
+        assert!(
+            super::fits(h, w)
+                && dyt.len() >= h * w * ov
+                && m.len() >= POSITIONS * ms
+                && ov.is_multiple_of(8)
+        );
+        let (src, dst) = (dyt.as_ptr(), m.as_mut_ptr());
+        for t in 0..pp {
+            let top = src.add((4 * (t / tw) * w + 4 * (t % tw)) * ov);
+            let out = dst.add(t * ov);
+            for cv in (0..ov).step_by(8) {
+                // e[r][j]: row r of dY Aᵀ.
+                let row = |r: usize| gradient_row(top.add(r * w * ov + cv), ov);
+                let e = [row(0), row(1), row(2), row(3)];
+                // (Column j of every row: an index, not an iterator.)
+                #[allow(clippy::needless_range_loop)]
+                for j in 0..6 {
+                    let col = a6([e[0][j], e[1][j], e[2][j], e[3][j]]);
+                    for (i, val) in col.into_iter().enumerate() {
+                        _mm256_storeu_ps(out.add((6 * i + j) * ms + cv), val);
                     }
                 }
             }
