@@ -106,19 +106,31 @@ pub(super) fn pack(isa: Isa, tiling: Tiling, w: &[f32], o: usize, c: usize) -> V
 /// F(2×2, 3×3)'s kernel transform `U = G g Gᵀ` (4×4), packed as [`pack`] says, with
 /// `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]`.
 fn pack2(ob: usize, w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    pack_with(ob, w, o, c, |[a, b, d]| {
+        [a, (a + b + d) * 0.5, (a - b + d) * 0.5, d]
+    })
+}
+
+/// The kernel transform `U = G g Gᵀ` (N×N) of every (output, input) channel pair of `w`
+/// (O×C×3×3), packed as [`pack`] says, for the `G` that `g` applies to one column or row
+/// (3 values to N): `G·g` column by column, then `G` along each of its rows.
+fn pack_with<const N: usize>(
+    ob: usize,
+    w: &[f32],
+    o: usize,
+    c: usize,
+    g: impl Fn([f32; 3]) -> [f32; N],
+) -> Vec<f32> {
     let blocks = o.div_ceil(ob);
-    let mut out = vec![0f32; 16 * blocks * c * ob];
-    // One row or column: (a, b, d) -> (a, (a + b + d)/2, (a − b + d)/2, d).
-    let g4 = |a: f32, b: f32, d: f32| [a, (a + b + d) * 0.5, (a - b + d) * 0.5, d];
+    let mut out = vec![0f32; N * N * blocks * c * ob];
     for oo in 0..o {
         for cc in 0..c {
-            let g = &w[(oo * c + cc) * 9..][..9];
-            // G·g (4×3), column by column.
-            let cols: [[f32; 4]; 3] = std::array::from_fn(|j| g4(g[j], g[3 + j], g[6 + j]));
-            for i in 0..4 {
-                let row = g4(cols[0][i], cols[1][i], cols[2][i]);
+            let k = &w[(oo * c + cc) * 9..][..9];
+            let cols: [[f32; N]; 3] = std::array::from_fn(|j| g([k[j], k[3 + j], k[6 + j]]));
+            for i in 0..N {
+                let row = g([cols[0][i], cols[1][i], cols[2][i]]);
                 for (j, v) in row.into_iter().enumerate() {
-                    out[(((i * 4 + j) * blocks + oo / ob) * c + cc) * ob + oo % ob] = v;
+                    out[(((i * N + j) * blocks + oo / ob) * c + cc) * ob + oo % ob] = v;
                 }
             }
         }
@@ -330,15 +342,27 @@ pub(super) fn grad_weight(
 /// `dw[o][c]` += `Gᵀ dU[o][c] G` for F(2×2, 3×3) (`du(ξ, c, o)`), with `Gᵀ`'s rows
 /// (1, ½, ½, 0), (0, ½, −½, 0), (0, ½, ½, 1).
 fn kernel_gradient2(du: impl Fn(usize, usize, usize) -> f32, c: usize, o: usize, dw: &mut [f32]) {
-    let g3 = |a: f32, b: f32, d: f32, e: f32| [a + (b + d) * 0.5, (b - d) * 0.5, (b + d) * 0.5 + e];
+    kernel_gradient_with(du, c, o, dw, |[a, b, d, e]| {
+        [a + (b + d) * 0.5, (b - d) * 0.5, (b + d) * 0.5 + e]
+    })
+}
+
+/// `dw[o][c]` += `Gᵀ dU[o][c] G` (`du(ξ, c, o)`, N×N per channel pair) for the `Gᵀ` that
+/// `gt` applies to one column or row (N values to 3): down the columns, then along the rows.
+fn kernel_gradient_with<const N: usize>(
+    du: impl Fn(usize, usize, usize) -> f32,
+    c: usize,
+    o: usize,
+    dw: &mut [f32],
+    gt: impl Fn([f32; N]) -> [f32; 3],
+) {
     for cc in 0..c {
         for oo in 0..o {
             let u = |xi: usize| du(xi, cc, oo);
-            // Gᵀ down the columns, then G along the rows.
-            let cols: [[f32; 3]; 4] =
-                std::array::from_fn(|j| g3(u(j), u(4 + j), u(8 + j), u(12 + j)));
+            let cols: [[f32; 3]; N] =
+                std::array::from_fn(|j| gt(std::array::from_fn(|i| u(N * i + j))));
             for a in 0..3 {
-                let row = g3(cols[0][a], cols[1][a], cols[2][a], cols[3][a]);
+                let row = gt(std::array::from_fn(|j| cols[j][a]));
                 for (b, v) in row.into_iter().enumerate() {
                     dw[(oo * c + cc) * 9 + a * 3 + b] += v;
                 }

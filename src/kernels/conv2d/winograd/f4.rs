@@ -40,10 +40,7 @@ pub(super) fn tiles(h: usize, w: usize) -> (usize, usize) {
 /// The kernel transform `U = G g Gᵀ` (6×6) of every (output, input) channel pair of `w`
 /// (O×C×3×3), packed as `[ξ][o / ob][c][o % ob]` (output channels padded with zeros).
 pub(super) fn pack(ob: usize, w: &[f32], o: usize, c: usize) -> Vec<f32> {
-    let blocks = o.div_ceil(ob);
-    let mut out = vec![0f32; POSITIONS * blocks * c * ob];
-    // One row or column: (a, b, d) -> G·(a, b, d).
-    let g6 = |a: f32, b: f32, d: f32| {
+    super::pack_with(ob, w, o, c, |[a, b, d]| {
         [
             a * 0.25,
             -(a + b + d) / 6.0,
@@ -52,21 +49,7 @@ pub(super) fn pack(ob: usize, w: &[f32], o: usize, c: usize) -> Vec<f32> {
             (a * 0.25 - b * 0.5 + d) / 6.0,
             d,
         ]
-    };
-    for oo in 0..o {
-        for cc in 0..c {
-            let g = &w[(oo * c + cc) * 9..][..9];
-            // G·g (6×3), column by column, then G along each of its rows.
-            let cols: [[f32; 6]; 3] = std::array::from_fn(|j| g6(g[j], g[3 + j], g[6 + j]));
-            for i in 0..6 {
-                let row = g6(cols[0][i], cols[1][i], cols[2][i]);
-                for (j, v) in row.into_iter().enumerate() {
-                    out[(((i * 6 + j) * blocks + oo / ob) * c + cc) * ob + oo % ob] = v;
-                }
-            }
-        }
-    }
-    out
+    })
 }
 
 /// `dw[o][c]` += `Gᵀ dU[o][c] G` (`du(ξ, c, o)`, 6×6 per channel pair), the kernel
@@ -78,7 +61,7 @@ pub(super) fn kernel_gradient(
     o: usize,
     dw: &mut [f32],
 ) {
-    let g3 = |u: [f32; 6]| {
+    super::kernel_gradient_with(du, c, o, dw, |u: [f32; 6]| {
         let (s12, d12) = (u[1] + u[2], u[2] - u[1]);
         let (s34, d34) = (u[3] + u[4], u[3] - u[4]);
         [
@@ -86,21 +69,7 @@ pub(super) fn kernel_gradient(
             d12 / 6.0 + d34 / 12.0,
             (s34 - s12) / 6.0 + u[5],
         ]
-    };
-    for cc in 0..c {
-        for oo in 0..o {
-            let u = |xi: usize| du(xi, cc, oo);
-            // Gᵀ down the columns, then G along the rows.
-            let cols: [[f32; 3]; 6] =
-                std::array::from_fn(|j| g3(std::array::from_fn(|i| u(6 * i + j))));
-            for a in 0..3 {
-                let row = g3(std::array::from_fn(|j| cols[j][a]));
-                for (b, v) in row.into_iter().enumerate() {
-                    dw[(oo * c + cc) * 9 + a * 3 + b] += v;
-                }
-            }
-        }
-    }
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
