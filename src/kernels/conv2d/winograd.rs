@@ -119,24 +119,39 @@ fn pack_with<const N: usize>(
     w: &[f32],
     o: usize,
     c: usize,
-    g: impl Fn([f32; 3]) -> [f32; N],
+    g: impl Fn([f32; 3]) -> [f32; N] + Sync,
 ) -> Vec<f32> {
+    use rayon::prelude::*;
     let blocks = o.div_ceil(ob);
-    let mut out = vec![0f32; N * N * blocks * c * ob];
-    for oo in 0..o {
-        for cc in 0..c {
-            let k = &w[(oo * c + cc) * 9..][..9];
-            let cols: [[f32; N]; 3] = std::array::from_fn(|j| g([k[j], k[3 + j], k[6 + j]]));
-            for i in 0..N {
+    let position = blocks * c * ob;
+    let mut out = vec![0f32; N * N * position];
+    // Row i of the transforms (positions i·N..(i + 1)·N) per task: each task recomputes
+    // the columns `G·g`, which is cheaper than sharing them.
+    let row_i = |(i, rows): (usize, &mut [f32])| {
+        for oo in 0..o {
+            let (blk, lane) = (oo / ob, oo % ob);
+            for cc in 0..c {
+                let k = &w[(oo * c + cc) * 9..][..9];
+                let cols: [[f32; N]; 3] = std::array::from_fn(|j| g([k[j], k[3 + j], k[6 + j]]));
                 let row = g([cols[0][i], cols[1][i], cols[2][i]]);
                 for (j, v) in row.into_iter().enumerate() {
-                    out[(((i * N + j) * blocks + oo / ob) * c + cc) * ob + oo % ob] = v;
+                    rows[j * position + (blk * c + cc) * ob + lane] = v;
                 }
             }
         }
+    };
+    // Over the threads where there is enough work to pay for it (ResNet-20's 32×32 and
+    // 64×64 kernels: the other thread would otherwise wait).
+    if o * c >= PARALLEL_PACK {
+        out.par_chunks_mut(N * position).enumerate().for_each(row_i);
+    } else {
+        out.chunks_mut(N * position).enumerate().for_each(row_i);
     }
     out
 }
+
+/// Channel pairs from which [`pack_with`] runs over the threads.
+const PARALLEL_PACK: usize = 1024;
 
 /// Per-thread buffers: one zero-padded input channel (F(2×2, 3×3)) or its phase planes
 /// (F(4×4, 3×3)), and the transformed input `V[ξ][c][tile]`.
@@ -494,8 +509,12 @@ mod x86 {
         // Not zeroed (36 KiB per image and call): the output transform reads only what the
         // products wrote, `valid` channels × `n` vectors at each position.
         let mut m = [std::mem::MaybeUninit::<f32>::uninit(); BLOCK];
-        for blk in 0..blocks {
-            let valid = (o - blk * OB).min(OB);
+        // Images of 16 tiles (one run of two vectors): two blocks of output channels at
+        // once on 512-bit registers, so each vector of `V` feeds twice the products.
+        let step = if WIDE && nvec == 2 { 2 } else { 1 };
+        for blk in (0..blocks).step_by(step) {
+            let nb = step.min(blocks - blk);
+            let valid = (o - blk * OB).min(OB * nb);
             for (j, n) in direct::runs(nvec, N) {
                 let row = n * 8;
                 for xi in 0..positions {
@@ -504,21 +523,22 @@ mod x86 {
                         pp,
                         v: v.as_ptr().add(xi * xs + j * 8),
                         u: u.as_ptr().add((xi * blocks + blk) * c * OB),
-                        m: m.as_mut_ptr().cast::<f32>().add(xi * OB * row),
+                        m: m.as_mut_ptr().cast::<f32>().add(xi * OB * nb * row),
                         row,
                         valid,
                     };
-                    match (WIDE, n) {
-                        (true, 4) => tile16::<OB, 2>(t),
-                        (true, 2) => tile16::<OB, 1>(t),
-                        (_, 1) => tile::<OB, 1>(t),
-                        (_, 2) => tile::<OB, 2>(t),
+                    match (WIDE, n, nb) {
+                        (true, 2, 2) => tile16_blocks::<OB>(t),
+                        (true, 4, _) => tile16::<OB, 2>(t),
+                        (true, 2, _) => tile16::<OB, 1>(t),
+                        (_, 1, _) => tile::<OB, 1>(t),
+                        (_, 2, _) => tile::<OB, 2>(t),
                         _ => tile::<OB, N>(t),
                     }
                 }
                 let mb = MBlock {
                     m: m.as_ptr().cast::<f32>(),
-                    position: OB * row,
+                    position: OB * nb * row,
                     row,
                     k0: blk * OB,
                     channels: valid,
@@ -597,6 +617,28 @@ mod x86 {
             for (k, val) in row.iter().enumerate() {
                 _mm512_storeu_ps(t.m.add(oo * t.row + k * 16), *val);
             }
+        }
+    }
+
+    /// [`tile16`] of one vector of 16 tiles for two consecutive blocks of `OB` output
+    /// channels (the second block's `U` rows follow the first's, `c·OB` floats on), stored
+    /// as `2·OB` channel rows; the first `valid` channels are stored.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile16_blocks<const OB: usize>(t: Tile) {
+        let mut acc = [[_mm512_setzero_ps(); OB]; 2];
+        let u2 = t.u.add(t.c * OB);
+        for ci in 0..t.c {
+            let xv = _mm512_loadu_ps(t.v.add(ci * t.pp));
+            for (half, u) in acc.iter_mut().zip([t.u, u2]) {
+                let uc = u.add(ci * OB);
+                for (oo, a) in half.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*uc.add(oo)), xv, *a);
+                }
+            }
+        }
+        for (oo, val) in acc.iter().flatten().enumerate().take(t.valid) {
+            _mm512_storeu_ps(t.m.add(oo * t.row), *val);
         }
     }
 
