@@ -250,7 +250,20 @@ pub(super) mod x86 {
                 }
             }
             let base = xp.as_ptr();
+            // 64-byte lines of a channel, and how many to prefetch per group of tiles.
+            let lines = (h * w).div_ceil(16);
+            let lines_per_group = lines.div_ceil(pp / 8);
             for (g, &(a, b)) in (0..pp).step_by(8).zip(&corners) {
+                // The next channel's rows into the cache while this one's tiles are
+                // transformed, a share with each group of tiles (they come from memory:
+                // without this, their loads were the transform's hottest instructions).
+                if ci + 1 < c {
+                    let next = x.as_ptr().add((ci + 1) * h * w);
+                    let first = g / 8 * lines_per_group;
+                    for line in first..(first + lines_per_group).min(lines) {
+                        _mm_prefetch::<_MM_HINT_T0>(next.add(16 * line).cast());
+                    }
+                }
                 let one = b == a + 4;
                 // e[r][j]: row r of d·B for the eight tiles.
                 // e[r][j]: row r of d·B for the eight tiles. (Arrays of calls, not zeroed
