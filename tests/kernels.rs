@@ -671,9 +671,11 @@ fn the_direct_and_winograd_kernels_give_the_same_bits_with_avx2_and_avx512() {
 fn the_relu_mask_inside_the_input_gradient_gives_the_same_bits() {
     // With the kernel and bias untracked (an attack), conv2d_bias_relu's input gradient
     // masks the output gradient image by image inside the kernel; with them tracked, by a
-    // pass over the whole batch first. The same selects: the same bits, on every path
-    // (Winograd, direct, and im2col for stride 2).
+    // pass over the whole batch first (Winograd F(4×4, 3×3): inside its input transform).
+    // The same selects: the same bits, on every path (Winograd, direct, and im2col for
+    // stride 2).
     for (stride, c, o, hw) in [
+        (1, 5, 6, 32),
         (1, 16, 16, 16),
         (1, 3, 16, 16),
         (1, 13, 5, 8),

@@ -266,9 +266,10 @@ impl Packed {
 
 /// For each of `n` images of `x` (sizes as `p` says), `y` = conv(image, `kernel`) + `add`
 /// [through ReLU, `p.relu`], by the direct or Winograd kernel, the batch split evenly over
-/// the threads. With `relu_out` (of `x`'s shape), each image of `x` is first masked where
-/// it is not positive, as the gradient through the ReLU whose output it is (one image at a
-/// time, in the cache, instead of a pass over the whole batch).
+/// the threads. With `relu_out` (of `x`'s shape), each image of `x` is masked where it is
+/// not positive, as the gradient through the ReLU whose output it is: inside the Winograd
+/// F(4×4, 3×3) input transform, else first (one image at a time, in the cache, instead of a
+/// pass over the whole batch).
 fn each_image(
     p: direct::Plane,
     n: usize,
@@ -279,6 +280,8 @@ fn each_image(
 ) -> Vec<f32> {
     let (per, hw) = (chunk(n), p.out_pixels());
     let (in_len, out_len) = (p.c * p.h * p.w, p.o * hw);
+    // The Winograd F(4×4, 3×3) input transform applies the mask as it reads each image.
+    let inside = matches!(kernel, Packed::Winograd(..)) && winograd::masks_inside(p.h, p.w);
     // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
     // direct or the Winograd kernel (both write every element of their output).
     unsafe {
@@ -288,10 +291,15 @@ fn each_image(
             for (i, yi) in ys.chunks_mut(out_len).enumerate() {
                 let img = t * per + i;
                 let mut xi = &x[img * in_len..(img + 1) * in_len];
+                let mut mask = None;
                 if let Some(r) = relu_out {
                     let ri = &r[img * in_len..(img + 1) * in_len];
-                    super::IntervalGrad::POSITIVE.apply_into(ri, xi, &mut masked);
-                    xi = &masked;
+                    if inside {
+                        mask = Some(ri);
+                    } else {
+                        super::IntervalGrad::POSITIVE.apply_into(ri, xi, &mut masked);
+                        xi = &masked;
+                    }
                 }
                 let add = Addends {
                     residual: add.residual.map(|r| &r[img * out_len..(img + 1) * out_len]),
@@ -300,7 +308,7 @@ fn each_image(
                 match kernel {
                     Packed::Direct(isa, wp) => direct::conv(*isa, p, xi, wp, add, &mut xp, yi),
                     Packed::Winograd(isa, up) => {
-                        winograd::conv(*isa, p, xi, up, add, &mut scratch, yi)
+                        winograd::conv(*isa, p, xi, mask, up, add, &mut scratch, yi)
                     }
                 }
             }

@@ -42,6 +42,11 @@ use super::{Addends, Geom};
 
 mod f4;
 
+/// Whether [`conv`] takes a ReLU mask inside its input transform for `h`×`w` images.
+pub(super) fn masks_inside(h: usize, w: usize) -> bool {
+    Tiling::of(h, w) == Tiling::F4
+}
+
 /// Which Winograd algorithm the passes over an image take (the forward pass, the input
 /// gradient as a forward pass of its own, and the weight gradient): F(4×4, 3×3) where its
 /// shape allows ([`f4`]: 1.78× fewer products), else F(2×2, 3×3).
@@ -182,11 +187,15 @@ fn position_stride(rows: usize, pp: usize) -> usize {
 
 /// One image: `y` (O×H×W) = conv(`x` (C×H×W), the kernel transformed by [`pack`] for
 /// [`Tiling::of`] its shape) + `bias` [+ `residual`] [through ReLU, `p.relu`]. Every element
-/// of `y` is written.
+/// of `y` is written. With `mask` (of `x`'s size; F(4×4, 3×3) only, see [`masks_inside`]),
+/// `x` is taken as 0 where the mask is not positive: the gradient through the ReLU whose
+/// output the mask is, applied as the input transform reads `x`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn conv(
     isa: Isa,
     p: Plane,
     x: &[f32],
+    mask: Option<&[f32]>,
     up: &[f32],
     Addends { bias, residual }: Addends,
     s: &mut Scratch,
@@ -216,8 +225,14 @@ pub(super) fn conv(
     // element once.
     unsafe {
         match tiling {
-            Tiling::F2 => x86::transform_input(p, x, &mut s.xp, &mut s.v),
-            Tiling::F4 => f4::x86::transform_input(isa, p, x, &mut s.phases, &mut s.v),
+            Tiling::F2 => {
+                assert!(
+                    mask.is_none(),
+                    "winograd F(2×2): no mask inside the transform"
+                );
+                x86::transform_input(p, x, &mut s.xp, &mut s.v)
+            }
+            Tiling::F4 => f4::x86::transform_input(isa, p, x, mask, &mut s.phases, &mut s.v),
         }
         let out = x86::Out {
             bias,
@@ -324,7 +339,7 @@ pub(super) fn grad_weight(
                         x86::transform_gradient(p, &s.dyt, ov, mi);
                     }
                     Tiling::F4 => {
-                        f4::x86::transform_input(isa, p, xi, &mut s.phases, vi);
+                        f4::x86::transform_input(isa, p, xi, None, &mut s.phases, vi);
                         f4::x86::transform_gradient(isa, p, &s.dyt, ov, mi);
                     }
                 }

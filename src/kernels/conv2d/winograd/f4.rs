@@ -162,34 +162,70 @@ pub(super) mod x86 {
         isa: Isa,
         p: Plane,
         x: &[f32],
+        mask: Option<&[f32]>,
         xp: &mut Vec<f32>,
         v: &mut [f32],
     ) {
         match isa {
-            Isa::Avx512 => transform_input_avx512(p, x, xp, v),
-            Isa::Avx2 => transform_input_avx2(p, x, xp, v),
+            Isa::Avx512 => transform_input_avx512(p, x, mask, xp, v),
+            Isa::Avx2 => transform_input_avx2(p, x, mask, xp, v),
         }
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    unsafe fn transform_input_avx512(p: Plane, x: &[f32], xp: &mut Vec<f32>, v: &mut [f32]) {
-        transform_input_body(p, x, xp, v)
+    unsafe fn transform_input_avx512(
+        p: Plane,
+        x: &[f32],
+        mask: Option<&[f32]>,
+        xp: &mut Vec<f32>,
+        v: &mut [f32],
+    ) {
+        transform_input_body(p, x, mask, xp, v)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn transform_input_avx2(p: Plane, x: &[f32], xp: &mut Vec<f32>, v: &mut [f32]) {
-        transform_input_body(p, x, xp, v)
+    unsafe fn transform_input_avx2(
+        p: Plane,
+        x: &[f32],
+        mask: Option<&[f32]>,
+        xp: &mut Vec<f32>,
+        v: &mut [f32],
+    ) {
+        transform_input_body(p, x, mask, xp, v)
+    }
+
+    /// Eight floats of `x` from `at`, or with `mask` those where the mask (a ReLU's output,
+    /// at the same place) is positive and +0 elsewhere: the select of the ReLU's gradient.
+    #[inline(always)]
+    unsafe fn load_masked(x: *const f32, mask: Option<*const f32>, at: usize) -> __m256 {
+        let v = _mm256_loadu_ps(x.add(at));
+        match mask {
+            None => v,
+            Some(m) => {
+                let m = _mm256_loadu_ps(m.add(at));
+                _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_GT_OQ>(m, _mm256_setzero_ps()))
+            }
+        }
     }
 
     #[inline(always)]
-    unsafe fn transform_input_body(p: Plane, x: &[f32], xp: &mut Vec<f32>, v: &mut [f32]) {
+    unsafe fn transform_input_body(
+        p: Plane,
+        x: &[f32],
+        mask: Option<&[f32]>,
+        xp: &mut Vec<f32>,
+        v: &mut [f32],
+    ) {
         let Plane { h, w, c, .. } = p;
         let (th, tw) = tiles(h, w);
         let pp = th * tw;
         let xs = position_stride(c, pp);
         let (l, phase) = phase_dims(h, w);
         assert!(
-            super::fits(h, w) && x.len() == c * h * w && v.len() >= POSITIONS * xs,
+            super::fits(h, w)
+                && x.len() == c * h * w
+                && mask.is_none_or(|m| m.len() == x.len())
+                && v.len() >= POSITIONS * xs,
             "winograd F(4×4, 3×3): buffer sizes do not match {p:?}"
         );
         if xp.len() != 4 * phase {
@@ -208,21 +244,23 @@ pub(super) mod x86 {
             .collect();
         for ci in 0..c {
             let src = x.as_ptr().add(ci * h * w);
+            let msrc = mask.map(|m| m.as_ptr().add(ci * h * w));
             let dst = xp.as_mut_ptr();
             for r in 0..h {
                 let (row, out) = (src.add(r * w), dst.add((r + 1) * l));
+                let mrow = msrc.map(|m| m.add(r * w));
                 let mut c0 = 0;
                 while c0 < w {
                     // Columns c0 + m + 4i (i < 8, or 4 for a last half-width run) are
                     // padded columns c0 + m + 1 + 4i: plane (m + 1) mod 4 from
                     // j = c0/4 + (m + 1)/4.
                     let wide = w - c0 >= 32;
-                    let v0 = _mm256_loadu_ps(row.add(c0));
-                    let v1 = _mm256_loadu_ps(row.add(c0 + 8));
+                    let v0 = load_masked(row, mrow, c0);
+                    let v1 = load_masked(row, mrow, c0 + 8);
                     let (v2, v3) = if wide {
                         (
-                            _mm256_loadu_ps(row.add(c0 + 16)),
-                            _mm256_loadu_ps(row.add(c0 + 24)),
+                            load_masked(row, mrow, c0 + 16),
+                            load_masked(row, mrow, c0 + 24),
                         )
                     } else {
                         (zero, zero)
@@ -258,10 +296,12 @@ pub(super) mod x86 {
                 // transformed, a share with each group of tiles (they come from memory:
                 // without this, their loads were the transform's hottest instructions).
                 if ci + 1 < c {
-                    let next = x.as_ptr().add((ci + 1) * h * w);
                     let first = g / 8 * lines_per_group;
-                    for line in first..(first + lines_per_group).min(lines) {
-                        _mm_prefetch::<_MM_HINT_T0>(next.add(16 * line).cast());
+                    for src in std::iter::once(x).chain(mask) {
+                        let next = src.as_ptr().add((ci + 1) * h * w);
+                        for line in first..(first + lines_per_group).min(lines) {
+                            _mm_prefetch::<_MM_HINT_T0>(next.add(16 * line).cast());
+                        }
                     }
                 }
                 let one = b == a + 4;
