@@ -562,7 +562,7 @@ mod x86 {
                 };
                 match tiling {
                     Tiling::F2 => transform_output(p, mb, out),
-                    Tiling::F4 => f4::x86::transform_output(p, mb, out),
+                    Tiling::F4 => f4::x86::transform_output::<WIDE>(p, mb, out),
                 }
             }
         }

@@ -98,18 +98,40 @@ pub(super) mod x86 {
         ]
     }
 
-    /// `Aᵀ·m` for one column (or `m·A` for one row) of six vectors.
-    #[inline(always)]
-    unsafe fn at(m: [__m256; 6]) -> [__m256; 4] {
-        let (s12, d12) = (_mm256_add_ps(m[1], m[2]), _mm256_sub_ps(m[1], m[2]));
-        let (s34, d34) = (_mm256_add_ps(m[3], m[4]), _mm256_sub_ps(m[3], m[4]));
-        [
-            _mm256_add_ps(_mm256_add_ps(s12, s34), m[0]),
-            _mm256_fmadd_ps(_mm256_set1_ps(2.0), d34, d12),
-            _mm256_fmadd_ps(_mm256_set1_ps(4.0), s34, s12),
-            _mm256_add_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.0), d34, d12), m[5]),
-        ]
+    /// `Aᵀ·m` for one column (or `m·A` for one row) of six vectors, on 256-bit registers
+    /// (`at`) and 512-bit ones (`at16`): the same operations per lane.
+    macro_rules! at_with {
+        ($name:ident, $v:ty, $add:ident, $sub:ident, $fmadd:ident, $set1:ident $(, $tf:literal)?) => {
+            $(#[target_feature(enable = $tf)])?
+            #[inline(always)]
+            unsafe fn $name(m: [$v; 6]) -> [$v; 4] {
+                let (s12, d12) = ($add(m[1], m[2]), $sub(m[1], m[2]));
+                let (s34, d34) = ($add(m[3], m[4]), $sub(m[3], m[4]));
+                [
+                    $add($add(s12, s34), m[0]),
+                    $fmadd($set1(2.0), d34, d12),
+                    $fmadd($set1(4.0), s34, s12),
+                    $add($fmadd($set1(8.0), d34, d12), m[5]),
+                ]
+            }
+        };
     }
+    at_with!(
+        at,
+        __m256,
+        _mm256_add_ps,
+        _mm256_sub_ps,
+        _mm256_fmadd_ps,
+        _mm256_set1_ps
+    );
+    at_with!(
+        at16,
+        __m512,
+        _mm512_add_ps,
+        _mm512_sub_ps,
+        _mm512_fmadd_ps,
+        _mm512_set1_ps
+    );
 
     /// Eight tiles' values at offset `off` from the corners `a` (lanes 0-3) and `b` (lanes
     /// 4-7) in `base`; one load when `one` (`b` = `a` + 4).
@@ -338,14 +360,18 @@ pub(super) mod x86 {
 
     /// `y[o]` = `Aᵀ M A` + bias [+ residual] [through ReLU] for the block's channels and
     /// tiles: `Aᵀ` down the columns, then `A` along the rows, then each tile's four outputs
-    /// per row transposed into place.
+    /// per row transposed into place. With `wide` (AVX-512), pairs of vectors of tiles take
+    /// the transforms on 512-bit registers (the same operations per lane: the same bits).
     /// (Inlined into the products, compiled for each instruction set as they are: with
     /// AVX-512VL's 32 vector registers, fewer values spill.)
     #[inline(always)]
-    pub(in super::super) unsafe fn transform_output(p: Plane, mb: MBlock, out: Out) {
+    pub(in super::super) unsafe fn transform_output<const WIDE: bool>(
+        p: Plane,
+        mb: MBlock,
+        out: Out,
+    ) {
         let Plane { h, w, .. } = p;
         let (_, tw) = tiles(h, w);
-        let zero = _mm256_setzero_ps();
         // Where the top row of each pair of tiles goes within a channel's plane (computed
         // once per block: divisions are slow).
         let mut places = [[0usize; 4]; 4];
@@ -356,13 +382,24 @@ pub(super) mod x86 {
                 *place = 4 * (tile / tw) * w + 4 * (tile % tw);
             }
         }
+        let pairs = if WIDE { mb.vectors / 2 } else { 0 };
         for kk in 0..mb.channels {
             let k = mb.k0 + kk;
             let b = _mm256_set1_ps(out.bias[k]);
             let plane = k * h * w;
-            for (qq, place) in places.iter().enumerate().take(mb.vectors) {
-                let src = mb.m.add(kk * mb.row + qq * 8);
-                // t[i][j]: row i of Aᵀ M.
+            let src = mb.m.add(kk * mb.row);
+            for pair in 0..pairs {
+                let rows = output_rows16(src.add(pair * 16), mb.position);
+                for (r, [o0, o1, o2, o3]) in rows.into_iter().enumerate() {
+                    for (half, place) in places[2 * pair..2 * pair + 2].iter().enumerate() {
+                        let lo = |v: __m512| half16(v, half);
+                        let o = [lo(o0), lo(o1), lo(o2), lo(o3)];
+                        store_row(p, out, o.map(|v| _mm256_add_ps(v, b)), plane + r * w, place);
+                    }
+                }
+            }
+            for (qq, place) in places.iter().enumerate().take(mb.vectors).skip(2 * pairs) {
+                let src = src.add(qq * 8);
                 // cols[j][i]: row i, column j of Aᵀ M. (Arrays of calls, as in the input
                 // transform.)
                 let col = |j: usize| output_column(src.add(j * mb.position), 6 * mb.position);
@@ -370,41 +407,90 @@ pub(super) mod x86 {
                 // (Row r of every column: an index, not an iterator.)
                 #[allow(clippy::needless_range_loop)]
                 for r in 0..4 {
-                    let [o0, o1, o2, o3] = at([
+                    let o = at([
                         cols[0][r], cols[1][r], cols[2][r], cols[3][r], cols[4][r], cols[5][r],
                     ]);
-                    let (o0, o1) = (_mm256_add_ps(o0, b), _mm256_add_ps(o1, b));
-                    let (o2, o3) = (_mm256_add_ps(o2, b), _mm256_add_ps(o3, b));
-                    // Lanes: eight tiles; o_c: output column c of each. Transposed: tiles
-                    // (0, 1), (2, 3), (4, 5), (6, 7), each pair side by side in one row.
-                    let u0 = _mm256_unpacklo_ps(o0, o1);
-                    let u1 = _mm256_unpackhi_ps(o0, o1);
-                    let u2 = _mm256_unpacklo_ps(o2, o3);
-                    let u3 = _mm256_unpackhi_ps(o2, o3);
-                    let w0 = _mm256_shuffle_ps::<0x44>(u0, u2);
-                    let w1 = _mm256_shuffle_ps::<0xEE>(u0, u2);
-                    let w2 = _mm256_shuffle_ps::<0x44>(u1, u3);
-                    let w3 = _mm256_shuffle_ps::<0xEE>(u1, u3);
-                    let pairs = [
-                        _mm256_permute2f128_ps::<0x20>(w0, w1),
-                        _mm256_permute2f128_ps::<0x20>(w2, w3),
-                        _mm256_permute2f128_ps::<0x31>(w0, w1),
-                        _mm256_permute2f128_ps::<0x31>(w2, w3),
-                    ];
-                    for (mut val, place) in pairs.into_iter().zip(place) {
-                        let at = plane + place + r * w;
-                        if let Some(res) = out.residual {
-                            // One f32 addition, as `conv + residual` in two ops would do.
-                            val = _mm256_add_ps(val, _mm256_loadu_ps(res.as_ptr().add(at)));
-                        }
-                        if p.relu {
-                            // max(v, 0) gives 0 for NaN, as f32::max(v, 0.0) does.
-                            val = _mm256_max_ps(val, zero);
-                        }
-                        _mm256_storeu_ps(out.y.add(at), val);
-                    }
+                    store_row(p, out, o.map(|v| _mm256_add_ps(v, b)), plane + r * w, place);
                 }
             }
+        }
+    }
+
+    /// Half `half` (0: lanes 0-7, 1: lanes 8-15) of a 512-bit vector.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn half16(v: __m512, half: usize) -> __m256 {
+        let d = _mm512_castps_pd(v);
+        _mm256_castpd_ps(if half == 0 {
+            _mm512_castpd512_pd256(d)
+        } else {
+            _mm512_extractf64x4_pd::<1>(d)
+        })
+    }
+
+    /// The four rows of `Aᵀ M A` (four outputs each, as 512-bit vectors of 16 tiles) for two
+    /// vectors of tiles at `src` (positions `position` apart).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn output_rows16(src: *const f32, position: usize) -> [[__m512; 4]; 4] {
+        let col = |j: usize| {
+            let at = src.add(j * position);
+            let step = 6 * position;
+            at16([
+                _mm512_loadu_ps(at),
+                _mm512_loadu_ps(at.add(step)),
+                _mm512_loadu_ps(at.add(2 * step)),
+                _mm512_loadu_ps(at.add(3 * step)),
+                _mm512_loadu_ps(at.add(4 * step)),
+                _mm512_loadu_ps(at.add(5 * step)),
+            ])
+        };
+        let cols = [col(0), col(1), col(2), col(3), col(4), col(5)];
+        std::array::from_fn(|r| {
+            at16([
+                cols[0][r], cols[1][r], cols[2][r], cols[3][r], cols[4][r], cols[5][r],
+            ])
+        })
+    }
+
+    /// One output row of eight tiles (`o[c]`: output column c of each, bias added) stored in
+    /// place: transposed so that tiles (0, 1), (2, 3), (4, 5), (6, 7) each lie side by side,
+    /// at `row` + `place[pair]` within the output; the residual added and the ReLU applied
+    /// as `out` and `p` say.
+    #[inline(always)]
+    unsafe fn store_row(
+        p: Plane,
+        out: Out,
+        [o0, o1, o2, o3]: [__m256; 4],
+        row: usize,
+        place: &[usize; 4],
+    ) {
+        let zero = _mm256_setzero_ps();
+        let u0 = _mm256_unpacklo_ps(o0, o1);
+        let u1 = _mm256_unpackhi_ps(o0, o1);
+        let u2 = _mm256_unpacklo_ps(o2, o3);
+        let u3 = _mm256_unpackhi_ps(o2, o3);
+        let w0 = _mm256_shuffle_ps::<0x44>(u0, u2);
+        let w1 = _mm256_shuffle_ps::<0xEE>(u0, u2);
+        let w2 = _mm256_shuffle_ps::<0x44>(u1, u3);
+        let w3 = _mm256_shuffle_ps::<0xEE>(u1, u3);
+        let pairs = [
+            _mm256_permute2f128_ps::<0x20>(w0, w1),
+            _mm256_permute2f128_ps::<0x20>(w2, w3),
+            _mm256_permute2f128_ps::<0x31>(w0, w1),
+            _mm256_permute2f128_ps::<0x31>(w2, w3),
+        ];
+        for (mut val, place) in pairs.into_iter().zip(place) {
+            let at = row + place;
+            if let Some(res) = out.residual {
+                // One f32 addition, as `conv + residual` in two ops would do.
+                val = _mm256_add_ps(val, _mm256_loadu_ps(res.as_ptr().add(at)));
+            }
+            if p.relu {
+                // max(v, 0) gives 0 for NaN, as f32::max(v, 0.0) does.
+                val = _mm256_max_ps(val, zero);
+            }
+            _mm256_storeu_ps(out.y.add(at), val);
         }
     }
 
