@@ -483,6 +483,44 @@ proptest! {
                 "fused BatchNorm-ReLU {} gradient", name
             );
         }
+        // BatchNorm, a residual and its ReLU fused (a block's end in training): the bits of
+        // BatchNorm and add_relu in a row, values, statistics and the four gradients, by
+        // either code for the sums.
+        use quant_robust::kernels::{batch_norm_add_relu_train_with, batch_norm_train_with, BnPath};
+        let res = Var::from_tensor(&rand(&[n, c, hw, hw], seed + 9)).unwrap();
+        let r = rand(&[n, c, hw, hw], seed + 10);
+        let with_res = [("x", &x), ("gamma", &g), ("beta", &b), ("residual", &res)];
+        for path in [BnPath::Auto, BnPath::Portable] {
+            let (fused, f_mean, f_var) =
+                batch_norm_add_relu_train_with(&x, &g, &b, &res, 1e-5, path).unwrap();
+            let bn = batch_norm_train_with(&x, &g, &b, 1e-5, false, path).unwrap().0;
+            let composed = add_relu(&bn, &res).unwrap();
+            prop_assert_eq!(flat(&fused), flat(&composed));
+            prop_assert_eq!(flat(&f_mean), flat(&mean));
+            prop_assert_eq!(flat(&f_var), flat(&var));
+            let g1 = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (composed * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in with_res {
+                prop_assert_eq!(
+                    flat(g1.get(v.as_tensor()).unwrap()),
+                    flat(g2.get(v.as_tensor()).unwrap()),
+                    "fused BatchNorm-residual-ReLU {} gradient ({:?})", name, path
+                );
+            }
+            // An untracked residual: the ReLU's mask inside BatchNorm's backward pass.
+            let data = res.as_tensor().detach();
+            let fused = batch_norm_add_relu_train_with(&x, &g, &b, &data, 1e-5, path).unwrap().0;
+            let composed = add_relu(&bn, &data).unwrap();
+            let g1 = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (composed * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v) in &with_res[..3] {
+                prop_assert_eq!(
+                    flat(g1.get(v.as_tensor()).unwrap()),
+                    flat(g2.get(v.as_tensor()).unwrap()),
+                    "fused BatchNorm-residual-ReLU {} gradient, residual untracked ({:?})", name, path
+                );
+            }
+        }
     }
 }
 

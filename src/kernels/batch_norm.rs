@@ -240,6 +240,22 @@ super::multiversion! {
     }
 }
 
+super::multiversion! {
+    /// `o = max((x·s + t) + r, 0)` on a plane: BatchNorm's output, a residual added and the
+    /// ReLU, in the order (and to the bits) of the three in a row.
+    fn affine_add_relu_plane(
+        o: &mut [std::mem::MaybeUninit<f32>],
+        xs: &[f32],
+        rs: &[f32],
+        s: f32,
+        t: f32,
+    ) {
+        for ((o, &v), &r) in o.iter_mut().zip(xs).zip(rs) {
+            o.write(((v * s + t) + r).max(0.0));
+        }
+    }
+}
+
 /// ReLU's gradient at output `y`: `dy` where `y > 0`, else 0 (the select of
 /// [`super::IntervalGrad::POSITIVE`], which the unfused ReLU's backward pass runs).
 #[inline(always)]
@@ -407,6 +423,105 @@ impl CustomOp3 for BnTrainOp {
             (None, None)
         };
         Ok((dx, dg, db))
+    }
+}
+
+/// Training-mode BatchNorm, a residual added, then ReLU: (x, [γ ; β], r) → max(BN(x) + r,
+/// 0), the batch statistics computed once (by [`StatsOp`]) and kept for the backward pass.
+/// One pass over the activations where BatchNorm and the residual sum with its ReLU took
+/// two; the backward pass is [`BnTrainOp`]'s through a ReLU, and the residual's gradient
+/// the ReLU's.
+struct BnAddReluOp {
+    eps: f64,
+    mean: Arc<[f32]>,
+    var: Arc<[f32]>,
+    path: BnPath,
+}
+
+impl CustomOp3 for BnAddReluOp {
+    fn name(&self) -> &'static str {
+        "qr-batch-norm-add-relu-train"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = nchw(l1)?;
+        let x = slice(s1, l1, "input")?;
+        let params = slice(s2, l2, "weight and bias")?;
+        let r = slice(s3, l3, "residual")?;
+        if params.len() != 2 * c || self.mean.len() != c || r.len() != x.len() {
+            candle_core::bail!(
+                "batch-norm + residual: {c} channels, {} weights, residual {:?} for input {:?}",
+                params.len(),
+                l3.dims(),
+                l1.dims()
+            );
+        }
+        let (gamma, beta) = params.split_at(c);
+        let inv = inv_std(&self.var, self.eps);
+        let a: Vec<f32> = (0..c).map(|ch| inv[ch] * gamma[ch]).collect();
+        let b: Vec<f32> = (0..c).map(|ch| beta[ch] - self.mean[ch] * a[ch]).collect();
+        // SAFETY: chunk p is plane p (hw elements, zipped with plane p of x and r), written
+        // in full.
+        let y = unsafe {
+            super::par_uninit(x.len(), hw, |p, out| {
+                let (ch, plane) = (p % c, p * hw..(p + 1) * hw);
+                affine_add_relu_plane(out, &x[plane.clone()], &r[plane], a[ch], b[ch]);
+            })
+        };
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        r: &Tensor,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let c = params.elem_count() / 2;
+        // y = max(s + r, 0): y > 0 exactly where s + r > 0. The residual's gradient is dy
+        // through that mask; when it is wanted, BatchNorm's backward pass reads it instead
+        // of masking dy again.
+        let dr = if r.track_op() {
+            Some(super::IntervalGrad::POSITIVE.apply(res, &dy)?)
+        } else {
+            None
+        };
+        if !x.track_op() && !params.track_op() {
+            return Ok((None, None, dr));
+        }
+        let op = BnTrainBackward {
+            gamma: params.narrow(0, 0, c)?.to_vec1::<f32>()?,
+            mean: self.mean.clone(),
+            inv: inv_std(&self.var, self.eps),
+            want_dx: x.track_op(),
+            relu: dr.is_none(),
+            path: self.path,
+        };
+        let g = dr.as_ref().unwrap_or(&dy);
+        let out = x.apply_op3_no_bwd(g, &res.contiguous()?, &op)?;
+        let len = if op.want_dx { x.elem_count() } else { 0 };
+        let dx = if op.want_dx {
+            Some(out.narrow(0, 0, len)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        // [Σ dy·x̂ ; Σ dy] = [dγ ; dβ], the parameters' order.
+        let dparams = if params.track_op() {
+            Some(out.narrow(0, len, 2 * c)?)
+        } else {
+            None
+        };
+        Ok((dx, dparams, dr))
     }
 }
 
@@ -788,6 +903,45 @@ pub fn batch_norm_train_with(
         .broadcast_mul(&inv.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?)?
         .broadcast_add(&beta.reshape((1, c, 1, 1))?)?;
     Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
+}
+
+/// Training-mode BatchNorm of `x`, the residual `r` added, then ReLU (a residual block's
+/// end): on the CPU one op, the same values and gradients as [`batch_norm_train`] and
+/// [`add_relu`] in a row; with the statistics used, as [`batch_norm_train`] returns them.
+pub fn batch_norm_add_relu_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    r: &Tensor,
+    eps: f64,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    batch_norm_add_relu_train_with(x, gamma, beta, r, eps, BnPath::Auto)
+}
+
+/// [`batch_norm_add_relu_train`] by the given code on the CPU.
+pub fn batch_norm_add_relu_train_with(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    r: &Tensor,
+    eps: f64,
+    path: BnPath,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    if !(cpu_f32(x) && cpu_f32(r)) {
+        let (y, mean, var) = batch_norm_train_with(x, gamma, beta, eps, false, path)?;
+        return Ok((add_relu(&y, r)?, mean, var));
+    }
+    let x = x.contiguous()?;
+    let (mean, var) = channel_stats_with(&x, path)?;
+    let op = BnAddReluOp {
+        eps,
+        mean: mean.to_vec1::<f32>()?.into(),
+        var: var.to_vec1::<f32>()?.into(),
+        path,
+    };
+    let params = Tensor::cat(&[gamma.contiguous()?, beta.contiguous()?], 0)?;
+    let y = x.apply_op3(&params, &r.contiguous()?, op)?;
+    Ok((y, mean, var))
 }
 
 /// `x·a_c + b_c` for per-channel `a`, `b` of length C.

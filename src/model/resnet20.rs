@@ -381,6 +381,7 @@ impl ResNet20 {
             conv: layer,
             bn,
             act: site,
+            residual,
         } = names;
         let w = self.layer_weight(layer)?;
         if train {
@@ -389,12 +390,20 @@ impl ResNet20 {
             let rm_name = format!("{bn}.running_mean");
             let rv_name = format!("{bn}.running_var");
             let x = crate::kernels::conv2d(x, &w, 1, stride)?;
-            // A plain ReLU first at the site goes inside BatchNorm's op.
+            // A plain ReLU first at the site goes inside BatchNorm's op (with the residual
+            // added before it, when there is one).
             let relu_first = site.is_some_and(|s| self.seam.relu_first(s));
-            let (y, mean, var) = if relu_first {
-                kernels::batch_norm_relu_train(&x, gamma, beta, BN_EPS)?
-            } else {
-                kernels::batch_norm_train(&x, gamma, beta, BN_EPS)?
+            let (y, mean, var) = match (residual, relu_first) {
+                (Some(r), true) => kernels::batch_norm_add_relu_train(&x, gamma, beta, r, BN_EPS)?,
+                (None, true) => kernels::batch_norm_relu_train(&x, gamma, beta, BN_EPS)?,
+                (None, false) => kernels::batch_norm_train(&x, gamma, beta, BN_EPS)?,
+                (Some(_), false) => {
+                    return Err(Error::config(
+                        "activation site",
+                        site.unwrap_or("none"),
+                        "a residual goes inside BatchNorm's op only before a plain ReLU",
+                    ))
+                }
             };
             if let (Some(rm), Some(rv)) = (self.vars.get(&rm_name), self.vars.get(&rv_name)) {
                 let (b, _, h, w) = x.dims4()?;
@@ -412,6 +421,13 @@ impl ResNet20 {
                 None => Ok(y),
             }
         } else {
+            if residual.is_some() {
+                return Err(Error::config(
+                    "batch-norm mode",
+                    "evaluation",
+                    "a residual goes inside BatchNorm's op only in training mode",
+                ));
+            }
             let (w, shift) = self.folded(&w, bn)?;
             match site {
                 Some(site) if self.seam.relu_first(site) => {
@@ -443,6 +459,7 @@ impl ResNet20 {
                 conv: &format!("{name}.conv1"),
                 bn: &format!("{name}.bn1"),
                 act: Some(&relu1),
+                residual: None,
             },
             stride,
             train,
@@ -460,12 +477,23 @@ impl ResNet20 {
             let y = kernels::conv2d_bias_add_relu(&out, &w, &shift, &shortcut, 1, 1)?;
             return self.seam.after_relu(&relu2, &y);
         }
+        if train && self.seam.relu_first(&relu2) {
+            // Training: BatchNorm, the shortcut and the ReLU in one op.
+            let names = ConvBn {
+                conv: &conv2,
+                bn: &bn2,
+                act: Some(&relu2),
+                residual: Some(&shortcut),
+            };
+            return self.conv_bn(&out, names, 1, train);
+        }
         let out = self.conv_bn(
             &out,
             ConvBn {
                 conv: &conv2,
                 bn: &bn2,
                 act: None,
+                residual: None,
             },
             1,
             train,
@@ -497,6 +525,7 @@ impl ResNet20 {
             conv: "conv1",
             bn: "bn1",
             act: Some("relu"),
+            residual: None,
         };
         let mut x = self.conv_bn(&x, stem, 1, train)?;
         for (name, i, o, s) in blocks() {
@@ -516,13 +545,15 @@ impl Classifier for ResNet20 {
     }
 }
 
-/// The tensors of one convolution + BatchNorm, and the activation site after it (`None`:
-/// none, as before a residual sum).
+/// The tensors of one convolution + BatchNorm, the activation site after it (`None`: none,
+/// as before a residual sum), and a residual added before that activation (training mode,
+/// before a plain ReLU only).
 #[derive(Clone, Copy)]
 struct ConvBn<'a> {
     conv: &'a str,
     bn: &'a str,
     act: Option<&'a str>,
+    residual: Option<&'a Tensor>,
 }
 
 /// Option-A shortcut: every other pixel, new channels zero-padded half on each side.
