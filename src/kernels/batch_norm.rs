@@ -407,22 +407,34 @@ impl CustomOp3 for BnTrainOp {
             relu: self.relu,
             path: self.path,
         };
-        let out = x.apply_op3_no_bwd(&dy.contiguous()?, &res.contiguous()?, &op)?;
-        let (len, c) = (if op.want_dx { x.elem_count() } else { 0 }, op.gamma.len());
-        let dx = if op.want_dx {
-            Some(out.narrow(0, 0, len)?.reshape(x.shape())?)
-        } else {
-            None
-        };
+        let c = op.gamma.len();
+        let (dx, sums) = op.run(x, &dy.contiguous()?, res)?;
         let (dg, db) = if want_params {
-            (
-                Some(out.narrow(0, len, c)?),
-                Some(out.narrow(0, len + c, c)?),
-            )
+            (Some(sums.narrow(0, 0, c)?), Some(sums.narrow(0, c, c)?))
         } else {
             (None, None)
         };
         Ok((dx, dg, db))
+    }
+}
+
+impl BnTrainBackward {
+    /// dx (where wanted) and [Σ dy·x̂ ; Σ dy] (= [dγ ; dβ]) for the input `x`, the output
+    /// gradient `dy` and the forward output `y`.
+    fn run(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        y: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor)> {
+        let out = x.apply_op3_no_bwd(dy, &y.contiguous()?, self)?;
+        let len = if self.want_dx { x.elem_count() } else { 0 };
+        let dx = if self.want_dx {
+            Some(out.narrow(0, 0, len)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, out.narrow(0, len, 2 * self.gamma.len())?))
     }
 }
 
@@ -507,21 +519,9 @@ impl CustomOp3 for BnAddReluOp {
             relu: dr.is_none(),
             path: self.path,
         };
-        let g = dr.as_ref().unwrap_or(&dy);
-        let out = x.apply_op3_no_bwd(g, &res.contiguous()?, &op)?;
-        let len = if op.want_dx { x.elem_count() } else { 0 };
-        let dx = if op.want_dx {
-            Some(out.narrow(0, 0, len)?.reshape(x.shape())?)
-        } else {
-            None
-        };
         // [Σ dy·x̂ ; Σ dy] = [dγ ; dβ], the parameters' order.
-        let dparams = if params.track_op() {
-            Some(out.narrow(0, len, 2 * c)?)
-        } else {
-            None
-        };
-        Ok((dx, dparams, dr))
+        let (dx, sums) = op.run(x, dr.as_ref().unwrap_or(&dy), res)?;
+        Ok((dx, params.track_op().then_some(sums), dr))
     }
 }
 
