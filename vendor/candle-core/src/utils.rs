@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 
-const DEFAULT_BARRIER_POOL_SPIN_LIMIT: u32 = 25_000;
+// quant-robust: 0 (upstream: 25_000). Idle workers park at once instead of spinning, so they
+// do not take cores from rayon's kernels between candle's operations (vendor/README.md).
+const DEFAULT_BARRIER_POOL_SPIN_LIMIT: u32 = 0;
 
 /// Per-worker control on its own 64-byte cache line to prevent false sharing.
 #[repr(C, align(64))]
