@@ -347,14 +347,7 @@ fn augmentation_crops_and_flips_as_drawn() {
         flip: vec![0; 4],
     };
     let y = augment::apply(&x, 4, &id).unwrap();
-    let diff = (&y - &x)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = crate::common::max_abs(&(&y - &x).unwrap());
     assert_eq!(diff, 0.0);
     // Flip only: columns reversed.
     let fl = AugmentDraw {

@@ -10,6 +10,8 @@ use quant_robust::kernels::{
 };
 use quant_robust::rng::Rng;
 
+use crate::common::{max_abs, max_diff_and_scale};
+
 fn rand(shape: &[usize], seed: u64) -> Tensor {
     let n = shape.iter().product();
     Tensor::from_vec(
@@ -20,19 +22,11 @@ fn rand(shape: &[usize], seed: u64) -> Tensor {
     .unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// The largest difference between `a` and `b`, relative to `b`'s largest magnitude (at least
 /// `floor`).
 fn max_rel_diff_over(a: &Tensor, b: &Tensor, floor: f32) -> f32 {
-    max_abs(&(a - b).unwrap()) / max_abs(b).max(floor)
+    let (d, scale) = max_diff_and_scale(a, b);
+    d / scale.max(floor)
 }
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -160,14 +154,7 @@ fn compare_on(
     // whole gradient; the other outputs compare as usual.
     let away_from_zero = |pre: &Tensor| {
         let pre = pre.detach();
-        let scale = pre
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let keep = pre.abs().unwrap().gt(1e-5 * scale).unwrap();
+        let keep = pre.abs().unwrap().gt(1e-5 * max_abs(&pre)).unwrap();
         (&r * keep.to_dtype(r.dtype()).unwrap()).unwrap()
     };
     let (r_relu, r_res) = (away_from_zero(&ref_bias), away_from_zero(&pre_res));

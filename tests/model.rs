@@ -468,20 +468,8 @@ fn batchnorm_folding_equals_conv_then_batchnorm() {
         .unwrap()
         .broadcast_add(&bf.reshape((1, 16, 1, 1)).unwrap())
         .unwrap();
-    let d = (folded - &reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(d.to_scalar::<f32>().unwrap() <= 1e-5 * scale.max(1.0));
+    let (d, scale) = crate::common::max_diff_and_scale(&folded, &reference);
+    assert!(d <= 1e-5 * scale.max(1.0));
 }
 
 #[test]

@@ -334,14 +334,58 @@ impl CustomOp1 for StatsOp {
     }
 }
 
-/// Training-mode BatchNorm forward: (x, γ, β) → y, with the batch statistics computed once
-/// (by [`StatsOp`]) and kept for the backward pass; with `relu`, the ReLU of it.
-struct BnTrainOp {
+/// A training-mode BatchNorm's batch statistics, computed once (by [`StatsOp`]) and kept for
+/// the backward pass, with ε and the code that sums.
+struct BatchStats {
     eps: f64,
     mean: Arc<[f32]>,
     var: Arc<[f32]>,
-    relu: bool,
     path: BnPath,
+}
+
+impl BatchStats {
+    /// The statistics of `x` (contiguous), and the same as tensors for the caller (the
+    /// running statistics).
+    fn of(x: &Tensor, eps: f64, path: BnPath) -> candle_core::Result<(Self, Tensor, Tensor)> {
+        let (mean, var) = channel_stats_with(x, path)?;
+        let stats = BatchStats {
+            eps,
+            mean: mean.to_vec1::<f32>()?.into(),
+            var: var.to_vec1::<f32>()?.into(),
+            path,
+        };
+        Ok((stats, mean, var))
+    }
+
+    /// The per-channel scale `γ/√(σ² + ε)` and shift `β − μ·scale` that normalize and apply
+    /// γ and β in one affine map.
+    fn scale_shift(&self, gamma: &[f32], beta: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let inv = inv_std(&self.var, self.eps);
+        let a: Vec<f32> = inv.iter().zip(gamma).map(|(&i, &g)| i * g).collect();
+        let b = (0..a.len())
+            .map(|ch| beta[ch] - self.mean[ch] * a[ch])
+            .collect();
+        (a, b)
+    }
+
+    /// The backward op for weights `gamma`, masked by the forward output with `relu`.
+    fn backward(&self, gamma: Vec<f32>, want_dx: bool, relu: bool) -> BnTrainBackward {
+        BnTrainBackward {
+            gamma,
+            mean: self.mean.clone(),
+            inv: inv_std(&self.var, self.eps),
+            want_dx,
+            relu,
+            path: self.path,
+        }
+    }
+}
+
+/// Training-mode BatchNorm forward: (x, γ, β) → y with the batch statistics `stats`; with
+/// `relu`, the ReLU of it.
+struct BnTrainOp {
+    stats: BatchStats,
+    relu: bool,
 }
 
 /// The whole backward pass in one: (x, dy, y) → [dx (if `want_dx`) ; Σ dy·x̂ ; Σ dy], flat;
@@ -377,12 +421,10 @@ impl CustomOp3 for BnTrainOp {
         let (_, c, hw) = nchw(l1)?;
         let x = slice(s1, l1, "input")?;
         let (gamma, beta) = (slice(s2, l2, "weight")?, slice(s3, l3, "bias")?);
-        if gamma.len() != c || beta.len() != c || self.mean.len() != c {
+        if gamma.len() != c || beta.len() != c || self.stats.mean.len() != c {
             candle_core::bail!("batch-norm: {c} channels, {} weights", gamma.len());
         }
-        let inv = inv_std(&self.var, self.eps);
-        let a: Vec<f32> = (0..c).map(|ch| inv[ch] * gamma[ch]).collect();
-        let b: Vec<f32> = (0..c).map(|ch| beta[ch] - self.mean[ch] * a[ch]).collect();
+        let (a, b) = self.stats.scale_shift(gamma, beta);
         let y = scale_planes(x, &a, Some(&b), (c, hw), self.relu);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -399,14 +441,9 @@ impl CustomOp3 for BnTrainOp {
         if !x.track_op() && !want_params {
             return Ok((None, None, None));
         }
-        let op = BnTrainBackward {
-            gamma: gamma.to_vec1::<f32>()?,
-            mean: self.mean.clone(),
-            inv: inv_std(&self.var, self.eps),
-            want_dx: x.track_op(),
-            relu: self.relu,
-            path: self.path,
-        };
+        let op = self
+            .stats
+            .backward(gamma.to_vec1::<f32>()?, x.track_op(), self.relu);
         let c = op.gamma.len();
         let (dx, sums) = op.run(x, &dy.contiguous()?, res)?;
         let (dg, db) = if want_params {
@@ -439,15 +476,11 @@ impl BnTrainBackward {
 }
 
 /// Training-mode BatchNorm, a residual added, then ReLU: (x, [γ ; β], r) → max(BN(x) + r,
-/// 0), the batch statistics computed once (by [`StatsOp`]) and kept for the backward pass.
-/// One pass over the activations where BatchNorm and the residual sum with its ReLU took
-/// two; the backward pass is [`BnTrainOp`]'s through a ReLU, and the residual's gradient
-/// the ReLU's.
+/// 0) with the batch statistics `stats`. One pass over the activations where BatchNorm and
+/// the residual sum with its ReLU took two; the backward pass is [`BnTrainOp`]'s through a
+/// ReLU, and the residual's gradient the ReLU's.
 struct BnAddReluOp {
-    eps: f64,
-    mean: Arc<[f32]>,
-    var: Arc<[f32]>,
-    path: BnPath,
+    stats: BatchStats,
 }
 
 impl CustomOp3 for BnAddReluOp {
@@ -467,7 +500,7 @@ impl CustomOp3 for BnAddReluOp {
         let x = slice(s1, l1, "input")?;
         let params = slice(s2, l2, "weight and bias")?;
         let r = slice(s3, l3, "residual")?;
-        if params.len() != 2 * c || self.mean.len() != c || r.len() != x.len() {
+        if params.len() != 2 * c || self.stats.mean.len() != c || r.len() != x.len() {
             candle_core::bail!(
                 "batch-norm + residual: {c} channels, {} weights, residual {:?} for input {:?}",
                 params.len(),
@@ -476,9 +509,7 @@ impl CustomOp3 for BnAddReluOp {
             );
         }
         let (gamma, beta) = params.split_at(c);
-        let inv = inv_std(&self.var, self.eps);
-        let a: Vec<f32> = (0..c).map(|ch| inv[ch] * gamma[ch]).collect();
-        let b: Vec<f32> = (0..c).map(|ch| beta[ch] - self.mean[ch] * a[ch]).collect();
+        let (a, b) = self.stats.scale_shift(gamma, beta);
         // SAFETY: chunk p is plane p (hw elements, zipped with plane p of x and r), written
         // in full.
         let y = unsafe {
@@ -511,14 +542,8 @@ impl CustomOp3 for BnAddReluOp {
         if !x.track_op() && !params.track_op() {
             return Ok((None, None, dr));
         }
-        let op = BnTrainBackward {
-            gamma: params.narrow(0, 0, c)?.to_vec1::<f32>()?,
-            mean: self.mean.clone(),
-            inv: inv_std(&self.var, self.eps),
-            want_dx: x.track_op(),
-            relu: dr.is_none(),
-            path: self.path,
-        };
+        let gamma = params.narrow(0, 0, c)?.to_vec1::<f32>()?;
+        let op = self.stats.backward(gamma, x.track_op(), dr.is_none());
         // [Σ dy·x̂ ; Σ dy] = [dγ ; dβ], the parameters' order.
         let (dx, sums) = op.run(x, dr.as_ref().unwrap_or(&dy), res)?;
         Ok((dx, params.track_op().then_some(sums), dr))
@@ -879,14 +904,8 @@ pub fn batch_norm_train_with(
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     if cpu_f32(x) {
         let x = x.contiguous()?;
-        let (mean, var) = channel_stats_with(&x, path)?;
-        let op = BnTrainOp {
-            eps,
-            mean: mean.to_vec1::<f32>()?.into(),
-            var: var.to_vec1::<f32>()?.into(),
-            relu,
-            path,
-        };
+        let (stats, mean, var) = BatchStats::of(&x, eps, path)?;
+        let op = BnTrainOp { stats, relu };
         let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
         return Ok((y, mean, var));
     }
@@ -932,13 +951,8 @@ pub fn batch_norm_add_relu_train_with(
         return Ok((add_relu(&y, r)?, mean, var));
     }
     let x = x.contiguous()?;
-    let (mean, var) = channel_stats_with(&x, path)?;
-    let op = BnAddReluOp {
-        eps,
-        mean: mean.to_vec1::<f32>()?.into(),
-        var: var.to_vec1::<f32>()?.into(),
-        path,
-    };
+    let (stats, mean, var) = BatchStats::of(&x, eps, path)?;
+    let op = BnAddReluOp { stats };
     let params = Tensor::cat(&[gamma.contiguous()?, beta.contiguous()?], 0)?;
     let y = x.apply_op3(&params, &r.contiguous()?, op)?;
     Ok((y, mean, var))

@@ -34,15 +34,17 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
 
+/// max |t| over all elements (f32).
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// (max |a − b|, max |b|) over all elements: a difference and the scale it is judged against.
 pub fn max_diff_and_scale(a: &candle_core::Tensor, b: &candle_core::Tensor) -> (f32, f32) {
-    let max = |t: candle_core::Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    (max((a - b).unwrap()), max(b.clone()))
+    (max_abs(&(a - b).unwrap()), max_abs(b))
 }

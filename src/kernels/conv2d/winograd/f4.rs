@@ -98,13 +98,18 @@ pub(super) mod x86 {
         ]
     }
 
-    /// `Aᵀ·m` for one column (or `m·A` for one row) of six vectors, on 256-bit registers
-    /// (`at`) and 512-bit ones (`at16`): the same operations per lane.
-    macro_rules! at_with {
-        ($name:ident, $v:ty, $add:ident, $sub:ident, $fmadd:ident, $set1:ident $(, $tf:literal)?) => {
-            $(#[target_feature(enable = $tf)])?
+    /// The output transform's arithmetic on 256-bit registers (`at`, `output_rows`: eight
+    /// tiles) and 512-bit ones (`at16`, `output_rows16`: sixteen), the same operations per
+    /// lane: `at` is `Aᵀ·m` for one column (or `m·A` for one row) of six vectors;
+    /// `output_rows` the four rows of `Aᵀ M A` (four outputs each) for the tiles at `src`,
+    /// whose 36 positions lie `position` floats apart.
+    macro_rules! output_transform_with {
+        (
+            $at:ident, $rows:ident, $v:ty, $load:ident, $add:ident, $sub:ident, $fmadd:ident,
+            $set1:ident, $(#[$m:meta])*
+        ) => {
             #[inline(always)]
-            unsafe fn $name(m: [$v; 6]) -> [$v; 4] {
+            unsafe fn $at(m: [$v; 6]) -> [$v; 4] {
                 let (s12, d12) = ($add(m[1], m[2]), $sub(m[1], m[2]));
                 let (s34, d34) = ($add(m[3], m[4]), $sub(m[3], m[4]));
                 [
@@ -114,23 +119,53 @@ pub(super) mod x86 {
                     $add($fmadd($set1(8.0), d34, d12), m[5]),
                 ]
             }
+
+            $(#[$m])*
+            unsafe fn $rows(src: *const f32, position: usize) -> [[$v; 4]; 4] {
+                // cols[j][i]: row i, column j of Aᵀ M. (Arrays of calls, as in the input
+                // transform.)
+                let col = |j: usize| {
+                    let (at, step) = (src.add(j * position), 6 * position);
+                    $at([
+                        $load(at),
+                        $load(at.add(step)),
+                        $load(at.add(2 * step)),
+                        $load(at.add(3 * step)),
+                        $load(at.add(4 * step)),
+                        $load(at.add(5 * step)),
+                    ])
+                };
+                let cols = [col(0), col(1), col(2), col(3), col(4), col(5)];
+                std::array::from_fn(|r| {
+                    $at([
+                        cols[0][r], cols[1][r], cols[2][r], cols[3][r], cols[4][r], cols[5][r],
+                    ])
+                })
+            }
         };
     }
-    at_with!(
+    output_transform_with!(
         at,
+        output_rows,
         __m256,
+        _mm256_loadu_ps,
         _mm256_add_ps,
         _mm256_sub_ps,
         _mm256_fmadd_ps,
-        _mm256_set1_ps
+        _mm256_set1_ps,
+        #[inline(always)]
     );
-    at_with!(
+    output_transform_with!(
         at16,
+        output_rows16,
         __m512,
+        _mm512_loadu_ps,
         _mm512_add_ps,
         _mm512_sub_ps,
         _mm512_fmadd_ps,
-        _mm512_set1_ps
+        _mm512_set1_ps,
+        #[target_feature(enable = "avx512f")]
+        #[inline]
     );
 
     /// Eight tiles' values at offset `off` from the corners `a` (lanes 0-3) and `b` (lanes
@@ -264,6 +299,9 @@ pub(super) mod x86 {
             .step_by(8)
             .map(|g| (corner(g), corner(g + 4)))
             .collect();
+        // 64-byte lines of a channel, and how many to prefetch per group of tiles.
+        let lines = (h * w).div_ceil(16);
+        let lines_per_group = lines.div_ceil(pp / 8);
         for ci in 0..c {
             let src = x.as_ptr().add(ci * h * w);
             let msrc = mask.map(|m| m.as_ptr().add(ci * h * w));
@@ -310,9 +348,6 @@ pub(super) mod x86 {
                 }
             }
             let base = xp.as_ptr();
-            // 64-byte lines of a channel, and how many to prefetch per group of tiles.
-            let lines = (h * w).div_ceil(16);
-            let lines_per_group = lines.div_ceil(pp / 8);
             for (g, &(a, b)) in (0..pp).step_by(8).zip(&corners) {
                 // The next channel's rows into the cache while this one's tiles are
                 // transformed, a share with each group of tiles (they come from memory:
@@ -327,7 +362,6 @@ pub(super) mod x86 {
                     }
                 }
                 let one = b == a + 4;
-                // e[r][j]: row r of d·B for the eight tiles.
                 // e[r][j]: row r of d·B for the eight tiles. (Arrays of calls, not zeroed
                 // arrays filled in loops: those were zeroed by a `memset` call each time.)
                 let row = |r: usize| input_row(base, [a, b], one, [phase, l], r);
@@ -343,19 +377,6 @@ pub(super) mod x86 {
                 }
             }
         }
-    }
-
-    /// `Aᵀ·m` for column `j` of a tile's `M`: six vectors `step` apart from `at`.
-    #[inline(always)]
-    unsafe fn output_column(at: *const f32, step: usize) -> [__m256; 4] {
-        self::at([
-            _mm256_loadu_ps(at),
-            _mm256_loadu_ps(at.add(step)),
-            _mm256_loadu_ps(at.add(2 * step)),
-            _mm256_loadu_ps(at.add(3 * step)),
-            _mm256_loadu_ps(at.add(4 * step)),
-            _mm256_loadu_ps(at.add(5 * step)),
-        ])
     }
 
     /// `y[o]` = `Aᵀ M A` + bias [+ residual] [through ReLU] for the block's channels and
@@ -399,17 +420,8 @@ pub(super) mod x86 {
                 }
             }
             for (qq, place) in places.iter().enumerate().take(mb.vectors).skip(2 * pairs) {
-                let src = src.add(qq * 8);
-                // cols[j][i]: row i, column j of Aᵀ M. (Arrays of calls, as in the input
-                // transform.)
-                let col = |j: usize| output_column(src.add(j * mb.position), 6 * mb.position);
-                let cols = [col(0), col(1), col(2), col(3), col(4), col(5)];
-                // (Row r of every column: an index, not an iterator.)
-                #[allow(clippy::needless_range_loop)]
-                for r in 0..4 {
-                    let o = at([
-                        cols[0][r], cols[1][r], cols[2][r], cols[3][r], cols[4][r], cols[5][r],
-                    ]);
+                let rows = output_rows(src.add(qq * 8), mb.position);
+                for (r, o) in rows.into_iter().enumerate() {
                     store_row(p, out, o.map(|v| _mm256_add_ps(v, b)), plane + r * w, place);
                 }
             }
@@ -425,31 +437,6 @@ pub(super) mod x86 {
             _mm512_castpd512_pd256(d)
         } else {
             _mm512_extractf64x4_pd::<1>(d)
-        })
-    }
-
-    /// The four rows of `Aᵀ M A` (four outputs each, as 512-bit vectors of 16 tiles) for two
-    /// vectors of tiles at `src` (positions `position` apart).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn output_rows16(src: *const f32, position: usize) -> [[__m512; 4]; 4] {
-        let col = |j: usize| {
-            let at = src.add(j * position);
-            let step = 6 * position;
-            at16([
-                _mm512_loadu_ps(at),
-                _mm512_loadu_ps(at.add(step)),
-                _mm512_loadu_ps(at.add(2 * step)),
-                _mm512_loadu_ps(at.add(3 * step)),
-                _mm512_loadu_ps(at.add(4 * step)),
-                _mm512_loadu_ps(at.add(5 * step)),
-            ])
-        };
-        let cols = [col(0), col(1), col(2), col(3), col(4), col(5)];
-        std::array::from_fn(|r| {
-            at16([
-                cols[0][r], cols[1][r], cols[2][r], cols[3][r], cols[4][r], cols[5][r],
-            ])
         })
     }
 
