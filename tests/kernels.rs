@@ -5,8 +5,8 @@
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
 use quant_robust::kernels::{
-    conv2d, conv2d_bias_add_relu_with, conv2d_bias_relu_with, conv2d_bias_with, conv2d_with,
-    ConvPath, Isa,
+    conv2d, conv2d_bias_add_relu_with, conv2d_bias_relu, conv2d_bias_relu_with, conv2d_bias_with,
+    conv2d_block_start, conv2d_with, ConvPath, Isa, ResidualLink,
 };
 use quant_robust::rng::Rng;
 
@@ -140,8 +140,8 @@ fn compare_on(
         w.as_tensor(),
         &b_data,
         res.as_tensor(),
-        pad,
-        stride,
+        None,
+        (pad, stride),
         path,
     )
     .unwrap();
@@ -479,7 +479,7 @@ proptest! {
         let with_res = [("x", &x), ("gamma", &g), ("beta", &b), ("residual", &res)];
         for path in [BnPath::Auto, BnPath::Portable] {
             let (fused, f_mean, f_var) =
-                batch_norm_add_relu_train_with(&x, &g, &b, &res, 1e-5, path).unwrap();
+                batch_norm_add_relu_train_with(&x, (&g, &b), &res, None, 1e-5, path).unwrap();
             let bn = batch_norm_train_with(&x, &g, &b, 1e-5, false, path).unwrap().0;
             let composed = add_relu(&bn, &res).unwrap();
             prop_assert_eq!(flat(&fused), flat(&composed));
@@ -496,7 +496,8 @@ proptest! {
             }
             // An untracked residual: the ReLU's mask inside BatchNorm's backward pass.
             let data = res.as_tensor().detach();
-            let fused = batch_norm_add_relu_train_with(&x, &g, &b, &data, 1e-5, path).unwrap().0;
+            let fused =
+                batch_norm_add_relu_train_with(&x, (&g, &b), &data, None, 1e-5, path).unwrap().0;
             let composed = add_relu(&bn, &data).unwrap();
             let g1 = (fused * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (composed * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -729,4 +730,108 @@ fn the_relu_mask_inside_the_input_gradient_gives_the_same_bits() {
             );
         }
     }
+}
+
+/// A residual block (conv, ReLU, conv, the block's end with the identity shortcut) in
+/// training mode (`train`: BatchNorm, the shortcut and ReLU in one op) or evaluation mode
+/// (BatchNorm folded: biases, the shortcut and ReLU in the kernel's store), its weights
+/// tracked or not; the gradients of a weighted sum of its output for `x` and the tracked
+/// weights, with the shortcut's gradient through `link` or through candle's sum.
+fn block_gradients(
+    x: &Var,
+    weights: [&Tensor; 4],
+    train: bool,
+    link: Option<&ResidualLink>,
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    use quant_robust::kernels::{batch_norm_add_relu_train, conv2d_bias_add_relu, relu};
+    let [w1, w2, b1, b2] = weights;
+    let xt = x.as_tensor();
+    let first = |bias: Option<&Tensor>, relu: bool| match (link, bias) {
+        (Some(l), _) => conv2d_block_start(xt, w1, bias, relu, (1, 1), l),
+        (None, Some(b)) => conv2d_bias_relu(xt, w1, b, 1, 1),
+        (None, None) => conv2d(xt, w1, 1, 1),
+    };
+    let out = if train {
+        let h = relu(&first(None, false)?)?;
+        let y2 = conv2d(&h, w2, 1, 1)?;
+        batch_norm_add_relu_train(&y2, (b1, b2), xt, link, 1e-5)?.0
+    } else {
+        let h = first(Some(b1), true)?;
+        conv2d_bias_add_relu(&h, w2, b2, xt, link, (1, 1))?
+    };
+    let r = rand(out.dims(), 45).to_dtype(out.dtype())?;
+    let g = (&out * &r)?.sum_all()?.backward()?;
+    [xt, w1, w2, b1]
+        .into_iter()
+        .filter_map(|t| g.get(t))
+        .map(|t| {
+            t.to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        })
+        .collect()
+}
+
+#[test]
+fn a_linked_shortcut_gives_candles_gradients() {
+    // The identity shortcut's gradient handed to the block's first convolution, which adds
+    // it as its kernel stores the input gradient: the bits of candle's sum of the two, for
+    // the Winograd F(4×4, 3×3) and F(2×2, 3×3) paths and the direct kernel, in training and
+    // evaluation mode, with the weights tracked (training) or not (an attack).
+    for (c, hw) in [(16, 32), (16, 8), (4, 8)] {
+        let x = Var::from_tensor(&rand(&[2, c, hw, hw], 41)).unwrap();
+        let ws = [
+            rand(&[c, c, 3, 3], 42),
+            rand(&[c, c, 3, 3], 43),
+            rand(&[c], 44),
+            rand(&[c], 46),
+        ];
+        let vars: Vec<Var> = ws.iter().map(|w| Var::from_tensor(w).unwrap()).collect();
+        let tracked = [0, 1, 2, 3].map(|i| vars[i].as_tensor());
+        for (train, weights) in [(true, tracked), (false, tracked), (false, ws.each_ref())] {
+            let candle = block_gradients(&x, weights, train, None).unwrap();
+            let link = ResidualLink::default();
+            let linked = block_gradients(&x, weights, train, Some(&link)).unwrap();
+            assert!(candle[0].iter().any(|v| *v != 0.0));
+            assert_eq!(candle, linked, "c {c} hw {hw} train {train}");
+            // The same link serves a second forward and backward pass.
+            let again = block_gradients(&x, weights, train, Some(&link)).unwrap();
+            assert_eq!(candle, again, "c {c} hw {hw} train {train}, link reused");
+        }
+    }
+}
+
+#[test]
+fn a_linked_shortcut_off_our_kernels_takes_candles_way() {
+    // f64 runs candle's ops, which bypass the link at both ends: the same gradients as
+    // without it (within f64's rounding of the f32 inputs, which is exact here).
+    let to64 = |t: Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
+    let x = Var::from_tensor(&to64(rand(&[2, 16, 8, 8], 41))).unwrap();
+    let ws = [
+        to64(rand(&[16, 16, 3, 3], 42)),
+        to64(rand(&[16, 16, 3, 3], 43)),
+        to64(rand(&[16], 44)),
+        to64(rand(&[16], 46)),
+    ];
+    let candle = block_gradients(&x, ws.each_ref(), false, None).unwrap();
+    let link = ResidualLink::default();
+    let linked = block_gradients(&x, ws.each_ref(), false, Some(&link)).unwrap();
+    assert_eq!(candle, linked);
+}
+
+#[test]
+fn a_link_without_its_blocks_end_is_an_error() {
+    // The first convolution linked, the block's end not: its backward pass finds no
+    // shortcut gradient, and says so instead of dropping it.
+    let x = Var::from_tensor(&rand(&[2, 16, 8, 8], 41)).unwrap();
+    let w = rand(&[16, 16, 3, 3], 42);
+    let link = ResidualLink::default();
+    let y = conv2d_block_start(x.as_tensor(), &w, None, false, (1, 1), &link).unwrap();
+    let err = (y + x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap_err();
+    assert!(err.to_string().contains("residual link"), "{err}");
 }

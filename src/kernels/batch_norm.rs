@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use rayon::prelude::*;
 use std::sync::Arc;
 
-use super::slice;
+use super::{slice, ResidualLink};
 
 /// (N, C, H·W) of an NCHW layout.
 fn nchw(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
@@ -478,9 +478,11 @@ impl BnTrainBackward {
 /// Training-mode BatchNorm, a residual added, then ReLU: (x, [γ ; β], r) → max(BN(x) + r,
 /// 0) with the batch statistics `stats`. One pass over the activations where BatchNorm and
 /// the residual sum with its ReLU took two; the backward pass is [`BnTrainOp`]'s through a
-/// ReLU, and the residual's gradient the ReLU's.
+/// ReLU, and the residual's gradient the ReLU's (left in `link`, where given, for the
+/// block's first convolution).
 struct BnAddReluOp {
     stats: BatchStats,
+    link: Option<ResidualLink>,
 }
 
 impl CustomOp3 for BnAddReluOp {
@@ -539,14 +541,18 @@ impl CustomOp3 for BnAddReluOp {
         } else {
             None
         };
+        let returned = match (&self.link, &dr) {
+            (Some(link), Some(g)) => link.put(g.clone()),
+            _ => dr.clone(),
+        };
         if !x.track_op() && !params.track_op() {
-            return Ok((None, None, dr));
+            return Ok((None, None, returned));
         }
         let gamma = params.narrow(0, 0, c)?.to_vec1::<f32>()?;
         let op = self.stats.backward(gamma, x.track_op(), dr.is_none());
         // [Σ dy·x̂ ; Σ dy] = [dγ ; dβ], the parameters' order.
         let (dx, sums) = op.run(x, dr.as_ref().unwrap_or(&dy), res)?;
-        Ok((dx, params.track_op().then_some(sums), dr))
+        Ok((dx, params.track_op().then_some(sums), returned))
     }
 }
 
@@ -927,32 +933,40 @@ pub fn batch_norm_train_with(
 /// Training-mode BatchNorm of `x`, the residual `r` added, then ReLU (a residual block's
 /// end): on the CPU one op, the same values and gradients as [`batch_norm_train`] and
 /// [`add_relu`] in a row; with the statistics used, as [`batch_norm_train`] returns them.
+/// With `link`, the residual's gradient goes to the block's first convolution
+/// ([`super::conv2d::conv2d_block_start`]).
 pub fn batch_norm_add_relu_train(
     x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
     r: &Tensor,
+    link: Option<&ResidualLink>,
     eps: f64,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    batch_norm_add_relu_train_with(x, gamma, beta, r, eps, BnPath::Auto)
+    batch_norm_add_relu_train_with(x, (gamma, beta), r, link, eps, BnPath::Auto)
 }
 
 /// [`batch_norm_add_relu_train`] by the given code on the CPU.
 pub fn batch_norm_add_relu_train_with(
     x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
     r: &Tensor,
+    link: Option<&ResidualLink>,
     eps: f64,
     path: BnPath,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     if !(cpu_f32(x) && cpu_f32(r)) {
+        if let Some(link) = link {
+            link.bypass();
+        }
         let (y, mean, var) = batch_norm_train_with(x, gamma, beta, eps, false, path)?;
         return Ok((add_relu(&y, r)?, mean, var));
     }
     let x = x.contiguous()?;
     let (stats, mean, var) = BatchStats::of(&x, eps, path)?;
-    let op = BnAddReluOp { stats };
+    let op = BnAddReluOp {
+        stats,
+        link: link.cloned(),
+    };
     let params = Tensor::cat(&[gamma.contiguous()?, beta.contiguous()?], 0)?;
     let y = x.apply_op3(&params, &r.contiguous()?, op)?;
     Ok((y, mean, var))

@@ -28,6 +28,8 @@ mod winograd;
 
 use ops::{Conv2dBiasOp, Conv2dOp, Conv2dResidualReluOp};
 
+use super::ResidualLink;
+
 pub use direct::Isa;
 
 /// The best instruction set this machine runs for the SIMD kernels, if any.
@@ -353,8 +355,16 @@ fn transposed_rotated(w: &[f32], o: usize, c: usize) -> Vec<f32> {
 }
 
 /// The input gradient: of `dy`, or with `relu_out` of dy·[relu_out > 0] (the gradient
-/// through the ReLU that made the forward output `relu_out`).
-fn grad_input(g: &Geom, dy: &[f32], w: &[f32], relu_out: Option<&[f32]>, algo: Algo) -> Vec<f32> {
+/// through the ReLU that made the forward output `relu_out`), plus `shortcut` (of the
+/// input's shape) where given.
+fn grad_input(
+    g: &Geom,
+    dy: &[f32],
+    w: &[f32],
+    relu_out: Option<&[f32]>,
+    shortcut: Option<&[f32]>,
+    algo: Algo,
+) -> Vec<f32> {
     // Stride 1, pad 1: dx is the convolution of dy with the transposed, rotated kernel
     // ([`ConvPath::input_grad`] chose its algorithm). (A stride-2 input gradient is a
     // transposed convolution: im2col's col2im does it.)
@@ -378,14 +388,18 @@ fn grad_input(g: &Geom, dy: &[f32], w: &[f32], relu_out: Option<&[f32]>, algo: A
         let zeros = vec![0f32; g.c];
         let add = Addends {
             bias: &zeros,
-            residual: None,
+            residual: shortcut,
         };
         return each_image(plane, g.n, &kernel, dy, relu_out, add);
     }
-    match relu_out {
+    let mut dx = match relu_out {
         Some(r) => im2col::grad_input(g, &super::IntervalGrad::POSITIVE.apply_slices(r, dy), w),
         None => im2col::grad_input(g, dy, w),
+    };
+    if let Some(r) = shortcut {
+        dx.par_iter_mut().zip(r).for_each(|(d, &r)| *d += r);
     }
+    dx
 }
 
 /// The weight gradient is summed over the batch in this many parts, whatever the number of
@@ -452,6 +466,7 @@ pub fn conv2d_with(
             &w.contiguous()?,
             Conv2dOp {
                 conv: Conv { pad, stride, path },
+                link: None,
             },
         )
     } else {
@@ -522,7 +537,11 @@ fn bias_op(
     relu: bool,
 ) -> candle_core::Result<Tensor> {
     if ours(x, w) {
-        let op = Conv2dBiasOp { conv, relu };
+        let op = Conv2dBiasOp {
+            conv,
+            relu,
+            link: None,
+        };
         return x
             .contiguous()?
             .apply_op3(&w.contiguous()?, &b.contiguous()?, op);
@@ -538,19 +557,55 @@ fn bias_op(
     }
 }
 
+/// A residual block's first convolution, `conv2d(x, w)` [+ `bias` per output channel]
+/// [through ReLU, `relu`, which needs the bias], whose input gradient also carries the
+/// shortcut's gradient that the block's end leaves in `link` (see [`ResidualLink`]); the
+/// same values and gradients as [`conv2d`], [`conv2d_bias`] or [`conv2d_bias_relu`] with
+/// candle summing the two gradients of `x`.
+pub fn conv2d_block_start(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    relu: bool,
+    (pad, stride): (usize, usize),
+    link: &ResidualLink,
+) -> candle_core::Result<Tensor> {
+    let conv = Conv {
+        pad,
+        stride,
+        path: ConvPath::Auto,
+    };
+    if relu && bias.is_none() {
+        candle_core::bail!("conv2d: a ReLU in the store needs a bias");
+    }
+    if !ours(x, w) {
+        link.bypass();
+        return match bias {
+            Some(b) => bias_op(x, w, b, conv, relu),
+            None => x.conv2d(w, pad, stride, 1, 1),
+        };
+    }
+    let (x, w, link) = (x.contiguous()?, w.contiguous()?, Some(link.clone()));
+    match bias {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dBiasOp { conv, relu, link }),
+        None => x.apply_op2(&w, Conv2dOp { conv, link }),
+    }
+}
+
 /// `relu(conv2d(x, w) + b + r)`: a residual block's last convolution, its (folded)
 /// BatchNorm shift `b`, the shortcut `r` and the ReLU, the sum and the ReLU applied as the
 /// kernel stores each output (CPU, f32, `b` not tracked); otherwise [`conv2d_bias`] followed
-/// by [`super::add_relu`]. Same values and gradients either way.
+/// by [`super::add_relu`]. Same values and gradients either way. With `link`, the
+/// shortcut's gradient goes to the block's first convolution ([`conv2d_block_start`]).
 pub fn conv2d_bias_add_relu(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
     r: &Tensor,
-    pad: usize,
-    stride: usize,
+    link: Option<&ResidualLink>,
+    (pad, stride): (usize, usize),
 ) -> candle_core::Result<Tensor> {
-    conv2d_bias_add_relu_with(x, w, b, r, pad, stride, ConvPath::Auto)
+    conv2d_bias_add_relu_with(x, w, b, r, link, (pad, stride), ConvPath::Auto)
 }
 
 /// [`conv2d_bias_add_relu`] with the CPU algorithm chosen by `path`.
@@ -559,18 +614,22 @@ pub fn conv2d_bias_add_relu_with(
     w: &Tensor,
     b: &Tensor,
     r: &Tensor,
-    pad: usize,
-    stride: usize,
+    link: Option<&ResidualLink>,
+    (pad, stride): (usize, usize),
     path: ConvPath,
 ) -> candle_core::Result<Tensor> {
     if ours(x, w) && [r.dtype(), b.dtype()] == [x.dtype(); 2] && !b.track_op() {
         let op = Conv2dResidualReluOp {
             conv: Conv { pad, stride, path },
             bias: b.to_vec1::<f32>()?,
+            link: link.cloned(),
         };
         x.contiguous()?
             .apply_op3(&w.contiguous()?, &r.contiguous()?, op)
     } else {
+        if let Some(link) = link {
+            link.bypass();
+        }
         super::add_relu(&conv2d_bias_with(x, w, b, pad, stride, path)?, r)
     }
 }

@@ -58,9 +58,9 @@ pub use batch_norm::{
 };
 pub use conv2d::{
     conv2d, conv2d_bias, conv2d_bias_add_relu, conv2d_bias_add_relu_with, conv2d_bias_relu,
-    conv2d_bias_relu_with, conv2d_bias_with, conv2d_with, ConvPath, Isa,
+    conv2d_bias_relu_with, conv2d_bias_with, conv2d_block_start, conv2d_with, ConvPath, Isa,
 };
-pub use shortcut::option_a_shortcut;
+pub use shortcut::{option_a_shortcut, ResidualLink};
 
 /// A vector of `len` f32s filled by `fill` in parallel chunks of `chunk` elements (called
 /// with the chunk's index), without zeroing the memory first: an op's output that the op

@@ -4,6 +4,11 @@
 //! a copy, a concatenation with zeros — the backward pass made batch-sized copies: each
 //! narrow's gradient concatenates zeros around it.) Only data moves, so the values and
 //! gradients are those of candle's ops, bit for bit.
+//!
+//! [`ResidualLink`] carries an identity shortcut's gradient to the block's first
+//! convolution, which adds it as it stores its input gradient.
+
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, IndexOp, Layout, Shape, Tensor};
 
@@ -28,6 +33,74 @@ pub fn option_a_shortcut(x: &Tensor, planes: usize) -> candle_core::Result<Tenso
         .i((.., .., .., 0, .., 0))?
         .contiguous()?
         .pad_with_zeros(1, before, planes - c - before)
+}
+
+/// The gradient of a residual block's identity shortcut on its way to the block's input.
+///
+/// The block's input `x` feeds its first convolution and, as the shortcut, the op at the
+/// block's end; candle sums the two gradients of `x` in a pass of its own over the
+/// activations, on its own threads. Linked, the op at the block's end (which the backward
+/// pass reaches first: the first convolution's output leads to it) leaves the shortcut's
+/// gradient here instead of returning it, and the first convolution's input gradient adds
+/// it as the kernel stores each value: the same sums (one f32 addition, which is
+/// commutative), one pass less. The end's residual operand must be the first convolution's
+/// input (the model links identity shortcuts only). Where either end is not our CPU op (it
+/// [`bypass`](Self::bypass)es the link), the gradient takes candle's way; the first
+/// convolution's backward pass fails if the end's left nothing.
+#[derive(Clone, Default)]
+pub struct ResidualLink(Arc<Mutex<Link>>);
+
+/// What a [`ResidualLink`] holds.
+#[derive(Default)]
+enum Link {
+    /// Nothing yet.
+    #[default]
+    Open,
+    /// An end is not our op: the gradient goes through candle.
+    Bypassed,
+    /// The shortcut's gradient, for the first convolution.
+    Grad(Tensor),
+}
+
+impl ResidualLink {
+    fn state(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the link unused: an end of it runs candle's ops.
+    pub(crate) fn bypass(&self) {
+        *self.state() = Link::Bypassed;
+    }
+
+    /// Leaves the shortcut's gradient (the op at the block's end); it comes back where the
+    /// link is bypassed, for the end to return it.
+    pub(crate) fn put(&self, grad: Tensor) -> Option<Tensor> {
+        let mut state = self.state();
+        match *state {
+            Link::Bypassed => Some(grad),
+            _ => {
+                *state = Link::Grad(grad);
+                None
+            }
+        }
+    }
+
+    /// Takes the shortcut's gradient (the block's first convolution): `None` where the link
+    /// is bypassed.
+    pub(crate) fn take(&self) -> candle_core::Result<Option<Tensor>> {
+        let mut state = self.state();
+        match std::mem::take(&mut *state) {
+            Link::Grad(g) => Ok(Some(g)),
+            Link::Bypassed => {
+                *state = Link::Bypassed;
+                Ok(None)
+            }
+            Link::Open => candle_core::bail!(
+                "residual link: the block's first convolution took its input gradient before \
+                 the block's end left the shortcut's"
+            ),
+        }
+    }
 }
 
 /// The forward op: N×C×H×W → N×`planes`×H/2×W/2, input channels from `before`.

@@ -382,19 +382,33 @@ impl ResNet20 {
             bn,
             act: site,
             residual,
+            link,
         } = names;
         let w = self.layer_weight(layer)?;
+        // The convolution, as the block's first where it takes the shortcut's gradient.
+        let conv = |w: &Tensor, bias: Option<&Tensor>, relu: bool| -> Result<Tensor> {
+            Ok(match (link.filter(|_| residual.is_none()), bias) {
+                (Some(link), _) => {
+                    kernels::conv2d_block_start(x, w, bias, relu, (1, stride), link)?
+                }
+                (None, None) => kernels::conv2d(x, w, 1, stride)?,
+                (None, Some(b)) if relu => kernels::conv2d_bias_relu(x, w, b, 1, stride)?,
+                (None, Some(b)) => kernels::conv2d_bias(x, w, b, 1, stride)?,
+            })
+        };
         if train {
             let gamma = self.t(&format!("{bn}.weight"));
             let beta = self.t(&format!("{bn}.bias"));
             let rm_name = format!("{bn}.running_mean");
             let rv_name = format!("{bn}.running_var");
-            let x = crate::kernels::conv2d(x, &w, 1, stride)?;
+            let x = conv(&w, None, false)?;
             // A plain ReLU first at the site goes inside BatchNorm's op (with the residual
             // added before it, when there is one).
             let relu_first = site.is_some_and(|s| self.seam.relu_first(s));
             let (y, mean, var) = match (residual, relu_first) {
-                (Some(r), true) => kernels::batch_norm_add_relu_train(&x, gamma, beta, r, BN_EPS)?,
+                (Some(r), true) => {
+                    kernels::batch_norm_add_relu_train(&x, (gamma, beta), r, link, BN_EPS)?
+                }
                 (None, true) => kernels::batch_norm_relu_train(&x, gamma, beta, BN_EPS)?,
                 (None, false) => kernels::batch_norm_train(&x, gamma, beta, BN_EPS)?,
                 (Some(_), false) => {
@@ -431,14 +445,14 @@ impl ResNet20 {
             let (w, shift) = self.folded(&w, bn)?;
             match site {
                 Some(site) if self.seam.relu_first(site) => {
-                    let y = kernels::conv2d_bias_relu(x, &w, &shift, 1, stride)?;
+                    let y = conv(&w, Some(&shift), true)?;
                     self.seam.after_relu(site, &y)
                 }
                 Some(site) => {
-                    let y = kernels::conv2d_bias(x, &w, &shift, 1, stride)?;
+                    let y = conv(&w, Some(&shift), false)?;
                     self.seam.activation(site, &y)
                 }
-                None => Ok(kernels::conv2d_bias(x, &w, &shift, 1, stride)?),
+                None => conv(&w, Some(&shift), false),
             }
         }
     }
@@ -452,7 +466,11 @@ impl ResNet20 {
         stride: usize,
         train: bool,
     ) -> Result<Tensor> {
-        let relu1 = format!("{name}.relu1");
+        let (relu1, relu2) = (format!("{name}.relu1"), format!("{name}.relu2"));
+        let identity = stride == 1 && in_planes == planes;
+        // Where the block ends in one op (a plain ReLU after the sum), an identity shortcut's
+        // gradient goes from that op straight into conv1's input gradient.
+        let link = (identity && self.seam.relu_first(&relu2)).then(kernels::ResidualLink::default);
         let out = self.conv_bn(
             x,
             ConvBn {
@@ -460,21 +478,22 @@ impl ResNet20 {
                 bn: &format!("{name}.bn1"),
                 act: Some(&relu1),
                 residual: None,
+                link: link.as_ref(),
             },
             stride,
             train,
         )?;
-        let shortcut = if stride != 1 || in_planes != planes {
-            option_a_shortcut(x, planes)?
-        } else {
+        let shortcut = if identity {
             x.clone()
+        } else {
+            option_a_shortcut(x, planes)?
         };
-        let relu2 = format!("{name}.relu2");
         let (conv2, bn2) = (format!("{name}.conv2"), format!("{name}.bn2"));
         if !train && self.seam.relu_first(&relu2) {
             // Evaluation: BatchNorm folded, the shortcut and the ReLU in the kernel's store.
             let (w, shift) = self.folded(&self.layer_weight(&conv2)?, &bn2)?;
-            let y = kernels::conv2d_bias_add_relu(&out, &w, &shift, &shortcut, 1, 1)?;
+            let y =
+                kernels::conv2d_bias_add_relu(&out, &w, &shift, &shortcut, link.as_ref(), (1, 1))?;
             return self.seam.after_relu(&relu2, &y);
         }
         if train && self.seam.relu_first(&relu2) {
@@ -484,6 +503,7 @@ impl ResNet20 {
                 bn: &bn2,
                 act: Some(&relu2),
                 residual: Some(&shortcut),
+                link: link.as_ref(),
             };
             return self.conv_bn(&out, names, 1, train);
         }
@@ -494,6 +514,7 @@ impl ResNet20 {
                 bn: &bn2,
                 act: None,
                 residual: None,
+                link: None,
             },
             1,
             train,
@@ -526,6 +547,7 @@ impl ResNet20 {
             bn: "bn1",
             act: Some("relu"),
             residual: None,
+            link: None,
         };
         let mut x = self.conv_bn(&x, stem, 1, train)?;
         for (name, i, o, s) in blocks() {
@@ -554,6 +576,10 @@ struct ConvBn<'a> {
     bn: &'a str,
     act: Option<&'a str>,
     residual: Option<&'a Tensor>,
+    /// The block's shortcut link (see [`kernels::ResidualLink`]): with `residual`, the op at
+    /// the block's end leaves the residual's gradient there; without, this convolution (the
+    /// block's first) adds it to its input gradient.
+    link: Option<&'a kernels::ResidualLink>,
 }
 
 /// Option-A shortcut: every other pixel, new channels zero-padded half on each side.

@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::{forward, grad_input, grad_weight, Conv, Geom, Store};
-use crate::kernels::slice;
+use crate::kernels::{slice, ResidualLink};
 
 impl Conv {
     /// A forward op's output: `y = conv(x, w)` by the algorithm this convolution's path
@@ -21,16 +21,19 @@ impl Conv {
     }
 }
 
-/// The forward op: `(x, w) -> y`.
+/// The forward op: `(x, w) -> y`; with `link`, a residual block's first convolution, whose
+/// input gradient adds the shortcut's.
 pub(super) struct Conv2dOp {
     pub conv: Conv,
+    pub link: Option<ResidualLink>,
 }
 
 /// `(dy, w) -> dx` for an input of shape `in_shape` (and `(dy, w, y) -> dx` through the
-/// ReLU whose output is `y`).
+/// ReLU whose output is `y`), plus `shortcut` (of the input's shape) where given.
 struct GradInputOp {
     conv: Conv,
     in_shape: [usize; 4],
+    shortcut: Option<Tensor>,
 }
 
 /// `(x, dy) -> dw` for a kernel of shape `w_shape`.
@@ -63,18 +66,20 @@ impl CustomOp2 for Conv2dOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        grads(self.conv, x, w, &grad.contiguous()?)
+        grads(self.conv, self.link.as_ref(), x, w, &grad.contiguous()?)
     }
 }
 
-/// The input and weight gradients of a convolution, each only where its operand is tracked.
+/// The input and weight gradients of a convolution, each only where its operand is tracked;
+/// the input gradient with the shortcut's that `link` holds, where given.
 fn grads(
     conv: Conv,
+    link: Option<&ResidualLink>,
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-    let dx = grad_x(conv, x, w, grad, None)?;
+    let dx = grad_x(conv, link, x, w, grad, None)?;
     let dw = if w.track_op() {
         let d = w.dims();
         let op = GradWeightOp {
@@ -90,9 +95,10 @@ fn grads(
 
 /// The input gradient where `x` is tracked: of `grad`, or with `relu_out` of
 /// grad·[relu_out > 0] (through the ReLU that made the output `relu_out`), masked inside
-/// the kernel.
+/// the kernel; plus the shortcut's gradient that `link` holds, added as the kernel stores.
 fn grad_x(
     conv: Conv,
+    link: Option<&ResidualLink>,
     x: &Tensor,
     w: &Tensor,
     grad: &Tensor,
@@ -102,9 +108,17 @@ fn grad_x(
         return Ok(None);
     }
     let d = x.dims();
+    let shortcut = match link {
+        Some(link) => link.take()?.map(|g| g.contiguous()).transpose()?,
+        None => None,
+    };
+    if shortcut.as_ref().is_some_and(|s| s.dims() != d) {
+        candle_core::bail!("conv2d grad: the shortcut's gradient does not fit the input {d:?}");
+    }
     let op = GradInputOp {
         conv,
         in_shape: [d[0], d[1], d[2], d[3]],
+        shortcut,
     };
     let (grad, w) = (grad.contiguous()?, w.contiguous()?);
     Ok(Some(match relu_out {
@@ -113,10 +127,12 @@ fn grad_x(
     }))
 }
 
-/// The forward op with a bias per output channel: `(x, w, b) -> y`, optionally through ReLU.
+/// The forward op with a bias per output channel: `(x, w, b) -> y`, optionally through ReLU;
+/// with `link`, as [`Conv2dOp`]'s.
 pub(super) struct Conv2dBiasOp {
     pub conv: Conv,
     pub relu: bool,
+    pub link: Option<ResidualLink>,
 }
 
 impl CustomOp3 for Conv2dBiasOp {
@@ -157,7 +173,8 @@ impl CustomOp3 for Conv2dBiasOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if self.relu && !w.track_op() && !b.track_op() {
             // Only the input gradient (an attack's): the ReLU's mask goes inside its kernel.
-            return Ok((grad_x(self.conv, x, w, grad, Some(res))?, None, None));
+            let dx = grad_x(self.conv, self.link.as_ref(), x, w, grad, Some(res))?;
+            return Ok((dx, None, None));
         }
         let grad = if self.relu {
             // y = max(s, 0): y > 0 exactly where s > 0.
@@ -165,7 +182,7 @@ impl CustomOp3 for Conv2dBiasOp {
         } else {
             grad.contiguous()?
         };
-        let (dx, dw) = grads(self.conv, x, w, &grad)?;
+        let (dx, dw) = grads(self.conv, self.link.as_ref(), x, w, &grad)?;
         let db = if b.track_op() {
             Some(bias_gradient(&grad)?)
         } else {
@@ -206,7 +223,18 @@ impl GradInputOp {
             candle_core::bail!("conv2d grad: the ReLU output does not fit {:?}", l1.dims());
         }
         let algo = self.conv.path.input_grad(&g)?;
-        let dx = grad_input(&g, dy, slice(w, l2, "kernel")?, relu_out, algo);
+        let w = slice(w, l2, "kernel")?;
+        let dx = match &self.shortcut {
+            Some(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                let candle_core::Storage::Cpu(cpu) = &*storage else {
+                    candle_core::bail!("conv2d grad: the shortcut's gradient is not on the CPU");
+                };
+                let r = slice(cpu, layout, "shortcut gradient")?;
+                grad_input(&g, dy, w, relu_out, Some(r), algo)
+            }
+            None => grad_input(&g, dy, w, relu_out, None, algo),
+        };
         Ok((CpuStorage::F32(dx), Shape::from(self.in_shape.to_vec())))
     }
 }
@@ -276,10 +304,12 @@ impl CustomOp2 for GradWeightOp {
 
 /// The forward op of a residual block's last convolution in evaluation mode:
 /// `(x, w, r) -> relu(conv(x, w) + bias + r)`, the bias per output channel held as data (it
-/// takes no gradient).
+/// takes no gradient); with `link`, the residual's gradient goes there instead of being
+/// returned.
 pub(super) struct Conv2dResidualReluOp {
     pub conv: Conv,
     pub bias: Vec<f32>,
+    pub link: Option<ResidualLink>,
 }
 
 impl CustomOp3 for Conv2dResidualReluOp {
@@ -325,7 +355,12 @@ impl CustomOp3 for Conv2dResidualReluOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // y = max(s, 0): y > 0 exactly where s > 0.
         let grad = crate::kernels::IntervalGrad::POSITIVE.apply(res, grad)?;
-        let (dx, dw) = grads(self.conv, x, w, &grad)?;
-        Ok((dx, dw, r.track_op().then_some(grad)))
+        let (dx, dw) = grads(self.conv, None, x, w, &grad)?;
+        let dr = match (&self.link, r.track_op()) {
+            (Some(link), true) => link.put(grad),
+            (None, true) => Some(grad),
+            (_, false) => None,
+        };
+        Ok((dx, dw, dr))
     }
 }
