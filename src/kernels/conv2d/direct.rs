@@ -474,8 +474,7 @@ mod x86 {
 
     /// Every tile of one image: `OB` output channels × `N` vectors (a remainder of single
     /// vectors at the end).
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    #[inline(always)]
     unsafe fn image<const OB: usize, const N: usize>(
         p: Plane,
         pd: Padded,
@@ -543,8 +542,7 @@ mod x86 {
 
     /// `OB` output channels × `N` output vectors, accumulated over every input channel and
     /// tap; the first `valid` channels are stored (through ReLU where asked).
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    #[inline(always)]
     unsafe fn tile<const OB: usize, const N: usize>(
         g: Geo,
         xp: *const f32,

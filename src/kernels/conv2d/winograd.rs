@@ -502,8 +502,7 @@ mod x86 {
     /// (AVX-512 only) computes the runs of `N` = 4 and the pairs on 512-bit registers, 16
     /// tiles each: every lane sums the same products in the same order, so the bits are
     /// those of 256-bit registers.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    #[inline(always)]
     unsafe fn products<const OB: usize, const N: usize, const WIDE: bool>(
         p: Plane,
         tiling: Tiling,
@@ -584,8 +583,7 @@ mod x86 {
 
     /// `OB` channels × `NN` vectors of tiles, summed over the input channels in order; the
     /// first `valid` channels are stored.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    #[inline(always)]
     unsafe fn tile<const OB: usize, const NN: usize>(t: Tile) {
         let mut acc = [[_mm256_setzero_ps(); NN]; OB];
         for ci in 0..t.c {
@@ -610,8 +608,7 @@ mod x86 {
     }
 
     /// [`tile`] on 512-bit registers: `NZ` vectors of 16 tiles (2·`NZ` of `tile`'s).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
+    #[inline(always)]
     unsafe fn tile16<const OB: usize, const NZ: usize>(t: Tile) {
         let mut acc = [[_mm512_setzero_ps(); NZ]; OB];
         for ci in 0..t.c {
@@ -638,8 +635,7 @@ mod x86 {
     /// [`tile16`] of one vector of 16 tiles for two consecutive blocks of `OB` output
     /// channels (the second block's `U` rows follow the first's, `c·OB` floats on), stored
     /// as `2·OB` channel rows; the first `valid` channels are stored.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
+    #[inline(always)]
     unsafe fn tile16_blocks<const OB: usize>(t: Tile) {
         let mut acc = [[_mm512_setzero_ps(); OB]; 2];
         let u2 = t.u.add(t.c * OB);
@@ -673,8 +669,7 @@ mod x86 {
 
     /// `y[o]` = `Aᵀ M A` + bias [+ residual] [through ReLU] for the block's channels and
     /// tiles, with `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    #[inline(always)]
     unsafe fn transform_output(p: Plane, mb: MBlock, out: Out) {
         let Plane { h, w, .. } = p;
         let (_, tw, _) = tiles(h, w);
@@ -905,8 +900,7 @@ mod x86 {
 
     /// Every input channel for the outputs `o0..` (`OV` vectors): blocks of `CB` channels,
     /// then one at a time.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
+    #[inline(always)]
     unsafe fn gradient_channels<const CB: usize, const OV: usize, const WIDE: bool>(
         s: Sums,
         xi: usize,
@@ -936,7 +930,7 @@ mod x86 {
         ($(#[$m:meta])* $name:ident, $lanes:literal, $zero:ident, $load:ident, $store:ident,
          $splat:ident, $fma:ident) => {
             $(#[$m])*
-            #[inline]
+            #[inline(always)]
             unsafe fn $name<const CB: usize, const OV: usize>(
                 s: Sums,
                 xi: usize,
@@ -976,13 +970,11 @@ mod x86 {
 
     gradient_block!(
         /// [`gradient_block16`] on 256-bit registers: `OV` vectors of 8 outputs.
-        #[target_feature(enable = "avx2,fma")]
         gradient_block8, 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps,
         _mm256_set1_ps, _mm256_fmadd_ps
     );
     gradient_block!(
         /// `OV` vectors of 16 outputs on 512-bit registers.
-        #[target_feature(enable = "avx2,fma,avx512f")]
         gradient_block16, 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps,
         _mm512_set1_ps, _mm512_fmadd_ps
     );

@@ -429,8 +429,7 @@ pub(super) mod x86 {
     }
 
     /// Half `half` (0: lanes 0-7, 1: lanes 8-15) of a 512-bit vector.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
+    #[inline(always)]
     unsafe fn half16(v: __m512, half: usize) -> __m256 {
         let d = _mm512_castps_pd(v);
         _mm256_castpd_ps(if half == 0 {
