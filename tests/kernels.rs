@@ -732,32 +732,50 @@ fn the_relu_mask_inside_the_input_gradient_gives_the_same_bits() {
     }
 }
 
-/// A residual block (conv, ReLU, conv, the block's end with the identity shortcut) in
-/// training mode (`train`: BatchNorm, the shortcut and ReLU in one op) or evaluation mode
-/// (BatchNorm folded: biases, the shortcut and ReLU in the kernel's store), its weights
-/// tracked or not; the gradients of a weighted sum of its output for `x` and the tracked
-/// weights, with the shortcut's gradient through `link` or through candle's sum.
+/// How a test block ends (see [`block_gradients`]).
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// Training mode: BatchNorm, the shortcut and ReLU in one op.
+    Train,
+    /// Evaluation mode, BatchNorm folded: biases, the shortcut and ReLU in the kernel's store.
+    Eval,
+    /// The plain sum (before an activation other than ReLU, as QAT's PACT).
+    Sum,
+}
+
+/// A residual block (conv, ReLU, conv, the block's end with the identity shortcut) ending as
+/// `end`, its weights tracked or not; the gradients of a weighted sum of its output for `x`
+/// and the tracked weights, with the shortcut's gradient through `link` or through candle's
+/// sum.
 fn block_gradients(
     x: &Var,
     weights: [&Tensor; 4],
-    train: bool,
+    end: End,
     link: Option<&ResidualLink>,
 ) -> candle_core::Result<Vec<Vec<f32>>> {
-    use quant_robust::kernels::{batch_norm_add_relu_train, conv2d_bias_add_relu, relu};
+    use quant_robust::kernels::{add, batch_norm_add_relu_train, conv2d_bias_add_relu, relu};
     let [w1, w2, b1, b2] = weights;
     let xt = x.as_tensor();
     let first = |bias: Option<&Tensor>, relu: bool| match (link, bias) {
         (Some(l), _) => conv2d_block_start(xt, w1, bias, relu, (1, 1), l),
-        (None, Some(b)) => conv2d_bias_relu(xt, w1, b, 1, 1),
+        (None, Some(b)) if relu => conv2d_bias_relu(xt, w1, b, 1, 1),
+        (None, Some(b)) => conv2d_bias_with(xt, w1, b, 1, 1, ConvPath::Auto),
         (None, None) => conv2d(xt, w1, 1, 1),
     };
-    let out = if train {
-        let h = relu(&first(None, false)?)?;
-        let y2 = conv2d(&h, w2, 1, 1)?;
-        batch_norm_add_relu_train(&y2, (b1, b2), xt, link, 1e-5)?.0
-    } else {
-        let h = first(Some(b1), true)?;
-        conv2d_bias_add_relu(&h, w2, b2, xt, link, (1, 1))?
+    let out = match end {
+        End::Train => {
+            let h = relu(&first(None, false)?)?;
+            let y2 = conv2d(&h, w2, 1, 1)?;
+            batch_norm_add_relu_train(&y2, (b1, b2), xt, link, 1e-5)?.0
+        }
+        End::Eval => {
+            let h = first(Some(b1), true)?;
+            conv2d_bias_add_relu(&h, w2, b2, xt, link, (1, 1))?
+        }
+        End::Sum => {
+            let h = first(Some(b1), false)?.tanh()?;
+            add(&conv2d(&h, w2, 1, 1)?, xt, link)?
+        }
     };
     let r = rand(out.dims(), 45).to_dtype(out.dtype())?;
     let g = (&out * &r)?.sum_all()?.backward()?;
@@ -776,8 +794,8 @@ fn block_gradients(
 fn a_linked_shortcut_gives_candles_gradients() {
     // The identity shortcut's gradient handed to the block's first convolution, which adds
     // it as its kernel stores the input gradient: the bits of candle's sum of the two, for
-    // the Winograd F(4×4, 3×3) and F(2×2, 3×3) paths and the direct kernel, in training and
-    // evaluation mode, with the weights tracked (training) or not (an attack).
+    // the Winograd F(4×4, 3×3) and F(2×2, 3×3) paths and the direct kernel, for each end,
+    // with the weights tracked (training) or not (an attack).
     for (c, hw) in [(16, 32), (16, 8), (4, 8)] {
         let x = Var::from_tensor(&rand(&[2, c, hw, hw], 41)).unwrap();
         let ws = [
@@ -788,15 +806,22 @@ fn a_linked_shortcut_gives_candles_gradients() {
         ];
         let vars: Vec<Var> = ws.iter().map(|w| Var::from_tensor(w).unwrap()).collect();
         let tracked = [0, 1, 2, 3].map(|i| vars[i].as_tensor());
-        for (train, weights) in [(true, tracked), (false, tracked), (false, ws.each_ref())] {
-            let candle = block_gradients(&x, weights, train, None).unwrap();
+        let runs = [
+            (End::Train, tracked),
+            (End::Eval, tracked),
+            (End::Eval, ws.each_ref()),
+            (End::Sum, tracked),
+            (End::Sum, ws.each_ref()),
+        ];
+        for (end, weights) in runs {
+            let candle = block_gradients(&x, weights, end, None).unwrap();
             let link = ResidualLink::default();
-            let linked = block_gradients(&x, weights, train, Some(&link)).unwrap();
+            let linked = block_gradients(&x, weights, end, Some(&link)).unwrap();
             assert!(candle[0].iter().any(|v| *v != 0.0));
-            assert_eq!(candle, linked, "c {c} hw {hw} train {train}");
+            assert_eq!(candle, linked, "c {c} hw {hw} {end:?}");
             // The same link serves a second forward and backward pass.
-            let again = block_gradients(&x, weights, train, Some(&link)).unwrap();
-            assert_eq!(candle, again, "c {c} hw {hw} train {train}, link reused");
+            let again = block_gradients(&x, weights, end, Some(&link)).unwrap();
+            assert_eq!(candle, again, "c {c} hw {hw} {end:?}, link reused");
         }
     }
 }
@@ -813,10 +838,12 @@ fn a_linked_shortcut_off_our_kernels_takes_candles_way() {
         to64(rand(&[16], 44)),
         to64(rand(&[16], 46)),
     ];
-    let candle = block_gradients(&x, ws.each_ref(), false, None).unwrap();
-    let link = ResidualLink::default();
-    let linked = block_gradients(&x, ws.each_ref(), false, Some(&link)).unwrap();
-    assert_eq!(candle, linked);
+    for end in [End::Eval, End::Sum] {
+        let candle = block_gradients(&x, ws.each_ref(), end, None).unwrap();
+        let link = ResidualLink::default();
+        let linked = block_gradients(&x, ws.each_ref(), end, Some(&link)).unwrap();
+        assert_eq!(candle, linked, "{end:?}");
+    }
 }
 
 #[test]

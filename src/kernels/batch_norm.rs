@@ -854,6 +854,56 @@ impl CustomOp2 for AddReluOp {
     }
 }
 
+/// a + r: a residual sum (before an activation other than a plain ReLU); with `link`, r's
+/// gradient goes there.
+struct AddOp {
+    link: Option<ResidualLink>,
+}
+
+impl CustomOp2 for AddOp {
+    fn name(&self) -> &'static str {
+        "qr-add"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (slice(s1, l1, "input")?, slice(s2, l2, "residual")?);
+        if l1.dims() != l2.dims() {
+            candle_core::bail!("add: shapes {:?} and {:?}", l1.dims(), l2.dims());
+        }
+        const CHUNK: usize = 1 << 14;
+        // SAFETY: chunk i zips with the equally long chunks i of a and b (same shape,
+        // checked above); every element is written.
+        let y = unsafe {
+            super::par_uninit(a.len(), CHUNK, |i, o| {
+                let (xs, rs) = (&a[i * CHUNK..][..o.len()], &b[i * CHUNK..][..o.len()]);
+                for ((o, &u), &v) in o.iter_mut().zip(xs).zip(rs) {
+                    o.write(u + v);
+                }
+            })
+        };
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        a: &Tensor,
+        r: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dr = match (&self.link, r.track_op()) {
+            (Some(link), true) => link.put(dy.clone()),
+            (None, true) => Some(dy.clone()),
+            (_, false) => None,
+        };
+        Ok((a.track_op().then(|| dy.clone()), dr))
+    }
+}
+
 fn cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
@@ -991,6 +1041,22 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
     } else {
         x.relu()
     }
+}
+
+/// A residual sum `a + r` (our op on the CPU, candle's elsewhere); with `link`, the
+/// residual's gradient goes to the block's first convolution
+/// ([`super::conv2d::conv2d_block_start`]).
+pub fn add(a: &Tensor, r: &Tensor, link: Option<&ResidualLink>) -> candle_core::Result<Tensor> {
+    if cpu_f32(a) && cpu_f32(r) {
+        let op = AddOp {
+            link: link.cloned(),
+        };
+        return a.contiguous()?.apply_op2(&r.contiguous()?, op);
+    }
+    if let Some(link) = link {
+        link.bypass();
+    }
+    a + r
 }
 
 /// ReLU of a residual sum, `max(a + b, 0)`, in one pass (same values and gradients as the

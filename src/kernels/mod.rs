@@ -52,9 +52,9 @@ pub mod round;
 pub mod shortcut;
 
 pub use batch_norm::{
-    add_relu, batch_norm_add_relu_train, batch_norm_add_relu_train_with, batch_norm_relu_train,
-    batch_norm_train, batch_norm_train_with, channel_affine, channel_stats, channel_stats_with,
-    relu, BnPath,
+    add, add_relu, batch_norm_add_relu_train, batch_norm_add_relu_train_with,
+    batch_norm_relu_train, batch_norm_train, batch_norm_train_with, channel_affine, channel_stats,
+    channel_stats_with, relu, BnPath,
 };
 pub use conv2d::{
     conv2d, conv2d_bias, conv2d_bias_add_relu, conv2d_bias_add_relu_with, conv2d_bias_relu,

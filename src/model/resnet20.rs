@@ -468,9 +468,9 @@ impl ResNet20 {
     ) -> Result<Tensor> {
         let (relu1, relu2) = (format!("{name}.relu1"), format!("{name}.relu2"));
         let identity = stride == 1 && in_planes == planes;
-        // Where the block ends in one op (a plain ReLU after the sum), an identity shortcut's
-        // gradient goes from that op straight into conv1's input gradient.
-        let link = (identity && self.seam.relu_first(&relu2)).then(kernels::ResidualLink::default);
+        // An identity shortcut's gradient goes from the op at the block's end straight into
+        // conv1's input gradient.
+        let link = identity.then(kernels::ResidualLink::default);
         let out = self.conv_bn(
             x,
             ConvBn {
@@ -519,12 +519,9 @@ impl ResNet20 {
             1,
             train,
         )?;
-        if self.seam.relu_first(&relu2) {
-            self.seam
-                .after_relu(&relu2, &kernels::add_relu(&out, &shortcut)?)
-        } else {
-            self.seam.activation(&relu2, &(out + shortcut)?)
-        }
+        // (A plain ReLU after the sum took one of the fused ends above.)
+        let sum = kernels::add(&out, &shortcut, link.as_ref())?;
+        self.seam.activation(&relu2, &sum)
     }
 
     /// Logits; `train` selects BatchNorm's mode (batch statistics and running-statistics
