@@ -620,6 +620,33 @@ proptest! {
 }
 
 #[test]
+fn pact_gradients_give_the_same_bits_on_any_number_of_threads() {
+    // ∂/∂α sums per chunk of the activations and the chunks in order: the same bits with 1,
+    // 2 and 3 threads, over several chunks and a ragged end.
+    use quant_robust::kernels::pact::pact_ste;
+    let n = 3 * (1 << 14) + 123;
+    let x = Var::from_tensor(&rand(&[n], 61).affine(2.0, 1.0).unwrap()).unwrap();
+    let w = rand(&[n], 62);
+    let grads = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let a = Var::new(1.5f32, &Device::Cpu).unwrap();
+            let y = pact_ste(x.as_tensor(), a.as_tensor(), 4).unwrap().unwrap();
+            let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let dx: Vec<f32> = g.get(&x).unwrap().to_vec1().unwrap();
+            (dx, g.get(&a).unwrap().to_scalar::<f32>().unwrap())
+        })
+    };
+    let one = grads(1);
+    assert!(one.1 != 0.0 && one.0.iter().any(|v| *v != 0.0));
+    assert_eq!(one, grads(2));
+    assert_eq!(one, grads(3));
+}
+
+#[test]
 fn the_allocator_setting_respects_the_users_malloc_variables() {
     use quant_robust::device::{keep_freed_memory, AllocatorSetting, GLIBC_MALLOC_VARIABLES};
     let user = std::env::var("QR_KEEP_FREED_MEMORY").is_ok_and(|v| v == "0")
