@@ -17,7 +17,9 @@
 //!   model folds it into the convolution instead, `kernels::conv2d_bias`), gradients for x,
 //!   and for a and b only when they are tracked.
 //! - [`relu`]: `max(x, 0)`, gradient `dy·[x > 0]`; [`add_relu`]: `max(a + b, 0)` (a residual
-//!   sum and its ReLU), gradient `dy·[a + b > 0]` for both.
+//!   sum and its ReLU), gradient `dy·[a + b > 0]` for both; [`add`]: a residual sum `a + r`
+//!   (before another activation), r's gradient optionally through a
+//!   [`super::ResidualLink`].
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -807,62 +809,20 @@ impl CustomOp1 for ReluOp {
     }
 }
 
-/// max(a + b, 0): a residual sum and its ReLU in one pass.
-struct AddReluOp;
-
-impl CustomOp2 for AddReluOp {
-    fn name(&self) -> &'static str {
-        "qr-add-relu"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = (slice(s1, l1, "input")?, slice(s2, l2, "residual")?);
-        if l1.dims() != l2.dims() {
-            candle_core::bail!("add-relu: shapes {:?} and {:?}", l1.dims(), l2.dims());
-        }
-        const CHUNK: usize = 1 << 14;
-        // SAFETY: chunk i zips with the equally long chunks i of a and b (same shape,
-        // checked above); every element is written.
-        let y = unsafe {
-            super::par_uninit(a.len(), CHUNK, |i, o| {
-                let (xs, rs) = (&a[i * CHUNK..][..o.len()], &b[i * CHUNK..][..o.len()]);
-                for ((o, &u), &v) in o.iter_mut().zip(xs).zip(rs) {
-                    o.write((u + v).max(0.0));
-                }
-            })
-        };
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
-    }
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        if !a.track_op() && !b.track_op() {
-            return Ok((None, None));
-        }
-        // y = max(a + b, 0): y > 0 exactly where a + b > 0.
-        let g = super::IntervalGrad::POSITIVE.apply(res, dy)?;
-        Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
-    }
-}
-
-/// a + r: a residual sum (before an activation other than a plain ReLU); with `link`, r's
-/// gradient goes there.
+/// A residual sum `a + r`, through ReLU with `relu` (`max(a + r, 0)`), in one pass; with
+/// `link`, r's gradient goes there.
 struct AddOp {
+    relu: bool,
     link: Option<ResidualLink>,
 }
 
 impl CustomOp2 for AddOp {
     fn name(&self) -> &'static str {
-        "qr-add"
+        if self.relu {
+            "qr-add-relu"
+        } else {
+            "qr-add"
+        }
     }
     fn cpu_fwd(
         &self,
@@ -873,16 +833,22 @@ impl CustomOp2 for AddOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (a, b) = (slice(s1, l1, "input")?, slice(s2, l2, "residual")?);
         if l1.dims() != l2.dims() {
-            candle_core::bail!("add: shapes {:?} and {:?}", l1.dims(), l2.dims());
+            candle_core::bail!(
+                "{}: shapes {:?} and {:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
         }
         const CHUNK: usize = 1 << 14;
+        let relu = self.relu;
         // SAFETY: chunk i zips with the equally long chunks i of a and b (same shape,
         // checked above); every element is written.
         let y = unsafe {
             super::par_uninit(a.len(), CHUNK, |i, o| {
                 let (xs, rs) = (&a[i * CHUNK..][..o.len()], &b[i * CHUNK..][..o.len()]);
                 for ((o, &u), &v) in o.iter_mut().zip(xs).zip(rs) {
-                    o.write(u + v);
+                    o.write(if relu { (u + v).max(0.0) } else { u + v });
                 }
             })
         };
@@ -892,15 +858,24 @@ impl CustomOp2 for AddOp {
         &self,
         a: &Tensor,
         r: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if !a.track_op() && !r.track_op() {
+            return Ok((None, None));
+        }
+        // y = max(a + r, 0): y > 0 exactly where a + r > 0.
+        let g = if self.relu {
+            super::IntervalGrad::POSITIVE.apply(res, dy)?
+        } else {
+            dy.clone()
+        };
         let dr = match (&self.link, r.track_op()) {
-            (Some(link), true) => link.put(dy.clone()),
-            (None, true) => Some(dy.clone()),
+            (Some(link), true) => link.put(g.clone()),
+            (None, true) => Some(g.clone()),
             (_, false) => None,
         };
-        Ok((a.track_op().then(|| dy.clone()), dr))
+        Ok((a.track_op().then_some(g), dr))
     }
 }
 
@@ -1049,6 +1024,7 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
 pub fn add(a: &Tensor, r: &Tensor, link: Option<&ResidualLink>) -> candle_core::Result<Tensor> {
     if cpu_f32(a) && cpu_f32(r) {
         let op = AddOp {
+            relu: false,
             link: link.cloned(),
         };
         return a.contiguous()?.apply_op2(&r.contiguous()?, op);
@@ -1063,7 +1039,11 @@ pub fn add(a: &Tensor, r: &Tensor, link: Option<&ResidualLink>) -> candle_core::
 /// sum and the ReLU in a row).
 pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if cpu_f32(a) && b.dtype() == DType::F32 {
-        a.contiguous()?.apply_op2(&b.contiguous()?, AddReluOp)
+        let op = AddOp {
+            relu: true,
+            link: None,
+        };
+        a.contiguous()?.apply_op2(&b.contiguous()?, op)
     } else {
         (a + b)?.relu()
     }
