@@ -8,7 +8,9 @@
 //! `gemm` crate candle itself uses for matmul) elsewhere, parallel over the images of the
 //! batch; [`batch_norm`] fuses BatchNorm (both modes) and
 //! ReLU with their gradients; [`fake_quant`] and [`pact`] fuse activation fake quantization
-//! (PTQ's and QAT's). On CUDA the model keeps candle's own operations. Results equal
+//! (PTQ's and QAT's); a [`ResidualLink`] hands a residual block's identity-shortcut gradient
+//! to the block's first convolution, which adds it as it stores its input gradient. On CUDA
+//! the model keeps candle's own operations. Results equal
 //! candle's reference path within float tolerance (tested on random shapes).
 
 /// Defines an elementwise function compiled three times, for AVX-512, for AVX2 + FMA and for

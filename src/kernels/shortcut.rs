@@ -45,7 +45,7 @@ pub fn option_a_shortcut(x: &Tensor, planes: usize) -> candle_core::Result<Tenso
 /// it as the kernel stores each value: the same sums (one f32 addition, which is
 /// commutative), one pass less. The end's residual operand must be the first convolution's
 /// input (the model links identity shortcuts only). Where either end is not our CPU op (it
-/// [`bypass`](Self::bypass)es the link), the gradient takes candle's way; the first
+/// bypasses the link), the gradient takes candle's way; the first
 /// convolution's backward pass fails if the end's left nothing.
 #[derive(Clone, Default)]
 pub struct ResidualLink(Arc<Mutex<Link>>);
