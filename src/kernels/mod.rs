@@ -86,6 +86,17 @@ where
     v
 }
 
+/// `out` as the initialized slice it is.
+///
+/// # Safety
+///
+/// Every element of `out` has been written.
+pub(crate) unsafe fn assume_written(out: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: MaybeUninit<f32> has f32's layout, and the caller guarantees every element is
+    // initialized.
+    unsafe { &mut *(out as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// The contiguous f32 data of a CPU storage, or an error naming the operand.
 pub(crate) fn slice<'a>(
     s: &'a candle_core::CpuStorage,

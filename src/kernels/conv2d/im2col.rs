@@ -10,7 +10,6 @@
 use std::ops::Range;
 
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use super::{chunk, Addends, Geom};
 
@@ -18,17 +17,20 @@ use super::{chunk, Addends, Geom};
 pub(super) fn forward(g: &Geom, x: &[f32], w: &[f32], add: Addends, relu: bool) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = chunk(g.n);
-    let mut y = vec![0f32; g.n * g.o * hw];
-    y.par_chunks_mut(per * g.o * hw)
-        .enumerate()
-        .for_each(|(t, ys)| {
+    assert_eq!(add.bias.len(), g.o, "im2col: one bias per output channel");
+    // Not zeroed first (on one thread): each image's outputs start from their biases.
+    // SAFETY: chunk t holds the outputs of images t·per.., each image's O rows of Ho·Wo
+    // written with its bias (`add.bias` has O values) before they are read.
+    unsafe {
+        super::super::par_uninit(g.n * g.o * hw, per * g.o * hw, |t, ys| {
             let mut col = vec![0f32; ckk * hw];
             for (i, yi) in ys.chunks_mut(g.o * hw).enumerate() {
                 let img = t * per + i;
                 im2col(g, &x[img * g.in_len()..(img + 1) * g.in_len()], &mut col);
                 for (row, &b) in yi.chunks_mut(hw).zip(add.bias) {
-                    row.fill(b);
+                    row.fill(std::mem::MaybeUninit::new(b));
                 }
+                let yi = super::super::assume_written(yi);
                 matmul(
                     (g.o, hw, ckk),
                     yi,
@@ -48,18 +50,19 @@ pub(super) fn forward(g: &Geom, x: &[f32], w: &[f32], add: Addends, relu: bool) 
                     }
                 }
             }
-        });
-    y
+        })
+    }
 }
 
 /// The input gradient of every image of the batch, given the output gradient `dy`.
 pub(super) fn grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (ckk, hw) = (g.ckk(), g.hw_out());
     let per = chunk(g.n);
-    let mut dx = vec![0f32; g.n * g.in_len()];
-    dx.par_chunks_mut(per * g.in_len())
-        .enumerate()
-        .for_each(|(t, dxs)| {
+    // Not zeroed first (on one thread): each image's gradient is zeroed where col2im adds
+    // into it.
+    // SAFETY: chunk t holds images t·per.., each zeroed in full before it is read.
+    unsafe {
+        super::super::par_uninit(g.n * g.in_len(), per * g.in_len(), |t, dxs| {
             let mut dcol = vec![0f32; ckk * hw];
             for (i, dxi) in dxs.chunks_mut(g.in_len()).enumerate() {
                 let img = t * per + i;
@@ -67,10 +70,11 @@ pub(super) fn grad_input(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
                 // dcol (ckk × hw) = Wᵀ (ckk × o) · dy (o × hw)
                 let wt = Mat::cols(w, ckk);
                 matmul((ckk, hw, g.o), &mut dcol, false, wt, Mat::rows(dyi, hw));
-                col2im(g, &dcol, dxi);
+                dxi.fill(std::mem::MaybeUninit::new(0.0));
+                col2im(g, &dcol, super::super::assume_written(dxi));
             }
-        });
-    dx
+        })
+    }
 }
 
 /// The weight gradient (O×C·k·k) summed over the images `imgs` of the batch, in order.
@@ -139,7 +143,6 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
 /// Adds the patch-matrix gradient back onto the image gradient (the adjoint of im2col).
 fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
     let hw = g.hw_out();
-    dx.fill(0.0);
     for c in 0..g.c {
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..g.k {
