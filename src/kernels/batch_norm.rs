@@ -543,10 +543,7 @@ impl CustomOp3 for BnAddReluOp {
         } else {
             None
         };
-        let returned = match (&self.link, &dr) {
-            (Some(link), Some(g)) => link.put(g.clone()),
-            _ => dr.clone(),
-        };
+        let returned = ResidualLink::route(self.link.as_ref(), dr.clone());
         if !x.track_op() && !params.track_op() {
             return Ok((None, None, returned));
         }
@@ -870,11 +867,7 @@ impl CustomOp2 for AddOp {
         } else {
             dy.clone()
         };
-        let dr = match (&self.link, r.track_op()) {
-            (Some(link), true) => link.put(g.clone()),
-            (None, true) => Some(g.clone()),
-            (_, false) => None,
-        };
+        let dr = ResidualLink::route(self.link.as_ref(), r.track_op().then(|| g.clone()));
         Ok((a.track_op().then_some(g), dr))
     }
 }

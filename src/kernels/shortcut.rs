@@ -74,7 +74,7 @@ impl ResidualLink {
 
     /// Leaves the shortcut's gradient (the op at the block's end); it comes back where the
     /// link is bypassed, for the end to return it.
-    pub(crate) fn put(&self, grad: Tensor) -> Option<Tensor> {
+    fn put(&self, grad: Tensor) -> Option<Tensor> {
         let mut state = self.state();
         match *state {
             Link::Bypassed => Some(grad),
@@ -82,6 +82,15 @@ impl ResidualLink {
                 *state = Link::Grad(grad);
                 None
             }
+        }
+    }
+
+    /// The residual's gradient that an op at a block's end returns: `grad` without a link,
+    /// else what [`Self::put`] gives back (nothing unless the link is bypassed).
+    pub(crate) fn route(link: Option<&Self>, grad: Option<Tensor>) -> Option<Tensor> {
+        match (link, grad) {
+            (Some(link), Some(g)) => link.put(g),
+            (_, grad) => grad,
         }
     }
 

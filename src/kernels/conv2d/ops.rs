@@ -223,18 +223,15 @@ impl GradInputOp {
             candle_core::bail!("conv2d grad: the ReLU output does not fit {:?}", l1.dims());
         }
         let algo = self.conv.path.input_grad(&g)?;
-        let w = slice(w, l2, "kernel")?;
-        let dx = match &self.shortcut {
-            Some(t) => {
-                let (storage, layout) = t.storage_and_layout();
-                let candle_core::Storage::Cpu(cpu) = &*storage else {
-                    candle_core::bail!("conv2d grad: the shortcut's gradient is not on the CPU");
-                };
-                let r = slice(cpu, layout, "shortcut gradient")?;
-                grad_input(&g, dy, w, relu_out, Some(r), algo)
-            }
-            None => grad_input(&g, dy, w, relu_out, None, algo),
+        let held = self.shortcut.as_ref().map(Tensor::storage_and_layout);
+        let shortcut = match &held {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cpu(cpu) => Some(slice(cpu, layout, "shortcut gradient")?),
+                _ => candle_core::bail!("conv2d grad: the shortcut's gradient is not on the CPU"),
+            },
+            None => None,
         };
+        let dx = grad_input(&g, dy, slice(w, l2, "kernel")?, relu_out, shortcut, algo);
         Ok((CpuStorage::F32(dx), Shape::from(self.in_shape.to_vec())))
     }
 }
@@ -356,11 +353,7 @@ impl CustomOp3 for Conv2dResidualReluOp {
         // y = max(s, 0): y > 0 exactly where s > 0.
         let grad = crate::kernels::IntervalGrad::POSITIVE.apply(res, grad)?;
         let (dx, dw) = grads(self.conv, None, x, w, &grad)?;
-        let dr = match (&self.link, r.track_op()) {
-            (Some(link), true) => link.put(grad),
-            (None, true) => Some(grad),
-            (_, false) => None,
-        };
+        let dr = ResidualLink::route(self.link.as_ref(), r.track_op().then_some(grad));
         Ok((dx, dw, dr))
     }
 }
