@@ -68,26 +68,44 @@ impl BnPath {
     }
 }
 
+/// Where a plane's gradient passes the ReLU after BatchNorm: where the op's output `y` is
+/// positive, or where the forward pass's affine map `x·a + b` was (the same test on the
+/// same value: `y = max(x·a + b, 0)`, without reading y).
+#[derive(Clone, Copy)]
+enum Mask<'a> {
+    Output(&'a [f32]),
+    Affine(f32, f32),
+}
+
+impl<'a> Mask<'a> {
+    /// The mask of the last `len` elements of the plane.
+    fn tail(self, len: usize) -> Self {
+        match self {
+            Mask::Output(y) => Mask::Output(&y[y.len() - len..]),
+            affine => affine,
+        }
+    }
+}
+
 /// (Σ gᵢ, Σ gᵢ·(xᵢ − μ)) in f64 over eight lanes (see [`lane_sum`]), with gᵢ taken as 0
-/// where a ReLU output `relu_out`, when given, is not positive (the ReLU's gradient folded
-/// in: the same values its backward pass would have written).
-fn lane_sums2(g: &[f32], x: &[f32], relu_out: Option<&[f32]>, mu: f32, avx512: bool) -> (f64, f64) {
+/// where `mask`, when given, says the ReLU was not passed (the ReLU's gradient folded in:
+/// the same values its backward pass would have written).
+fn lane_sums2(g: &[f32], x: &[f32], mask: Option<Mask>, mu: f32, avx512: bool) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
     if avx512 {
         let (gc, gr) = g.as_chunks::<8>();
         let (xc, xr) = x.as_chunks::<8>();
-        let mc = relu_out.map(|y| y.as_chunks::<8>().0);
         // SAFETY: the machine runs AVX-512F (`BnPath::avx512`); the chunks have equal
         // lengths (g, x and y are planes of one shape).
-        let (s, sx) = unsafe { x86::sums2_avx512(gc, xc, mc, mu) };
-        let tail = lane_sums2_portable(gr, xr, relu_out.map(|y| &y[y.len() - gr.len()..]), mu);
+        let (s, sx) = unsafe { x86::sums2_avx512(gc, xc, mask, mu) };
+        let tail = lane_sums2_portable(gr, xr, mask.map(|m| m.tail(gr.len())), mu);
         return (
             s.iter().sum::<f64>() + tail.0,
             sx.iter().sum::<f64>() + tail.1,
         );
     }
     let _ = avx512;
-    lane_sums2_portable(g, x, relu_out, mu)
+    lane_sums2_portable(g, x, mask, mu)
 }
 
 /// Σ xᵢ of a plane, in f64 (see [`lane_sum`]).
@@ -122,26 +140,39 @@ fn plane_sq_dev(xs: &[f32], mu: f64, avx512: bool) -> f64 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Lane sums of g (masked to 0 where y ≤ 0, when given) and of g·(x − μ).
+    /// Lane sums of g (masked to 0 where `mask`, when given, is not positive) and of
+    /// g·(x − μ).
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
     pub(super) unsafe fn sums2_avx512(
         g: &[[f32; 8]],
         x: &[[f32; 8]],
-        y: Option<&[[f32; 8]]>,
+        mask: Option<super::Mask>,
         mu: f32,
     ) -> ([f64; 8], [f64; 8]) {
         let (mut s, mut sx) = (_mm512_setzero_pd(), _mm512_setzero_pd());
         let muv = _mm256_set1_ps(mu);
-        for i in 0..g.len().min(x.len()) {
+        let n = g.len().min(x.len());
+        if let Some(super::Mask::Output(y)) = mask {
+            assert!(y.len() >= 8 * n);
+        }
+        for i in 0..n {
             let mut gv = _mm256_loadu_ps(g[i].as_ptr());
-            if let Some(y) = y {
-                let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(
-                    _mm256_loadu_ps(y[i].as_ptr()),
-                    _mm256_setzero_ps(),
-                );
+            let xv = _mm256_loadu_ps(x[i].as_ptr());
+            // The ReLU passed where its input was positive (x·a + b, multiplied then added
+            // as the forward pass did) or, the same, where its output is.
+            let before = match mask {
+                None => None,
+                Some(super::Mask::Output(y)) => Some(_mm256_loadu_ps(y.as_ptr().add(8 * i))),
+                Some(super::Mask::Affine(a, b)) => Some(_mm256_add_ps(
+                    _mm256_mul_ps(xv, _mm256_set1_ps(a)),
+                    _mm256_set1_ps(b),
+                )),
+            };
+            if let Some(v) = before {
+                let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(v, _mm256_setzero_ps());
                 gv = _mm256_and_ps(pos, gv);
             }
-            let gx = _mm256_mul_ps(gv, _mm256_sub_ps(_mm256_loadu_ps(x[i].as_ptr()), muv));
+            let gx = _mm256_mul_ps(gv, _mm256_sub_ps(xv, muv));
             s = _mm512_add_pd(s, _mm512_cvtps_pd(gv));
             sx = _mm512_add_pd(sx, _mm512_cvtps_pd(gx));
         }
@@ -176,11 +207,12 @@ mod x86 {
 }
 
 super::multiversion! {
-    fn lane_sums2_portable(g: &[f32], x: &[f32], relu_out: Option<&[f32]>, mu: f32) -> (f64, f64) {
-        match relu_out {
+    fn lane_sums2_portable(g: &[f32], x: &[f32], mask: Option<Mask>, mu: f32) -> (f64, f64) {
+        match mask {
             // The mask slice is not read without a ReLU.
             None => lane_sums2_with(g, x, g, mu, |_, v| v),
-            Some(y) => lane_sums2_with(g, x, y, mu, relu_grad),
+            Some(Mask::Output(y)) => lane_sums2_with(g, x, y, mu, relu_grad),
+            Some(Mask::Affine(a, b)) => lane_sums2_with(g, x, x, mu, |v, g| relu_grad(v * a + b, g)),
         }
     }
 }
@@ -199,12 +231,12 @@ super::multiversion! {
 
 super::multiversion! {
     /// BatchNorm's input gradient on a plane: `o = k·(g − a − x̂·b)` with x̂ = (x − μ)·inv,
-    /// g = dy masked by a ReLU output `relu_out` when given; `coeffs` = [k, a, b, μ, inv].
+    /// g = dy masked as `mask` says when given; `coeffs` = [k, a, b, μ, inv].
     fn dx_plane(
         o: &mut [std::mem::MaybeUninit<f32>],
         xs: &[f32],
         gs: &[f32],
-        relu_out: Option<&[f32]>,
+        mask: Option<Mask>,
         coeffs: [f32; 5],
     ) {
         let [k, a, b, mu, inv] = coeffs;
@@ -212,15 +244,20 @@ super::multiversion! {
             let xhat = (v - mu) * inv;
             o.write(k * (g - a - xhat * b));
         };
-        match relu_out {
+        match mask {
             None => {
                 for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
                     dx(o, v, g);
                 }
             }
-            Some(y) => {
+            Some(Mask::Output(y)) => {
                 for (((o, &v), &g), &y) in o.iter_mut().zip(xs).zip(gs).zip(y) {
                     dx(o, v, relu_grad(y, g));
+                }
+            }
+            Some(Mask::Affine(sa, sb)) => {
+                for ((o, &v), &g) in o.iter_mut().zip(xs).zip(gs) {
+                    dx(o, v, relu_grad(v * sa + sb, g));
                 }
             }
         }
@@ -394,8 +431,8 @@ impl BatchStats {
         (a, b)
     }
 
-    /// The backward op for weights `gamma`, masked by the forward output with `relu`.
-    fn backward(&self, gamma: Vec<f32>, want_dx: bool, relu: bool) -> BnTrainBackward {
+    /// The backward op for weights `gamma`, masked as `relu` says.
+    fn backward(&self, gamma: Vec<f32>, want_dx: bool, relu: Relu) -> BnTrainBackward {
         BnTrainBackward {
             gamma,
             mean: self.mean.clone(),
@@ -415,14 +452,26 @@ struct BnTrainOp {
 }
 
 /// The whole backward pass in one: (x, dy, y) → [dx (if `want_dx`) ; Σ dy·x̂ ; Σ dy], flat;
-/// with `relu`, dy is first masked where the forward output y is not positive.
+/// dy first masked by the ReLU after BatchNorm as `relu` says.
 struct BnTrainBackward {
     gamma: Vec<f32>,
     mean: Arc<[f32]>,
     inv: Vec<f32>,
     want_dx: bool,
-    relu: bool,
+    relu: Relu,
     path: BnPath,
+}
+
+/// Whether a ReLU follows BatchNorm in its op, and how its backward pass finds where the
+/// ReLU passed the gradient.
+#[derive(Debug, Clone, PartialEq)]
+enum Relu {
+    None,
+    /// Where the op's output y is positive (a residual was added before the ReLU).
+    Output,
+    /// Where the forward pass's `x·a_c + b_c` was, with `a_c = γ·inv` and these shifts
+    /// `b_c`: no pass over y.
+    Affine(Vec<f32>),
 }
 
 fn inv_std(var: &[f32], eps: f64) -> Vec<f32> {
@@ -467,9 +516,13 @@ impl CustomOp3 for BnTrainOp {
         if !x.track_op() && !want_params {
             return Ok((None, None, None));
         }
-        let op = self
-            .stats
-            .backward(gamma.to_vec1::<f32>()?, x.track_op(), self.relu);
+        let gamma = gamma.to_vec1::<f32>()?;
+        let relu = if self.relu {
+            Relu::Affine(self.stats.scale_shift(&gamma, &beta.to_vec1::<f32>()?).1)
+        } else {
+            Relu::None
+        };
+        let op = self.stats.backward(gamma, x.track_op(), relu);
         let c = op.gamma.len();
         let (dx, sums) = op.run(x, &dy.contiguous()?, res)?;
         let (dg, db) = if want_params {
@@ -572,14 +625,19 @@ impl CustomOp3 for BnAddReluOp {
             return Ok((None, None, returned));
         }
         let gamma = params.narrow(0, 0, c)?.to_vec1::<f32>()?;
-        let op = self.stats.backward(gamma, x.track_op(), dr.is_none());
+        let relu = if dr.is_none() {
+            Relu::Output
+        } else {
+            Relu::None
+        };
+        let op = self.stats.backward(gamma, x.track_op(), relu);
         // [Σ dy·x̂ ; Σ dy] = [dγ ; dβ], the parameters' order.
         let (dx, sums) = op.run(x, dr.as_ref().unwrap_or(&dy), res)?;
         Ok((dx, params.track_op().then_some(sums), returned))
     }
 }
 
-/// Σ dy and Σ dy·x̂ of channel `ch` (dy masked by a ReLU output `relu_out`, when given).
+/// Σ dy and Σ dy·x̂ of channel `ch` (dy masked by the ReLU, when there is one).
 fn param_sums(
     g: &BnGrad,
     ch: usize,
@@ -596,8 +654,8 @@ fn param_sums(
             }
         }
         let r = plane(i);
-        let y = g.relu_out.map(|y| &y[r.clone()]);
-        let (a, b) = lane_sums2(&g.dy[r.clone()], &g.x[r], y, g.mean[ch], avx512);
+        let mask = g.mask(ch, r.clone());
+        let (a, b) = lane_sums2(&g.dy[r.clone()], &g.x[r], mask, g.mean[ch], avx512);
         s += a;
         sx += b;
     }
@@ -605,13 +663,26 @@ fn param_sums(
 }
 
 /// What BatchNorm's backward pass reads: the input, the output gradient, the ReLU output
-/// (when fused), the batch mean and 1/σ per channel.
+/// (when its mask is read from it), the scale and shift of the ReLU's input (when its mask
+/// is recomputed), the batch mean and 1/σ per channel.
 struct BnGrad<'a> {
     x: &'a [f32],
     dy: &'a [f32],
     relu_out: Option<&'a [f32]>,
+    affine: Option<(&'a [f32], &'a [f32])>,
     mean: &'a [f32],
     inv: &'a [f32],
+}
+
+impl BnGrad<'_> {
+    /// The ReLU's mask on the plane `r` of channel `ch`, where there is a ReLU.
+    fn mask(&self, ch: usize, r: std::ops::Range<usize>) -> Option<Mask<'_>> {
+        match (self.relu_out, self.affine) {
+            (Some(y), _) => Some(Mask::Output(&y[r])),
+            (None, Some((a, b))) => Some(Mask::Affine(a[ch], b[ch])),
+            (None, None) => None,
+        }
+    }
 }
 
 impl CustomOp3 for BnTrainBackward {
@@ -634,10 +705,21 @@ impl CustomOp3 for BnTrainBackward {
         if dy.len() != x.len() || y.len() != x.len() || self.gamma.len() != c {
             candle_core::bail!("batch-norm backward: gradient or weights do not fit {c} channels");
         }
+        // The ReLU's scale a_c = γ·inv: the forward pass's (inv·γ, the same product).
+        let scale: Vec<f32> = self
+            .gamma
+            .iter()
+            .zip(&self.inv)
+            .map(|(g, i)| g * i)
+            .collect();
         let grad = BnGrad {
             x,
             dy,
-            relu_out: self.relu.then_some(y),
+            relu_out: (self.relu == Relu::Output).then_some(y),
+            affine: match &self.relu {
+                Relu::Affine(shift) => Some((&scale, shift)),
+                _ => None,
+            },
             mean: &self.mean,
             inv: &self.inv,
         };
@@ -663,9 +745,9 @@ impl CustomOp3 for BnTrainBackward {
                 let (a, b) = ((sdy / m) as f32, (sdyx / m) as f32);
                 for (i, o) in dx.into_iter().enumerate() {
                     let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    let y = grad.relu_out.map(|y| &y[r.clone()]);
+                    let mask = grad.mask(ch, r.clone());
                     let coeffs = [k, a, b, grad.mean[ch], grad.inv[ch]];
-                    dx_plane(o, &x[r.clone()], &dy[r], y, coeffs);
+                    dx_plane(o, &x[r.clone()], &dy[r], mask, coeffs);
                 }
                 (sdy, sdyx)
             })
@@ -797,6 +879,7 @@ impl CustomOp2 for AffineGradParams {
             x,
             dy,
             relu_out: None,
+            affine: None,
             mean: &mean,
             inv: &inv,
         };
