@@ -196,18 +196,6 @@ impl Geom {
     fn in_len(&self) -> usize {
         self.c * self.h * self.w
     }
-    /// The kernels' view of one image of a stride-1 input gradient: the output gradient's
-    /// image (O channels) convolved to the input's (C channels).
-    fn input_grad_plane(&self) -> direct::Plane {
-        direct::Plane {
-            h: self.h,
-            w: self.w,
-            c: self.o,
-            o: self.c,
-            stride: 1,
-            relu: false,
-        }
-    }
     /// The direct and Winograd kernels' view of one image, through ReLU when `relu`.
     fn plane(&self, relu: bool) -> direct::Plane {
         direct::Plane {
@@ -292,58 +280,41 @@ fn each_image(
     relu_out: Option<&[f32]>,
     add: Addends,
 ) -> Vec<f32> {
-    let (per, out_len) = (chunk(n), p.o * p.out_pixels());
-    // SAFETY: chunk t holds the outputs of images t·per.., each written in full by
-    // `one_image`.
+    let (per, hw) = (chunk(n), p.out_pixels());
+    let (in_len, out_len) = (p.c * p.h * p.w, p.o * hw);
+    // The Winograd F(4×4, 3×3) input transform applies the mask as it reads each image.
+    let inside = matches!(kernel, Packed::Winograd(..)) && winograd::masks_inside(p.h, p.w);
+    // SAFETY: chunk t holds the outputs of images t·per.., each written in full by the
+    // direct or the Winograd kernel (both write every element of their output).
     unsafe {
         super::par_uninit(n * out_len, per * out_len, |t, ys| {
-            let mut s = ImageScratch::default();
+            let (mut xp, mut scratch, mut masked) =
+                (Vec::new(), winograd::Scratch::default(), Vec::new());
             for (i, yi) in ys.chunks_mut(out_len).enumerate() {
-                one_image(p, kernel, (x, relu_out), add, t * per + i, &mut s, yi);
+                let img = t * per + i;
+                let mut xi = &x[img * in_len..(img + 1) * in_len];
+                let mut mask = None;
+                if let Some(r) = relu_out {
+                    let ri = &r[img * in_len..(img + 1) * in_len];
+                    if inside {
+                        mask = Some(ri);
+                    } else {
+                        super::IntervalGrad::POSITIVE.apply_into(ri, xi, &mut masked);
+                        xi = &masked;
+                    }
+                }
+                let add = Addends {
+                    residual: add.residual.map(|r| &r[img * out_len..(img + 1) * out_len]),
+                    ..add
+                };
+                match kernel {
+                    Packed::Direct(isa, wp) => direct::conv(*isa, p, xi, wp, add, &mut xp, yi),
+                    Packed::Winograd(isa, up) => {
+                        winograd::conv(*isa, p, xi, mask, up, add, &mut scratch, yi)
+                    }
+                }
             }
         })
-    }
-}
-
-/// Per-thread buffers of [`one_image`].
-#[derive(Default)]
-struct ImageScratch {
-    xp: Vec<f32>,
-    winograd: winograd::Scratch,
-    masked: Vec<f32>,
-}
-
-/// [`each_image`]'s work on image `img` of `x` (and of `relu_out` and the residual in `add`):
-/// every element of its output `y` is written.
-fn one_image(
-    p: direct::Plane,
-    kernel: &Packed,
-    (x, relu_out): (&[f32], Option<&[f32]>),
-    add: Addends,
-    img: usize,
-    s: &mut ImageScratch,
-    y: &mut [std::mem::MaybeUninit<f32>],
-) {
-    let (in_len, out_len) = (p.c * p.h * p.w, p.o * p.out_pixels());
-    let mut xi = &x[img * in_len..(img + 1) * in_len];
-    let mut mask = None;
-    if let Some(r) = relu_out {
-        let ri = &r[img * in_len..(img + 1) * in_len];
-        // The Winograd F(4×4, 3×3) input transform applies the mask as it reads the image.
-        if matches!(kernel, Packed::Winograd(..)) && winograd::masks_inside(p.h, p.w) {
-            mask = Some(ri);
-        } else {
-            super::IntervalGrad::POSITIVE.apply_into(ri, xi, &mut s.masked);
-            xi = &s.masked;
-        }
-    }
-    let add = Addends {
-        residual: add.residual.map(|r| &r[img * out_len..(img + 1) * out_len]),
-        ..add
-    };
-    match kernel {
-        Packed::Direct(isa, wp) => direct::conv(*isa, p, xi, wp, add, &mut s.xp, y),
-        Packed::Winograd(isa, up) => winograd::conv(*isa, p, xi, mask, up, add, &mut s.winograd, y),
     }
 }
 
@@ -406,7 +377,14 @@ fn grad_input(
             g.stride, 1,
             "ConvPath::input_grad takes im2col for stride 2"
         );
-        let plane = g.input_grad_plane();
+        let plane = direct::Plane {
+            h: g.h,
+            w: g.w,
+            c: g.o,
+            o: g.c,
+            stride: 1,
+            relu: false,
+        };
         let zeros = vec![0f32; g.c];
         let add = Addends {
             bias: &zeros,
@@ -448,84 +426,13 @@ fn grad_weight(g: &Geom, x: &[f32], dy: &[f32], algo: Algo) -> Vec<f32> {
                 Algo::Winograd(isa) => {
                     let mut dw = vec![0f32; g.o * ckk];
                     let mut scratch = winograd::GradScratch::default();
-                    winograd::grad_weight(
-                        isa,
-                        plane,
-                        (xs, dys),
-                        &mut scratch,
-                        &mut dw,
-                        &mut |_| {},
-                    );
+                    winograd::grad_weight(isa, plane, xs, dys, &mut scratch, &mut dw);
                     dw
                 }
             }
         })
         .collect();
     sum(partial, g.o * ckk)
-}
-
-/// The input gradient (plus `shortcut` where given) and the weight gradient of a stride-1
-/// convolution whose both gradients take the Winograd kernels (`isa` for each), in one pass
-/// over the batch: each of its [`WEIGHT_GRAD_PARTS`] parts is one task, which takes its
-/// images in the weight gradient's groups and computes a group's input gradients just
-/// before the weight gradient's transforms read the same output gradients, from the cache
-/// then instead of a second pass over the batch from memory. The values of [`grad_input`]
-/// and [`grad_weight`]: each image's input gradient is its own, and the weight gradient's
-/// parts and their order are theirs.
-fn grads_winograd(
-    g: &Geom,
-    (x, dy, w): (&[f32], &[f32], &[f32]),
-    shortcut: Option<&[f32]>,
-    (isa_in, isa_w): (Isa, Isa),
-) -> (Vec<f32>, Vec<f32>) {
-    let wt = transposed_rotated(w, g.o, g.c);
-    let up = winograd::pack(isa_in, winograd::Tiling::of(g.h, g.w), &wt, g.c, g.o);
-    let (kernel, plane_in) = (Packed::Winograd(isa_in, up), g.input_grad_plane());
-    let zeros = vec![0f32; g.c];
-    let add = Addends {
-        bias: &zeros,
-        residual: shortcut,
-    };
-    let (in_len, out_len, dw_len) = (g.in_len(), g.o * g.hw_out(), g.o * g.ckk());
-    let per = g.n.div_ceil(WEIGHT_GRAD_PARTS).max(1);
-    let mut dx: Vec<f32> = Vec::with_capacity(g.n * in_len);
-    let partial: Vec<Vec<f32>> = dx.spare_capacity_mut()[..g.n * in_len]
-        .par_chunks_mut(per * in_len)
-        .enumerate()
-        .map(|(t, dxs)| {
-            let imgs = t * per..((t + 1) * per).min(g.n);
-            let xs = &x[imgs.start * in_len..imgs.end * in_len];
-            let dys = &dy[imgs.start * out_len..imgs.end * out_len];
-            let mut dw = vec![0f32; dw_len];
-            let (mut gs, mut is) = (winograd::GradScratch::default(), ImageScratch::default());
-            winograd::grad_weight(
-                isa_w,
-                g.plane(false),
-                (xs, dys),
-                &mut gs,
-                &mut dw,
-                &mut |group| {
-                    for i in group {
-                        let dxi = &mut dxs[i * in_len..(i + 1) * in_len];
-                        one_image(
-                            plane_in,
-                            &kernel,
-                            (dy, None),
-                            add,
-                            imgs.start + i,
-                            &mut is,
-                            dxi,
-                        );
-                    }
-                },
-            );
-            dw
-        })
-        .collect();
-    // SAFETY: the chunks cover 0..N·C·H·W, and every image's input gradient was written in
-    // full by `one_image` (the weight gradient's groups cover each part's images).
-    unsafe { dx.set_len(g.n * in_len) };
-    (dx, sum(partial, dw_len))
 }
 
 /// The element-wise sum of the threads' partial weight gradients.

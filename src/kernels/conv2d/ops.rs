@@ -3,7 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use super::{forward, grad_input, grad_weight, grads_winograd, Algo, Conv, Geom, Isa, Store};
+use super::{forward, grad_input, grad_weight, Conv, Geom, Store};
 use crate::kernels::{slice, ResidualLink};
 
 impl Conv {
@@ -79,24 +79,6 @@ fn grads(
     w: &Tensor,
     grad: &Tensor,
 ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-    if x.track_op() && w.track_op() {
-        let g = conv.geom(x.dims(), w.dims())?;
-        if let (Algo::Winograd(isa_in), Algo::Winograd(isa_w)) =
-            (conv.path.input_grad(&g)?, conv.path.weight_grad(&g)?)
-        {
-            let op = GradBothOp {
-                shortcut: shortcut(link, x.dims())?,
-                isas: (isa_in, isa_w),
-                g,
-            };
-            let (x, grad, w) = (x.contiguous()?, grad.contiguous()?, w.contiguous()?);
-            let out = x.apply_op3_no_bwd(&grad, &w, &op)?;
-            let len = x.elem_count();
-            let dx = out.narrow(0, 0, len)?.reshape(x.shape())?;
-            let dw = out.narrow(0, len, w.elem_count())?.reshape(w.shape())?;
-            return Ok((Some(dx), Some(dw)));
-        }
-    }
     let dx = grad_x(conv, link, x, w, grad, None)?;
     let dw = if w.track_op() {
         let d = w.dims();
@@ -126,20 +108,6 @@ fn grad_x(
         return Ok(None);
     }
     let d = x.dims();
-    let op = GradInputOp {
-        conv,
-        in_shape: [d[0], d[1], d[2], d[3]],
-        shortcut: shortcut(link, d)?,
-    };
-    let (grad, w) = (grad.contiguous()?, w.contiguous()?);
-    Ok(Some(match relu_out {
-        Some(y) => grad.apply_op3_no_bwd(&w, &y.contiguous()?, &op)?,
-        None => grad.apply_op2_no_bwd(&w, &op)?,
-    }))
-}
-
-/// The shortcut's gradient that `link` holds (contiguous), for an input shaped `d`.
-fn shortcut(link: Option<&ResidualLink>, d: &[usize]) -> candle_core::Result<Option<Tensor>> {
     let shortcut = match link {
         Some(link) => link.take()?.map(|g| g.contiguous()).transpose()?,
         None => None,
@@ -147,71 +115,16 @@ fn shortcut(link: Option<&ResidualLink>, d: &[usize]) -> candle_core::Result<Opt
     if shortcut.as_ref().is_some_and(|s| s.dims() != d) {
         candle_core::bail!("conv2d grad: the shortcut's gradient does not fit the input {d:?}");
     }
-    Ok(shortcut)
-}
-
-/// Runs `f` on the CPU data of `shortcut`, where given.
-fn with_shortcut<R>(
-    shortcut: Option<&Tensor>,
-    f: impl FnOnce(Option<&[f32]>) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let held = shortcut.map(Tensor::storage_and_layout);
-    match &held {
-        Some((storage, layout)) => match &**storage {
-            candle_core::Storage::Cpu(cpu) => f(Some(slice(cpu, layout, "shortcut gradient")?)),
-            _ => candle_core::bail!("conv2d grad: the shortcut's gradient is not on the CPU"),
-        },
-        None => f(None),
-    }
-}
-
-/// `(x, dy, w) -> [dx ; dw]` (flat) for a convolution of geometry `g` whose gradients both
-/// take the Winograd kernels (`isas`: the input gradient's, the weight gradient's), plus
-/// `shortcut` (of the input's shape) in dx where given.
-struct GradBothOp {
-    shortcut: Option<Tensor>,
-    isas: (Isa, Isa),
-    g: Geom,
-}
-
-impl CustomOp3 for GradBothOp {
-    fn name(&self) -> &'static str {
-        "qr-conv2d-grads"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = &self.g;
-        if l1.dims() != [g.n, g.c, g.h, g.w]
-            || l2.dims() != [g.n, g.o, g.ho, g.wo]
-            || l3.dims() != [g.o, g.c, g.k, g.k]
-        {
-            candle_core::bail!(
-                "conv2d grad: input {:?}, output gradient {:?} or kernel {:?} do not fit {g:?}",
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
-        }
-        let (x, dy, w) = (
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "gradient")?,
-            slice(s3, l3, "kernel")?,
-        );
-        let (mut dx, dw) = with_shortcut(self.shortcut.as_ref(), |shortcut| {
-            Ok(grads_winograd(g, (x, dy, w), shortcut, self.isas))
-        })?;
-        dx.extend(dw);
-        let len = dx.len();
-        Ok((CpuStorage::F32(dx), Shape::from(len)))
-    }
+    let op = GradInputOp {
+        conv,
+        in_shape: [d[0], d[1], d[2], d[3]],
+        shortcut,
+    };
+    let (grad, w) = (grad.contiguous()?, w.contiguous()?);
+    Ok(Some(match relu_out {
+        Some(y) => grad.apply_op3_no_bwd(&w, &y.contiguous()?, &op)?,
+        None => grad.apply_op2_no_bwd(&w, &op)?,
+    }))
 }
 
 /// The forward op with a bias per output channel: `(x, w, b) -> y`, optionally through ReLU;
@@ -310,10 +223,15 @@ impl GradInputOp {
             candle_core::bail!("conv2d grad: the ReLU output does not fit {:?}", l1.dims());
         }
         let algo = self.conv.path.input_grad(&g)?;
-        let w = slice(w, l2, "kernel")?;
-        let dx = with_shortcut(self.shortcut.as_ref(), |shortcut| {
-            Ok(grad_input(&g, dy, w, relu_out, shortcut, algo))
-        })?;
+        let held = self.shortcut.as_ref().map(Tensor::storage_and_layout);
+        let shortcut = match &held {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cpu(cpu) => Some(slice(cpu, layout, "shortcut gradient")?),
+                _ => candle_core::bail!("conv2d grad: the shortcut's gradient is not on the CPU"),
+            },
+            None => None,
+        };
+        let dx = grad_input(&g, dy, slice(w, l2, "kernel")?, relu_out, shortcut, algo);
         Ok((CpuStorage::F32(dx), Shape::from(self.in_shape.to_vec())))
     }
 }

@@ -287,15 +287,14 @@ const GRAD_TILES: usize = 64;
 /// product per position ξ, `dU[ξ] (C × O) += V[ξ] (C × tiles) · Mᵀ[ξ] (tiles × O)`, with the
 /// output channels across the vector lanes: every product is added to its own accumulator,
 /// image by image and tile by tile in order, whatever the instruction set, so AVX2 and
-/// AVX-512 give the same bits. `before` runs on each group of images (their indices in
-/// `x`) just before the group's transforms read them.
+/// AVX-512 give the same bits.
 pub(super) fn grad_weight(
     isa: Isa,
     p: Plane,
-    (x, dy): (&[f32], &[f32]),
+    x: &[f32],
+    dy: &[f32],
     s: &mut GradScratch,
     dw: &mut [f32],
-    before: &mut dyn FnMut(std::ops::Range<usize>),
 ) {
     let Plane { h, w, c, o, .. } = p;
     let (per_x, per_dy) = (c * h * w, o * h * w);
@@ -321,7 +320,6 @@ pub(super) fn grad_weight(
     let images = x.len() / per_x;
     for first in (0..images).step_by(group) {
         let imgs = group.min(images - first);
-        before(first..first + imgs);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` (AVX2 + FMA at least) was detected on this machine; each image's
         // transforms read its part of `x` and `dy` (sizes asserted) and write their own
