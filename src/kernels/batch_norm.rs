@@ -464,14 +464,17 @@ struct BnTrainBackward {
 
 /// Whether a ReLU follows BatchNorm in its op, and how its backward pass finds where the
 /// ReLU passed the gradient.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 enum Relu {
     None,
     /// Where the op's output y is positive (a residual was added before the ReLU).
     Output,
-    /// Where the forward pass's `x·a_c + b_c` was, with `a_c = γ·inv` and these shifts
-    /// `b_c`: no pass over y.
-    Affine(Vec<f32>),
+    /// Where the forward pass's `x·scale_c + shift_c` was (its own scale and shift,
+    /// [`BatchStats::scale_shift`]): no pass over y.
+    Affine {
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+    },
 }
 
 fn inv_std(var: &[f32], eps: f64) -> Vec<f32> {
@@ -518,7 +521,8 @@ impl CustomOp3 for BnTrainOp {
         }
         let gamma = gamma.to_vec1::<f32>()?;
         let relu = if self.relu {
-            Relu::Affine(self.stats.scale_shift(&gamma, &beta.to_vec1::<f32>()?).1)
+            let (scale, shift) = self.stats.scale_shift(&gamma, &beta.to_vec1::<f32>()?);
+            Relu::Affine { scale, shift }
         } else {
             Relu::None
         };
@@ -649,7 +653,8 @@ fn param_sums(
     for i in 0..n {
         if i + PREFETCH_PLANES < n {
             let r = plane(i + PREFETCH_PLANES);
-            for xs in [g.dy, g.x].into_iter().chain(g.relu_out) {
+            let y = matches!(g.relu, Relu::Output).then_some(g.y);
+            for xs in [g.dy, g.x].into_iter().chain(y) {
                 prefetch(&xs[r.clone()]);
             }
         }
@@ -662,14 +667,14 @@ fn param_sums(
     (s, sx * g.inv[ch] as f64)
 }
 
-/// What BatchNorm's backward pass reads: the input, the output gradient, the ReLU output
-/// (when its mask is read from it), the scale and shift of the ReLU's input (when its mask
-/// is recomputed), the batch mean and 1/σ per channel.
+/// What BatchNorm's backward pass reads: the input, the output gradient, the op's output
+/// (read only for [`Relu::Output`]), the ReLU after BatchNorm, the batch mean and 1/σ per
+/// channel.
 struct BnGrad<'a> {
     x: &'a [f32],
     dy: &'a [f32],
-    relu_out: Option<&'a [f32]>,
-    affine: Option<(&'a [f32], &'a [f32])>,
+    y: &'a [f32],
+    relu: &'a Relu,
     mean: &'a [f32],
     inv: &'a [f32],
 }
@@ -677,10 +682,10 @@ struct BnGrad<'a> {
 impl BnGrad<'_> {
     /// The ReLU's mask on the plane `r` of channel `ch`, where there is a ReLU.
     fn mask(&self, ch: usize, r: std::ops::Range<usize>) -> Option<Mask<'_>> {
-        match (self.relu_out, self.affine) {
-            (Some(y), _) => Some(Mask::Output(&y[r])),
-            (None, Some((a, b))) => Some(Mask::Affine(a[ch], b[ch])),
-            (None, None) => None,
+        match self.relu {
+            Relu::None => None,
+            Relu::Output => Some(Mask::Output(&self.y[r])),
+            Relu::Affine { scale, shift } => Some(Mask::Affine(scale[ch], shift[ch])),
         }
     }
 }
@@ -705,21 +710,11 @@ impl CustomOp3 for BnTrainBackward {
         if dy.len() != x.len() || y.len() != x.len() || self.gamma.len() != c {
             candle_core::bail!("batch-norm backward: gradient or weights do not fit {c} channels");
         }
-        // The ReLU's scale a_c = γ·inv: the forward pass's (inv·γ, the same product).
-        let scale: Vec<f32> = self
-            .gamma
-            .iter()
-            .zip(&self.inv)
-            .map(|(g, i)| g * i)
-            .collect();
         let grad = BnGrad {
             x,
             dy,
-            relu_out: (self.relu == Relu::Output).then_some(y),
-            affine: match &self.relu {
-                Relu::Affine(shift) => Some((&scale, shift)),
-                _ => None,
-            },
+            y,
+            relu: &self.relu,
             mean: &self.mean,
             inv: &self.inv,
         };
@@ -878,8 +873,8 @@ impl CustomOp2 for AffineGradParams {
         let grad = BnGrad {
             x,
             dy,
-            relu_out: None,
-            affine: None,
+            y: &[],
+            relu: &Relu::None,
             mean: &mean,
             inv: &inv,
         };
