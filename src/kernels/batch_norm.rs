@@ -35,19 +35,34 @@ fn nchw(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     }
 }
 
-/// Σ f(xᵢ) in f64 over eight independent lanes, so the compiler vectorizes the sum (one f64
-/// accumulator would make every add wait for the previous one).
+/// A sum in f64 over eight independent lanes, so that the compiler vectorizes it (one f64
+/// accumulator would make every add wait for the previous one), carried from one plane of a
+/// channel to the next: element 8k + j of each plane goes to lane j, the elements after the
+/// plane's last whole group of eight to `tail`, and the lanes meet once per channel.
+#[derive(Clone, Copy, Default)]
+struct Lanes {
+    v: [f64; 8],
+    tail: f64,
+}
+
+impl Lanes {
+    fn total(&self) -> f64 {
+        self.v.iter().sum::<f64>() + self.tail
+    }
+}
+
+/// Adds f(xᵢ) of a plane to `acc` (see [`Lanes`]).
 #[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0f64; 8];
+fn lane_sum(xs: &[f32], acc: &mut Lanes, f: impl Fn(f32) -> f64) {
     let (chunks, rest) = xs.as_chunks::<8>();
-    let tail: f64 = rest.iter().map(|&v| f(v)).sum();
+    for &v in rest {
+        acc.tail += f(v);
+    }
     for ch in chunks {
-        for k in 0..8 {
-            acc[k] += f(ch[k]);
+        for (a, &v) in acc.v.iter_mut().zip(ch) {
+            *a += f(v);
         }
     }
-    acc.iter().sum::<f64>() + tail
 }
 
 /// Which code sums BatchNorm's statistics and gradients.
@@ -87,51 +102,56 @@ impl<'a> Mask<'a> {
     }
 }
 
-/// (Σ gᵢ, Σ gᵢ·(xᵢ − μ)) in f64 over eight lanes (see [`lane_sum`]), with gᵢ taken as 0
-/// where `mask`, when given, says the ReLU was not passed (the ReLU's gradient folded in:
-/// the same values its backward pass would have written).
-fn lane_sums2(g: &[f32], x: &[f32], mask: Option<Mask>, mu: f32, avx512: bool) -> (f64, f64) {
+/// Adds gᵢ and gᵢ·(xᵢ − μ) of a plane to `acc` (in f64 over eight lanes, see [`Lanes`]),
+/// with gᵢ taken as 0 where `mask`, when given, says the ReLU was not passed (the ReLU's
+/// gradient folded in: the same values its backward pass would have written).
+fn lane_sums2(
+    g: &[f32],
+    x: &[f32],
+    mask: Option<Mask>,
+    mu: f32,
+    avx512: bool,
+    acc: &mut [Lanes; 2],
+) {
     #[cfg(target_arch = "x86_64")]
     if avx512 {
         let (gc, gr) = g.as_chunks::<8>();
         let (xc, xr) = x.as_chunks::<8>();
+        let [s, sx] = acc;
         // SAFETY: the machine runs AVX-512F (`BnPath::avx512`); the chunks have equal
         // lengths (g, x and y are planes of one shape).
-        let (s, sx) = unsafe { x86::sums2_avx512(gc, xc, mask, mu) };
-        let tail = lane_sums2_portable(gr, xr, mask.map(|m| m.tail(gr.len())), mu);
-        return (
-            s.iter().sum::<f64>() + tail.0,
-            sx.iter().sum::<f64>() + tail.1,
-        );
+        unsafe { x86::sums2_avx512(gc, xc, mask, mu, [&mut s.v, &mut sx.v]) };
+        lane_sums2_portable(gr, xr, mask.map(|m| m.tail(gr.len())), mu, acc);
+        return;
     }
     let _ = avx512;
-    lane_sums2_portable(g, x, mask, mu)
+    lane_sums2_portable(g, x, mask, mu, acc)
 }
 
-/// Σ xᵢ of a plane, in f64 (see [`lane_sum`]).
-fn plane_sum(xs: &[f32], avx512: bool) -> f64 {
+/// Adds the xᵢ of a plane to `acc` (see [`Lanes`]).
+fn plane_sum(xs: &[f32], avx512: bool, acc: &mut Lanes) {
     #[cfg(target_arch = "x86_64")]
     if avx512 {
         let (c, r) = xs.as_chunks::<8>();
         // SAFETY: the machine runs AVX-512F (`BnPath::avx512`).
-        let acc = unsafe { x86::sum_avx512(c, None) };
-        return acc.iter().sum::<f64>() + plane_sum_portable(r);
+        unsafe { x86::sum_avx512(c, None, &mut acc.v) };
+        return plane_sum_portable(r, acc);
     }
     let _ = avx512;
-    plane_sum_portable(xs)
+    plane_sum_portable(xs, acc)
 }
 
-/// Σ (xᵢ − μ)² of a plane, in f64 (see [`lane_sum`]).
-fn plane_sq_dev(xs: &[f32], mu: f64, avx512: bool) -> f64 {
+/// Adds the (xᵢ − μ)² of a plane to `acc` (see [`Lanes`]).
+fn plane_sq_dev(xs: &[f32], mu: f64, avx512: bool, acc: &mut Lanes) {
     #[cfg(target_arch = "x86_64")]
     if avx512 {
         let (c, r) = xs.as_chunks::<8>();
         // SAFETY: the machine runs AVX-512F (`BnPath::avx512`).
-        let acc = unsafe { x86::sum_avx512(c, Some(mu)) };
-        return acc.iter().sum::<f64>() + plane_sq_dev_portable(r, mu);
+        unsafe { x86::sum_avx512(c, Some(mu), &mut acc.v) };
+        return plane_sq_dev_portable(r, mu, acc);
     }
     let _ = avx512;
-    plane_sq_dev_portable(xs, mu)
+    plane_sq_dev_portable(xs, mu, acc)
 }
 
 /// Eight f64 lanes in one AVX-512 register, fed eight f32 at a time: per lane the portable
@@ -140,16 +160,18 @@ fn plane_sq_dev(xs: &[f32], mu: f64, avx512: bool) -> f64 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Lane sums of g (masked to 0 where `mask`, when given, is not positive) and of
-    /// g·(x − μ).
+    /// Adds to the lane sums `acc` those of g (masked to 0 where `mask`, when given, is not
+    /// positive) and of g·(x − μ).
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
     pub(super) unsafe fn sums2_avx512(
         g: &[[f32; 8]],
         x: &[[f32; 8]],
         mask: Option<super::Mask>,
         mu: f32,
-    ) -> ([f64; 8], [f64; 8]) {
-        let (mut s, mut sx) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+        acc: [&mut [f64; 8]; 2],
+    ) {
+        let [sa, sxa] = acc;
+        let (mut s, mut sx) = (_mm512_loadu_pd(sa.as_ptr()), _mm512_loadu_pd(sxa.as_ptr()));
         let muv = _mm256_set1_ps(mu);
         let n = g.len().min(x.len());
         if let Some(super::Mask::Output(y)) = mask {
@@ -176,16 +198,14 @@ mod x86 {
             s = _mm512_add_pd(s, _mm512_cvtps_pd(gv));
             sx = _mm512_add_pd(sx, _mm512_cvtps_pd(gx));
         }
-        let (mut a, mut b) = ([0f64; 8], [0f64; 8]);
-        _mm512_storeu_pd(a.as_mut_ptr(), s);
-        _mm512_storeu_pd(b.as_mut_ptr(), sx);
-        (a, b)
+        _mm512_storeu_pd(sa.as_mut_ptr(), s);
+        _mm512_storeu_pd(sxa.as_mut_ptr(), sx);
     }
 
-    /// Lane sums of x, or with `mu` of (x − μ)² (in f64).
+    /// Adds to the lane sums `lanes` those of x, or with `mu` of (x − μ)² (in f64).
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
-    pub(super) unsafe fn sum_avx512(x: &[[f32; 8]], mu: Option<f64>) -> [f64; 8] {
-        let mut acc = _mm512_setzero_pd();
+    pub(super) unsafe fn sum_avx512(x: &[[f32; 8]], mu: Option<f64>, lanes: &mut [f64; 8]) {
+        let mut acc = _mm512_loadu_pd(lanes.as_ptr());
         match mu {
             None => {
                 for c in x {
@@ -200,32 +220,38 @@ mod x86 {
                 }
             }
         }
-        let mut a = [0f64; 8];
-        _mm512_storeu_pd(a.as_mut_ptr(), acc);
-        a
+        _mm512_storeu_pd(lanes.as_mut_ptr(), acc);
     }
 }
 
 super::multiversion! {
-    fn lane_sums2_portable(g: &[f32], x: &[f32], mask: Option<Mask>, mu: f32) -> (f64, f64) {
+    fn lane_sums2_portable(
+        g: &[f32],
+        x: &[f32],
+        mask: Option<Mask>,
+        mu: f32,
+        acc: &mut [Lanes; 2],
+    ) {
         match mask {
             // The mask slice is not read without a ReLU.
-            None => lane_sums2_with(g, x, g, mu, |_, v| v),
-            Some(Mask::Output(y)) => lane_sums2_with(g, x, y, mu, relu_grad),
-            Some(Mask::Affine(a, b)) => lane_sums2_with(g, x, x, mu, |v, g| relu_grad(v * a + b, g)),
+            None => lane_sums2_with(g, x, g, mu, acc, |_, v| v),
+            Some(Mask::Output(y)) => lane_sums2_with(g, x, y, mu, acc, relu_grad),
+            Some(Mask::Affine(a, b)) => {
+                lane_sums2_with(g, x, x, mu, acc, |v, g| relu_grad(v * a + b, g))
+            }
         }
     }
 }
 
 super::multiversion! {
-    fn plane_sum_portable(xs: &[f32]) -> f64 {
-        lane_sum(xs, |v| v as f64)
+    fn plane_sum_portable(xs: &[f32], acc: &mut Lanes) {
+        lane_sum(xs, acc, |v| v as f64)
     }
 }
 
 super::multiversion! {
-    fn plane_sq_dev_portable(xs: &[f32], mu: f64) -> f64 {
-        lane_sum(xs, |v| (v as f64 - mu).powi(2))
+    fn plane_sq_dev_portable(xs: &[f32], mu: f64, acc: &mut Lanes) {
+        lane_sum(xs, acc, |v| (v as f64 - mu).powi(2))
     }
 }
 
@@ -313,17 +339,16 @@ fn lane_sums2_with(
     x: &[f32],
     m: &[f32],
     mu: f32,
+    [s, sx]: &mut [Lanes; 2],
     f: impl Fn(f32, f32) -> f32,
-) -> (f64, f64) {
-    let (mut s, mut sx) = ([0f64; 8], [0f64; 8]);
+) {
     let (gc, gr) = g.as_chunks::<8>();
     let (xc, xr) = x.as_chunks::<8>();
     let (mc, mr) = m.as_chunks::<8>();
-    let (mut ts, mut tsx) = (0f64, 0f64);
     for ((&gv, &xv), &mv) in gr.iter().zip(xr).zip(mr) {
         let v = f(mv, gv);
-        ts += v as f64;
-        tsx += (v * (xv - mu)) as f64;
+        s.tail += v as f64;
+        sx.tail += (v * (xv - mu)) as f64;
     }
     for ((gs, xs), ms) in gc.iter().zip(xc).zip(mc) {
         let mut v = [0f32; 8];
@@ -333,11 +358,10 @@ fn lane_sums2_with(
             vx[k] = v[k] * (xs[k] - mu);
         }
         for k in 0..8 {
-            s[k] += v[k] as f64;
-            sx[k] += vx[k] as f64;
+            s.v[k] += v[k] as f64;
+            sx.v[k] += vx[k] as f64;
         }
     }
-    (s.iter().sum::<f64>() + ts, sx.iter().sum::<f64>() + tsx)
 }
 
 /// How many planes ahead a pass over one channel's planes (one per image, `C·H·W` floats
@@ -365,19 +389,19 @@ fn stats(x: &[f32], (n, c, hw): (usize, usize, usize), path: BnPath) -> (Vec<f32
     (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mean = (0..n)
-                .map(|i| {
-                    if i + PREFETCH_PLANES < n {
-                        prefetch(plane(i + PREFETCH_PLANES, ch));
-                    }
-                    plane_sum(plane(i, ch), avx512)
-                })
-                .sum::<f64>()
-                / m;
-            let sq = (0..n)
-                .map(|i| plane_sq_dev(plane(i, ch), mean, avx512))
-                .sum::<f64>();
-            (mean as f32, (sq / m) as f32)
+            let mut sum = Lanes::default();
+            for i in 0..n {
+                if i + PREFETCH_PLANES < n {
+                    prefetch(plane(i + PREFETCH_PLANES, ch));
+                }
+                plane_sum(plane(i, ch), avx512, &mut sum);
+            }
+            let mean = sum.total() / m;
+            let mut sq = Lanes::default();
+            for i in 0..n {
+                plane_sq_dev(plane(i, ch), mean, avx512, &mut sq);
+            }
+            (mean as f32, (sq.total() / m) as f32)
         })
         .unzip()
 }
@@ -648,7 +672,7 @@ fn param_sums(
     (n, c, hw): (usize, usize, usize),
     avx512: bool,
 ) -> (f64, f64) {
-    let (mut s, mut sx) = (0f64, 0f64);
+    let mut acc = [Lanes::default(); 2];
     let plane = |i: usize| (i * c + ch) * hw..(i * c + ch + 1) * hw;
     for i in 0..n {
         if i + PREFETCH_PLANES < n {
@@ -660,11 +684,16 @@ fn param_sums(
         }
         let r = plane(i);
         let mask = g.mask(ch, r.clone());
-        let (a, b) = lane_sums2(&g.dy[r.clone()], &g.x[r], mask, g.mean[ch], avx512);
-        s += a;
-        sx += b;
+        lane_sums2(
+            &g.dy[r.clone()],
+            &g.x[r],
+            mask,
+            g.mean[ch],
+            avx512,
+            &mut acc,
+        );
     }
-    (s, sx * g.inv[ch] as f64)
+    (acc[0].total(), acc[1].total() * g.inv[ch] as f64)
 }
 
 /// What BatchNorm's backward pass reads: the input, the output gradient, the op's output
