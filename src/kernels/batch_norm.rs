@@ -767,7 +767,16 @@ impl CustomOp3 for BnTrainBackward {
                 // the f32 cancellation small.
                 let k = self.gamma[ch] * grad.inv[ch];
                 let (a, b) = ((sdy / m) as f32, (sdyx / m) as f32);
+                // dx's planes lie C·H·W floats apart, like the inputs': each is asked for
+                // (to be written) as the inputs are, `PREFETCH_PLANES` ahead.
+                let starts: Vec<*const f32> = dx.iter().map(|o| o.as_ptr().cast()).collect();
                 for (i, o) in dx.into_iter().enumerate() {
+                    if let Some(&next) = starts.get(i + PREFETCH_PLANES) {
+                        for line in (0..hw).step_by(16) {
+                            // (`wrapping_add`: a hint's address, never dereferenced.)
+                            super::prefetch_write(next.wrapping_add(line), avx512);
+                        }
+                    }
                     let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
                     let mask = grad.mask(ch, r.clone());
                     let coeffs = [k, a, b, grad.mean[ch], grad.inv[ch]];

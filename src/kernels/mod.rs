@@ -86,6 +86,32 @@ where
     v
 }
 
+/// Asks for the 64-byte line at `at` with the intent to write it (`prefetchw`, where
+/// `prefetchw` is set: every AVX-512 processor runs it), else to read it, so that a store
+/// there later does not wait for the line. A hint only: it reads and writes nothing and
+/// faults on no address.
+#[inline(always)]
+pub(crate) fn prefetch_write(at: *const f32, prefetchw: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if prefetchw {
+        // SAFETY: a prefetch touches no memory the program sees and faults on no address;
+        // the caller runs this only on AVX-512 machines, all of which have PREFETCHW.
+        unsafe {
+            std::arch::asm!(
+                "prefetchw [{0}]",
+                in(reg) at,
+                options(nostack, preserves_flags, readonly)
+            )
+        };
+    } else {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: as above.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (at, prefetchw);
+}
+
 /// `out` as the initialized slice it is.
 ///
 /// # Safety

@@ -531,7 +531,10 @@ mod x86 {
             let valid = (o - blk * OB).min(OB * nb);
             for (j, n) in direct::runs(nvec, N) {
                 let row = n * 8;
+                let mut stores = OutputLines::new(p, tiling, (blk * OB, valid), (j * 8, row));
+                let per_position = stores.lines().div_ceil(positions);
                 for xi in 0..positions {
+                    stores.ask::<WIDE>(out.y, per_position);
                     // The next position's rows, asked for while this one's are summed.
                     let nx = (xi + 1).min(positions - 1);
                     let t = Tile {
@@ -567,6 +570,66 @@ mod x86 {
                     Tiling::F2 => transform_output(p, mb, out),
                     Tiling::F4 => f4::x86::transform_output::<WIDE>(p, mb, out),
                 }
+            }
+        }
+    }
+
+    /// The 64-byte lines of one image's output that a block's output transform stores:
+    /// channels `k0..k0 + channels`, the pixel rows of tiles `first..first + count`; asked
+    /// for with the intent to write while the block's products run, so that the stores do
+    /// not wait for their lines (the output is a fresh buffer, in no cache).
+    struct OutputLines {
+        plane: usize,
+        k0: usize,
+        start: usize,
+        per_channel: usize,
+        total: usize,
+        next: usize,
+    }
+
+    impl OutputLines {
+        fn new(
+            p: Plane,
+            tiling: Tiling,
+            (k0, channels): (usize, usize),
+            (first, count): (usize, usize),
+        ) -> Self {
+            let Plane { h, w, .. } = p;
+            let (tile, tw) = match tiling {
+                Tiling::F2 => (2, w / 2),
+                Tiling::F4 => (4, w / 4),
+            };
+            let real = h / tile * tw;
+            let last = (first + count).min(real);
+            let (start, end) = if first < last {
+                (first / tw * tile * w, ((last - 1) / tw + 1) * tile * w)
+            } else {
+                (0, 0)
+            };
+            let per_channel = (end - start).div_ceil(16);
+            OutputLines {
+                plane: h * w,
+                k0,
+                start,
+                per_channel,
+                total: channels * per_channel,
+                next: 0,
+            }
+        }
+
+        fn lines(&self) -> usize {
+            self.total
+        }
+
+        /// Asks for the next `count` lines of the output `y` (with `prefetchw` where
+        /// `AVX512`, see [`crate::kernels::prefetch_write`]).
+        #[inline(always)]
+        unsafe fn ask<const AVX512: bool>(&mut self, y: *mut f32, count: usize) {
+            for _ in 0..count.min(self.total - self.next) {
+                let (ch, line) = (self.next / self.per_channel, self.next % self.per_channel);
+                let at = y.add((self.k0 + ch) * self.plane + self.start + 16 * line);
+                crate::kernels::prefetch_write(at, AVX512);
+                self.next += 1;
             }
         }
     }
