@@ -380,6 +380,15 @@ fn prefetch(xs: &[f32]) {
     }
 }
 
+/// Asks for the 64-byte lines of `out` to be brought into the cache to be written
+/// ([`super::prefetch_write`]; a hint only).
+#[inline(always)]
+fn prefetch_for_write(out: &[std::mem::MaybeUninit<f32>], avx512: bool) {
+    for line in out.chunks(16) {
+        super::prefetch_write(line.as_ptr().cast(), avx512);
+    }
+}
+
 /// Mean and biased variance per channel (two-pass, f64 accumulation). Both passes over a
 /// channel run one after the other, so the second reads the channel's planes from the cache.
 fn stats(x: &[f32], (n, c, hw): (usize, usize, usize), path: BnPath) -> (Vec<f32>, Vec<f32>) {
@@ -761,7 +770,7 @@ impl CustomOp3 for BnTrainBackward {
         let (sdy, sdyx): (Vec<f64>, Vec<f64>) = planes
             .into_par_iter()
             .enumerate()
-            .map(|(ch, dx)| {
+            .map(|(ch, mut dx)| {
                 let (sdy, sdyx) = param_sums(&grad, ch, (n, c, hw), avx512);
                 // dx = γ·inv·(dy − mean(dy) − x̂·mean(dy·x̂)): the means, not the sums, keep
                 // the f32 cancellation small.
@@ -769,18 +778,14 @@ impl CustomOp3 for BnTrainBackward {
                 let (a, b) = ((sdy / m) as f32, (sdyx / m) as f32);
                 // dx's planes lie C·H·W floats apart, like the inputs': each is asked for
                 // (to be written) as the inputs are, `PREFETCH_PLANES` ahead.
-                let starts: Vec<*const f32> = dx.iter().map(|o| o.as_ptr().cast()).collect();
-                for (i, o) in dx.into_iter().enumerate() {
-                    if let Some(&next) = starts.get(i + PREFETCH_PLANES) {
-                        for line in (0..hw).step_by(16) {
-                            // (`wrapping_add`: a hint's address, never dereferenced.)
-                            super::prefetch_write(next.wrapping_add(line), avx512);
-                        }
+                for i in 0..dx.len() {
+                    if let Some(next) = dx.get(i + PREFETCH_PLANES) {
+                        prefetch_for_write(next, avx512);
                     }
                     let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
                     let mask = grad.mask(ch, r.clone());
                     let coeffs = [k, a, b, grad.mean[ch], grad.inv[ch]];
-                    dx_plane(o, &x[r.clone()], &dy[r], mask, coeffs);
+                    dx_plane(dx[i], &x[r.clone()], &dy[r], mask, coeffs);
                 }
                 (sdy, sdyx)
             })

@@ -531,10 +531,10 @@ mod x86 {
             let valid = (o - blk * OB).min(OB * nb);
             for (j, n) in direct::runs(nvec, N) {
                 let row = n * 8;
-                let mut stores = OutputLines::new(p, tiling, (blk * OB, valid), (j * 8, row));
-                let per_position = stores.lines().div_ceil(positions);
+                let blocks_out = (blk * OB, valid);
+                let mut stores = OutputLines::new(p, tiling, blocks_out, (j * 8, row), positions);
                 for xi in 0..positions {
-                    stores.ask::<WIDE>(out.y, per_position);
+                    stores.ask::<WIDE>(out.y);
                     // The next position's rows, asked for while this one's are summed.
                     let nx = (xi + 1).min(positions - 1);
                     let t = Tile {
@@ -577,13 +577,15 @@ mod x86 {
     /// The 64-byte lines of one image's output that a block's output transform stores:
     /// channels `k0..k0 + channels`, the pixel rows of tiles `first..first + count`; asked
     /// for with the intent to write while the block's products run, so that the stores do
-    /// not wait for their lines (the output is a fresh buffer, in no cache).
+    /// not wait for their lines (the output is a fresh buffer, in no cache): a share at each
+    /// of `steps` calls of [`OutputLines::ask`].
     struct OutputLines {
         plane: usize,
         k0: usize,
         start: usize,
         per_channel: usize,
         total: usize,
+        per_step: usize,
         next: usize,
     }
 
@@ -593,6 +595,7 @@ mod x86 {
             tiling: Tiling,
             (k0, channels): (usize, usize),
             (first, count): (usize, usize),
+            steps: usize,
         ) -> Self {
             let Plane { h, w, .. } = p;
             let (tile, tw) = match tiling {
@@ -607,25 +610,23 @@ mod x86 {
                 (0, 0)
             };
             let per_channel = (end - start).div_ceil(16);
+            let total = channels * per_channel;
             OutputLines {
                 plane: h * w,
                 k0,
                 start,
                 per_channel,
-                total: channels * per_channel,
+                total,
+                per_step: total.div_ceil(steps.max(1)),
                 next: 0,
             }
         }
 
-        fn lines(&self) -> usize {
-            self.total
-        }
-
-        /// Asks for the next `count` lines of the output `y` (with `prefetchw` where
+        /// Asks for the next share of the lines of the output `y` (with `prefetchw` where
         /// `AVX512`, see [`crate::kernels::prefetch_write`]).
         #[inline(always)]
-        unsafe fn ask<const AVX512: bool>(&mut self, y: *mut f32, count: usize) {
-            for _ in 0..count.min(self.total - self.next) {
+        unsafe fn ask<const AVX512: bool>(&mut self, y: *mut f32) {
+            for _ in 0..self.per_step.min(self.total - self.next) {
                 let (ch, line) = (self.next / self.per_channel, self.next % self.per_channel);
                 let at = y.add((self.k0 + ch) * self.plane + self.start + 16 * line);
                 crate::kernels::prefetch_write(at, AVX512);
@@ -687,7 +688,8 @@ mod x86 {
             for k in 0..NZ {
                 _mm_prefetch::<_MM_HINT_T0>(t.v_next.add(ci * t.pp + 16 * k).cast());
             }
-            if ci % 2 == 0 {
+            // (A block's `U` row is OB floats: a new line every 16 / OB channels.)
+            if (ci * OB).is_multiple_of(16) {
                 _mm_prefetch::<_MM_HINT_T0>(t.u_next.add(ci * OB).cast());
             }
             let vc = t.v.add(ci * t.pp);
@@ -720,8 +722,10 @@ mod x86 {
         for ci in 0..t.c {
             // The next position's lines, as in `tile16`.
             _mm_prefetch::<_MM_HINT_T0>(t.v_next.add(ci * t.pp).cast());
-            _mm_prefetch::<_MM_HINT_T0>(t.u_next.add(ci * OB).cast());
-            _mm_prefetch::<_MM_HINT_T0>(t.u_next.add(t.c * OB + ci * OB).cast());
+            if (ci * OB).is_multiple_of(16) {
+                _mm_prefetch::<_MM_HINT_T0>(t.u_next.add(ci * OB).cast());
+                _mm_prefetch::<_MM_HINT_T0>(t.u_next.add(t.c * OB + ci * OB).cast());
+            }
             let xv = _mm512_loadu_ps(t.v.add(ci * t.pp));
             for (half, u) in acc.iter_mut().zip([t.u, u2]) {
                 let uc = u.add(ci * OB);
